@@ -1,0 +1,43 @@
+"""CUDA kernel layer of sgl-sparse: CuPy RawKernels on torch tensors.
+
+Each kernel is one ``.cu`` source, one thin wrapper module of the same name (torch tensors in and out through
+DLPack, launched on torch's current stream, no host synchronisation, capturable in a CUDA graph) and one
+pure-torch function of the same name in :mod:`cupy_kernels.reference`, which is its specification.
+
+Importing this package needs no GPU and no CuPy: kernels compile on first use.
+
+=========================  ==================================================================
+kernel                     what it computes
+=========================  ==================================================================
+page_bounds_update         per page and KV head, channel-wise min/max of K (Quest metadata)
+quest_page_scores          upper-bound page scores, max over the GQA group
+topk_pages                 k best pages per (request, KV head), sinks and local window forced
+pages_to_kv_indices        selected pages -> FlashInfer kv indices of their tokens
+quantize_keys_int4         packed int4 K copy with per-token (scale, zero)
+int4_candidate_scores      int4 logits of candidate tokens and their group-mean softmax
+top_p_select               top-p pruning by parallel binary search (Twilight)
+vattention_sample          vAttention's (epsilon, delta)-sized residual sample and weight
+=========================  ==================================================================
+"""
+
+from . import reference
+from .int4_keys import quantize_keys_int4
+from .int4_scores import int4_candidate_scores
+from .page_bounds import page_bounds_update
+from .pages_to_kv import pages_to_kv_indices
+from .quest_scores import quest_page_scores
+from .top_p import top_p_select
+from .topk_pages import topk_pages
+from .vattn_sample import vattention_sample
+
+__all__ = [
+    "reference",
+    "page_bounds_update",
+    "quest_page_scores",
+    "topk_pages",
+    "pages_to_kv_indices",
+    "quantize_keys_int4",
+    "int4_candidate_scores",
+    "top_p_select",
+    "vattention_sample",
+]

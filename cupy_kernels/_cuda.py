@@ -1,0 +1,184 @@
+"""Compiling and launching the CuPy RawKernels on torch tensors.
+
+Every wrapper in this package goes through three helpers:
+
+- :func:`module` compiles a ``.cu`` file of this folder (with ``common.cuh`` pasted in front, so CuPy's
+  source-keyed cache never serves a stale header) once per set of ``-D`` defines, lazily, on first use;
+- :func:`as_cupy` views a torch CUDA tensor as a CuPy array through DLPack (zero copy);
+- :func:`launch` runs a kernel on torch's *current* CUDA stream, so the launch is ordered with the
+  surrounding torch work and is recorded when a ``torch.cuda.graph`` capture is active.
+
+Nothing here synchronises the host with the device. Importing this module needs neither CuPy nor a GPU:
+CuPy is imported the first time a kernel is compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+from typing import Iterable, Sequence
+
+import torch
+
+KERNEL_DIR = pathlib.Path(__file__).resolve().parent
+
+# Element types of the KV cache that the kernels read: the define KV_BF16 selects the conversion.
+KV_DTYPES = {torch.bfloat16: 1, torch.float16: 0}
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError as e:  # pragma: no cover - depends on the host
+        raise ImportError(
+            "cupy_kernels needs CuPy to launch kernels: pip install 'sgl-sparse[cuda12]' "
+            "(cupy-cuda12x) or 'sgl-sparse[cuda13]' (cupy-cuda13x) to match your CUDA driver"
+        ) from e
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def _source(name: str) -> str:
+    common = (KERNEL_DIR / "common.cuh").read_text()
+    body = (KERNEL_DIR / name).read_text()
+    return common + "\n#line 1 \"" + name + "\"\n" + body
+
+
+@functools.lru_cache(maxsize=None)
+def _module(name: str, defines: tuple[tuple[str, int], ...], device: int):
+    cp = _cupy()
+    options = ("--std=c++17",) + tuple(f"-D{k}={v}" for k, v in defines)
+    with cp.cuda.Device(device):
+        mod = cp.RawModule(code=_source(name), options=options)
+        mod.compile()
+    return mod
+
+
+def module(name: str, device: torch.device, **defines: int):
+    """The compiled module of ``cupy_kernels/<name>`` for these ``-D`` defines on ``device``."""
+    return _module(name, tuple(sorted(defines.items())), device.index or 0)
+
+
+def kernel(name: str, function: str, device: torch.device, **defines: int):
+    return module(name, device, **defines).get_function(function)
+
+
+_STREAMS: dict[tuple[int, int], object] = {}
+
+
+def _cupy_stream(device: torch.device):
+    cp = _cupy()
+    ts = torch.cuda.current_stream(device)
+    key = (device.index or 0, ts.cuda_stream)
+    s = _STREAMS.get(key)
+    if s is None:
+        if hasattr(ts, "__cuda_stream__") and hasattr(cp.cuda.Stream, "from_external"):
+            s = cp.cuda.Stream.from_external(ts)
+        else:
+            s = cp.cuda.ExternalStream(ts.cuda_stream, device.index or 0)
+        _STREAMS[key] = s
+    return s
+
+
+def as_cupy(t: torch.Tensor):
+    """Zero-copy CuPy view of a contiguous torch CUDA tensor (DLPack)."""
+    return _cupy().from_dlpack(t.detach())
+
+
+def launch(fn, grid: Sequence[int], block: Sequence[int], args: Iterable, device: torch.device,
+           shared_mem: int = 0) -> None:
+    """Launch ``fn`` on torch's current stream of ``device``.
+
+    ``args`` may hold torch tensors (passed as device pointers through DLPack) and numpy scalars.
+    """
+    cp = _cupy()
+    stream = _cupy_stream(device)
+    with cp.cuda.Device(device.index or 0), stream:
+        cargs = tuple(as_cupy(a) if isinstance(a, torch.Tensor) else a for a in args)
+        fn(tuple(int(g) for g in grid), tuple(int(b) for b in block), cargs, shared_mem=shared_mem)
+
+
+@functools.lru_cache(maxsize=None)
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def set_max_dynamic_smem(fn, nbytes: int) -> None:
+    """Allow ``fn`` to use ``nbytes`` of dynamic shared memory (needed above 48 KiB)."""
+    if nbytes > 48 * 1024:
+        fn.max_dynamic_shared_size_bytes = nbytes
+
+
+# ---------------------------------------------------------------- argument checks (no host sync)
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_tensor(t: torch.Tensor, name: str, *, dtypes: Sequence[torch.dtype], ndim: int | None = None,
+                 device: torch.device | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if not t.is_cuda:
+        raise ValueError(f"{name} must be a CUDA tensor (the CPU path is cupy_kernels.reference)")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (call .contiguous() first)")
+
+
+def as_int32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as int32 (a device-side cast when it is int64; no host sync)."""
+    return t if t.dtype == torch.int32 else t.to(torch.int32)
+
+
+# ---------------------------------------------------------------- scalar kernel arguments
+
+def i32(x: int):
+    import numpy as np
+    return np.int32(x)
+
+
+def f32(x: float):
+    import numpy as np
+    return np.float32(x)
+
+
+def f64(x: float):
+    import numpy as np
+    return np.float64(x)
+
+
+NULL_PTR = 0  # passed as a uint64 for an absent optional pointer argument
+
+
+def u64(x: int):
+    import numpy as np
+    return np.uint64(x)
+
+
+def check_batch(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate SGLang's batch index tensors; returns them as int32 (device-side casts only)."""
+    check_tensor(req_to_token, "req_to_token", dtypes=[torch.int32], ndim=2, device=device)
+    check_tensor(req_pool_indices, "req_pool_indices", dtypes=[torch.int32, torch.int64], ndim=1, device=device)
+    check_tensor(seq_lens, "seq_lens", dtypes=[torch.int32, torch.int64], ndim=1, device=device)
+    check(req_pool_indices.shape == seq_lens.shape,
+          f"req_pool_indices {tuple(req_pool_indices.shape)} and seq_lens {tuple(seq_lens.shape)} must match")
+    return req_to_token, as_int32(req_pool_indices), as_int32(seq_lens)
+
+
+MAX_GROUP = 8
+
+
+def check_group(num_q_heads: int, num_kv_heads: int) -> int:
+    check(num_q_heads % num_kv_heads == 0,
+          f"query heads ({num_q_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    g = num_q_heads // num_kv_heads
+    check(1 <= g <= MAX_GROUP, f"GQA group size {g} is not supported (1..{MAX_GROUP} query heads per KV head)")
+    return g

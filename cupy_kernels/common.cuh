@@ -1,0 +1,76 @@
+// Shared device helpers for the cupy_kernels sources (pasted in front of each .cu by _cuda.py).
+// No CUDA headers are included: NVRTC compiles these sources on any CUDA 12/13 host without include paths.
+//
+// KV cache elements (fp16 or bf16) travel as raw 16-bit words; KV_BF16 (0 or 1, a -D define) picks the
+// conversion to float. 16-byte vector loads (uint4) carry 8 elements.
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#ifndef KV_BF16
+#define KV_BF16 1
+#endif
+
+#define NEG_INF __int_as_float(0xff800000)
+#define POS_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float kv_lo(u32 w) {  // element 0 of a packed pair
+#if KV_BF16
+    return __uint_as_float(w << 16);
+#else
+    float f; unsigned short h = (unsigned short)(w & 0xffffu);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ float kv_hi(u32 w) {  // element 1 of a packed pair
+#if KV_BF16
+    return __uint_as_float(w & 0xffff0000u);
+#else
+    float f; unsigned short h = (unsigned short)(w >> 16);
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+#endif
+}
+
+__device__ __forceinline__ float kv_to_float(u16 x) { return kv_lo((u32)x); }
+
+// 8 elements of a uint4 as floats.
+__device__ __forceinline__ void unpack8(const uint4 v, float* f) {
+    f[0] = kv_lo(v.x); f[1] = kv_hi(v.x); f[2] = kv_lo(v.y); f[3] = kv_hi(v.y);
+    f[4] = kv_lo(v.z); f[5] = kv_hi(v.z); f[6] = kv_lo(v.w); f[7] = kv_hi(v.w);
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+    return x;
+}
+
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
+    return x;
+}
+
+// ---------------------------------------------------------------- counter-based RNG (see reference.py)
+// lowbias32 (C. Wellons): a 32-bit integer hash with a good avalanche; the torch reference mirrors it exactly.
+__device__ __forceinline__ u32 hash32(u32 x) {
+    x ^= x >> 16; x *= 0x7feb352du;
+    x ^= x >> 15; x *= 0x846ca68bu;
+    x ^= x >> 16;
+    return x;
+}
+
+// Stream key of one (row seed, kv head): every draw i of that stream is hash32(key ^ hash32(i)).
+__device__ __forceinline__ u32 rng_key(u64 seed, u32 head) {
+    return hash32((u32)seed ^ hash32((u32)(seed >> 32) ^ hash32(head)));
+}
+
+// Uniform integer in [0, n) for draw i (Lemire's multiply-shift).
+__device__ __forceinline__ u32 rng_uniform(u32 key, u32 i, u32 n) {
+    u32 x = hash32(key ^ hash32(i));
+    return (u32)(((u64)x * (u64)n) >> 32);
+}

@@ -1,0 +1,162 @@
+// int4 candidate scores (Twilight): logits of candidate tokens from the int4 keys for the G query heads of a
+// KV head, and the group-mean softmax over the candidates (see reference.int4_candidate_scores).
+//
+// One block per (b, h). The query is quantized to int8 per head (reference.quantize_query_int8), so
+// q~ . k^ = q_scale * sum_groups(scale * sum(q_int * code) + zero * sum(q_int)): the inner sums are exact
+// integer dot products done with dp4a, 4 channels per instruction, and the int4 codes never get dequantized.
+// A candidate is handled by CAND_LANES = D/32 lanes, each with 16 bytes (32 channels, within one group) of
+// codes. Pass 1 writes the logits and keeps an online (max, sum) per query head; after a block reduction,
+// pass 2 turns each thread's own logits into the group-mean probability.
+// Defines: HEAD_DIM, NUM_KV_HEADS, GROUP (G), GROUP_SIZE, KV_BF16.
+
+#define THREADS 256
+#define WARPS (THREADS / 32)
+#define CAND_LANES (HEAD_DIM / 32)
+#define CANDS (THREADS / CAND_LANES)
+#define NUM_GROUPS (HEAD_DIM / GROUP_SIZE)
+
+__device__ __forceinline__ int dp4a(int a, int b, int c) {
+    int d;
+    asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
+}
+
+__device__ __forceinline__ void softmax_merge(float& m, float& s, float m2, float s2) {
+    const float mm = fmaxf(m, m2);
+    if (mm == NEG_INF) return;
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_scores(
+    const u16* __restrict__ q,                    // [B, HK*G, D]
+    const uint4* __restrict__ key_int4,           // [slots*HK, D/2] bytes, as 16-byte vectors
+    const float2* __restrict__ key_scale_zero,    // [slots*HK, NUM_GROUPS]
+    const int* __restrict__ candidates,           // [B, HK, C] kv indices
+    const int* __restrict__ num_candidates,       // [B, HK]
+    float* __restrict__ logits,                   // [B, HK, G, C]
+    float* __restrict__ probs,                    // [B, HK, C]
+    int C, float sm_scale)
+{
+    __shared__ int s_qint[GROUP][HEAD_DIM];
+    __shared__ float s_qscale[GROUP];
+    __shared__ float s_m[WARPS][GROUP], s_s[WARPS][GROUP];
+
+    const int b = blockIdx.y, h = blockIdx.x;
+    const int row_id = b * NUM_KV_HEADS + h;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n = num_candidates[row_id];
+
+    // int8 query, one warp per query head.
+    for (int g = warp; g < GROUP; g += WARPS) {
+        const u16* qg = q + ((long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g) * HEAD_DIM;
+        float x[HEAD_DIM / 32];
+        float amax = 0.f;
+#pragma unroll
+        for (int i = 0; i < HEAD_DIM / 32; ++i) { x[i] = kv_to_float(qg[lane + 32 * i]); amax = fmaxf(amax, fabsf(x[i])); }
+        amax = warp_max(amax);
+        const float inv = amax > 0.f ? __fdiv_rn(127.0f, amax) : 0.f;
+#pragma unroll
+        for (int i = 0; i < HEAD_DIM / 32; ++i) {
+            float c = rintf(__fmul_rn(x[i], inv));
+            s_qint[g][lane + 32 * i] = (int)fminf(fmaxf(c, -127.f), 127.f);
+        }
+        if (lane == 0) s_qscale[g] = __fdiv_rn(amax, 127.0f);
+    }
+    __syncthreads();
+
+    // This lane's 32 channels [32*part, 32*part+32): 4 words of codes; byte j of word w holds channels
+    // 8w+2j (low nibble) and 8w+2j+1 (high nibble). Query bytes are packed to match.
+    const int part = tid % CAND_LANES;
+    const int slot_in_iter = tid / CAND_LANES;
+    int q_even[GROUP][4], q_odd[GROUP][4], q_sum[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        int sum = 0;
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+            u32 e = 0, o = 0;
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const int d = 32 * part + 8 * w + 2 * j;
+                const int qe = s_qint[g][d], qo = s_qint[g][d + 1];
+                sum += qe + qo;
+                e |= ((u32)(qe & 0xff)) << (8 * j);
+                o |= ((u32)(qo & 0xff)) << (8 * j);
+            }
+            q_even[g][w] = (int)e;
+            q_odd[g][w] = (int)o;
+        }
+        q_sum[g] = sum;
+    }
+    const int my_group = (32 * part) / GROUP_SIZE;
+
+    float run_m[GROUP], run_s[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) { run_m[g] = NEG_INF; run_s[g] = 0.f; }
+
+    float* lg_row = logits + (long long)row_id * GROUP * C;
+    const int* cand = candidates + (long long)row_id * C;
+    for (int base = 0; base < n; base += CANDS) {
+        const int t = base + slot_in_iter;
+        const bool valid = t < n;
+        uint4 codes = make_uint4(0, 0, 0, 0);
+        float2 sz = make_float2(0.f, 0.f);
+        if (valid) {
+            const long long kv = cand[t];
+            codes = key_int4[kv * CAND_LANES + part];
+            sz = key_scale_zero[kv * NUM_GROUPS + my_group];
+        }
+        const u32 cw[4] = {codes.x, codes.y, codes.z, codes.w};
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+            int acc = 0;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) {
+                acc = dp4a((int)(cw[w] & 0x0f0f0f0fu), q_even[g][w], acc);
+                acc = dp4a((int)((cw[w] >> 4) & 0x0f0f0f0fu), q_odd[g][w], acc);
+            }
+            float part_sum = fmaf(sz.x, (float)acc, sz.y * (float)q_sum[g]);
+#pragma unroll
+            for (int o = CAND_LANES / 2; o > 0; o >>= 1) part_sum += __shfl_xor_sync(0xffffffffu, part_sum, o);
+            if (valid && part == 0) {
+                const float l = sm_scale * s_qscale[g] * part_sum;
+                lg_row[(long long)g * C + t] = l;
+                softmax_merge(run_m[g], run_s[g], l, 1.f);
+            }
+        }
+    }
+
+    // Block reduction of (max, sum) per query head.
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        float m = run_m[g], s = run_s[g];
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+            const float s2 = __shfl_xor_sync(0xffffffffu, s, o);
+            softmax_merge(m, s, m2, s2);
+        }
+        if (lane == 0) { s_m[warp][g] = m; s_s[warp][g] = s; }
+    }
+    __syncthreads();
+    float tot_m[GROUP], inv_s[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        float m = NEG_INF, s = 0.f;
+        for (int w = 0; w < WARPS; ++w) softmax_merge(m, s, s_m[w][g], s_s[w][g]);
+        tot_m[g] = m;
+        inv_s[g] = s > 0.f ? 1.f / s : 0.f;
+    }
+
+    // Pass 2: each candidate's owner turns its logits into the group-mean probability.
+    float* pr_row = probs + (long long)row_id * C;
+    if (part == 0) {
+        for (int t = slot_in_iter; t < n; t += CANDS) {
+            float p = 0.f;
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) p += expf(lg_row[(long long)g * C + t] - tot_m[g]) * inv_s[g];
+            pr_row[t] = p * (1.0f / GROUP);
+        }
+    }
+}

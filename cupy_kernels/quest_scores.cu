@@ -1,0 +1,89 @@
+// Quest page scores: score[b, h, j] = max_g sum_d max(q_gd * min_d, q_gd * max_d) over the G query heads of
+// KV head h, for logical page j of request b (see reference.quest_page_scores).
+//
+// Memory bound: every (page, head) reads its 2*D bounds (512 bytes for D=128 bf16) once. A "row" of
+// ROW_LANES = D/8 lanes owns one (page, head) at a time, each lane one 16-byte vector of min and one of max.
+// The max(q*min, q*max) is computed as (q/2)(min+max) + |q/2|(max-min): two FMAs per (channel, query head),
+// the |.| being a free operand modifier. Each row keeps UNROLL pages in flight.
+//
+// Grid: (chunks, HK, B); block: 256 threads = ROWS rows; a block scores pages_per_block consecutive pages.
+// Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE.
+
+#define ROW_LANES (HEAD_DIM / 8)
+#define ROWS (256 / ROW_LANES)
+#define UNROLL 4
+
+extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
+    const u16* __restrict__ q,                // [B, HK*G, D]
+    const u16* __restrict__ page_key_bounds,  // [pages, HK, 2, D]
+    const int* __restrict__ req_to_token,     // [max_reqs, r2t_stride]
+    const int* __restrict__ req_pool_indices, // [B]
+    const int* __restrict__ seq_lens,         // [B]
+    float* __restrict__ scores,               // [B, HK, max_pages]
+    int r2t_stride, int max_pages, int pages_per_block)
+{
+    const int b = blockIdx.z, h = blockIdx.y;
+    const int row = threadIdx.x / ROW_LANES;
+    const int lane_in_row = threadIdx.x % ROW_LANES;
+    const int d0 = lane_in_row * 8;
+
+    // Half of this lane's 8 query channels, for each query head of the group.
+    float qh[GROUP][8];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        const uint4 v = *reinterpret_cast<const uint4*>(
+            q + ((long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g) * HEAD_DIM + d0);
+        unpack8(v, qh[g]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) qh[g][i] *= 0.5f;
+    }
+
+    const int n_pages = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
+    const int* r2t = req_to_token + (long long)req_pool_indices[b] * r2t_stride;
+    float* out = scores + ((long long)b * NUM_KV_HEADS + h) * max_pages;
+    const int chunk_begin = blockIdx.x * pages_per_block;
+    const int chunk_end = min(chunk_begin + pages_per_block, max_pages);
+    const int valid_end = min(chunk_end, n_pages);
+
+    for (int base = chunk_begin; base < valid_end; base += ROWS * UNROLL) {
+        uint4 vmin[UNROLL], vmax[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int j = base + u * ROWS + row;
+            if (j < valid_end) {
+                const int page = r2t[(long long)j * PAGE_SIZE] / PAGE_SIZE;
+                const u16* bnd = page_key_bounds + (((long long)page * NUM_KV_HEADS + h) * 2) * HEAD_DIM + d0;
+                vmin[u] = *reinterpret_cast<const uint4*>(bnd);
+                vmax[u] = *reinterpret_cast<const uint4*>(bnd + HEAD_DIM);
+            } else {
+                vmin[u] = make_uint4(0, 0, 0, 0);
+                vmax[u] = make_uint4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            float mn[8], mx[8], mid[8], rad[8];
+            unpack8(vmin[u], mn);
+            unpack8(vmax[u], mx);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) { mid[i] = mn[i] + mx[i]; rad[i] = mx[i] - mn[i]; }
+            float best = NEG_INF;
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                float acc = 0.f;
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    acc = fmaf(qh[g][i], mid[i], acc);
+                    acc = fmaf(fabsf(qh[g][i]), rad[i], acc);
+                }
+#pragma unroll
+                for (int o = ROW_LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+                best = fmaxf(best, acc);
+            }
+            const int j = base + u * ROWS + row;
+            if (lane_in_row == 0 && j < valid_end) out[j] = best;
+        }
+    }
+    // Columns past the request's pages.
+    for (int j = max(chunk_begin, n_pages) + threadIdx.x; j < chunk_end; j += blockDim.x) out[j] = NEG_INF;
+}

@@ -1,0 +1,60 @@
+"""Quest page scores: the upper bound of q.k over each page, max over the GQA group, per KV head.
+
+Spec: :func:`cupy_kernels.reference.quest_page_scores`. Kernel: ``quest_scores.cu``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i32, kernel, launch, num_sms)
+
+UNROLL = 4
+
+
+def pages_per_block(head_dim: int, batch: int, num_kv_heads: int, max_pages: int, sms: int) -> int:
+    """Pages one block scores: enough blocks to fill the GPU ~4 times, at most 1024 pages a block."""
+    step = (256 // (head_dim // 8)) * UNROLL
+    want = -(-max_pages * num_kv_heads * batch // (4 * sms))
+    return max(step, min(1024, -(-want // step) * step))
+
+
+def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
+                      req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int, max_pages: int,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Score every page of every request per KV head.
+
+    Args:
+        q: ``[B, HQ, D]`` fp16/bf16 decode queries.
+        page_key_bounds: ``[num_pages_total, HK, 2, D]``, dtype of ``q``.
+        req_to_token: ``[max_reqs, max_ctx]`` int32; req_pool_indices, seq_lens: ``[B]`` int32/int64.
+        page_size: P. max_pages: output columns (>= pages of the longest request).
+        out: optional ``[B, HK, max_pages]`` float32 buffer.
+
+    Returns:
+        ``[B, HK, max_pages]`` float32 scores, ``-inf`` past each request's pages.
+    """
+    check_tensor(q, "q", dtypes=list(KV_DTYPES), ndim=3)
+    dev = q.device
+    B, HQ, D = q.shape
+    check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype], ndim=4, device=dev)
+    HK = page_key_bounds.shape[1]
+    check(tuple(page_key_bounds.shape[2:]) == (2, D),
+          f"page_key_bounds must be [pages, HK, 2, {D}], got {tuple(page_key_bounds.shape)}")
+    G = check_group(HQ, HK)
+    check(D in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {D}")
+    r2t, rpi, sl = check_batch(req_to_token, req_pool_indices, seq_lens, dev)
+    check(seq_lens.shape[0] == B, f"seq_lens has {seq_lens.shape[0]} entries for a batch of {B}")
+    if out is None:
+        out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
+    check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)
+    check(tuple(out.shape) == (B, HK, max_pages), f"out must be {(B, HK, max_pages)}, got {tuple(out.shape)}")
+    if B == 0 or max_pages == 0:
+        return out
+    ppb = pages_per_block(D, B, HK, max_pages, num_sms(dev.index or 0))
+    fn = kernel("quest_scores.cu", "quest_page_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
+                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size)
+    grid = (-(-max_pages // ppb), HK, B)
+    launch(fn, grid, (256,), (q, page_key_bounds, r2t, rpi, sl, out, i32(r2t.shape[1]), i32(max_pages), i32(ppb)),
+           dev)
+    return out

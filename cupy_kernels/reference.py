@@ -1,0 +1,513 @@
+"""Pure-torch references: the executable specification of every kernel in this package.
+
+They run on CPU (and on CUDA tensors), favour clarity over speed, and compute in float32/float64 where the
+kernels use float32. The GPU tests compare each kernel against the function of the same name here; the CPU
+tests check these functions against brute-force math.
+
+Memory layout (SGLang's MHA pool, one layer):
+    k_cache, v_cache    [num_slots, HK, D]   fp16/bf16     token slot s, KV head h
+    req_to_token        [max_reqs, max_ctx]  int32         slots of request r by position
+    req_pool_indices    [B]                  int           row of req_to_token of batch entry b
+    seq_lens            [B]                  int           tokens of batch entry b (the new decode token included)
+    page size P: physical page p holds slots p*P ... p*P+P-1; the token at position i of a request lives at
+    page offset i % P (SGLang's paged allocator), so logical page j of a request is physical page
+    req_to_token[r, j*P] // P.
+
+Query heads: q is [B, HQ, D] with HQ = HK * G; query head qh belongs to KV head qh // G (GQA).
+
+Token lists handed to FlashInfer are **kv indices**: ``kv_index = slot * HK + h``, the row of the
+``[num_slots * HK, D]`` view of the cache (and of every per-token side table, e.g. the int4 keys).
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def num_pages(seq_lens: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Pages of each request: ceil(seq_len / P). int64 [B]."""
+    return (seq_lens.long() + page_size - 1) // page_size
+
+
+def _gqa(q: torch.Tensor, num_kv_heads: int) -> tuple[int, int, int, int]:
+    B, HQ, D = q.shape
+    if HQ % num_kv_heads:
+        raise ValueError(f"query heads ({HQ}) must be a multiple of KV heads ({num_kv_heads})")
+    return B, HQ, D, HQ // num_kv_heads
+
+
+# ----------------------------------------------------------------------------- 1. page metadata
+
+
+def page_bounds_update(k_cache: torch.Tensor, written_slots: torch.Tensor, page_key_bounds: torch.Tensor,
+                       page_size: int) -> None:
+    """Update the per-page, per-KV-head channel-wise min and max of K for the slots just written.
+
+    Args:
+        k_cache: ``[num_slots, HK, D]`` fp16/bf16, the layer's K pool (already holding the new tokens).
+        written_slots: ``[N]`` int32/int64, slots written by this forward (SGLang's ``out_cache_loc``).
+            Slots of one page appear contiguously and in increasing page offset (SGLang fills a page from
+            offset 0 upwards; a page belongs to one request).
+        page_key_bounds: ``[num_slots // P, HK, 2, D]``, same dtype as ``k_cache``; ``[..., 0, :]`` is the min,
+            ``[..., 1, :]`` the max. Updated in place.
+        page_size: P.
+
+    Semantics: for every page p touched, with o = the largest page offset written in p, the bounds become the
+    min/max over offsets 0..o of p. So a write at offset 0 resets the page (a page reused by the radix cache
+    never keeps stale values), and a page filled over several forwards accumulates all of its tokens.
+    """
+    P = page_size
+    if written_slots.numel() == 0:
+        return
+    slots = written_slots.long()
+    pages = slots // P
+    offsets = slots % P
+    uniq, inverse = torch.unique(pages, return_inverse=True)
+    last_offset = torch.full((uniq.numel(),), -1, dtype=torch.long, device=slots.device)
+    last_offset = last_offset.scatter_reduce(0, inverse, offsets, reduce="amax")
+    page_slots = uniq[:, None] * P + torch.arange(P, device=slots.device)[None, :]          # [U, P]
+    valid = torch.arange(P, device=slots.device)[None, :] <= last_offset[:, None]          # [U, P]
+    k = k_cache[page_slots].float()                                                          # [U, P, HK, D]
+    inf = torch.tensor(float("inf"), device=k.device)
+    kmin = torch.where(valid[:, :, None, None], k, inf).amin(1)
+    kmax = torch.where(valid[:, :, None, None], k, -inf).amax(1)
+    page_key_bounds[uniq, :, 0] = kmin.to(page_key_bounds.dtype)
+    page_key_bounds[uniq, :, 1] = kmax.to(page_key_bounds.dtype)
+
+
+# ----------------------------------------------------------------------------- 2. Quest page scores
+
+
+def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
+                      req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                      max_pages: int) -> torch.Tensor:
+    """Quest's upper-bound score of every page of every request, per KV head.
+
+    For query head g and page bounds (min_d, max_d): ``u_g = sum_d max(q_gd * min_d, q_gd * max_d)``, an upper
+    bound of ``q_g . k`` for every key k of the page. The G query heads of a GQA group share one selection, so
+    the group's score is ``max_g u_g``: an upper bound of every logit any head of the group can have in the
+    page, which keeps Quest's guarantee (a page that holds the largest logit of some head is never ranked
+    below a page that cannot reach it). Softmax scaling is a positive constant and is left out.
+
+    Args:
+        q: ``[B, HQ, D]`` fp16/bf16.
+        page_key_bounds: ``[num_pages_total, HK, 2, D]``.
+        req_to_token, req_pool_indices, seq_lens: see the module docstring.
+        page_size: P.
+        max_pages: columns of the output (>= the pages of the longest request).
+
+    Returns:
+        ``[B, HK, max_pages]`` float32; ``-inf`` at and beyond each request's page count.
+    """
+    HK = page_key_bounds.shape[1]
+    B, HQ, D, G = _gqa(q, HK)
+    P = page_size
+    out = torch.full((B, HK, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
+    npg = num_pages(seq_lens, P)
+    qg = q.float().view(B, HK, G, D)
+    for b in range(B):
+        n = int(npg[b])
+        if n == 0:
+            continue
+        row = req_to_token[int(req_pool_indices[b])]
+        phys = row[torch.arange(n, device=row.device) * P].long() // P                     # [n]
+        for c0 in range(0, n, 1024):
+            bounds = page_key_bounds[phys[c0:c0 + 1024]].float()                             # [c, HK, 2, D]
+            kmin, kmax = bounds[:, None, :, 0], bounds[:, None, :, 1]                        # [c, 1, HK, D]
+            qq = qg[b][None].permute(0, 2, 1, 3)                                             # [1, G, HK, D]
+            u = torch.maximum(qq * kmin, qq * kmax).sum(-1)                                  # [c, G, HK]
+            out[b, :, c0:c0 + bounds.shape[0]] = u.amax(1).transpose(0, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------- 3. top-k pages
+
+
+def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
+               n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` best pages per (request, KV head), always including sinks and the local window.
+
+    Args:
+        page_scores: ``[B, HK, max_pages]`` float32 (as from :func:`quest_page_scores`).
+        seq_lens: ``[B]``; request b has ``n = ceil(seq_len / P)`` pages.
+        top_k: pages to keep, ``>= n_sink + n_local``.
+        n_sink: the first ``n_sink`` pages are always kept.
+        n_local: the last ``n_local`` pages (the current, possibly partial page included) are always kept.
+
+    Returns:
+        selected_pages ``[B, HK, top_k]`` int32: logical page indices in ascending order, ``-1`` past the count;
+        num_selected ``[B, HK]`` int32: ``min(n, top_k)``.
+        If ``n <= top_k`` every page is selected. Among equal scores the lower page index wins.
+    """
+    if top_k < n_sink + n_local:
+        raise ValueError(f"top_k ({top_k}) must be >= n_sink + n_local ({n_sink} + {n_local})")
+    B, HK, M = page_scores.shape
+    npg = num_pages(seq_lens, page_size)
+    sel = torch.full((B, HK, top_k), -1, dtype=torch.int32, device=page_scores.device)
+    cnt = torch.zeros((B, HK), dtype=torch.int32, device=page_scores.device)
+    for b in range(B):
+        n = int(npg[b])
+        if n <= top_k:
+            sel[b, :, :n] = torch.arange(n, dtype=torch.int32, device=sel.device)
+            cnt[b] = n
+            continue
+        key = page_scores[b, :, :n].clone()
+        key[:, :n_sink] = float("inf")
+        key[:, n - n_local:] = float("inf")
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :top_k]
+        sel[b] = order.sort(-1).values.to(torch.int32)
+        cnt[b] = top_k
+    return sel, cnt
+
+
+# ----------------------------------------------------------------------------- pages -> kv indices
+
+
+def pages_to_kv_indices(selected_pages: torch.Tensor, num_selected: torch.Tensor, req_to_token: torch.Tensor,
+                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+                        capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expand selected pages into the kv indices of their tokens, for FlashInfer's per-head paged decode.
+
+    Args:
+        selected_pages: ``[B, HK, K]`` int32, ascending logical pages (as from :func:`topk_pages`).
+        num_selected: ``[B, HK]`` int32.
+        capacity: columns of the output, ``>= K * P``.
+
+    Returns:
+        kv_indices ``[B, HK, capacity]`` int32: ``req_to_token[r, pos] * HK + h`` for every position of every
+        selected page below ``seq_len``, in page order, ``-1`` past the count;
+        num_kv ``[B, HK]`` int32.
+    """
+    B, HK, K = selected_pages.shape
+    P = page_size
+    out = torch.full((B, HK, capacity), -1, dtype=torch.int32, device=selected_pages.device)
+    cnt = torch.zeros((B, HK), dtype=torch.int32, device=selected_pages.device)
+    for b in range(B):
+        row = req_to_token[int(req_pool_indices[b])].long()
+        L = int(seq_lens[b])
+        for h in range(HK):
+            pages = selected_pages[b, h, : int(num_selected[b, h])].long()
+            pos = (pages[:, None] * P + torch.arange(P, device=pages.device)[None]).reshape(-1)
+            pos = pos[pos < L]
+            out[b, h, : pos.numel()] = (row[pos] * HK + h).to(torch.int32)
+            cnt[b, h] = pos.numel()
+    return out, cnt
+
+
+# ----------------------------------------------------------------------------- 4. int4 keys
+
+
+def quantize_keys_int4(k_cache: torch.Tensor, written_slots: torch.Tensor, key_int4: torch.Tensor,
+                       key_scale_zero: torch.Tensor, group_size: int) -> None:
+    """Asymmetric int4 copy of K for the slots just written (in place).
+
+    Per slot, KV head and group of ``group_size`` consecutive channels (``group_size`` divides D; D is one group
+    by default): ``zero = min``, ``scale = (max - min) / 15``, ``code = clamp(round((x - zero) * (1 / scale)),
+    0, 15)`` (round half to even, float32 arithmetic; a constant group has scale 0 and codes 0), so
+    ``x_hat = code * scale + zero`` is within ``scale / 2`` of x.
+
+    Args:
+        k_cache: ``[num_slots, HK, D]`` fp16/bf16.
+        written_slots: ``[N]`` int.
+        key_int4: ``[num_slots, HK, D // 2]`` uint8; byte i holds channel 2i in its low nibble and 2i+1 in the
+            high nibble.
+        key_scale_zero: ``[num_slots, HK, D // group_size, 2]`` float32: (scale, zero).
+    """
+    if written_slots.numel() == 0:
+        return
+    S, HK, D = k_cache.shape
+    slots = written_slots.long()
+    k = k_cache[slots].float().view(-1, HK, D // group_size, group_size)
+    mn = k.amin(-1)
+    mx = k.amax(-1)
+    # Tensor-by-tensor divisions: torch turns division by a Python scalar into a multiplication by its
+    # reciprocal on some devices, which rounds differently from the IEEE division the kernel does.
+    scale = (mx - mn) / torch.full_like(mx, 15.0)
+    inv = torch.where(scale > 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
+    codes = torch.round((k - mn[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8).view(-1, HK, D)
+    key_int4[slots] = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    key_scale_zero[slots] = torch.stack([scale, mn], -1)
+
+
+def int4_codes(key_int4: torch.Tensor) -> torch.Tensor:
+    """Unpack ``[..., D // 2]`` uint8 into ``[..., D]`` codes 0..15 (uint8)."""
+    lo = key_int4 & 0xF
+    hi = key_int4 >> 4
+    return torch.stack([lo, hi], -1).flatten(-2)
+
+
+def dequantize_keys_int4(key_int4: torch.Tensor, key_scale_zero: torch.Tensor) -> torch.Tensor:
+    """``x_hat = code * scale + zero``: ``[..., D // 2]`` uint8 and ``[..., D // g, 2]`` -> ``[..., D]`` float32."""
+    codes = int4_codes(key_int4).float()
+    ng = key_scale_zero.shape[-2]
+    shape = codes.shape
+    codes = codes.view(*shape[:-1], ng, shape[-1] // ng)
+    return (codes * key_scale_zero[..., 0:1] + key_scale_zero[..., 1:2]).view(shape)
+
+
+# ----------------------------------------------------------------------------- 5. int4 candidate scores
+
+
+def quantize_query_int8(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-head int8 query used against the int4 keys: ``q ~= q_int * q_scale``.
+
+    ``q_scale = max|q| / 127``, ``q_int = clamp(round(q * (127 / max|q|)), -127, 127)`` in float32; a zero head
+    has scale 0. Returns (q_int float32 ``[..., D]``, q_scale float32 ``[...]``).
+    """
+    qf = q.float()
+    qmax = qf.abs().amax(-1)
+    c127 = torch.full_like(qmax, 127.0)
+    inv = torch.where(qmax > 0, c127 / qmax, torch.zeros_like(qmax))   # IEEE divisions, as in the kernel
+    q_int = torch.round(qf * inv[..., None]).clamp(-127, 127)
+    return q_int, qmax / c127
+
+
+def int4_candidate_scores(q: torch.Tensor, key_int4: torch.Tensor, key_scale_zero: torch.Tensor,
+                          candidates: torch.Tensor, num_candidates: torch.Tensor,
+                          sm_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Approximate logits of candidate tokens from the int4 keys, and their group-mean softmax.
+
+    ``logit_g(t) = sm_scale * q~_g . k^_t`` with ``q~`` the int8 query of :func:`quantize_query_int8` and
+    ``k^`` the dequantized int4 key (:func:`dequantize_keys_int4`). The G query heads of the group each get a
+    softmax over the candidates; the group's distribution is their mean, ``p(t) = 1/G sum_g softmax_g(t)``:
+    it sums to 1, so Twilight's top-p keeps at least a fraction p of the attention mass averaged over the
+    group's heads.
+
+    Args:
+        q: ``[B, HQ, D]`` fp16/bf16.
+        key_int4: ``[num_slots, HK, D // 2]`` uint8; key_scale_zero ``[num_slots, HK, D // g, 2]`` float32.
+        candidates: ``[B, HK, C]`` int32 kv indices (``slot * HK + h``).
+        num_candidates: ``[B, HK]`` int32, ``<= C``.
+        sm_scale: softmax scale (usually ``1 / sqrt(D)``).
+
+    Returns:
+        logits ``[B, HK, G, C]`` float32 and probs ``[B, HK, C]`` float32; zero past each row's count.
+    """
+    S, HK, Dh = key_int4.shape
+    B, HQ, D, G = _gqa(q, HK)
+    C = candidates.shape[-1]
+    q_int, q_scale = quantize_query_int8(q)
+    q_deq = (q_int * q_scale[..., None]).double().view(B, HK, G, D)
+    k_rows = key_int4.view(S * HK, Dh)
+    sz_rows = key_scale_zero.view(S * HK, -1, 2)
+    logits = torch.zeros((B, HK, G, C), dtype=torch.float32, device=q.device)
+    probs = torch.zeros((B, HK, C), dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for h in range(HK):
+            n = int(num_candidates[b, h])
+            if n == 0:
+                continue
+            rows = candidates[b, h, :n].long()
+            k_hat = dequantize_keys_int4(k_rows[rows], sz_rows[rows]).double()              # [n, D]
+            lg = sm_scale * (q_deq[b, h] @ k_hat.T)                                          # [G, n]
+            logits[b, h, :, :n] = lg.float()
+            probs[b, h, :n] = torch.softmax(lg, -1).mean(0).float()
+    return logits, probs
+
+
+# ----------------------------------------------------------------------------- 6. top-p
+
+
+def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float,
+                 candidate_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Twilight's top-p pruning: the smallest set of candidates holding a fraction ``top_p`` of the mass.
+
+    Per row, with ``n`` candidates, ``total = sum(probs[:n])`` and ``target = top_p * total``: the threshold
+    ``tau`` is the largest value such that ``sum(p_i for p_i >= tau) >= target``; every candidate with
+    ``p_i >= tau`` is kept (ties at tau are all kept). ``top_p >= 1`` keeps every candidate.
+
+    Args:
+        probs: ``[B, HK, C]`` float32 (non-negative).
+        num_candidates: ``[B, HK]`` int32.
+        top_p: in (0, 1]; values above 1 act as 1.
+        candidate_ids: optional ``[B, HK, C]`` int32; when given, the output holds ``candidate_ids`` of the kept
+            positions instead of the positions.
+
+    Returns:
+        kept ``[B, HK, C]`` int32 (ascending position order, ``-1`` past the count) and num_kept ``[B, HK]``.
+    """
+    if not top_p > 0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    B, HK, C = probs.shape
+    kept = torch.full((B, HK, C), -1, dtype=torch.int32, device=probs.device)
+    cnt = torch.zeros((B, HK), dtype=torch.int32, device=probs.device)
+    for b in range(B):
+        for h in range(HK):
+            n = int(num_candidates[b, h])
+            if n == 0:
+                continue
+            p = probs[b, h, :n].double()
+            if top_p >= 1.0:
+                keep = torch.ones(n, dtype=torch.bool, device=p.device)
+            else:
+                target = top_p * p.sum()
+                desc = torch.sort(p, descending=True).values
+                m = int(torch.searchsorted(torch.cumsum(desc, 0), target))
+                tau = desc[min(m, n - 1)]
+                keep = p >= tau
+            pos = torch.nonzero(keep).flatten()
+            vals = pos if candidate_ids is None else candidate_ids[b, h, pos].long()
+            kept[b, h, : pos.numel()] = vals.to(torch.int32)
+            cnt[b, h] = pos.numel()
+    return kept, cnt
+
+
+# ----------------------------------------------------------------------------- 7. vAttention sampling
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for uint32 values held in int64, without int64 overflow."""
+    lo = (x & 0xFFFF) * c
+    hi = ((x >> 16) * c) & 0xFFFF
+    return (lo + (hi << 16)) & _M32
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 integer hash on uint32 values held in int64 (bit-exact with ``hash32`` in common.cuh)."""
+    x = x & _M32
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    x = x ^ (x >> 16)
+    return x
+
+
+def rng_key(seed: int, head: int) -> int:
+    """Key of the draw stream of one (row seed, KV head); ``seed`` is an int64 (taken as its 64 bits)."""
+    s = seed & 0xFFFFFFFFFFFFFFFF
+    t = lambda v: torch.tensor([v], dtype=torch.int64)  # noqa: E731
+    inner = hash32(t((s >> 32) ^ int(hash32(t(head)))))
+    return int(hash32(t(s & _M32) ^ inner))
+
+
+def rng_uniform(key: int, i: torch.Tensor, n: int) -> torch.Tensor:
+    """Draws ``i`` (int64 tensor) of stream ``key``: uniform integers in ``[0, n)`` (multiply-shift)."""
+    x = hash32(key ^ hash32(i))
+    return (x * n) >> 32
+
+
+def vattention_z(delta: float) -> float:
+    """Two-sided normal quantile used by the sample-size rule: ``Phi^-1(1 - delta / 4)``."""
+    return NormalDist().inv_cdf(1.0 - delta / 4.0)
+
+
+def vattention_eps(epsilon: float) -> float:
+    """Relative error allowed on each of the denominator and numerator: ``epsilon / (2 + epsilon)``."""
+    return epsilon / (2.0 + epsilon)
+
+
+def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      selected_pages: torch.Tensor, num_selected: torch.Tensor, req_to_token: torch.Tensor,
+                      req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, seeds: torch.Tensor,
+                      lse_det: torch.Tensor, o_det: torch.Tensor, page_size: int, sm_scale: float,
+                      epsilon: float, delta: float, base_rate: float,
+                      capacity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """vAttention's adaptive uniform sample of the tokens outside the deterministic set.
+
+    The deterministic set of (request b, KV head h) is its selected pages (sinks, local window and top-k, as
+    from :func:`topk_pages`); attention over it has already run and gave, per query head g, ``o_det`` and
+    ``lse_det`` (base 2, FlashInfer's convention). In the scale ``e_i = exp(l_i - lse_det_g * ln 2)`` with
+    ``l_i = sm_scale * q_g . k_i``, the deterministic part has denominator 1 and numerator ``o_det``.
+    The residual R (tokens of unselected pages, ``N_s = |R|``) is sampled uniformly with replacement by a
+    counter-based RNG: draw i is residual token ``rng_uniform(rng_key(seeds[b], h), i, N_s)`` (residual
+    tokens numbered in position order).
+
+    1. Base sample: ``n_base = min(max(2, ceil(base_rate * N_s)), capacity)`` draws. If ``N_s <= n_base`` every
+       residual token is taken (exact, weight 1).
+    2. From the base sample, per query head: mean and sample variance of ``e``, and of the vector ``e * v``
+       (its variance summed over channels); ``D^ = 1 + N_s * mean(e)``, ``N^ = o_det + N_s * mean(e v)``.
+    3. Sample size (the paper's CLT rule, ``n >= (z * N_s * sigma / (eps * estimate))**2``) for the
+       denominator and for the numerator (``sigma`` of ``e v`` and ``||N^||``), with ``eps' = eps / (2 + eps)``
+       and ``z = Phi^-1(1 - delta / 4)`` (two-sided, each part at ``delta / 2``). If
+       ``|D^ - D| <= eps' D`` and ``||N^ - N|| <= eps' ||N||`` then ``||o^ - o|| <= eps ||o||``, so the output's
+       relative error exceeds eps with probability at most delta (union bound, CLT approximation).
+       ``required`` is the ceiling of the largest size over the group's query heads.
+    4. ``n = max(required, n_base)``. If ``n >= N_s`` and ``N_s <= capacity`` all residual tokens are taken
+       (weight 1). Otherwise ``n = min(n, capacity)`` draws (the first ``n_base`` are the base sample) with
+       importance weight ``N_s / n``: the sampled attention's LSE gets ``+ log2(weight)`` before the merge.
+
+    Args:
+        q: ``[B, HQ, D]``; k_cache, v_cache: ``[num_slots, HK, D]`` fp16/bf16.
+        selected_pages, num_selected: deterministic pages, ascending, as from :func:`topk_pages`; they must
+            include the last (partial) page.
+        seeds: ``[B]`` int64, one RNG seed per request row (vary it per step and layer).
+        lse_det: ``[B, HQ]`` float32, base-2 LSE of the deterministic attention (scaled logits).
+        o_det: ``[B, HQ, D]``, the deterministic attention output.
+        sm_scale: softmax scale. epsilon, delta: the (eps, delta) target. base_rate: in (0, 1].
+        capacity: columns of the sample output.
+
+    Returns:
+        sample_kv_indices ``[B, HK, capacity]`` int32 (``-1`` past the count), num_sampled ``[B, HK]`` int32,
+        sample_weight ``[B, HK]`` float32 (0 when nothing is left to sample), required ``[B, HK]`` int32
+        (the computed sample size before clamping, capped at 2**31 - 1; ``N_s`` when everything was taken
+        because ``N_s <= n_base``).
+    """
+    HK = k_cache.shape[1]
+    B, HQ, D, G = _gqa(q, HK)
+    P = page_size
+    dev = q.device
+    eps_part = vattention_eps(epsilon)
+    z = vattention_z(delta)
+    out = torch.full((B, HK, capacity), -1, dtype=torch.int32, device=dev)
+    cnt = torch.zeros((B, HK), dtype=torch.int32, device=dev)
+    weight = torch.zeros((B, HK), dtype=torch.float32, device=dev)
+    required = torch.zeros((B, HK), dtype=torch.int32, device=dev)
+    qf = q.float().view(B, HK, G, D)
+    ln2 = math.log(2.0)
+    for b in range(B):
+        L = int(seq_lens[b])
+        n_pages = (L + P - 1) // P
+        row = req_to_token[int(req_pool_indices[b])].long()
+        for h in range(HK):
+            sel = selected_pages[b, h, : int(num_selected[b, h])].long()
+            mask = torch.ones(n_pages, dtype=torch.bool, device=dev)
+            mask[sel] = False
+            unselected = torch.nonzero(mask).flatten()
+            pos_all = (unselected[:, None] * P + torch.arange(P, device=dev)[None]).reshape(-1)
+            pos_all = pos_all[pos_all < L]                           # residual positions, ascending
+            n_s = pos_all.numel()
+            if n_s == 0:
+                continue
+            n_base = min(max(2, math.ceil(base_rate * n_s)), capacity)
+            if n_s <= n_base:
+                r = torch.arange(n_s, device=dev)
+                n_take, w, req = n_s, 1.0, n_s
+            else:
+                key = rng_key(int(seeds[b]), h)
+                rb = rng_uniform(key, torch.arange(n_base, device=dev), n_s)
+                slots = row[pos_all[rb]]
+                k = k_cache[slots, h].double()                         # [n_base, D]
+                v = v_cache[slots, h].double()
+                lg = sm_scale * (qf[b, h].double() @ k.T)              # [G, n_base]
+                e = torch.exp(lg - lse_det[b, h * G:(h + 1) * G, None].double() * ln2)
+                mean_e = e.mean(1)
+                var_e = e.var(1, unbiased=True).clamp_min(0)
+                ev = e[:, :, None] * v[None]                           # [G, n_base, D]
+                var_n = ev.var(1, unbiased=True).sum(-1).clamp_min(0)
+                d_hat = 1.0 + n_s * mean_e
+                n_hat = (o_det[b, h * G:(h + 1) * G].double() + n_s * ev.mean(1)).norm(dim=-1)
+                n_den = (z * n_s * var_e.sqrt() / (eps_part * d_hat)) ** 2
+                n_num = (z * n_s * var_n.sqrt() / (eps_part * n_hat)) ** 2
+                need = float(torch.maximum(n_den, n_num).max())
+                req = int(min(math.ceil(need), 2**31 - 1)) if math.isfinite(need) else 2**31 - 1
+                n = max(req, n_base)
+                if n >= n_s and n_s <= capacity:
+                    r = torch.arange(n_s, device=dev)
+                    n_take, w = n_s, 1.0
+                else:
+                    n_take = min(n, capacity)
+                    r = rng_uniform(key, torch.arange(n_take, device=dev), n_s)
+                    w = n_s / n_take
+            out[b, h, :n_take] = (row[pos_all[r]] * HK + h).to(torch.int32)
+            cnt[b, h] = n_take
+            weight[b, h] = w
+            required[b, h] = req
+    return out, cnt, weight, required

@@ -1,0 +1,49 @@
+"""Top-k page selection per (request, KV head) with forced sink and local pages.
+
+Spec: :func:`cupy_kernels.reference.topk_pages`. Kernel: ``topk_pages.cu`` (radix select, no sort).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._cuda import as_int32, check, check_tensor, i32, kernel, launch
+
+
+def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
+               n_local: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the ``top_k`` best pages of each (request, KV head).
+
+    Args:
+        page_scores: ``[B, HK, max_pages]`` float32.
+        seq_lens: ``[B]`` int32/int64 (request b has ``ceil(seq_len / P)`` pages).
+        top_k: pages kept, ``>= n_sink + n_local``; n_sink / n_local: first / last pages always kept.
+        out: optional (selected ``[B, HK, top_k]`` int32, count ``[B, HK]`` int32) buffers.
+
+    Returns:
+        selected_pages ``[B, HK, top_k]`` int32 in ascending page order (entries past the count are not
+        written), num_selected ``[B, HK]`` int32 = ``min(pages, top_k)``.
+    """
+    check_tensor(page_scores, "page_scores", dtypes=[torch.float32], ndim=3)
+    dev = page_scores.device
+    B, HK, M = page_scores.shape
+    check_tensor(seq_lens, "seq_lens", dtypes=[torch.int32, torch.int64], ndim=1, device=dev)
+    check(seq_lens.shape[0] == B, f"seq_lens has {seq_lens.shape[0]} entries for a batch of {B}")
+    check(top_k >= 1, f"top_k must be >= 1, got {top_k}")
+    check(n_sink >= 0 and n_local >= 0, f"n_sink and n_local must be >= 0, got {n_sink}, {n_local}")
+    check(top_k >= n_sink + n_local, f"top_k ({top_k}) must be >= n_sink + n_local ({n_sink} + {n_local})")
+    if out is None:
+        out = (torch.empty((B, HK, top_k), dtype=torch.int32, device=dev),
+               torch.empty((B, HK), dtype=torch.int32, device=dev))
+    sel, cnt = out
+    check_tensor(sel, "selected_pages", dtypes=[torch.int32], ndim=3, device=dev)
+    check_tensor(cnt, "num_selected", dtypes=[torch.int32], ndim=2, device=dev)
+    check(tuple(sel.shape) == (B, HK, top_k) and tuple(cnt.shape) == (B, HK),
+          f"out buffers must be {(B, HK, top_k)} and {(B, HK)}")
+    if B == 0:
+        return sel, cnt
+    fn = kernel("topk_pages.cu", "topk_pages", dev, PAGE_SIZE=page_size)
+    launch(fn, (HK, B), (512,), (page_scores, as_int32(seq_lens), sel, cnt, i32(HK), i32(M), i32(top_k),
+                                 i32(n_sink), i32(n_local)), dev)
+    return sel, cnt

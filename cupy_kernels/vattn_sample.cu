@@ -1,0 +1,210 @@
+// vAttention adaptive sampling of the residual (tokens outside the deterministic pages), one block per
+// (b, h); see reference.vattention_sample for the estimator and the sample-size bound.
+//
+// Residual tokens are numbered in position order over the unselected pages. Residual number r lies on the
+// (r / P)-th unselected page; with the selected pages sorted, that page is j + #{i : sel[i] - i <= j}
+// (sel[i] - i is non-decreasing), found by binary search in shared memory.
+// Base sample: warp w takes draws w, w+WARPS, ...; lanes split the head dimension (EPL = D/32 channels),
+// logits of the G query heads come from warp sums. Means and variances are two-pass (means first, then
+// squared deviations), reduced across warps in a fixed order, so the sample size is deterministic.
+// Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP, PAGE_SIZE.
+
+#define THREADS 256
+#define WARPS (THREADS / 32)
+#define EPL (HEAD_DIM / 32)
+#define LN2 0.69314718055994530942f
+
+struct Residual {
+    const int* sel; int cnt;
+    __device__ __forceinline__ int position(int r) const {
+        const int j = r / PAGE_SIZE;
+        int lo = 0, hi = cnt;               // count of i with sel[i] - i <= j
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (sel[mid] - mid <= j) lo = mid + 1; else hi = mid;
+        }
+        return (j + lo) * PAGE_SIZE + (r - j * PAGE_SIZE);
+    }
+};
+
+// One sampled token: the exp-scores e_g (g = 0..G-1, identical on all lanes) and this lane's v channels.
+__device__ __forceinline__ void score_token(const u16* k_row, const u16* v_row, const float (&qs)[GROUP][EPL],
+                                            const float (&lse_ln)[GROUP], int lane, float (&e)[GROUP],
+                                            float (&v)[EPL]) {
+    float k[EPL];
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) { k[i] = kv_to_float(k_row[lane * EPL + i]); v[i] = kv_to_float(v_row[lane * EPL + i]); }
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        float d = 0.f;
+#pragma unroll
+        for (int i = 0; i < EPL; ++i) d = fmaf(qs[g][i], k[i], d);
+        d = warp_sum(d);
+        e[g] = expf(d - lse_ln[g]);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
+    const u16* __restrict__ q,                 // [B, HK*G, D]
+    const u16* __restrict__ k_cache,           // [slots, HK, D]
+    const u16* __restrict__ v_cache,           // [slots, HK, D]
+    const int* __restrict__ selected_pages,    // [B, HK, top_k], ascending
+    const int* __restrict__ num_selected,      // [B, HK]
+    const int* __restrict__ req_to_token,      // [max_reqs, r2t_stride]
+    const int* __restrict__ req_pool_indices,  // [B]
+    const int* __restrict__ seq_lens,          // [B]
+    const long long* __restrict__ seeds,       // [B]
+    const float* __restrict__ lse_det,         // [B, HK*G], base 2
+    const u16* __restrict__ o_det,             // [B, HK*G, D]
+    int* __restrict__ sample_kv,               // [B, HK, capacity]
+    int* __restrict__ num_sampled,             // [B, HK]
+    float* __restrict__ sample_weight,         // [B, HK]
+    int* __restrict__ required_out,            // [B, HK]
+    int top_k, int r2t_stride, int capacity, float sm_scale, double base_rate, double z, double eps_part)
+{
+    extern __shared__ int s_sel[];                          // [top_k]
+    __shared__ float s_vec[WARPS][GROUP][HEAD_DIM];         // per-warp partial vectors
+    __shared__ float s_sc[WARPS][GROUP][2];                 // per-warp partial scalars
+    __shared__ float s_mean_e[GROUP], s_mean_ev[GROUP][HEAD_DIM];
+    __shared__ double s_need[GROUP];
+
+    const int b = blockIdx.y, h = blockIdx.x;
+    const int row_id = b * NUM_KV_HEADS + h;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int cnt = num_selected[row_id];
+    const int L = seq_lens[b];
+    const int n_pages = (L + PAGE_SIZE - 1) / PAGE_SIZE;
+    for (int i = tid; i < cnt; i += THREADS) s_sel[i] = selected_pages[(long long)row_id * top_k + i];
+    __syncthreads();
+
+    int sel_tokens = cnt * PAGE_SIZE;
+    if (cnt > 0 && s_sel[cnt - 1] == n_pages - 1) sel_tokens -= n_pages * PAGE_SIZE - L;
+    const int n_s = L - sel_tokens;
+    int* out = sample_kv + (long long)row_id * capacity;
+    const int* r2t = req_to_token + (long long)req_pool_indices[b] * r2t_stride;
+    const Residual res{s_sel, cnt};
+
+    if (n_s <= 0) {
+        if (tid == 0) { num_sampled[row_id] = 0; sample_weight[row_id] = 0.f; required_out[row_id] = 0; }
+        return;
+    }
+    const int n_base = (int)min((double)capacity, fmax(2.0, ceil(base_rate * (double)n_s)));
+    const u32 key = rng_key((u64)seeds[b], (u32)h);
+    bool take_all = n_s <= n_base;
+    int n_take = n_s, required = n_s;
+    float weight = 1.f;
+
+    if (!take_all) {
+        float qs[GROUP][EPL], lse_ln[GROUP];
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+            const long long qh = (long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g;
+#pragma unroll
+            for (int i = 0; i < EPL; ++i) qs[g][i] = sm_scale * kv_to_float(q[qh * HEAD_DIM + lane * EPL + i]);
+            lse_ln[g] = lse_det[qh] * LN2;
+        }
+        // Pass A: sums of e and e*v.
+        float sum_e[GROUP], sum_ev[GROUP][EPL];
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) { sum_e[g] = 0.f; for (int i = 0; i < EPL; ++i) sum_ev[g][i] = 0.f; }
+        for (int i = warp; i < n_base; i += WARPS) {
+            const long long slot = r2t[res.position((int)rng_uniform(key, (u32)i, (u32)n_s))];
+            const long long row = slot * NUM_KV_HEADS + h;
+            float e[GROUP], v[EPL];
+            score_token(k_cache + row * HEAD_DIM, v_cache + row * HEAD_DIM, qs, lse_ln, lane, e, v);
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                sum_e[g] += e[g];
+#pragma unroll
+                for (int c = 0; c < EPL; ++c) sum_ev[g][c] = fmaf(e[g], v[c], sum_ev[g][c]);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+            for (int c = 0; c < EPL; ++c) s_vec[warp][g][lane * EPL + c] = sum_ev[g][c];
+            if (lane == 0) s_sc[warp][g][0] = sum_e[g];
+        }
+        __syncthreads();
+        const float inv_n = 1.f / (float)n_base;
+        for (int t = tid; t < GROUP * HEAD_DIM; t += THREADS) {
+            const int g = t / HEAD_DIM, d = t - g * HEAD_DIM;
+            float s = 0.f;
+            for (int w = 0; w < WARPS; ++w) s += s_vec[w][g][d];
+            s_mean_ev[g][d] = s * inv_n;
+        }
+        if (tid < GROUP) {
+            float s = 0.f;
+            for (int w = 0; w < WARPS; ++w) s += s_sc[w][tid][0];
+            s_mean_e[tid] = s * inv_n;
+        }
+        __syncthreads();
+        // Pass B: squared deviations of e and of e*v (summed over channels).
+        float dev_e[GROUP], dev_ev[GROUP];
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) { dev_e[g] = 0.f; dev_ev[g] = 0.f; }
+        for (int i = warp; i < n_base; i += WARPS) {
+            const long long slot = r2t[res.position((int)rng_uniform(key, (u32)i, (u32)n_s))];
+            const long long row = slot * NUM_KV_HEADS + h;
+            float e[GROUP], v[EPL];
+            score_token(k_cache + row * HEAD_DIM, v_cache + row * HEAD_DIM, qs, lse_ln, lane, e, v);
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                const float de = e[g] - s_mean_e[g];
+                dev_e[g] = fmaf(de, de, dev_e[g]);
+#pragma unroll
+                for (int c = 0; c < EPL; ++c) {
+                    const float dv = fmaf(e[g], v[c], -s_mean_ev[g][lane * EPL + c]);
+                    dev_ev[g] = fmaf(dv, dv, dev_ev[g]);
+                }
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+            const float t = warp_sum(dev_ev[g]);
+            if (lane == 0) { s_sc[warp][g][0] = dev_e[g]; s_sc[warp][g][1] = t; }
+        }
+        __syncthreads();
+        // Sample size per query head (warp g), in double.
+        if (warp < GROUP) {
+            const int g = warp;
+            double ss_e = 0.0, ss_ev = 0.0;
+            for (int w = 0; w < WARPS; ++w) { ss_e += s_sc[w][g][0]; ss_ev += s_sc[w][g][1]; }
+            float nn = 0.f;
+            const long long qh = (long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g;
+#pragma unroll
+            for (int c = 0; c < EPL; ++c) {
+                const int d = lane * EPL + c;
+                const float nd = kv_to_float(o_det[qh * HEAD_DIM + d]) + (float)n_s * s_mean_ev[g][d];
+                nn = fmaf(nd, nd, nn);
+            }
+            nn = warp_sum(nn);
+            if (lane == 0) {
+                const double var_e = ss_e / (n_base - 1), var_n = ss_ev / (n_base - 1);
+                const double d_hat = 1.0 + (double)n_s * s_mean_e[g];
+                const double n_hat = sqrt((double)nn);
+                const double a = z * n_s * sqrt(var_e) / (eps_part * d_hat);
+                const double c = z * n_s * sqrt(var_n) / (eps_part * n_hat);
+                const double a2 = a * a, c2 = c * c;
+                s_need[g] = (a2 != a2 || c2 != c2) ? 1e300 : fmax(a2, c2);  // NaN (0/0) counts as unbounded
+            }
+        }
+        __syncthreads();
+        double need = 0.0;
+        for (int g = 0; g < GROUP; ++g) need = fmax(need, s_need[g]);
+        required = (need < 2147483647.0) ? (int)ceil(need) : 2147483647;
+        const int n = max(required, n_base);
+        if (n >= n_s && n_s <= capacity) {
+            take_all = true;
+        } else {
+            n_take = min(n, capacity);
+            weight = (float)((double)n_s / (double)n_take);
+        }
+    }
+
+    for (int i = tid; i < n_take; i += THREADS) {
+        const int r = take_all ? i : (int)rng_uniform(key, (u32)i, (u32)n_s);
+        out[i] = r2t[res.position(r)] * NUM_KV_HEADS + h;
+    }
+    if (tid == 0) { num_sampled[row_id] = n_take; sample_weight[row_id] = weight; required_out[row_id] = required; }
+}

@@ -1,0 +1,445 @@
+"""GPU tests: every CuPy kernel against its torch reference (cupy_kernels.reference), and under CUDA graphs.
+
+Shapes are drawn from seeded generators over fp16/bf16, head_dim 64/128, GQA groups 1/3/4/8, batch 1..64 and
+contexts up to 128K. Run on the GPU host with ``python -m pytest -m gpu``; skipped without CUDA/CuPy.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from cupy_kernels import reference as ref
+from gpu_pool import make_pool
+
+pytestmark = pytest.mark.gpu
+
+DEV = "cuda"
+GROUPS = (1, 3, 4, 8)
+
+
+def _cases(seed: int, n: int, max_tokens: int = 1 << 20):
+    """Random (dtype, D, HK, G, P, seq_lens) draws; total tokens bounded so references stay fast."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(n):
+        dtype = rnd.choice([torch.float16, torch.bfloat16])
+        D = rnd.choice([64, 128])
+        G = GROUPS[i % len(GROUPS)]
+        HK = rnd.choice([1, 2, 8])
+        P = rnd.choice([1, 8, 16, 32]) if i % 3 else 16
+        B = rnd.choice([1, 2, 5, 16, 33, 64])
+        cap = max(1, min(32768, max_tokens // B))
+        lens = [rnd.randint(1, cap) for _ in range(B)]
+        out.append((dtype, D, HK, G, P, lens))
+    return out
+
+
+CASES = _cases(1, 12)
+LONG = [(torch.bfloat16, 128, 8, 4, 16, [131072, 77777]), (torch.float16, 64, 2, 3, 16, [131072 - 5])]
+
+
+def _id(case):
+    dtype, D, HK, G, P, lens = case
+    return f"{str(dtype)[6:]}-D{D}-HK{HK}-G{G}-P{P}-B{len(lens)}-max{max(lens)}"
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _bounds(pool):
+    S, HK, D = pool.k_cache.shape
+    return torch.zeros((S // pool.page_size, HK, 2, D), dtype=pool.k_cache.dtype, device=DEV)
+
+
+# ----------------------------------------------------------------------------- 1. page metadata
+
+@pytest.mark.parametrize("case", CASES + LONG, ids=_id)
+def test_page_bounds_prefill_decode_and_reuse(case):
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    gen = _gen(11)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    got, want = _bounds(pool), _bounds(pool)
+    got.fill_(7.0)  # poison: every touched page must be rewritten
+    slots = pool.written_slots
+    ck.page_bounds_update(pool.k_cache, slots, got, P)
+    ref.page_bounds_update(pool.k_cache, slots, want, P)
+    touched = torch.unique(slots // P)
+    assert torch.equal(got[touched], want[touched])
+
+    # Decode: one new token per request on its next slot (a fresh page at offset 0 when the page is full).
+    pages_free = list(pool.free_pages)
+    new_slots = []
+    for b in range(len(lens)):
+        n = int(pool.seq_lens[b])
+        row = int(pool.req_pool_indices[b])
+        if n % P == 0:
+            slot = pages_free.pop() * P
+        else:
+            slot = int(pool.req_to_token[row, n - 1]) + 1
+        pool.req_to_token[row, n] = slot
+        new_slots.append(slot)
+    new_slots = torch.tensor(new_slots, device=DEV)
+    pool.k_cache[new_slots] = torch.randn((len(lens), HK, D), device=DEV).mul(3).to(dtype)
+    ck.page_bounds_update(pool.k_cache, new_slots, got, P)
+    ref.page_bounds_update(pool.k_cache, new_slots, want, P)
+    assert torch.equal(got[touched], want[touched])
+    assert torch.equal(got[new_slots // P], want[new_slots // P])
+
+    # Reuse: a page written again from offset 0 forgets its old tokens.
+    page = int(slots[0] // P)
+    reuse = torch.arange(page * P, page * P + max(1, P // 2), device=DEV)
+    pool.k_cache[reuse] = torch.randn((reuse.numel(), HK, D), device=DEV).mul(0.01).to(dtype)
+    ck.page_bounds_update(pool.k_cache, reuse, got, P)
+    kv = pool.k_cache[reuse].float()
+    assert torch.equal(got[page, :, 0].float(), kv.amin(0))
+    assert torch.equal(got[page, :, 1].float(), kv.amax(0))
+
+
+# ----------------------------------------------------------------------------- 2-3. Quest scores and top-k
+
+def _query(B, HK, G, D, dtype, gen):
+    return torch.randn((B, HK * G, D), generator=gen).to(dtype).to(DEV)
+
+
+@pytest.mark.parametrize("case", CASES + LONG, ids=_id)
+def test_quest_scores_and_topk(case):
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    gen = _gen(12)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    bounds = _bounds(pool)
+    ref.page_bounds_update(pool.k_cache, pool.written_slots, bounds, P)
+    q = _query(len(lens), HK, G, D, dtype, gen)
+    max_pages = pool.max_pages() + 3
+    got = ck.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
+    want = ref.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
+    finite = torch.isfinite(want)
+    assert torch.equal(finite, torch.isfinite(got))
+    assert (got[~finite] == float("-inf")).all()
+    # float32 sums of 2*D products in another order: error bounded relative to sum |q| * |bound|.
+    scale = (q.float().abs().sum(-1).amax(-1).max() * bounds.float().abs().amax()).item()
+    assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
+
+    for top_k, n_sink, n_local in [(8, 1, 2), (64, 4, 4), (512, 1, 2), (3, 0, 3)]:
+        sel, cnt = ck.topk_pages(got, pool.seq_lens, P, top_k, n_sink, n_local)
+        rsel, rcnt = ref.topk_pages(got, pool.seq_lens, P, top_k, n_sink, n_local)
+        assert torch.equal(cnt, rcnt)
+        mask = torch.arange(top_k, device=DEV)[None, None] < rcnt[..., None]
+        assert torch.equal(sel[mask], rsel[mask])
+
+
+@pytest.mark.parametrize("n_pages,top_k", [(9000, 512), (8192, 128), (700, 699), (513, 512), (40, 512)])
+def test_topk_ties_and_sizes(n_pages, top_k):
+    """Heavy ties (scores from a handful of values, negative ones too) and long rows."""
+    import cupy_kernels as ck
+    gen = _gen(13)
+    B, HK, P = 3, 4, 16
+    seq = torch.tensor([n_pages * P, n_pages * P - 7, max(1, (n_pages // 2) * P)], device=DEV)
+    scores = torch.randint(-3, 3, (B, HK, n_pages), generator=gen).float().to(DEV) * 0.5
+    scores[1, 2] = 0.0  # all equal
+    sel, cnt = ck.topk_pages(scores, seq, P, top_k, 2, 3)
+    rsel, rcnt = ref.topk_pages(scores, seq, P, top_k, 2, 3)
+    assert torch.equal(cnt, rcnt)
+    mask = torch.arange(top_k, device=DEV)[None, None] < rcnt[..., None]
+    assert torch.equal(sel[mask], rsel[mask])
+
+
+@pytest.mark.parametrize("case", CASES[:6] + LONG[:1], ids=_id)
+def test_pages_to_kv_indices(case):
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    gen = _gen(14)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    scores = torch.randn((len(lens), HK, pool.max_pages()), generator=gen).to(DEV)
+    top_k = 37
+    sel, cnt = ck.topk_pages(scores, pool.seq_lens, P, top_k, 1, 2)
+    kv, nkv = ck.pages_to_kv_indices(sel, cnt, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P,
+                                     top_k * P + 5)
+    rkv, rnkv = ref.pages_to_kv_indices(sel, cnt, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P,
+                                        top_k * P + 5)
+    assert torch.equal(nkv, rnkv)
+    mask = torch.arange(kv.shape[-1], device=DEV)[None, None] < rnkv[..., None]
+    assert torch.equal(kv[mask], rkv[mask])
+
+
+# ----------------------------------------------------------------------------- 4-6. Twilight kernels
+
+def _int4_tables(pool, group):
+    S, HK, D = pool.k_cache.shape
+    return (torch.full((S, HK, D // 2), 0xAB, dtype=torch.uint8, device=DEV),
+            torch.full((S, HK, D // group, 2), float("nan"), dtype=torch.float32, device=DEV))
+
+
+@pytest.mark.parametrize("case", CASES + LONG[:1], ids=_id)
+@pytest.mark.parametrize("group_choice", [0, 1])
+def test_int4_quantize_scores_top_p(case, group_choice):
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    group = [D, 32][group_choice]
+    gen = _gen(15 + group_choice)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen, kv_scale=2.5)
+    slots = pool.written_slots
+    codes, sz = _int4_tables(pool, group)
+    rcodes, rsz = _int4_tables(pool, group)
+    ck.quantize_keys_int4(pool.k_cache, slots, codes, sz, group)
+    ref.quantize_keys_int4(pool.k_cache, slots, rcodes, rsz, group)
+    assert torch.equal(codes[slots], rcodes[slots])
+    assert torch.equal(sz[slots], rsz[slots])
+
+    # Candidates: tokens of random pages per (request, head), variable counts (some empty).
+    B = len(lens)
+    scores = torch.randn((B, HK, pool.max_pages()), generator=gen).to(DEV)
+    top_k = 24
+    sel, cnt = ck.topk_pages(scores, pool.seq_lens, P, top_k, 1, 1)
+    cap = top_k * P
+    cand, ncand = ck.pages_to_kv_indices(sel, cnt, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, cap)
+    ncand[0, 0] = 0
+    q = _query(B, HK, G, D, dtype, gen)
+    sm = 1 / math.sqrt(D)
+    logits, probs = ck.int4_candidate_scores(q, codes, sz, cand, ncand, sm)
+    rlogits, rprobs = ref.int4_candidate_scores(q, codes, sz, cand, ncand, sm)
+    valid = torch.arange(cap, device=DEV)[None, None] < ncand[..., None]
+    q_int, q_scale = ref.quantize_query_int8(q)
+    # float32 reassociation of exact integer sums: bounded by sm * q_scale * sum|q_int| * max|k_hat| * 1e-6.
+    kmax = ref.dequantize_keys_int4(codes[slots], sz[slots]).abs().max().item()
+    lscale = sm * (q_scale[..., None] * q_int.abs().sum(-1, keepdim=True)).max().item() * kmax
+    lg_err = (logits - rlogits).abs().masked_fill(~valid[:, :, None], 0).max().item()
+    assert lg_err <= 2e-6 * lscale + 1e-6
+    pr_err = ((probs - rprobs).abs() / (rprobs + 1e-30)).masked_fill(~valid, 0).max().item()
+    assert pr_err <= 1e-4
+    assert torch.allclose(probs.masked_fill(~valid, 0).sum(-1)[ncand > 0], torch.ones((), device=DEV), atol=1e-4)
+
+    for top_p in (0.5, 0.9, 0.99, 1.0, 1e-6):
+        kept, nkept = ck.top_p_select(probs, ncand, top_p, candidate_ids=cand)
+        pos, npos = ck.top_p_select(probs, ncand, top_p)
+        assert torch.equal(nkept, npos)
+        _check_top_p(probs, ncand, top_p, pos, npos)
+        kmask = torch.arange(cap, device=DEV)[None, None] < npos[..., None]
+        safe_pos = torch.where(kmask, pos, torch.zeros_like(pos)).long()
+        assert torch.equal(kept[kmask], torch.gather(cand, 2, safe_pos)[kmask])
+        rkept, rn = ref.top_p_select(probs, ncand, top_p, candidate_ids=cand)
+        # Exact agreement except where float32 vs float64 mass sums straddle the target.
+        agree = (nkept == rn).float().mean().item()
+        assert agree >= 0.95, f"top_p={top_p}: kernel and reference agree on {agree:.1%} of rows"
+
+
+def _check_top_p(probs, ncand, top_p, pos, npos):
+    B, HK, C = probs.shape
+    for b in range(B):
+        for h in range(HK):
+            n = int(ncand[b, h])
+            k = int(npos[b, h])
+            p = probs[b, h, :n].double()
+            if n == 0:
+                assert k == 0
+                continue
+            kept = pos[b, h, :k].long()
+            assert torch.all(kept[1:] > kept[:-1]), "kept positions must ascend"
+            if top_p >= 1:
+                assert k == n
+                continue
+            total = p.sum()
+            mass = p[kept].sum()
+            assert mass >= top_p * total * (1 - 1e-5)
+            tau = p[kept].min()
+            assert torch.equal(torch.nonzero(p >= tau).flatten(), kept), "kept set must be {p >= tau}"
+            assert p[p > tau].sum() < top_p * total * (1 + 1e-5), "set must be minimal (tie group at tau)"
+
+
+@pytest.mark.parametrize("n,top_p", [(1, 0.5), (7, 0.9), (4096, 0.95), (49000, 0.9)])
+def test_top_p_shapes(n, top_p):
+    import cupy_kernels as ck
+    gen = _gen(16)
+    logits = torch.randn((2, 3, n), generator=gen) * 3
+    probs = torch.softmax(logits, -1).to(DEV)
+    probs[1, 1] = 1.0 / n  # all equal
+    ncand = torch.full((2, 3), n, dtype=torch.int32, device=DEV)
+    pos, npos = ck.top_p_select(probs, ncand, top_p)
+    _check_top_p(probs, ncand, top_p, pos, npos)
+
+
+# ----------------------------------------------------------------------------- 7. vAttention sampling
+
+def _deterministic_attention(q, pool, sel, cnt, sm):
+    """float64 o_det / lse_det (base 2) over the selected pages, per query head."""
+    B, HQ, D = q.shape
+    HK = pool.k_cache.shape[1]
+    G = HQ // HK
+    P = pool.page_size
+    o = torch.zeros((B, HQ, D), dtype=torch.float64, device=DEV)
+    lse = torch.zeros((B, HQ), dtype=torch.float64, device=DEV)
+    for b in range(B):
+        row = pool.req_to_token[int(pool.req_pool_indices[b])].long()
+        L = int(pool.seq_lens[b])
+        for h in range(HK):
+            pages = sel[b, h, : int(cnt[b, h])].long()
+            pos = (pages[:, None] * P + torch.arange(P, device=DEV)).flatten()
+            slots = row[pos[pos < L]]
+            k = pool.k_cache[slots, h].double()
+            v = pool.v_cache[slots, h].double()
+            lg = sm * (q[b, h * G:(h + 1) * G].double() @ k.T)
+            o[b, h * G:(h + 1) * G] = torch.softmax(lg, -1) @ v
+            lse[b, h * G:(h + 1) * G] = torch.logsumexp(lg, -1) / math.log(2)
+    return o.to(q.dtype), lse.float()
+
+
+VATT_CASES = [c for c in CASES if max(c[5]) >= 64][:6] + [(torch.bfloat16, 128, 8, 4, 16, [131072, 40000])]
+
+
+@pytest.mark.parametrize("case", VATT_CASES, ids=_id)
+@pytest.mark.parametrize("epsilon,delta,base_rate", [(0.05, 0.05, 0.02), (0.5, 0.3, 0.05), (0.001, 0.01, 0.01)])
+def test_vattention_sample(case, epsilon, delta, base_rate):
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    gen = _gen(17)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    B = len(lens)
+    q = _query(B, HK, G, D, dtype, gen)
+    sm = 1 / math.sqrt(D)
+    scores = torch.randn((B, HK, pool.max_pages()), generator=gen).to(DEV)
+    top_k = max(3, min(64, pool.max_pages() // 4))
+    sel, cnt = ck.topk_pages(scores, pool.seq_lens, P, top_k, 1, 2)
+    o_det, lse_det = _deterministic_attention(q, pool, sel, cnt, sm)
+    seeds = torch.randint(-(2**62), 2**62, (B,), generator=gen).to(DEV)
+    capacity = 4096
+    args = (q, pool.k_cache, pool.v_cache, sel, cnt, pool.req_to_token, pool.req_pool_indices, pool.seq_lens,
+            seeds, lse_det, o_det, P, sm, epsilon, delta, base_rate, capacity)
+    kv, n, w, req = ck.vattention_sample(*args)
+    rkv, rn, rw, rreq = ref.vattention_sample(*args)
+    # The sample size comes from float32 sums on the GPU and float64 in the reference.
+    assert ((req.double() - rreq.double()).abs() <= 1e-3 * rreq.double() + 2).all()
+    for b in range(B):
+        for h in range(HK):
+            k_, r_ = int(n[b, h]), int(rn[b, h])
+            if k_ == r_:
+                assert torch.equal(kv[b, h, :k_], rkv[b, h, :r_])
+                assert w[b, h].item() == pytest.approx(rw[b, h].item(), rel=1e-6)
+            else:  # straddling a rounding edge: both draw the same stream
+                m = min(k_, r_)
+                assert abs(k_ - r_) <= 1e-3 * max(k_, r_) + 2
+                if w[b, h] != 1 and rw[b, h] != 1:
+                    assert torch.equal(kv[b, h, :m], rkv[b, h, :m])
+    # Reproducible from the seed, different with another.
+    kv2, n2, _, _ = ck.vattention_sample(*args)
+    filled = torch.arange(capacity, device=DEV)[None, None] < n[..., None]
+    assert torch.equal(n, n2) and torch.equal(kv[filled], kv2[filled])
+    args3 = list(args)
+    args3[8] = seeds + 1
+    kv3, n3, w3, _ = ck.vattention_sample(*args3)
+    sampled = (w != 1) & (n > 0) & (n3 == n)
+    if sampled.any():
+        differs = [not torch.equal(kv[b, h, : int(n[b, h])], kv3[b, h, : int(n[b, h])])
+                   for b, h in torch.nonzero(sampled).tolist()]
+        assert all(differs)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+def test_graph_capture_replay_on_new_data():
+    """Capture the whole Quest + Twilight + vAttention selection chain once, replay it on new data."""
+    import cupy_kernels as ck
+    gen = _gen(18)
+    dtype, D, HK, G, P = torch.bfloat16, 128, 8, 4, 16
+    B, max_len = 6, 20000
+    lens = [int(x) for x in torch.randint(1000, max_len, (B,), generator=gen)]
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen, spare_pages=64, max_ctx=max_len + 64)
+    bounds = _bounds(pool)
+    S = pool.k_cache.shape[0]
+    codes = torch.zeros((S, HK, D // 2), dtype=torch.uint8, device=DEV)
+    sz = torch.zeros((S, HK, 1, 2), dtype=torch.float32, device=DEV)
+    ck.page_bounds_update(pool.k_cache, pool.written_slots, bounds, P)
+    ck.quantize_keys_int4(pool.k_cache, pool.written_slots, codes, sz)
+    max_pages = (max_len + 64) // P
+    top_k, cap = 32, 32 * P
+    sm = 1 / math.sqrt(D)
+
+    q = torch.empty((B, HK * G, D), dtype=dtype, device=DEV)
+    new_slots = torch.empty((B,), dtype=torch.int64, device=DEV)
+    seeds = torch.empty((B,), dtype=torch.int64, device=DEV)
+    o_det = torch.empty((B, HK * G, D), dtype=dtype, device=DEV)
+    lse_det = torch.empty((B, HK * G), dtype=torch.float32, device=DEV)
+    bufs = {}
+
+    def step():
+        ck.page_bounds_update(pool.k_cache, new_slots, bounds, P)
+        ck.quantize_keys_int4(pool.k_cache, new_slots, codes, sz)
+        bufs["scores"] = ck.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens,
+                                              P, max_pages)
+        bufs["sel"] = ck.topk_pages(bufs["scores"], pool.seq_lens, P, top_k, 1, 2)
+        bufs["kv"] = ck.pages_to_kv_indices(*bufs["sel"], pool.req_to_token, pool.req_pool_indices,
+                                            pool.seq_lens, P, cap)
+        bufs["probs"] = ck.int4_candidate_scores(q, codes, sz, *bufs["kv"], sm)
+        bufs["kept"] = ck.top_p_select(bufs["probs"][1], bufs["kv"][1], 0.9, candidate_ids=bufs["kv"][0])
+        bufs["vs"] = ck.vattention_sample(q, pool.k_cache, pool.v_cache, *bufs["sel"], pool.req_to_token,
+                                          pool.req_pool_indices, pool.seq_lens, seeds, lse_det, o_det, P, sm,
+                                          0.05, 0.05, 0.02, 2048)
+
+    def new_data():
+        """Append one token to every request, new query, new seeds (host-side set-up, outside the graph)."""
+        slots = []
+        for b in range(B):
+            n = int(pool.seq_lens[b])
+            row = int(pool.req_pool_indices[b])
+            slot = pool.free_pages.pop() * P if n % P == 0 else int(pool.req_to_token[row, n - 1]) + 1
+            pool.req_to_token[row, n] = slot
+            slots.append(slot)
+        new_slots.copy_(torch.tensor(slots, device=DEV))
+        pool.seq_lens += 1
+        pool.k_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(dtype)
+        q.copy_(torch.randn((B, HK * G, D), device=DEV).to(dtype))
+        seeds.copy_(torch.randint(0, 2**62, (B,), device=DEV))
+        o_det.copy_(torch.randn((B, HK * G, D), device=DEV).to(dtype) * 0.1)
+        lse_det.copy_(torch.full((B, HK * G), 3.0, device=DEV) + torch.rand((B, HK * G), device=DEV))
+
+    new_data()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # compiles every kernel outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+
+    for _ in range(3):
+        new_data()
+        graph.replay()
+        torch.cuda.synchronize()
+        want_bounds = bounds.clone()
+        ref.page_bounds_update(pool.k_cache, new_slots, want_bounds, P)
+        assert torch.equal(bounds, want_bounds)
+        rscores = ref.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P,
+                                        max_pages)
+        fin = torch.isfinite(rscores)
+        assert torch.equal(fin, torch.isfinite(bufs["scores"]))
+        assert torch.allclose(bufs["scores"][fin], rscores[fin], rtol=1e-5, atol=1e-3)
+        rsel, rcnt = ref.topk_pages(bufs["scores"], pool.seq_lens, P, top_k, 1, 2)
+        sel, cnt = bufs["sel"]
+        assert torch.equal(cnt, rcnt) and torch.equal(sel, rsel)
+        rkv, rnkv = ref.pages_to_kv_indices(sel, cnt, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P,
+                                            cap)
+        kv, nkv = bufs["kv"]
+        assert torch.equal(nkv, rnkv)
+        m = torch.arange(cap, device=DEV)[None, None] < nkv[..., None]
+        assert torch.equal(kv[m], rkv[m])
+        _, rprobs = ref.int4_candidate_scores(q, codes, sz, kv, nkv, sm)
+        perr = (bufs["probs"][1].masked_fill(~m, 0) - rprobs).abs() / (rprobs.abs() + 1e-30)
+        assert perr.masked_fill(~m, 0).max().item() <= 1e-4, (perr.max().item(), torch.nonzero(perr > 1e-4)[:5])
+        kept, nkept = bufs["kept"]
+        _, rn = ref.top_p_select(bufs["probs"][1], nkv, 0.9)
+        assert (nkept == rn).float().mean() >= 0.95
+        vkv, vn, vw, vreq = bufs["vs"]
+        rvkv, rvn, rvw, rvreq = ref.vattention_sample(q, pool.k_cache, pool.v_cache, sel, cnt, pool.req_to_token,
+                                                      pool.req_pool_indices, pool.seq_lens, seeds, lse_det, o_det,
+                                                      P, sm, 0.05, 0.05, 0.02, 2048)
+        assert ((vreq.double() - rvreq.double()).abs() <= 1e-3 * rvreq.double() + 2).all()
+        same = vn == rvn
+        assert same.float().mean() >= 0.9
+        for b, h in torch.nonzero(same).tolist():
+            assert torch.equal(vkv[b, h, : int(vn[b, h])], rvkv[b, h, : int(vn[b, h])])
