@@ -13,6 +13,7 @@ page_bounds_update         per page and KV head, channel-wise min/max of K (Ques
 quest_page_scores          upper-bound page scores, max over the GQA group
 topk_pages                 k best pages per (request, KV head), sinks and local window forced
 pages_to_kv_indices        selected pages -> FlashInfer kv indices of their tokens
+compact_kv_rows            fixed-capacity index rows -> FlashInfer CSR (indptr + packed indices)
 quantize_keys_int4         packed int4 K copy with per-token (scale, zero)
 int4_candidate_scores      int4 logits of candidate tokens and their group-mean softmax
 top_p_select               top-p pruning by parallel binary search (Twilight)
@@ -21,6 +22,7 @@ vattention_sample          vAttention's (epsilon, delta)-sized residual sample a
 """
 
 from . import reference
+from .compact_rows import compact_kv_rows
 from .int4_keys import quantize_keys_int4
 from .int4_scores import int4_candidate_scores
 from .page_bounds import page_bounds_update
@@ -36,6 +38,7 @@ __all__ = [
     "quest_page_scores",
     "topk_pages",
     "pages_to_kv_indices",
+    "compact_kv_rows",
     "quantize_keys_int4",
     "int4_candidate_scores",
     "top_p_select",

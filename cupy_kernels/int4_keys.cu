@@ -1,6 +1,6 @@
 // int4 key quantization (Twilight's key copy) for the slots just written (see reference.quantize_keys_int4).
 //
-// One warp per written slot, looping over the KV heads; lane l holds channels l*EPL .. l*EPL+EPL-1 of the
+// One block per written slot, one warp per KV head; lane l holds channels l*EPL .. l*EPL+EPL-1 of the
 // head (EPL = D/32). A group of GROUP_SIZE channels spans GROUP_LANES consecutive lanes, whose min and max
 // come from xor-shuffles. The arithmetic is float32 with explicit rounding intrinsics so it matches the
 // torch reference bit for bit: scale = (max-min)/15, inv = 1/scale, code = rint((x-min)*inv) clamped to 0..15.
@@ -17,11 +17,9 @@ extern "C" __global__ void quantize_keys_int4(
     float2* __restrict__ key_scale_zero,    // [slots, HK, D/GROUP_SIZE] of (scale, zero)
     int n)
 {
-    const int entry = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
-    if (entry >= n) return;
-    const long long slot = written_slots[entry];
-    for (int h = 0; h < NUM_KV_HEADS; ++h) {
+    const long long slot = written_slots[blockIdx.x];
+    for (int h = threadIdx.x >> 5; h < NUM_KV_HEADS; h += blockDim.x >> 5) {
         const long long row = slot * NUM_KV_HEADS + h;
         const u16* src = k_cache + row * HEAD_DIM + lane * EPL;
         float x[EPL];

@@ -10,7 +10,6 @@ import torch
 from ._cuda import KV_DTYPES, as_int32, check, check_tensor, i32, kernel, launch
 
 GROUP_SIZES = (32, 64, 128)
-WARPS_PER_BLOCK = 8
 
 
 def check_group_size(group_size: int, head_dim: int) -> None:
@@ -46,5 +45,4 @@ def quantize_keys_int4(k_cache: torch.Tensor, written_slots: torch.Tensor, key_i
         return
     fn = kernel("int4_keys.cu", "quantize_keys_int4", dev, KV_BF16=KV_DTYPES[k_cache.dtype], HEAD_DIM=D,
                 NUM_KV_HEADS=HK, GROUP_SIZE=group_size)
-    launch(fn, (-(-n // WARPS_PER_BLOCK),), (32 * WARPS_PER_BLOCK,),
-           (k_cache, as_int32(written_slots), key_int4, key_scale_zero, i32(n)), dev)
+    launch(fn, (n,), (32 * min(HK, 16),), (k_cache, as_int32(written_slots), key_int4, key_scale_zero, i32(n)), dev)

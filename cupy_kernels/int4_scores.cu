@@ -1,18 +1,24 @@
 // int4 candidate scores (Twilight): logits of candidate tokens from the int4 keys for the G query heads of a
 // KV head, and the group-mean softmax over the candidates (see reference.int4_candidate_scores).
 //
-// One block per (b, h). The query is quantized to int8 per head (reference.quantize_query_int8), so
+// The query is quantized to int8 per head (reference.quantize_query_int8), so
 // q~ . k^ = q_scale * sum_groups(scale * sum(q_int * code) + zero * sum(q_int)): the inner sums are exact
-// integer dot products done with dp4a, 4 channels per instruction, and the int4 codes never get dequantized.
-// A candidate is handled by CAND_LANES = D/32 lanes, each with 16 bytes (32 channels, within one group) of
-// codes. Pass 1 writes the logits and keeps an online (max, sum) per query head; after a block reduction,
-// pass 2 turns each thread's own logits into the group-mean probability.
-// Defines: HEAD_DIM, NUM_KV_HEADS, GROUP (G), GROUP_SIZE, KV_BF16.
+// integer dot products done with dp4a, 4 channels per instruction, and the int4 codes are never dequantized.
+//
+// Two launches, both over (chunks of CHUNK candidates, HK, B) so that even batch 1 fills the GPU:
+//  1. int4_candidate_logits: a candidate is handled by CAND_LANES = D/32 lanes, each with 16 bytes (32
+//     channels, inside one quantization group) of codes; UNROLL candidates per lane group are loaded before
+//     any is used. Lane (g % CAND_LANES) of the group writes logit g and keeps an online (max, sum) for g; the
+//     block reduces those into one (max, sum) per query head, stored in `partials`.
+//  2. int4_candidate_probs: every block merges the row's partials (a few per row) and turns its chunk of
+//     logits into p(t) = 1/G sum_g exp(l_g(t) - m_g) / s_g.
+// Defines: HEAD_DIM, NUM_KV_HEADS, GROUP (G), GROUP_SIZE, KV_BF16, CHUNK.
 
 #define THREADS 256
 #define WARPS (THREADS / 32)
 #define CAND_LANES (HEAD_DIM / 32)
 #define CANDS (THREADS / CAND_LANES)
+#define UNROLL 2
 #define NUM_GROUPS (HEAD_DIM / GROUP_SIZE)
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) {
@@ -28,24 +34,26 @@ __device__ __forceinline__ void softmax_merge(float& m, float& s, float m2, floa
     m = mm;
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_scores(
+extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_logits(
     const u16* __restrict__ q,                    // [B, HK*G, D]
     const uint4* __restrict__ key_int4,           // [slots*HK, D/2] bytes, as 16-byte vectors
     const float2* __restrict__ key_scale_zero,    // [slots*HK, NUM_GROUPS]
     const int* __restrict__ candidates,           // [B, HK, C] kv indices
     const int* __restrict__ num_candidates,       // [B, HK]
     float* __restrict__ logits,                   // [B, HK, G, C]
-    float* __restrict__ probs,                    // [B, HK, C]
+    float2* __restrict__ partials,                // [B, HK, chunks, G] of (max, sum)
     int C, float sm_scale)
 {
     __shared__ int s_qint[GROUP][HEAD_DIM];
     __shared__ float s_qscale[GROUP];
     __shared__ float s_m[WARPS][GROUP], s_s[WARPS][GROUP];
 
-    const int b = blockIdx.y, h = blockIdx.x;
+    const int b = blockIdx.z, h = blockIdx.y, chunk = blockIdx.x;
     const int row_id = b * NUM_KV_HEADS + h;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n = num_candidates[row_id];
+    const int begin = chunk * CHUNK;
+    const int end = min(n, begin + CHUNK);
 
     // int8 query, one warp per query head.
     for (int g = warp; g < GROUP; g += WARPS) {
@@ -68,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_scores(
     // This lane's 32 channels [32*part, 32*part+32): 4 words of codes; byte j of word w holds channels
     // 8w+2j (low nibble) and 8w+2j+1 (high nibble). Query bytes are packed to match.
     const int part = tid % CAND_LANES;
-    const int slot_in_iter = tid / CAND_LANES;
+    const int cand_in_iter = tid / CAND_LANES;
     int q_even[GROUP][4], q_odd[GROUP][4], q_sum[GROUP];
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
@@ -90,6 +98,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_scores(
         q_sum[g] = sum;
     }
     const int my_group = (32 * part) / GROUP_SIZE;
+    float qscale[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) qscale[g] = sm_scale * s_qscale[g];
 
     float run_m[GROUP], run_s[GROUP];
 #pragma unroll
@@ -97,37 +108,50 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_scores(
 
     float* lg_row = logits + (long long)row_id * GROUP * C;
     const int* cand = candidates + (long long)row_id * C;
-    for (int base = 0; base < n; base += CANDS) {
-        const int t = base + slot_in_iter;
-        const bool valid = t < n;
-        uint4 codes = make_uint4(0, 0, 0, 0);
-        float2 sz = make_float2(0.f, 0.f);
-        if (valid) {
-            const long long kv = cand[t];
-            codes = key_int4[kv * CAND_LANES + part];
-            sz = key_scale_zero[kv * NUM_GROUPS + my_group];
+    for (int base = begin; base < end; base += CANDS * UNROLL) {
+        uint4 codes[UNROLL];
+        float2 sz[UNROLL];
+        int kv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int t = base + u * CANDS + cand_in_iter;
+            kv[u] = t < end ? cand[t] : -1;
         }
-        const u32 cw[4] = {codes.x, codes.y, codes.z, codes.w};
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-            int acc = 0;
-#pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                acc = dp4a((int)(cw[w] & 0x0f0f0f0fu), q_even[g][w], acc);
-                acc = dp4a((int)((cw[w] >> 4) & 0x0f0f0f0fu), q_odd[g][w], acc);
+        for (int u = 0; u < UNROLL; ++u) {
+            codes[u] = make_uint4(0, 0, 0, 0);
+            sz[u] = make_float2(0.f, 0.f);
+            if (kv[u] >= 0) {
+                codes[u] = key_int4[(long long)kv[u] * CAND_LANES + part];
+                sz[u] = key_scale_zero[(long long)kv[u] * NUM_GROUPS + my_group];
             }
-            float part_sum = fmaf(sz.x, (float)acc, sz.y * (float)q_sum[g]);
+        }
 #pragma unroll
-            for (int o = CAND_LANES / 2; o > 0; o >>= 1) part_sum += __shfl_xor_sync(0xffffffffu, part_sum, o);
-            if (valid && part == 0) {
-                const float l = sm_scale * s_qscale[g] * part_sum;
-                lg_row[(long long)g * C + t] = l;
-                softmax_merge(run_m[g], run_s[g], l, 1.f);
+        for (int u = 0; u < UNROLL; ++u) {
+            const int t = base + u * CANDS + cand_in_iter;
+            const u32 cw[4] = {codes[u].x, codes[u].y, codes[u].z, codes[u].w};
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                int acc = 0;
+#pragma unroll
+                for (int w = 0; w < 4; ++w) {
+                    acc = dp4a((int)(cw[w] & 0x0f0f0f0fu), q_even[g][w], acc);
+                    acc = dp4a((int)((cw[w] >> 4) & 0x0f0f0f0fu), q_odd[g][w], acc);
+                }
+                float part_sum = fmaf(sz[u].x, (float)acc, sz[u].y * (float)q_sum[g]);
+#pragma unroll
+                for (int o = CAND_LANES / 2; o > 0; o >>= 1) part_sum += __shfl_xor_sync(0xffffffffu, part_sum, o);
+                if (t < end && part == g % CAND_LANES) {
+                    const float l = qscale[g] * part_sum;
+                    lg_row[(long long)g * C + t] = l;
+                    if (l > run_m[g]) { run_s[g] = run_s[g] * expf(run_m[g] - l) + 1.f; run_m[g] = l; }
+                    else run_s[g] += expf(l - run_m[g]);
+                }
             }
         }
     }
 
-    // Block reduction of (max, sum) per query head.
+    // Block reduction of (max, sum) per query head into this chunk's partial.
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
         float m = run_m[g], s = run_s[g];
@@ -140,23 +164,45 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_scores(
         if (lane == 0) { s_m[warp][g] = m; s_s[warp][g] = s; }
     }
     __syncthreads();
-    float tot_m[GROUP], inv_s[GROUP];
-#pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
+    if (tid < GROUP) {
         float m = NEG_INF, s = 0.f;
-        for (int w = 0; w < WARPS; ++w) softmax_merge(m, s, s_m[w][g], s_s[w][g]);
-        tot_m[g] = m;
-        inv_s[g] = s > 0.f ? 1.f / s : 0.f;
+        for (int w = 0; w < WARPS; ++w) softmax_merge(m, s, s_m[w][tid], s_s[w][tid]);
+        partials[((long long)row_id * gridDim.x + chunk) * GROUP + tid] = make_float2(m, s);
     }
+}
 
-    // Pass 2: each candidate's owner turns its logits into the group-mean probability.
-    float* pr_row = probs + (long long)row_id * C;
-    if (part == 0) {
-        for (int t = slot_in_iter; t < n; t += CANDS) {
-            float p = 0.f;
-#pragma unroll
-            for (int g = 0; g < GROUP; ++g) p += expf(lg_row[(long long)g * C + t] - tot_m[g]) * inv_s[g];
-            pr_row[t] = p * (1.0f / GROUP);
+extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_probs(
+    const float* __restrict__ logits,             // [B, HK, G, C]
+    const float2* __restrict__ partials,          // [B, HK, chunks, G]
+    const int* __restrict__ num_candidates,       // [B, HK]
+    float* __restrict__ probs,                    // [B, HK, C]
+    int C)
+{
+    __shared__ float s_m[GROUP], s_inv[GROUP];
+    const int b = blockIdx.z, h = blockIdx.y, chunk = blockIdx.x;
+    const int row_id = b * NUM_KV_HEADS + h;
+    const int n = num_candidates[row_id];
+    const int begin = chunk * CHUNK;
+    if (begin >= n) return;
+    if (threadIdx.x < GROUP) {
+        const int g = threadIdx.x;
+        const int used = (n + CHUNK - 1) / CHUNK;
+        float m = NEG_INF, s = 0.f;
+        for (int c = 0; c < used; ++c) {
+            const float2 p = partials[((long long)row_id * gridDim.x + c) * GROUP + g];
+            softmax_merge(m, s, p.x, p.y);
         }
+        s_m[g] = m;
+        s_inv[g] = s > 0.f ? 1.f / s : 0.f;
+    }
+    __syncthreads();
+    const float* lg_row = logits + (long long)row_id * GROUP * C;
+    float* pr_row = probs + (long long)row_id * C;
+    const int end = min(n, begin + CHUNK);
+    for (int t = begin + threadIdx.x; t < end; t += THREADS) {
+        float p = 0.f;
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) p += expf(lg_row[(long long)g * C + t] - s_m[g]) * s_inv[g];
+        pr_row[t] = p * (1.0f / GROUP);
     }
 }

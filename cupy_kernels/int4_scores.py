@@ -9,6 +9,8 @@ import torch
 
 from ._cuda import KV_DTYPES, check, check_group, check_tensor, f32, i32, kernel, launch
 
+CHUNK = 512  # candidates per block
+
 
 def int4_candidate_scores(q: torch.Tensor, key_int4: torch.Tensor, key_scale_zero: torch.Tensor,
                           candidates: torch.Tensor, num_candidates: torch.Tensor, sm_scale: float,
@@ -52,8 +54,12 @@ def int4_candidate_scores(q: torch.Tensor, key_int4: torch.Tensor, key_scale_zer
           f"out buffers must be {(B, HK, G, C)} and {(B, HK, C)}")
     if B == 0 or C == 0:
         return logits, probs
-    fn = kernel("int4_scores.cu", "int4_candidate_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
-                NUM_KV_HEADS=HK, GROUP=G, GROUP_SIZE=D // ng)
-    launch(fn, (HK, B), (256,), (q, key_int4, key_scale_zero, candidates, num_candidates, logits, probs, i32(C),
-                                 f32(sm_scale)), dev)
+    defines = dict(KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D, NUM_KV_HEADS=HK, GROUP=G, GROUP_SIZE=D // ng, CHUNK=CHUNK)
+    chunks = -(-C // CHUNK)
+    partials = torch.empty((B, HK, chunks, G, 2), dtype=torch.float32, device=dev)
+    grid = (chunks, HK, B)
+    launch(kernel("int4_scores.cu", "int4_candidate_logits", dev, **defines), grid, (256,),
+           (q, key_int4, key_scale_zero, candidates, num_candidates, logits, partials, i32(C), f32(sm_scale)), dev)
+    launch(kernel("int4_scores.cu", "int4_candidate_probs", dev, **defines), grid, (256,),
+           (logits, partials, num_candidates, probs, i32(C)), dev)
     return logits, probs

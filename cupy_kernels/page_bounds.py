@@ -9,7 +9,6 @@ import torch
 
 from ._cuda import KV_DTYPES, as_int32, check, check_tensor, i32, kernel, launch
 
-WARPS_PER_BLOCK = 8
 
 
 def page_bounds_update(k_cache: torch.Tensor, written_slots: torch.Tensor, page_key_bounds: torch.Tensor,
@@ -41,7 +40,6 @@ def page_bounds_update(k_cache: torch.Tensor, written_slots: torch.Tensor, page_
         return
     fn = kernel("page_bounds.cu", "page_bounds_update", dev, KV_BF16=KV_DTYPES[k_cache.dtype], HEAD_DIM=D,
                 NUM_KV_HEADS=HK, PAGE_SIZE=page_size)
-    grid = ((n + WARPS_PER_BLOCK - 1) // WARPS_PER_BLOCK,)
-    launch(fn, grid, (32 * WARPS_PER_BLOCK,), (k_cache, as_int32(written_slots), page_key_bounds,
-                                                 i32(n)), dev)
+    threads = min(256, max(32, HK * D // 8))
+    launch(fn, (n,), (threads,), (k_cache, as_int32(written_slots), page_key_bounds, i32(n)), dev)
 

@@ -129,7 +129,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
 
 
 def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
-               n_local: int) -> tuple[torch.Tensor, torch.Tensor]:
+               n_local: int, select_all_upto: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top_k`` best pages per (request, KV head), always including sinks and the local window.
 
     Args:
@@ -138,21 +138,24 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         top_k: pages to keep, ``>= n_sink + n_local``.
         n_sink: the first ``n_sink`` pages are always kept.
         n_local: the last ``n_local`` pages (the current, possibly partial page included) are always kept.
+        select_all_upto: a request with ``n <= W = max(top_k, select_all_upto)`` pages keeps every page (the
+            dense fallback for requests shorter than the sparse minimum context).
 
     Returns:
-        selected_pages ``[B, HK, top_k]`` int32: logical page indices in ascending order, ``-1`` past the count;
-        num_selected ``[B, HK]`` int32: ``min(n, top_k)``.
-        If ``n <= top_k`` every page is selected. Among equal scores the lower page index wins.
+        selected_pages ``[B, HK, W]`` int32: logical page indices in ascending order, ``-1`` past the count;
+        num_selected ``[B, HK]`` int32: ``n`` if ``n <= W`` else ``top_k``.
+        Among equal scores the lower page index wins.
     """
     if top_k < n_sink + n_local:
         raise ValueError(f"top_k ({top_k}) must be >= n_sink + n_local ({n_sink} + {n_local})")
     B, HK, M = page_scores.shape
+    W = max(top_k, select_all_upto)
     npg = num_pages(seq_lens, page_size)
-    sel = torch.full((B, HK, top_k), -1, dtype=torch.int32, device=page_scores.device)
+    sel = torch.full((B, HK, W), -1, dtype=torch.int32, device=page_scores.device)
     cnt = torch.zeros((B, HK), dtype=torch.int32, device=page_scores.device)
     for b in range(B):
         n = int(npg[b])
-        if n <= top_k:
+        if n <= W:
             sel[b, :, :n] = torch.arange(n, dtype=torch.int32, device=sel.device)
             cnt[b] = n
             continue
@@ -160,7 +163,7 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         key[:, :n_sink] = float("inf")
         key[:, n - n_local:] = float("inf")
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :top_k]
-        sel[b] = order.sort(-1).values.to(torch.int32)
+        sel[b, :, :top_k] = order.sort(-1).values.to(torch.int32)
         cnt[b] = top_k
     return sel, cnt
 
@@ -197,6 +200,27 @@ def pages_to_kv_indices(selected_pages: torch.Tensor, num_selected: torch.Tensor
             out[b, h, : pos.numel()] = (row[pos] * HK + h).to(torch.int32)
             cnt[b, h] = pos.numel()
     return out, cnt
+
+
+def compact_kv_rows(rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack fixed-capacity rows into FlashInfer's CSR form.
+
+    Args:
+        rows: ``[R, cap]`` (or ``[B, HK, cap]``) int32; counts: ``[R]`` (or ``[B, HK]``) int32.
+
+    Returns:
+        indptr ``[R + 1]`` int32 with ``indptr[r] = sum(counts[:r])``, and flat ``[R * cap]`` int32 holding the
+        first ``counts[r]`` entries of row r at ``indptr[r] ...`` (``-1`` after ``indptr[R]``).
+    """
+    cap = rows.shape[-1]
+    rows = rows.reshape(-1, cap)
+    counts = counts.reshape(-1).long()
+    indptr = torch.zeros(rows.shape[0] + 1, dtype=torch.int32, device=rows.device)
+    indptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    flat = torch.full((rows.shape[0] * cap,), -1, dtype=torch.int32, device=rows.device)
+    for r in range(rows.shape[0]):
+        flat[int(indptr[r]): int(indptr[r + 1])] = rows[r, : int(counts[r])]
+    return indptr, flat
 
 
 # ----------------------------------------------------------------------------- 4. int4 keys
@@ -420,7 +444,8 @@ def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     counter-based RNG: draw i is residual token ``rng_uniform(rng_key(seeds[b], h), i, N_s)`` (residual
     tokens numbered in position order).
 
-    1. Base sample: ``n_base = min(max(2, ceil(base_rate * N_s)), capacity)`` draws. If ``N_s <= n_base`` every
+    1. Base sample: ``n_base = min(max(2, ceil(base_rate * N_s)), capacity)`` draws (``base_rate >= 1`` is a whole
+       number of draws instead of a fraction, as in the paper's implementation). If ``N_s <= n_base`` every
        residual token is taken (exact, weight 1).
     2. From the base sample, per query head: mean and sample variance of ``e``, and of the vector ``e * v``
        (its variance summed over channels); ``D^ = 1 + N_s * mean(e)``, ``N^ = o_det + N_s * mean(e v)``.
@@ -441,7 +466,8 @@ def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         seeds: ``[B]`` int64, one RNG seed per request row (vary it per step and layer).
         lse_det: ``[B, HQ]`` float32, base-2 LSE of the deterministic attention (scaled logits).
         o_det: ``[B, HQ, D]``, the deterministic attention output.
-        sm_scale: softmax scale. epsilon, delta: the (eps, delta) target. base_rate: in (0, 1].
+        sm_scale: softmax scale. epsilon, delta: the (eps, delta) target. base_rate: a fraction in (0, 1) or a
+            whole number of draws >= 1.
         capacity: columns of the sample output.
 
     Returns:
@@ -476,7 +502,8 @@ def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             n_s = pos_all.numel()
             if n_s == 0:
                 continue
-            n_base = min(max(2, math.ceil(base_rate * n_s)), capacity)
+            want = math.floor(base_rate) if base_rate >= 1 else math.ceil(base_rate * n_s)
+            n_base = min(max(2, want), capacity)
             if n_s <= n_base:
                 r = torch.arange(n_s, device=dev)
                 n_take, w, req = n_s, 1.0, n_s

@@ -6,6 +6,7 @@
 // page with key > T and the first needed pages with key == T, in ascending page order. Reads of the score
 // row hit L2 after the first pass; no sort, no dynamic shared memory, any page count.
 //
+// Requests with at most `width` pages (width = max(top_k, select_all_upto)) keep all their pages.
 // Defines: PAGE_SIZE.
 
 #define THREADS 512
@@ -38,9 +39,9 @@ __device__ __forceinline__ int block_exclusive_scan(bool flag, int* warp_totals,
 extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
     const float* __restrict__ page_scores,  // [B, HK, max_pages]
     const int* __restrict__ seq_lens,       // [B]
-    int* __restrict__ selected_pages,       // [B, HK, top_k]
+    int* __restrict__ selected_pages,       // [B, HK, width], width = max(top_k, select_all_upto)
     int* __restrict__ num_selected,         // [B, HK]
-    int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local)
+    int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local, int width)
 {
     __shared__ int hist[256];
     __shared__ int warp_totals[WARPS];
@@ -50,11 +51,11 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
     const int b = blockIdx.y, h = blockIdx.x;
     const int row_id = b * num_kv_heads + h;
     const float* scores = page_scores + (long long)row_id * max_pages;
-    int* out = selected_pages + (long long)row_id * top_k;
+    int* out = selected_pages + (long long)row_id * width;
     const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
     const int tid = threadIdx.x;
 
-    if (n <= top_k) {
+    if (n <= width) {   // short request: every page (dense fallback)
         for (int j = tid; j < n; j += THREADS) out[j] = j;
         if (tid == 0) num_selected[row_id] = n;
         return;

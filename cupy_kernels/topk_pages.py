@@ -11,7 +11,7 @@ from ._cuda import as_int32, check, check_tensor, i32, kernel, launch
 
 
 def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
-               n_local: int, out: tuple[torch.Tensor, torch.Tensor] | None = None
+               n_local: int, select_all_upto: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the ``top_k`` best pages of each (request, KV head).
 
@@ -19,11 +19,14 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         page_scores: ``[B, HK, max_pages]`` float32.
         seq_lens: ``[B]`` int32/int64 (request b has ``ceil(seq_len / P)`` pages).
         top_k: pages kept, ``>= n_sink + n_local``; n_sink / n_local: first / last pages always kept.
-        out: optional (selected ``[B, HK, top_k]`` int32, count ``[B, HK]`` int32) buffers.
+        select_all_upto: requests with at most ``max(top_k, select_all_upto)`` pages keep every page (the
+            dense fallback for short requests).
+        out: optional (selected ``[B, HK, W]`` int32, count ``[B, HK]`` int32) buffers,
+            ``W = max(top_k, select_all_upto)``.
 
     Returns:
-        selected_pages ``[B, HK, top_k]`` int32 in ascending page order (entries past the count are not
-        written), num_selected ``[B, HK]`` int32 = ``min(pages, top_k)``.
+        selected_pages ``[B, HK, W]`` int32 in ascending page order (entries past the count are not
+        written), num_selected ``[B, HK]`` int32.
     """
     check_tensor(page_scores, "page_scores", dtypes=[torch.float32], ndim=3)
     dev = page_scores.device
@@ -33,17 +36,18 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
     check(top_k >= 1, f"top_k must be >= 1, got {top_k}")
     check(n_sink >= 0 and n_local >= 0, f"n_sink and n_local must be >= 0, got {n_sink}, {n_local}")
     check(top_k >= n_sink + n_local, f"top_k ({top_k}) must be >= n_sink + n_local ({n_sink} + {n_local})")
+    W = max(top_k, select_all_upto)
     if out is None:
-        out = (torch.empty((B, HK, top_k), dtype=torch.int32, device=dev),
+        out = (torch.empty((B, HK, W), dtype=torch.int32, device=dev),
                torch.empty((B, HK), dtype=torch.int32, device=dev))
     sel, cnt = out
     check_tensor(sel, "selected_pages", dtypes=[torch.int32], ndim=3, device=dev)
     check_tensor(cnt, "num_selected", dtypes=[torch.int32], ndim=2, device=dev)
-    check(tuple(sel.shape) == (B, HK, top_k) and tuple(cnt.shape) == (B, HK),
-          f"out buffers must be {(B, HK, top_k)} and {(B, HK)}")
+    check(tuple(sel.shape) == (B, HK, W) and tuple(cnt.shape) == (B, HK),
+          f"out buffers must be {(B, HK, W)} and {(B, HK)}")
     if B == 0:
         return sel, cnt
     fn = kernel("topk_pages.cu", "topk_pages", dev, PAGE_SIZE=page_size)
     launch(fn, (HK, B), (512,), (page_scores, as_int32(seq_lens), sel, cnt, i32(HK), i32(M), i32(top_k),
-                                 i32(n_sink), i32(n_local)), dev)
+                                 i32(n_sink), i32(n_local), i32(W)), dev)
     return sel, cnt

@@ -4,12 +4,13 @@
 // Residual tokens are numbered in position order over the unselected pages. Residual number r lies on the
 // (r / P)-th unselected page; with the selected pages sorted, that page is j + #{i : sel[i] - i <= j}
 // (sel[i] - i is non-decreasing), found by binary search in shared memory.
-// Base sample: warp w takes draws w, w+WARPS, ...; lanes split the head dimension (EPL = D/32 channels),
+// Base sample: warp w takes draws UNROLL*w .. UNROLL*w+UNROLL-1, then strides by WARPS*UNROLL; lanes split the head dimension (EPL = D/32 channels),
 // logits of the G query heads come from warp sums. Means and variances are two-pass (means first, then
 // squared deviations), reduced across warps in a fixed order, so the sample size is deterministic.
 // Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP, PAGE_SIZE.
 
-#define THREADS 256
+#define THREADS 512
+#define UNROLL 4
 #define WARPS (THREADS / 32)
 #define EPL (HEAD_DIM / 32)
 #define LN2 0.69314718055994530942f
@@ -27,20 +28,39 @@ struct Residual {
     }
 };
 
-// One sampled token: the exp-scores e_g (g = 0..G-1, identical on all lanes) and this lane's v channels.
-__device__ __forceinline__ void score_token(const u16* k_row, const u16* v_row, const float (&qs)[GROUP][EPL],
-                                            const float (&lse_ln)[GROUP], int lane, float (&e)[GROUP],
-                                            float (&v)[EPL]) {
-    float k[EPL];
-#pragma unroll
-    for (int i = 0; i < EPL; ++i) { k[i] = kv_to_float(k_row[lane * EPL + i]); v[i] = kv_to_float(v_row[lane * EPL + i]); }
+// Exp-scores e_g (g = 0..G-1, identical on all lanes) of one sampled token whose K channels this lane holds.
+__device__ __forceinline__ void exp_scores(const float (&k)[EPL], const float (&qs)[GROUP][EPL],
+                                           const float (&lse_ln)[GROUP], float (&e)[GROUP]) {
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
         float d = 0.f;
 #pragma unroll
         for (int i = 0; i < EPL; ++i) d = fmaf(qs[g][i], k[i], d);
-        d = warp_sum(d);
-        e[g] = expf(d - lse_ln[g]);
+        e[g] = expf(warp_sum(d) - lse_ln[g]);
+    }
+}
+
+// Loads K and V channels of UNROLL base draws i0, i0+1, ... (all issued before any is used).
+struct Draws {
+    float k[UNROLL][EPL], v[UNROLL][EPL];
+    bool valid[UNROLL];
+};
+
+__device__ __forceinline__ void load_draws(Draws& dr, int i0, int n_base, u32 key, int n_s, const Residual& res,
+                                           const int* r2t, const u16* k_cache, const u16* v_cache, int h,
+                                           int lane) {
+    long long row[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        dr.valid[u] = i0 + u < n_base;
+        row[u] = dr.valid[u] ? (long long)r2t[res.position((int)rng_uniform(key, (u32)(i0 + u), (u32)n_s))] : 0;
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        if (!dr.valid[u]) continue;
+        const long long off = (row[u] * NUM_KV_HEADS + h) * HEAD_DIM + lane * EPL;
+#pragma unroll
+        for (int i = 0; i < EPL; ++i) { dr.k[u][i] = kv_to_float(k_cache[off + i]); dr.v[u][i] = kv_to_float(v_cache[off + i]); }
     }
 }
 
@@ -63,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
     int top_k, int r2t_stride, int capacity, float sm_scale, double base_rate, double z, double eps_part)
 {
     extern __shared__ int s_sel[];                          // [top_k]
-    __shared__ float s_vec[WARPS][GROUP][HEAD_DIM];         // per-warp partial vectors
+    __shared__ float s_vec[WARPS / 2][GROUP][HEAD_DIM];     // per-warp-pair partial vectors
     __shared__ float s_sc[WARPS][GROUP][2];                 // per-warp partial scalars
     __shared__ float s_mean_e[GROUP], s_mean_ev[GROUP][HEAD_DIM];
     __shared__ double s_need[GROUP];
@@ -88,7 +108,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
         if (tid == 0) { num_sampled[row_id] = 0; sample_weight[row_id] = 0.f; required_out[row_id] = 0; }
         return;
     }
-    const int n_base = (int)min((double)capacity, fmax(2.0, ceil(base_rate * (double)n_s)));
+    const double want_base = base_rate >= 1.0 ? floor(base_rate) : ceil(base_rate * (double)n_s);
+    const int n_base = (int)min((double)capacity, fmax(2.0, want_base));
     const u32 key = rng_key((u64)seeds[b], (u32)h);
     bool take_all = n_s <= n_base;
     int n_take = n_s, required = n_s;
@@ -107,30 +128,45 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
         float sum_e[GROUP], sum_ev[GROUP][EPL];
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) { sum_e[g] = 0.f; for (int i = 0; i < EPL; ++i) sum_ev[g][i] = 0.f; }
-        for (int i = warp; i < n_base; i += WARPS) {
-            const long long slot = r2t[res.position((int)rng_uniform(key, (u32)i, (u32)n_s))];
-            const long long row = slot * NUM_KV_HEADS + h;
-            float e[GROUP], v[EPL];
-            score_token(k_cache + row * HEAD_DIM, v_cache + row * HEAD_DIM, qs, lse_ln, lane, e, v);
+        for (int i0 = warp * UNROLL; i0 < n_base; i0 += WARPS * UNROLL) {
+            Draws dr;
+            load_draws(dr, i0, n_base, key, n_s, res, r2t, k_cache, v_cache, h, lane);
 #pragma unroll
-            for (int g = 0; g < GROUP; ++g) {
-                sum_e[g] += e[g];
+            for (int u = 0; u < UNROLL; ++u) {
+                if (!dr.valid[u]) continue;
+                float e[GROUP];
+                exp_scores(dr.k[u], qs, lse_ln, e);
 #pragma unroll
-                for (int c = 0; c < EPL; ++c) sum_ev[g][c] = fmaf(e[g], v[c], sum_ev[g][c]);
+                for (int g = 0; g < GROUP; ++g) {
+                    sum_e[g] += e[g];
+#pragma unroll
+                    for (int c = 0; c < EPL; ++c) sum_ev[g][c] = fmaf(e[g], dr.v[u][c], sum_ev[g][c]);
+                }
             }
         }
+        // Fixed-order reduction: the upper half of the warps stores, the lower half adds, then pairs are summed.
+        const int pair = warp % (WARPS / 2);
+        if (warp >= WARPS / 2) {
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
+            for (int g = 0; g < GROUP; ++g)
 #pragma unroll
-            for (int c = 0; c < EPL; ++c) s_vec[warp][g][lane * EPL + c] = sum_ev[g][c];
-            if (lane == 0) s_sc[warp][g][0] = sum_e[g];
+                for (int c = 0; c < EPL; ++c) s_vec[pair][g][lane * EPL + c] = sum_ev[g][c];
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) if (lane == 0) s_sc[warp][g][0] = sum_e[g];
+        __syncthreads();
+        if (warp < WARPS / 2) {
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g)
+#pragma unroll
+                for (int c = 0; c < EPL; ++c) s_vec[pair][g][lane * EPL + c] += sum_ev[g][c];
         }
         __syncthreads();
         const float inv_n = 1.f / (float)n_base;
         for (int t = tid; t < GROUP * HEAD_DIM; t += THREADS) {
             const int g = t / HEAD_DIM, d = t - g * HEAD_DIM;
             float s = 0.f;
-            for (int w = 0; w < WARPS; ++w) s += s_vec[w][g][d];
+            for (int w = 0; w < WARPS / 2; ++w) s += s_vec[w][g][d];
             s_mean_ev[g][d] = s * inv_n;
         }
         if (tid < GROUP) {
@@ -143,19 +179,23 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
         float dev_e[GROUP], dev_ev[GROUP];
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) { dev_e[g] = 0.f; dev_ev[g] = 0.f; }
-        for (int i = warp; i < n_base; i += WARPS) {
-            const long long slot = r2t[res.position((int)rng_uniform(key, (u32)i, (u32)n_s))];
-            const long long row = slot * NUM_KV_HEADS + h;
-            float e[GROUP], v[EPL];
-            score_token(k_cache + row * HEAD_DIM, v_cache + row * HEAD_DIM, qs, lse_ln, lane, e, v);
+        for (int i0 = warp * UNROLL; i0 < n_base; i0 += WARPS * UNROLL) {
+            Draws dr;
+            load_draws(dr, i0, n_base, key, n_s, res, r2t, k_cache, v_cache, h, lane);
 #pragma unroll
-            for (int g = 0; g < GROUP; ++g) {
-                const float de = e[g] - s_mean_e[g];
-                dev_e[g] = fmaf(de, de, dev_e[g]);
+            for (int u = 0; u < UNROLL; ++u) {
+                if (!dr.valid[u]) continue;
+                float e[GROUP];
+                exp_scores(dr.k[u], qs, lse_ln, e);
 #pragma unroll
-                for (int c = 0; c < EPL; ++c) {
-                    const float dv = fmaf(e[g], v[c], -s_mean_ev[g][lane * EPL + c]);
-                    dev_ev[g] = fmaf(dv, dv, dev_ev[g]);
+                for (int g = 0; g < GROUP; ++g) {
+                    const float de = e[g] - s_mean_e[g];
+                    dev_e[g] = fmaf(de, de, dev_e[g]);
+#pragma unroll
+                    for (int c = 0; c < EPL; ++c) {
+                        const float dv = fmaf(e[g], dr.v[u][c], -s_mean_ev[g][lane * EPL + c]);
+                        dev_ev[g] = fmaf(dv, dv, dev_ev[g]);
+                    }
                 }
             }
         }

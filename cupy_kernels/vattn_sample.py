@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, f32, f64, i32, kernel, launch)
+from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, f32, f64, i32, kernel, launch,
+                    set_max_dynamic_smem)
 from .reference import vattention_eps, vattention_z
 
 
 def check_vattention_params(epsilon: float, delta: float, base_rate: float) -> None:
     check(0 < epsilon < 1, f"vAttention epsilon must be in (0, 1), got {epsilon}")
     check(0 < delta < 1, f"vAttention delta must be in (0, 1), got {delta}")
-    check(0 < base_rate <= 1, f"vAttention base_rate must be in (0, 1], got {base_rate}")
+    check(0 < base_rate < 1 or (base_rate >= 1 and float(base_rate).is_integer()),
+          f"vAttention base_rate must be a fraction in (0, 1) or a whole number of draws >= 1, got {base_rate}")
 
 
 def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, selected_pages: torch.Tensor,
@@ -33,7 +35,8 @@ def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         seeds: ``[B]`` int64 RNG seed per row (change it per step and layer; it is read on the device, so a
             captured graph draws new samples when the buffer changes).
         lse_det: ``[B, HQ]`` float32 base-2 LSE of the deterministic attention; o_det: ``[B, HQ, D]`` (dtype of q).
-        epsilon, delta: output error target; base_rate: base sample fraction in (0, 1].
+        epsilon, delta: output error target; base_rate: base sample, a fraction of the residual in (0, 1) or a
+            whole number of draws (>= 1).
         capacity: sample columns.
         out: optional (kv ``[B, HK, capacity]`` int32, count int32, weight float32, required int32) buffers.
 
@@ -73,7 +76,8 @@ def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
         return kv, cnt, weight, required
     fn = kernel("vattn_sample.cu", "vattention_sample", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
                 NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size)
-    launch(fn, (HK, B), (256,),
+    set_max_dynamic_smem(fn, K * 4)
+    launch(fn, (HK, B), (512,),
            (q, k_cache, v_cache, selected_pages, num_selected, r2t, rpi, sl, seeds, lse_det, o_det,
             kv, cnt, weight, required, i32(K), i32(r2t.shape[1]), i32(capacity), f32(sm_scale), f64(base_rate),
             f64(vattention_z(delta)), f64(vattention_eps(epsilon))), dev, shared_mem=K * 4)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from cupy_kernels import reference as ref
-from gpu_pool import make_pool
+from sgl_sparse.synthetic import make_pool
 
 pytestmark = pytest.mark.gpu
 
@@ -148,6 +148,39 @@ def test_topk_ties_and_sizes(n_pages, top_k):
     assert torch.equal(cnt, rcnt)
     mask = torch.arange(top_k, device=DEV)[None, None] < rcnt[..., None]
     assert torch.equal(sel[mask], rsel[mask])
+
+
+@pytest.mark.parametrize("select_all_upto", [0, 100, 300])
+def test_topk_dense_fallback_for_short_requests(select_all_upto):
+    import cupy_kernels as ck
+    gen = _gen(19)
+    P, top_k = 16, 64
+    seq = torch.tensor([64 * P, 65 * P, 99 * P + 3, 100 * P, 100 * P + 1, 5000 * P], device=DEV)
+    scores = torch.randn((6, 2, 5000), generator=gen).to(DEV)
+    sel, cnt = ck.topk_pages(scores, seq, P, top_k, 1, 2, select_all_upto=select_all_upto)
+    rsel, rcnt = ref.topk_pages(scores, seq, P, top_k, 1, 2, select_all_upto=select_all_upto)
+    W = max(top_k, select_all_upto)
+    assert sel.shape[-1] == W
+    assert torch.equal(cnt, rcnt)
+    mask = torch.arange(W, device=DEV)[None, None] < rcnt[..., None]
+    assert torch.equal(sel[mask], rsel[mask])
+    n_pages = (seq + P - 1) // P
+    assert torch.equal(cnt[:, 0].long(), torch.where(n_pages <= W, n_pages, top_k))
+
+
+@pytest.mark.parametrize("R,cap", [(1, 1), (7, 33), (512, 4096), (4096, 64)])
+def test_compact_kv_rows(R, cap):
+    import cupy_kernels as ck
+    gen = _gen(20)
+    rows = torch.randint(0, 2**30, (R, cap), generator=gen, dtype=torch.int32).to(DEV)
+    counts = torch.randint(0, cap + 1, (R,), generator=gen, dtype=torch.int32).to(DEV)
+    counts[0] = 0
+    counts[-1] = cap
+    indptr, flat = ck.compact_kv_rows(rows, counts)
+    rindptr, rflat = ref.compact_kv_rows(rows, counts)
+    assert torch.equal(indptr, rindptr)
+    total = int(rindptr[-1])
+    assert torch.equal(flat[:total], rflat[:total])
 
 
 @pytest.mark.parametrize("case", CASES[:6] + LONG[:1], ids=_id)

@@ -1,0 +1,37 @@
+// Compact fixed-capacity rows into FlashInfer's CSR form (see reference.compact_kv_rows).
+//
+// Row r of `rows` holds counts[r] valid entries; FlashInfer wants them back to back with indptr. One block per
+// row: the block sums counts[0..r) (a fixed-order reduction, so no cross-block scan is needed), copies its
+// row to flat[offset ...] and writes indptr[r] (and indptr[R] for the last row). Rows are a few thousand at
+// most (batch x KV heads), so re-reading the counts per block costs less than a second launch.
+// No defines.
+
+#define THREADS 256
+
+extern "C" __global__ void __launch_bounds__(THREADS) compact_kv_rows(
+    const int* __restrict__ rows,     // [R, cap]
+    const int* __restrict__ counts,   // [R]
+    int* __restrict__ indptr,         // [R + 1]
+    int* __restrict__ flat,           // [>= sum(counts)]
+    int cap)
+{
+    __shared__ int red[THREADS / 32];
+    const int r = blockIdx.x;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int s = 0;
+    for (int i = tid; i < r; i += THREADS) s += counts[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    int offset = 0;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) offset += red[w];
+    const int n = counts[r];
+    const int* src = rows + (long long)r * cap;
+    for (int j = tid; j < n; j += THREADS) flat[offset + j] = src[j];
+    if (tid == 0) {
+        indptr[r] = offset;
+        if (r == gridDim.x - 1) indptr[r + 1] = offset + n;
+    }
+}

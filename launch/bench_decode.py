@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Benchmark the sparse decode step against dense FlashInfer (one layer, Llama-3.1-8B attention shape).
+
+Times the *whole* per-layer decode step of each method — metadata update of the new token, Quest page scores,
+top-k, Twilight's int4 scores and top-p, vAttention's sampling and second attention, index compaction and
+FlashInfer's attention — eagerly and as a CUDA-graph replay, with dense FlashInfer (GQA, page size 1, as SGLang
+runs it) measured in the same process. Reports speedup over dense, the bytes the step must move, the fraction
+of the measured HBM peak reached, and each method's relative L2 error vs exact attention on the same data
+(synthetic heavy-tailed attention: a Pareto logit boost along the query, values with a shared mean).
+
+    python launch/bench_decode.py                      # 8K/32K/128K x batch 1/8/32 (+16 at 128K) x budget 1024/2048/4096
+    python launch/bench_decode.py --quick              # a small smoke run
+
+Writes a table to stdout, JSON (``--out``) and a PNG plot (speedup vs context per method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sgl_sparse.config import SparseConfig  # noqa: E402
+from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
+from sgl_sparse.fidelity import dense_attention, relative_l2  # noqa: E402
+from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
+from sgl_sparse.synthetic import make_pool, shape_attention  # noqa: E402
+
+HQ, HK, D, P = 32, 8, 128, 16
+DTYPE = torch.bfloat16
+METHODS = ("quest", "twilight", "vattention")
+
+
+def measure_peak_gbps(nbytes: int = 2 << 30) -> float:
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(8):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    return 2 * nbytes / sorted(times)[len(times) // 2] / 1e9
+
+
+def time_fn(fn, reps: int) -> float:
+    """Median µs of ``fn`` (events around each call, after warm-up)."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(True), torch.cuda.Event(True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        out.append(a.elapsed_time(b) * 1e3)
+    return sorted(out)[len(out) // 2]
+
+
+def graphed(fn):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor, op: SparseDecodeOperator,
+                 cfg: SparseConfig) -> float:
+    """Fewest bytes the step must move: what it reads once, at the sizes it selected."""
+    kv_tok = HK * D * 2 * 2 / HK                         # K+V bytes per token per KV head
+    if method == "dense":
+        return B * L * HK * kv_tok
+    meta = B * HK * math.ceil(L / P) * 2 * D * 2          # page bounds
+    attended = float(counts.sum())                        # (request, head, token) triples attended
+    total = meta + attended * kv_tok
+    if method == "twilight":
+        total += B * HK * budget * (D // 2 + 8)           # int4 codes + (scale, zero) of the candidates
+    if method == "vattention":
+        base = cfg.base_rate if cfg.base_rate >= 1 else math.ceil(cfg.base_rate * L)
+        total += B * HK * 2 * min(base, L) * kv_tok       # base sample, read twice (two-pass variance)
+    return total
+
+
+def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, rows: list, progress):
+    gen = torch.Generator().manual_seed(B * 1000003 + L)
+    pool = make_pool([L] * B, HK, D, P, DTYPE, "cuda", gen, spare_pages=B + 8, max_ctx=L + 2 * P)
+    # Start each request at L-1 tokens and decode one: the new token's slot is written every step.
+    q = torch.randn((B, HQ, D), generator=gen).to(DTYPE).to("cuda")
+    q = shape_attention(pool, q, "heavy_tailed", gen)
+    new_slots = torch.stack([pool.req_to_token[int(r), int(n) - 1] for r, n in
+                             zip(pool.req_pool_indices, pool.seq_lens)]).long()
+    sm = 1 / math.sqrt(D)
+    dense_ref = dense_attention(q, pool.k_cache, pool.v_cache, _batch(pool), sm) if B * L <= (1 << 20) else None
+
+    dense_cfg = SparseConfig(method="dense", page_size=P)
+    op = SparseDecodeOperator(dense_cfg, num_qo_heads=HQ, num_kv_heads=HK, head_dim=D, num_layers=1,
+                              max_batch=B, max_context=L, dtype=DTYPE)
+    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+    meta0 = SparseKVMetadata(dense_cfg, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK,
+                             head_dim=D, dtype=DTYPE, device="cuda")
+    out = {}
+    step = lambda: out.__setitem__("o", op.run(0, q, pool.k_cache, pool.v_cache, meta0))  # noqa: E731
+    t_dense = time_fn(step, reps)
+    t_dense_g = time_fn(graphed(step), reps) if graphs else float("nan")
+    if dense_ref is None:
+        dense_ref = out["o"].clone()      # FlashInfer dense as the reference on the biggest cases
+    dense_best = t_dense_g if graphs else t_dense
+    dbytes = needed_bytes("dense", B, L, 0, None, op, dense_cfg)
+    rows.append(dict(method="dense", batch=B, context=L, budget=L, us_eager=t_dense, us_graph=t_dense_g,
+                     speedup=1.0, attended_fraction=1.0, rel_l2=float(relative_l2(out["o"], dense_ref).mean()),
+                     gbps=dbytes / dense_best / 1e3, peak_fraction=dbytes / dense_best / 1e3 / peak))
+    progress(rows[-1])
+    del op
+
+    for budget in budgets:
+        if budget >= L:
+            continue
+        for method in METHODS:
+            cfg = SparseConfig.load(method).replace(token_budget=budget, dense_layers=0, min_context=0)
+            meta = SparseKVMetadata(cfg, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK,
+                                    head_dim=D, dtype=DTYPE, device="cuda")
+            meta.update(0, pool.k_cache, pool.written_slots)
+            op = SparseDecodeOperator(cfg, num_qo_heads=HQ, num_kv_heads=HK, head_dim=D, num_layers=1,
+                                      max_batch=B, max_context=L, dtype=DTYPE)
+            op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+
+            def step():
+                meta.update(0, pool.k_cache, new_slots)
+                out["o"] = op.run(0, q, pool.k_cache, pool.v_cache, meta)
+
+            t_eager = time_fn(step, reps)
+            t_graph = time_fn(graphed(step), reps) if graphs else float("nan")
+            counts = op.last_counts.clone()
+            best = t_graph if graphs else t_eager
+            nbytes = needed_bytes(method, B, L, budget, counts, op, cfg)
+            rows.append(dict(method=method, batch=B, context=L, budget=budget, us_eager=t_eager, us_graph=t_graph,
+                             speedup=dense_best / best,
+                             attended_fraction=float(counts.float().sum() / (B * HK * L)),
+                             rel_l2=float(relative_l2(out["o"], dense_ref).mean()),
+                             gbps=nbytes / best / 1e3, peak_fraction=nbytes / best / 1e3 / peak))
+            progress(rows[-1])
+            del op, meta
+            torch.cuda.empty_cache()
+    del pool
+    torch.cuda.empty_cache()
+
+
+def _batch(pool):
+    from sgl_sparse.policies import DecodeBatch
+    return DecodeBatch(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.max_pages())
+
+
+def fits(B: int, L: int) -> bool:
+    need = B * L * HK * D * 2 * 2 * 1.6 + (2 << 30)       # K/V + metadata, temporaries and workspace
+    return need < torch.cuda.get_device_properties(0).total_memory * 0.85
+
+
+def plot(rows, path: str, gpu: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["budget"] for r in rows if r["method"] != "dense"})
+    batches = sorted({r["batch"] for r in rows})
+    fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for method, marker in zip(METHODS, "osd"):
+            for B, ls in zip(batches, ["-", "--", ":", "-."]):
+                pts = sorted((r["context"], r["speedup"]) for r in rows
+                             if r["method"] == method and r["budget"] == budget and r["batch"] == B)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls,
+                            label=f"{method} B={B}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"budget {budget} tokens")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("speedup over dense FlashInfer (CUDA graphs)")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"sparse decode step vs dense, Llama-3.1-8B attention, bf16 — {gpu}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def save(path, gpu, peak, rows, skipped) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(dict(gpu=gpu, peak_gbps=peak, torch=torch.__version__, shape=dict(HQ=HQ, HK=HK, D=D, page=P),
+                       rows=rows, skipped=skipped), f, indent=1)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192, 32768, 131072])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="one small case per method")
+    ap.add_argument("--out", default="out/bench_decode.json")
+    ap.add_argument("--png", default=None, help="plot path (default: next to --out)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_decode needs a CUDA GPU (and flashinfer); none found", file=sys.stderr)
+        return 2
+    if args.quick:
+        args.contexts, args.batches, args.budgets, args.reps = [8192], [2], [1024], 5
+    gpu = torch.cuda.get_device_name(0)
+    peak = measure_peak_gbps()
+    print(f"# {gpu}: measured copy peak {peak:.0f} GB/s", file=sys.stderr)
+    rows: list = []
+    cases = [(B, L) for L in args.contexts for B in args.batches]
+    if 131072 in args.contexts and 16 not in args.batches and not args.quick:
+        cases.append((16, 131072))          # the 128K target case
+    cases.sort(key=lambda c: (c[1], c[0]))
+    t0 = time.time()
+
+    def progress(r):
+        done = len({(x["batch"], x["context"]) for x in rows})
+        print(f"[{done}/{len(cases)} {time.time() - t0:6.0f}s] {r['method']:10s} B={r['batch']:<3d} "
+              f"L={r['context']:<7d} budget={r['budget']:<6d} {r['us_graph']:9.1f} us  x{r['speedup']:.2f}  "
+              f"err {r['rel_l2']:.4f}", file=sys.stderr, flush=True)
+
+    skipped = []
+    for B, L in cases:
+        if not fits(B, L):
+            skipped.append((B, L))
+            print(f"skip B={B} L={L}: does not fit in GPU memory", file=sys.stderr)
+            continue
+        bench_case(B, L, args.budgets, args.reps, peak, not args.no_graph, rows, progress)
+        save(args.out, gpu, peak, rows, skipped)      # after every case, so a cut-off run keeps its rows
+
+    hdr = (f"{'method':10s} {'batch':>5s} {'context':>7s} {'budget':>6s} {'eager us':>9s} {'graph us':>9s} "
+           f"{'speedup':>7s} {'attended':>8s} {'rel L2':>7s} {'GB/s':>6s} {'%peak':>5s}")
+    print(f"\nSparse decode step vs dense FlashInfer — {gpu}, copy peak {peak:.0f} GB/s\n{hdr}")
+    for r in rows:
+        print(f"{r['method']:10s} {r['batch']:5d} {r['context']:7d} {r['budget']:6d} {r['us_eager']:9.1f} "
+              f"{r['us_graph']:9.1f} {r['speedup']:7.2f} {r['attended_fraction']:8.4f} {r['rel_l2']:7.4f} "
+              f"{r['gbps']:6.0f} {100 * r['peak_fraction']:5.1f}")
+    for B, L in skipped:
+        print(f"(batch {B} x {L}: skipped, does not fit in GPU memory)")
+    save(args.out, gpu, peak, rows, skipped)
+    png = args.png or os.path.splitext(args.out)[0] + ".png"
+    try:
+        plot(rows, png, gpu)
+        print(f"wrote {args.out} and {png}", file=sys.stderr)
+    except ImportError:
+        print(f"wrote {args.out} (matplotlib missing: no plot)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

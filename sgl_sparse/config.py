@@ -1,0 +1,161 @@
+"""Sparse attention configuration: one validated dataclass, presets in ``configs/``, YAML files.
+
+A config says which method runs and with which budget; everything else (policies, kernels, FlashInfer) derives
+from it. Invalid values raise :class:`SparseConfigError` naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any
+
+METHODS = ("dense", "quest", "twilight", "vattention")
+CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+class SparseConfigError(ValueError):
+    """A sparse config value is invalid; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseConfig:
+    """How decode attention is sparsified.
+
+    Attributes:
+        method: ``dense`` (stock FlashInfer), ``quest``, ``twilight`` or ``vattention``.
+        page_size: tokens per KV page (SGLang's ``--page-size``); Quest metadata is kept per page.
+        token_budget: tokens attended per (request, KV head): Quest's top-k pages x page size; vAttention's
+            deterministic set (sinks + local + top-k); Twilight's *candidate* budget before top-p pruning.
+        sink_tokens: leading tokens always attended (rounded up to whole pages).
+        local_tokens: trailing tokens always attended, the current page included (rounded up to pages, >= 1 page).
+        dense_layers: the first ``dense_layers`` layers run dense attention.
+        min_context: requests with fewer tokens (at page granularity: at most ceil((min_context-1)/page_size)
+            pages), or that fit in the budget, are attended densely.
+        top_p: Twilight's kept attention mass, in (0, 1].
+        int4_group: channels per int4 quantization group for Twilight's key copy (32, 64, 128; 0 = head_dim).
+        epsilon, delta: vAttention's target: relative output error above epsilon with probability <= delta.
+        base_rate: vAttention's base sample: a fraction of the residual tokens in (0, 1), or a whole number of
+            draws (>= 1) — a fixed count keeps the cost flat at 128K contexts.
+        sample_capacity: most residual tokens vAttention samples per (request, KV head).
+        seed: vAttention's RNG seed (samples differ per step, layer and request, reproducibly).
+    """
+
+    method: str = "quest"
+    page_size: int = 16
+    token_budget: int = 2048
+    sink_tokens: int = 16
+    local_tokens: int = 64
+    dense_layers: int = 2
+    min_context: int = 4096
+    top_p: float = 0.95
+    int4_group: int = 0
+    epsilon: float = 0.05
+    delta: float = 0.05
+    base_rate: float = 0.02
+    sample_capacity: int = 4096
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, msg: str) -> SparseConfigError:
+            return SparseConfigError(f"sparse config: {field}={getattr(self, field)!r} is invalid: {msg}")
+
+        if self.method not in METHODS:
+            raise bad("method", f"choose one of {', '.join(METHODS)}")
+        for f in ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
+                  "int4_group", "sample_capacity", "seed"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise bad(f, "must be an integer")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise bad("page_size", "must be a power of two >= 1 (and equal to SGLang's --page-size)")
+        if self.token_budget < self.page_size or self.token_budget % self.page_size:
+            raise bad("token_budget", f"must be a positive multiple of page_size ({self.page_size})")
+        for f in ("sink_tokens", "local_tokens", "dense_layers", "min_context"):
+            if getattr(self, f) < 0:
+                raise bad(f, "must be >= 0")
+        if self.sink_pages + self.local_pages > self.top_k_pages:
+            raise bad("token_budget", f"must hold the sink and local pages: {self.sink_pages} + {self.local_pages} "
+                                      f"pages > {self.top_k_pages} budget pages; raise token_budget or lower "
+                                      "sink_tokens/local_tokens")
+        for f in ("top_p", "epsilon", "delta", "base_rate"):
+            v = getattr(self, f)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise bad(f, "must be a number")
+        if not 0 < self.top_p <= 1:
+            raise bad("top_p", "must be in (0, 1]")
+        if self.int4_group not in (0, 32, 64, 128):
+            raise bad("int4_group", "must be 0 (= head_dim), 32, 64 or 128")
+        if not 0 < self.epsilon < 1:
+            raise bad("epsilon", "must be in (0, 1)")
+        if not 0 < self.delta < 1:
+            raise bad("delta", "must be in (0, 1)")
+        if not (0 < self.base_rate < 1 or (self.base_rate >= 1 and float(self.base_rate).is_integer())):
+            raise bad("base_rate", "must be a fraction in (0, 1) or a whole number of draws >= 1")
+        if self.sample_capacity < 2:
+            raise bad("sample_capacity", "must be >= 2")
+
+    # ------------------------------------------------------------------ derived sizes (pages)
+
+    @property
+    def top_k_pages(self) -> int:
+        return self.token_budget // self.page_size
+
+    @property
+    def sink_pages(self) -> int:
+        return -(-self.sink_tokens // self.page_size)
+
+    @property
+    def local_pages(self) -> int:
+        return max(1, -(-self.local_tokens // self.page_size))
+
+    @property
+    def dense_pages(self) -> int:
+        """Requests with at most this many pages are attended densely (budget or min_context)."""
+        below = -(-(self.min_context - 1) // self.page_size) if self.min_context > 1 else 0
+        return max(self.top_k_pages, below)
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.method != "dense"
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SparseConfig":
+        if not isinstance(data, dict):
+            raise SparseConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise SparseConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known fields: "
+                                    f"{', '.join(sorted(names))}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, name_or_path: str) -> "SparseConfig":
+        """A preset name from ``configs/`` (``quest``, ``twilight``, ``vattention``, ``dense``) or a YAML path."""
+        import yaml
+
+        path = pathlib.Path(name_or_path)
+        if not path.suffix and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
+            path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise SparseConfigError(f"sparse config {name_or_path!r}: no such file, and not a preset (presets: "
+                                    f"{', '.join(presets())})")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise SparseConfigError(f"sparse config {path}: not valid YAML: {e}") from e
+        return cls.from_dict(data or {}, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "SparseConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))

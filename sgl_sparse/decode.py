@@ -1,0 +1,312 @@
+"""The sparse decode operator: one call per layer per decode step, on SGLang's tensors.
+
+``SparseDecodeOperator`` follows FlashInfer's shape for stateful GPU objects::
+
+    op = SparseDecodeOperator(SparseConfig.load("quest"), num_qo_heads=32, num_kv_heads=8, head_dim=128,
+                              num_layers=32, max_batch=32, max_context=131072, dtype=torch.bfloat16)
+    meta = SparseKVMetadata(op.config, num_layers=32, num_slots=k_cache.shape[0], num_kv_heads=8,
+                            head_dim=128, dtype=torch.bfloat16, device="cuda")
+    meta.update(layer, k_cache, out_cache_loc)           # after each KV write (prefill and decode)
+    op.plan(req_to_token, req_pool_indices, seq_lens, seq_lens_cpu)   # host, once per step, outside graphs
+    o = op.run(layer, q, k_cache, v_cache, meta)          # per layer; capturable in a CUDA graph
+
+Shapes: ``q`` ``[B, HQ, D]``; ``k_cache``/``v_cache`` ``[num_slots, HK, D]`` (SGLang's per-layer MHA pool);
+``req_to_token`` ``[max_reqs, max_ctx]`` int32; ``req_pool_indices``/``seq_lens`` ``[B]`` (``seq_lens`` counts
+the token being decoded, whose K/V are already in the pool); output ``[B, HQ, D]`` in q's dtype.
+
+Attention runs on stock FlashInfer ``BatchDecodeWithPagedKVCacheWrapper``:
+- dense layers (and ``method: dense``): the usual GQA plan over ``req_to_token``, page size 1, planned each
+  step from the host sequence lengths;
+- sparse layers: per-KV-head selection through the view "entries = request x KV head, one KV head each, G query
+  heads each" (caches viewed ``[slots*HK, 1, 1, D]``, kv index ``slot*HK + h``). These wrappers are planned once
+  per batch size with every entry at its capacity; inside a step the selected lengths are written into the
+  wrapper's indptr buffer and the packed indices into its indices buffer (``compact_kv_rows``), so top-p and
+  sampling lengths can vary under a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+import cupy_kernels as ck
+
+from . import policies
+from .config import SparseConfig
+from .metadata import SparseKVMetadata
+from .policies import DecodeBatch, LayerTables
+
+WORKSPACE_BYTES = 256 * 1024 * 1024
+
+
+def _flashinfer():
+    try:
+        import flashinfer
+    except ImportError as e:  # pragma: no cover - depends on the host
+        raise ImportError("the sparse decode operator needs flashinfer-python (pip install 'sgl-sparse[serve]')") from e
+    return flashinfer
+
+
+class _PerHeadDecode:
+    """FlashInfer decode over per-(request, KV head) token lists, planned once at capacity."""
+
+    def __init__(self, workspace, batch_size, num_kv_heads, group, head_dim, capacity, dtype, sm_scale, device):
+        fi = _flashinfer()
+        R = batch_size * num_kv_heads
+        self.rows = R
+        self.group = group
+        self.head_dim = head_dim
+        self.indptr = torch.arange(R + 1, dtype=torch.int32, device=device) * capacity
+        self.indices = torch.zeros(R * capacity, dtype=torch.int32, device=device)
+        last = torch.ones(R, dtype=torch.int32, device=device)
+        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
+            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=last)
+        self.wrapper.plan(self.indptr.clone(), self.indices, last, group, 1, head_dim, 1, q_data_type=dtype,
+                          kv_data_type=dtype, sm_scale=sm_scale)
+
+    def run(self, q, k_cache, v_cache, rows, counts, return_lse):
+        ck.compact_kv_rows(rows, counts, out=(self.indptr, self.indices))
+        D = self.head_dim
+        kv = (k_cache.view(-1, 1, 1, D), v_cache.view(-1, 1, 1, D))
+        return self.wrapper.run(q.reshape(self.rows, self.group, D), kv, return_lse=return_lse)
+
+
+class _DenseDecode:
+    """FlashInfer GQA decode over every token of every request (page size 1), planned each step."""
+
+    def __init__(self, workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, max_tokens, dtype, sm_scale,
+                 device):
+        fi = _flashinfer()
+        self.shape = (num_qo_heads, num_kv_heads, head_dim)
+        self.dtype, self.sm_scale = dtype, sm_scale
+        self.indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
+        self.indices = torch.zeros(max_tokens, dtype=torch.int32, device=device)
+        self.last = torch.ones(batch_size, dtype=torch.int32, device=device)
+        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
+            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
+
+    def plan(self, batch: DecodeBatch, seq_lens_cpu: torch.Tensor) -> None:
+        lens = seq_lens_cpu.to(torch.int64)
+        indptr_host = torch.zeros(lens.numel() + 1, dtype=torch.int32)
+        indptr_host[1:] = torch.cumsum(lens, 0).to(torch.int32)
+        total = int(indptr_host[-1])
+        if total > self.indices.numel():
+            raise ValueError(f"batch holds {total} tokens, more than the operator's max_batch x max_context "
+                             f"({self.indices.numel()}); raise max_context")
+        dev = self.indices.device
+        rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), batch.seq_lens.long(),
+                                       output_size=total)
+        starts = indptr_host.to(dev, non_blocking=True).long()
+        pos = torch.arange(total, device=dev) - starts[rows]
+        self.indices[:total] = batch.req_to_token[batch.req_pool_indices.long()[rows], pos]
+        HQ, HK, D = self.shape
+        self.wrapper.plan(indptr_host, self.indices[:total], self.last, HQ, HK, D, 1, q_data_type=self.dtype,
+                          kv_data_type=self.dtype, sm_scale=self.sm_scale)
+
+    def run(self, q, k_cache, v_cache):
+        D = self.shape[2]
+        return self.wrapper.run(q, (k_cache.view(-1, 1, *k_cache.shape[1:]), v_cache.view(-1, 1, *v_cache.shape[1:])))
+
+
+class SparseDecodeOperator:
+    """Sparse (or dense) decode attention for every layer of a model; see the module docstring.
+
+    Args:
+        config: the method and its parameters.
+        num_qo_heads, num_kv_heads, head_dim: attention shape (``num_qo_heads / num_kv_heads`` <= 8 query heads per
+            KV head for the sparse methods).
+        num_layers: layers of the model (the first ``config.dense_layers`` run dense).
+        max_batch: largest batch size planned.
+        max_context: longest request (tokens), which sizes the dense index buffer and the score rows.
+        dtype: q/K/V dtype (fp16 or bf16).
+        sm_scale: softmax scale (default ``1/sqrt(head_dim)``).
+        collect_stats: keep per-request attended token counts (for the attended-fraction statistics).
+    """
+
+    def __init__(self, config: SparseConfig, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                 num_layers: int, max_batch: int, max_context: int, dtype: torch.dtype = torch.bfloat16,
+                 device: torch.device | str = "cuda", sm_scale: float | None = None, collect_stats: bool = True):
+        if num_qo_heads % num_kv_heads:
+            raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.config = config
+        self.num_qo_heads, self.num_kv_heads, self.head_dim = num_qo_heads, num_kv_heads, head_dim
+        self.group = num_qo_heads // num_kv_heads
+        if config.is_sparse:
+            ck._cuda.check_group(num_qo_heads, num_kv_heads)
+        self.num_layers = num_layers
+        self.max_batch, self.max_context = max_batch, max_context
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.max_pages = -(-max_context // config.page_size)
+        self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+        self.collect_stats = collect_stats
+        self._per_batch: dict[int, dict] = {}
+        self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self.batch: DecodeBatch | None = None
+        self.attended = torch.zeros(max_batch, dtype=torch.float32, device=self.device)
+        self.sparse_calls = torch.zeros((), dtype=torch.float32, device=self.device)
+
+    # ------------------------------------------------------------------ host side, once per step
+
+    def _buffers(self, B: int) -> dict:
+        bufs = self._per_batch.get(B)
+        if bufs is None:
+            cfg = self.config
+            args = (self.workspace, B)
+            bufs = {"dense": _DenseDecode(*args, self.num_qo_heads, self.num_kv_heads, self.head_dim,
+                                          B * self.max_context, self.dtype, self.sm_scale, self.device)}
+            if cfg.is_sparse:
+                main_cap = cfg.dense_pages * cfg.page_size
+                bufs["main"] = _PerHeadDecode(*args, self.num_kv_heads, self.group, self.head_dim, main_cap,
+                                              self.dtype, self.sm_scale, self.device)
+                if cfg.method == "vattention":
+                    bufs["sample"] = _PerHeadDecode(*args, self.num_kv_heads, self.group, self.head_dim,
+                                                    cfg.sample_capacity, self.dtype, self.sm_scale, self.device)
+            self._per_batch[B] = bufs
+        return bufs
+
+    def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
+             seq_lens_cpu: torch.Tensor) -> None:
+        """Prepare a decode step (host work, outside any CUDA graph).
+
+        ``seq_lens_cpu`` is the host copy of ``seq_lens`` (SGLang keeps one); the device tensors must stay the same
+        objects for a captured graph (update them in place between replays).
+        """
+        B = seq_lens.shape[0]
+        if B > self.max_batch:
+            raise ValueError(f"batch of {B} exceeds max_batch={self.max_batch}")
+        if int(seq_lens_cpu.max()) > self.max_context:
+            raise ValueError(f"a request has {int(seq_lens_cpu.max())} tokens, more than max_context="
+                             f"{self.max_context}")
+        self.batch = DecodeBatch(req_to_token, req_pool_indices, seq_lens, self.max_pages)
+        bufs = self._buffers(B)
+        if self.config.dense_layers > 0 or not self.config.is_sparse:
+            bufs["dense"].plan(self.batch, seq_lens_cpu)
+        self.step.add_(1)
+        if self.collect_stats:
+            self.attended.zero_()
+            self.sparse_calls.zero_()
+
+    # ------------------------------------------------------------------ per layer, graph-capturable
+
+    def run(self, layer: int, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            metadata: SparseKVMetadata) -> torch.Tensor:
+        """Attention output ``[B, HQ, D]`` of ``layer`` for the planned batch."""
+        batch = self.batch
+        if batch is None:
+            raise RuntimeError("call plan() before run()")
+        bufs = self._per_batch[batch.batch_size]
+        cfg = self.config
+        if not cfg.is_sparse or layer < cfg.dense_layers:
+            return bufs["dense"].run(q, k_cache, v_cache)
+
+        def attend(q_, rows, counts, *, which, return_lse):
+            return bufs[which].run(q_, k_cache, v_cache, rows, counts, return_lse)
+
+        tables = LayerTables(metadata.page_key_bounds[layer],
+                             metadata.key_int4[layer] if metadata.key_int4 else None,
+                             metadata.key_scale_zero[layer] if metadata.key_scale_zero else None)
+        if cfg.method == "quest":
+            out, counts = policies.quest(ck, cfg, q, tables, batch, attend)
+        elif cfg.method == "twilight":
+            out, counts = policies.twilight(ck, cfg, q, tables, batch, attend, self.sm_scale)
+        else:
+            seeds = policies.vattention_seeds(cfg.seed, self.step, layer, batch.batch_size)
+            out, counts = policies.vattention(ck, cfg, q, k_cache, v_cache, tables, batch, attend, self.sm_scale,
+                                              seeds, _merge_flashinfer)
+        self.last_counts = counts
+        if self.collect_stats:
+            self.attended[: batch.batch_size] += counts.sum(1).float()
+            self.sparse_calls += 1
+        return out.view(q.shape)
+
+    def attended_fraction(self) -> torch.Tensor:
+        """``[B]`` mean fraction of each request's tokens attended per KV head over the sparse layers of the
+        last step (device tensor; read it after the step)."""
+        batch = self.batch
+        calls = self.sparse_calls.clamp_min(1)
+        return self.attended[: batch.batch_size] / (calls * self.num_kv_heads * batch.seq_lens.float())
+
+
+def _merge_flashinfer(o_a, lse_a, o_b, lse_b):
+    fi = _flashinfer()
+    out, _ = fi.merge_state(o_a, lse_a, o_b, lse_b)
+    return out
+
+
+# ---------------------------------------------------------------------------- the torch reference
+
+
+def merge_states_reference(o_a, lse_a, o_b, lse_b):
+    """Merge two partial attentions by their base-2 LSE (float32 math), like ``flashinfer.merge_state``."""
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa = torch.exp2(lse_a - m)
+    wb = torch.exp2(lse_b - m)
+    out = (o_a.float() * wa[..., None] + o_b.float() * wb[..., None]) / (wa + wb)[..., None]
+    return out.to(o_a.dtype)
+
+
+def attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, return_lse):
+    """Dense attention of each (request, KV head) over its kv-index row (float32 math; the spec of ``attend``).
+
+    Returns ``o`` ``[B, HQ, D]`` (q's dtype) and, if asked, the base-2 LSE ``[B, HQ]`` (``-inf`` for empty rows).
+    """
+    B, HQ, D = q.shape
+    HK = k_cache.shape[1]
+    G = HQ // HK
+    kf = k_cache.reshape(-1, D)
+    vf = v_cache.reshape(-1, D)
+    o = torch.zeros((B, HQ, D), dtype=torch.float32, device=q.device)
+    lse = torch.full((B, HQ), -math.inf, dtype=torch.float32, device=q.device)
+    for b in range(B):
+        for h in range(HK):
+            n = int(counts[b, h])
+            if n == 0:
+                continue
+            idx = rows[b, h, :n].long()
+            lg = sm_scale * (q[b, h * G:(h + 1) * G].float() @ kf[idx].float().T)
+            o[b, h * G:(h + 1) * G] = torch.softmax(lg, -1) @ vf[idx].float()
+            lse[b, h * G:(h + 1) * G] = torch.logsumexp(lg, -1) / math.log(2)
+    o = o.to(q.dtype)
+    return (o, lse) if return_lse else o
+
+
+def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, batch: DecodeBatch, metadata: SparseKVMetadata,
+                     sm_scale: float | None = None, seeds: torch.Tensor | None = None):
+    """The torch reference of :meth:`SparseDecodeOperator.run`: same policies, reference kernels, dense math.
+
+    Runs on CPU or GPU tensors. ``seeds`` (vAttention) defaults to the operator's derivation for step 1.
+    Returns ``(o [B, HQ, D], attended token counts [B, HK])``.
+    """
+    ref = ck.reference
+    B, HQ, D = q.shape
+    HK = k_cache.shape[1]
+    sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
+    if not config.is_sparse or layer < config.dense_layers:
+        lens = batch.seq_lens.long()
+        C = int(lens.max())
+        slots = batch.req_to_token[batch.req_pool_indices.long()][:, :C].long()
+        rows = (slots[:, None, :] * HK + torch.arange(HK, device=q.device)[None, :, None]).to(torch.int32)
+        counts = lens[:, None].expand(B, HK).to(torch.int32)
+        return attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, False), counts
+
+    def attend(q_, rows, counts, *, which, return_lse):
+        return attend_rows_reference(q_, k_cache, v_cache, rows, counts, sm_scale, return_lse)
+
+    tables = LayerTables(metadata.page_key_bounds[layer],
+                         metadata.key_int4[layer] if metadata.key_int4 else None,
+                         metadata.key_scale_zero[layer] if metadata.key_scale_zero else None)
+    if config.method == "quest":
+        return policies.quest(ref, config, q, tables, batch, attend)
+    if config.method == "twilight":
+        return policies.twilight(ref, config, q, tables, batch, attend, sm_scale)
+    if seeds is None:
+        seeds = policies.vattention_seeds(config.seed, torch.ones(1, dtype=torch.int64, device=q.device), layer, B)
+    return policies.vattention(ref, config, q, k_cache, v_cache, tables, batch, attend, sm_scale, seeds,
+                               merge_states_reference)

@@ -1,0 +1,75 @@
+"""Side tables of the KV pool that the sparse methods read: per-page key bounds and the int4 key copy.
+
+They are indexed like the pool itself, by **physical** page / slot, one set per layer: a prefix shared by the
+radix cache shares its metadata, and a page freed and reused is reset by its first write (offset 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+import cupy_kernels as ck
+
+from .config import SparseConfig
+
+
+class SparseKVMetadata:
+    """Per-layer metadata of one KV pool.
+
+    Tensors (layer ``l``):
+        page_key_bounds[l]  ``[num_slots // P, HK, 2, D]``, dtype of K: channel-wise min (``[..., 0, :]``) and max
+                            of the keys of each physical page (Quest, Twilight's candidates, vAttention's top-k).
+        key_int4[l]         ``[num_slots, HK, D // 2]`` uint8, Twilight only: packed int4 keys.
+        key_scale_zero[l]   ``[num_slots, HK, D // group, 2]`` float32, Twilight only: (scale, zero) per group.
+
+    Call :meth:`update` after the layer's new keys are in the pool (prefill: every written slot; decode: one per
+    request).
+    """
+
+    def __init__(self, config: SparseConfig, *, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        P = config.page_size
+        if num_slots % P:
+            raise ValueError(f"KV pool size ({num_slots} slots) must be a multiple of page_size ({P})")
+        self.config = config
+        self.page_size = P
+        self.num_layers = num_layers
+        self.int4_group = config.int4_group or head_dim
+        if config.method == "twilight":
+            ck.int4_keys.check_group_size(self.int4_group, head_dim)
+        shape = (num_slots // P, num_kv_heads, 2, head_dim)
+        self.page_key_bounds = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.key_int4: list[torch.Tensor] = []
+        self.key_scale_zero: list[torch.Tensor] = []
+        if config.method == "twilight":
+            for _ in range(num_layers):
+                self.key_int4.append(torch.zeros((num_slots, num_kv_heads, head_dim // 2), dtype=torch.uint8,
+                                                 device=device))
+                self.key_scale_zero.append(torch.zeros((num_slots, num_kv_heads, head_dim // self.int4_group, 2),
+                                                       dtype=torch.float32, device=device))
+
+    @staticmethod
+    def bytes_per_token(config: SparseConfig, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Metadata bytes per token slot per layer (for sizing the KV pool together with its side tables)."""
+        if not config.is_sparse:
+            return 0
+        elt = torch.empty((), dtype=dtype).element_size()
+        n = 2 * num_kv_heads * head_dim * elt / config.page_size
+        if config.method == "twilight":
+            group = config.int4_group or head_dim
+            n += num_kv_heads * (head_dim // 2 + (head_dim // group) * 8)
+        return int(-(-n // 1))
+
+    def update(self, layer: int, k_cache: torch.Tensor, written_slots: torch.Tensor) -> None:
+        """Refresh the side tables of ``layer`` for ``written_slots`` (read back from ``k_cache``)."""
+        ck.page_bounds_update(k_cache, written_slots, self.page_key_bounds[layer], self.page_size)
+        if self.key_int4:
+            ck.quantize_keys_int4(k_cache, written_slots, self.key_int4[layer], self.key_scale_zero[layer],
+                                  self.int4_group)
+
+    def update_reference(self, layer: int, k_cache: torch.Tensor, written_slots: torch.Tensor) -> None:
+        """Same as :meth:`update` through the torch references (CPU or GPU)."""
+        ck.reference.page_bounds_update(k_cache, written_slots, self.page_key_bounds[layer], self.page_size)
+        if self.key_int4:
+            ck.reference.quantize_keys_int4(k_cache, written_slots, self.key_int4[layer],
+                                            self.key_scale_zero[layer], self.int4_group)

@@ -1,0 +1,118 @@
+"""The three methods as small policies composed from the shared kernels.
+
+Every policy is written once against a kernel set ``ops`` (the :mod:`cupy_kernels` package on the GPU, or
+:mod:`cupy_kernels.reference` on CPU) and an attention callable, so the GPU operator and the torch reference
+run literally the same selection logic:
+
+    quest:      page scores -> top-k pages (sinks, local forced) -> token kv indices -> attention
+    twilight:   quest at the loose budget -> int4 scores + group softmax -> top-p -> attention
+    vattention: quest -> attention with LSE -> (eps, delta) residual sample -> weighted attention -> merge
+
+Token lists are fixed-capacity rows ``[B, HK, C]`` of kv indices (``slot * HK + h``) plus counts ``[B, HK]``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from .config import SparseConfig
+
+
+@dataclass
+class DecodeBatch:
+    """SGLang's view of a decode batch (device tensors)."""
+
+    req_to_token: torch.Tensor       # [max_reqs, max_ctx] int32
+    req_pool_indices: torch.Tensor   # [B] int
+    seq_lens: torch.Tensor           # [B] int, the new token included
+    max_pages: int                   # score columns: >= ceil(max seq_len / P), fixed per captured batch size
+
+    @property
+    def batch_size(self) -> int:
+        return self.seq_lens.shape[0]
+
+
+class Attend(Protocol):
+    def __call__(self, q: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, *, which: str,
+                 return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@dataclass
+class LayerTables:
+    """The metadata one layer's selection reads."""
+
+    page_key_bounds: torch.Tensor
+    key_int4: torch.Tensor | None = None
+    key_scale_zero: torch.Tensor | None = None
+
+
+def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch):
+    """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages."""
+    P = cfg.page_size
+    scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
+                                   batch.seq_lens, P, batch.max_pages)
+    return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
+                          select_all_upto=cfg.dense_pages)
+
+
+def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
+    sel, cnt = selected
+    return ops.pages_to_kv_indices(sel, cnt, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                                   cfg.page_size, sel.shape[-1] * cfg.page_size)
+
+
+def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
+    """``[B]`` bool: requests attended densely (they fit in the budget or are below min_context)."""
+    pages = (batch.seq_lens.long() + cfg.page_size - 1) // cfg.page_size
+    return pages <= cfg.dense_pages
+
+
+def quest(ops, cfg, q, tables, batch, attend: Attend) -> torch.Tensor:
+    rows, counts = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch), batch)
+    return attend(q, rows, counts, which="main", return_lse=False), counts
+
+
+def twilight(ops, cfg, q, tables, batch, attend: Attend, sm_scale: float):
+    cand, ncand = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch), batch)
+    _, probs = ops.int4_candidate_scores(q, tables.key_int4, tables.key_scale_zero, cand, ncand, sm_scale)
+    kept, nkept = ops.top_p_select(probs, ncand, cfg.top_p, candidate_ids=cand)
+    dense = fits_in_budget(cfg, batch)[:, None]
+    rows = torch.where(dense[..., None], cand, kept)
+    counts = torch.where(dense, ncand, nkept)
+    return attend(q, rows, counts, which="main", return_lse=False), counts
+
+
+def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attend, sm_scale: float,
+               seeds: torch.Tensor, merge: Callable):
+    selected = select_pages(ops, cfg, q, tables, batch)
+    rows, counts = pages_to_tokens(ops, cfg, selected, batch)
+    o_det, lse_det = attend(q, rows, counts, which="main", return_lse=True)
+    B, HQ, D = q.shape
+    o_det = o_det.view(B, HQ, D)
+    lse_det = lse_det.reshape(B, HQ).float()
+    s_rows, s_counts, weight, _required = ops.vattention_sample(
+        q, k_cache, v_cache, *selected, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, seeds,
+        lse_det, o_det, cfg.page_size, sm_scale, cfg.epsilon, cfg.delta, cfg.base_rate, cfg.sample_capacity)
+    o_s, lse_s = attend(q, s_rows, s_counts, which="sample", return_lse=True)
+    HK = counts.shape[1]
+    G = HQ // HK
+    sampled = (s_counts > 0)[..., None].expand(B, HK, G).reshape(B, HQ)
+    o_s = torch.where(sampled[..., None], o_s.view(B, HQ, D), torch.zeros_like(o_det))  # empty rows: no NaN
+    # Importance weight: the sample stands for N_s / n residual tokens each (log2 for base-2 LSE).
+    log_w = torch.log2(weight.clamp_min(1e-30))[..., None].expand(B, HK, G).reshape(B, HQ)
+    lse_s = torch.where(sampled, lse_s.reshape(B, HQ).float() + log_w, torch.full_like(log_w, -math.inf))
+    out = merge(o_det, lse_det, o_s, lse_s)
+    return out, counts + s_counts
+
+
+def vattention_seeds(base_seed: int, step: torch.Tensor, layer: int, batch_size: int) -> torch.Tensor:
+    """Per-request RNG seeds of one (step, layer): ``[B]`` int64 computed on the device (graph-safe).
+
+    ``step`` is a one-element int64 device tensor advanced once per decode step.
+    """
+    rows = torch.arange(batch_size, device=step.device, dtype=torch.int64)
+    return (step * 1_000_003 + (base_seed * 7_919 + layer) * 65_537) * 4_099 + rows

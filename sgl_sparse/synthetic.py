@@ -1,0 +1,104 @@
+"""Synthetic decode workloads on SGLang's real memory layout: a paged KV pool with requests on shuffled physical
+pages, and queries/keys shaped to give peaked, heavy-tailed or flat attention. Used by the tests, the fidelity
+routine and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+
+@dataclasses.dataclass
+class Pool:
+    k_cache: torch.Tensor        # [slots, HK, D]
+    v_cache: torch.Tensor        # [slots, HK, D]
+    req_to_token: torch.Tensor   # [max_reqs, max_ctx] int32
+    req_pool_indices: torch.Tensor  # [B] int64
+    seq_lens: torch.Tensor       # [B] int64
+    page_size: int
+    free_pages: list[int]        # physical pages no request uses (page 0 is reserved like SGLang's)
+
+    @property
+    def written_slots(self) -> torch.Tensor:
+        """Every slot of every request, request by request, in position order (a prefill's out_cache_loc)."""
+        rows = [self.req_to_token[int(r), : int(n)] for r, n in zip(self.req_pool_indices, self.seq_lens)]
+        return torch.cat(rows).long()
+
+    def max_pages(self) -> int:
+        return int((self.seq_lens.max() + self.page_size - 1) // self.page_size)
+
+
+def make_pool(seq_lens: list[int], num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
+              device: torch.device | str, gen: torch.Generator, spare_pages: int | None = None, max_ctx: int | None = None,
+              kv_scale: float = 1.0) -> Pool:
+    """Requests on shuffled physical pages (token i at page offset i % P), rows of req_to_token shuffled too."""
+    P = page_size
+    pages_per_req = [(n + P - 1) // P for n in seq_lens]
+    spare_pages = len(seq_lens) + 8 if spare_pages is None else spare_pages
+    total_pages = 1 + sum(pages_per_req) + spare_pages
+    perm = (torch.randperm(total_pages - 1, generator=gen) + 1).tolist()
+    max_ctx = max_ctx or max(max(seq_lens), 1) + 2 * P
+    B = len(seq_lens)
+    n_rows = B + 3
+    rows = torch.randperm(n_rows, generator=gen)[:B]
+    r2t = torch.zeros((n_rows, max_ctx), dtype=torch.int32)
+    at = 0
+    for b, (n, npg) in enumerate(zip(seq_lens, pages_per_req)):
+        pages = torch.tensor(perm[at: at + npg], dtype=torch.int64)
+        at += npg
+        pos = torch.arange(n)
+        r2t[rows[b], :n] = (pages[pos // P] * P + pos % P).to(torch.int32)
+    free = perm[at:]
+    S = total_pages * P
+    dgen = torch.Generator(device=device)
+    dgen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+    k = (torch.randn((S, num_kv_heads, head_dim), generator=dgen, device=device) * kv_scale).to(dtype)
+    v = torch.randn((S, num_kv_heads, head_dim), generator=dgen, device=device).to(dtype)
+    return Pool(k, v, r2t.to(device), rows.to(device), torch.tensor(seq_lens).to(device), P, free)
+
+
+ATTENTION_KINDS = ("peaked", "heavy_tailed", "flat")
+
+
+def shape_attention(pool: Pool, q: torch.Tensor, kind: str, gen: torch.Generator, needles: int = 8) -> torch.Tensor:
+    """Reshape the keys of every request (in place) and return the query so attention is ``kind``:
+
+    - ``peaked``: ``needles`` random tokens per (request, KV head) get keys along the group's mean query
+      direction, ~10 logits above the rest (a retrieval-like head);
+    - ``heavy_tailed``: every key gets a Pareto(alpha=3)-distributed logit boost (capped near 9) along
+      that direction;
+    - ``flat``: the query is shrunk 20x, so attention is nearly uniform (the hard case for top-k methods).
+
+    Values get a per-head mean vector plus unit noise (real value vectors share a large common component;
+    with zero-mean values the dense output of flat attention is ~0 and relative errors mean nothing).
+    ``q`` is ``[B, HQ, D]``; the returned query has q's dtype.
+    """
+    if kind not in ATTENTION_KINDS:
+        raise ValueError(f"attention kind must be one of {ATTENTION_KINDS}, got {kind!r}")
+    B, HQ, D = q.shape
+    HK = pool.k_cache.shape[1]
+    G = HQ // HK
+    v_mean = torch.randn((HK, D), generator=gen).to(pool.v_cache.device)
+    pool.v_cache.copy_((pool.v_cache.float() + v_mean[None]).to(pool.v_cache.dtype))
+    qf = q.float()
+    if kind == "flat":
+        return (qf * 0.05).to(q.dtype)
+    q_mean = qf.view(B, HK, G, D).mean(2)                                      # [B, HK, D]
+    u = q_mean / q_mean.norm(dim=-1, keepdim=True)
+    # keys c*u get a group-mean logit of c * |q_mean| / sqrt(D): c = target * sqrt(D) / |q_mean|
+    per_logit = (math.sqrt(D) / q_mean.norm(dim=-1)).cpu()                     # [B, HK]
+    for b in range(B):
+        n = int(pool.seq_lens[b])
+        slots = pool.req_to_token[int(pool.req_pool_indices[b]), :n].long()
+        k = pool.k_cache[slots].float()                                         # [n, HK, D]
+        if kind == "peaked":
+            for h in range(HK):
+                pick = torch.randperm(n, generator=gen)[: min(needles, n)].to(k.device)
+                k[pick, h] = u[b, h] * (10.0 * float(per_logit[b, h]))     # needles ~10 logits up
+        else:
+            t = torch.rand((n, HK), generator=gen).clamp_min(1e-3) ** (-1 / 3.0) - 1.0   # Pareto(3), capped at ~9
+            k += (t * per_logit[b][None]).to(k.device)[..., None] * u[b][None]
+        pool.k_cache[slots] = k.to(pool.k_cache.dtype)
+    return q

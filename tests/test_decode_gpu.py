@@ -1,0 +1,175 @@
+"""GPU tests of the sparse decode operator (FlashInfer + CuPy kernels) against the torch reference and dense.
+
+Needs flashinfer on the GPU host (../shared/gpu-host bundles it); skipped without CUDA, CuPy or FlashInfer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sgl_sparse import policies
+from sgl_sparse.config import SparseConfig
+from sgl_sparse.decode import SparseDecodeOperator, reference_decode
+from sgl_sparse.fidelity import attention_fidelity, dense_attention, relative_l2
+from sgl_sparse.metadata import SparseKVMetadata
+from sgl_sparse.policies import DecodeBatch
+from sgl_sparse.synthetic import make_pool, shape_attention
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+METHODS = ("quest", "twilight", "vattention")
+
+
+@pytest.fixture(autouse=True)
+def _need_flashinfer():
+    pytest.importorskip("flashinfer")
+
+
+def _setup(method, lens, *, HK=8, G=4, D=128, dtype=torch.bfloat16, seed=0, kind="peaked", layers=3, **cfg):
+    config = SparseConfig.load(method).replace(**cfg)
+    gen = torch.Generator().manual_seed(seed)
+    pool = make_pool(lens, HK, D, config.page_size, dtype, DEV, gen, spare_pages=64, max_ctx=max(lens) + 64)
+    q = torch.randn((len(lens), HK * G, D), generator=gen).to(dtype).to(DEV)
+    q = shape_attention(pool, q, kind, gen)
+    meta = SparseKVMetadata(config, num_layers=layers, num_slots=pool.k_cache.shape[0], num_kv_heads=HK,
+                            head_dim=D, dtype=dtype, device=DEV)
+    for layer in range(layers):
+        meta.update(layer, pool.k_cache, pool.written_slots)
+    op = SparseDecodeOperator(config, num_qo_heads=HK * G, num_kv_heads=HK, head_dim=D, num_layers=layers,
+                              max_batch=len(lens), max_context=max(lens) + 64, dtype=dtype, device=DEV)
+    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+    return config, pool, q, meta, op
+
+
+def _batch(op):
+    return op.batch
+
+
+@pytest.mark.parametrize("method", METHODS + ("dense",))
+@pytest.mark.parametrize("D,G,dtype", [(128, 4, torch.bfloat16), (64, 3, torch.float16)])
+def test_exact_when_budget_covers_context(method, D, G, dtype):
+    lens = [3000, 1777, 4096]
+    config, pool, q, meta, op = _setup(method, lens, D=D, G=G, dtype=dtype, HK=2, token_budget=4096,
+                                       min_context=0, dense_layers=0)
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, _batch(op), 1 / math.sqrt(D))
+    for layer in range(2):
+        out = op.run(layer, q, pool.k_cache, pool.v_cache, meta)
+        err = relative_l2(out, dense)
+        assert err.max().item() < 1e-2, f"{method}: budget >= context must equal dense (rel err {err.max():.2e})"
+    if method != "dense":
+        frac = op.attended_fraction()
+        assert torch.allclose(frac, torch.ones_like(frac)), frac
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["peaked", "heavy_tailed", "flat"])
+def test_operator_matches_reference(method, kind):
+    """Same selection through the CuPy kernels + FlashInfer as through the torch reference + dense math."""
+    lens = [9000, 5000, 3000, 12345]
+    config, pool, q, meta, op = _setup(method, lens, kind=kind, token_budget=1024, min_context=4000,
+                                       dense_layers=1)
+    sm = 1 / math.sqrt(q.shape[-1])
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, _batch(op), sm)
+    out0 = op.run(0, q, pool.k_cache, pool.v_cache, meta)            # dense layer
+    assert relative_l2(out0, dense).max().item() < 1e-2
+    out = op.run(1, q, pool.k_cache, pool.v_cache, meta)
+    seeds = policies.vattention_seeds(config.seed, op.step.clone(), 1, len(lens))
+    want, want_counts = reference_decode(config, 1, q, pool.k_cache, pool.v_cache, _batch(op), meta, sm, seeds)
+    err = relative_l2(out, want)                                      # [B, HQ]
+    if method == "vattention":
+        # The sample size depends on FlashInfer's o_det/LSE (bf16) vs the reference's float32 ones: a few draws
+        # more or less, of the same RNG stream.
+        got_n, want_n = op.last_counts.double(), want_counts.double()
+        assert ((got_n - want_n).abs() <= 5e-3 * want_n + 4).all(), (got_n, want_n)
+        assert err.median().item() < 1e-2 and err.max().item() < 5e-2, err
+    else:
+        same = (op.last_counts == want_counts)                       # [B, HK]
+        assert same.float().mean() >= 0.95, "selection sizes must match the reference on (almost) every head"
+        G = q.shape[1] // same.shape[1]
+        same_q = same[..., None].expand(-1, -1, G).reshape(err.shape)
+        assert err[same_q].max().item() < 2e-2
+    # The short request (3000 < min_context) is attended densely in a sparse layer too.
+    assert relative_l2(out[2], dense[2]).max().item() < 1e-2
+    assert torch.equal(op.last_counts[2], torch.full_like(op.last_counts[2], 3000))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_cuda_graph_capture_and_replay(method):
+    """plan() outside the graph, every layer captured once, replayed over steps with growing contexts."""
+    lens = [7000, 4100, 9001]
+    B = len(lens)
+    config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
+                                       dense_layers=1, layers=3)
+    HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
+    dtype = pool.k_cache.dtype
+    new_slots = torch.zeros(B, dtype=torch.int64, device=DEV)
+    q_static = q.clone()
+    outs = {}
+
+    def step_fn():
+        for layer in range(3):
+            meta.update(layer, pool.k_cache, new_slots)
+            outs[layer] = op.run(layer, q_static, pool.k_cache, pool.v_cache, meta)
+
+    def advance():
+        slots = []
+        for b in range(B):
+            n = int(pool.seq_lens[b])
+            row = int(pool.req_pool_indices[b])
+            slot = pool.free_pages.pop() * config.page_size if n % config.page_size == 0 else \
+                int(pool.req_to_token[row, n - 1]) + 1
+            pool.req_to_token[row, n] = slot
+            slots.append(slot)
+        new_slots.copy_(torch.tensor(slots, device=DEV))
+        pool.seq_lens += 1
+        pool.k_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(dtype)
+        pool.v_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(dtype)
+        q_static.copy_((q.float() + 0.1 * torch.randn_like(q.float())).to(dtype))
+        op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+
+    advance()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step_fn()   # compile and JIT everything outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_fn()
+    sm = 1 / math.sqrt(D)
+    for _ in range(3):
+        advance()
+        graph.replay()
+        torch.cuda.synchronize()
+        dense = dense_attention(q_static, pool.k_cache, pool.v_cache, op.batch, sm)
+        assert relative_l2(outs[0], dense).max().item() < 1e-2
+        for layer in (1, 2):
+            seeds = policies.vattention_seeds(config.seed, op.step.clone(), layer, B)
+            want, want_counts = reference_decode(config, layer, q_static, pool.k_cache, pool.v_cache, op.batch,
+                                                 meta, sm, seeds)
+            err = relative_l2(outs[layer], want)
+            assert err.median().item() < 1e-2 and err.max().item() < 0.1, (layer, err.max().item())
+
+
+@pytest.mark.parametrize("kind", ["peaked", "flat", "heavy_tailed"])
+def test_fidelity_budgets_and_vattention_guarantee(kind):
+    """Synthetic fidelity on the GPU: more budget, less error; vAttention's violation rate stays <= delta."""
+    errs = {}
+    for budget in (256, 1024):
+        for method in METHODS:
+            cfg = SparseConfig.load(method).replace(token_budget=budget, min_context=0, dense_layers=0)
+            r = attention_fidelity(cfg, kind=kind, context=16384, batch_size=2, num_kv_heads=8, group=4,
+                                   head_dim=128, steps=4 if method != "vattention" else 24, device=DEV,
+                                   backend="gpu")
+            errs[(method, budget)] = r
+    for method in ("quest", "vattention"):
+        assert errs[(method, 1024)].rel_l2_mean <= errs[(method, 256)].rel_l2_mean * 1.05 + 1e-3
+    for budget in (256, 1024):
+        v = errs[("vattention", budget)]
+        # 384 outputs (24 steps x 2 requests x 8 KV heads... x 4 query heads): allow 3 binomial standard errors.
+        slack = 3 * math.sqrt(0.05 * 0.95 / v.outputs)
+        if kind != "heavy_tailed":
+            assert v.violation_rate <= 0.05 + slack, v

@@ -1,0 +1,165 @@
+"""CPU tests of the method layer: configs, the torch reference decode and the fidelity routine."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sgl_sparse import policies
+from sgl_sparse.config import SparseConfig, SparseConfigError, presets
+from sgl_sparse.decode import merge_states_reference, reference_decode
+from sgl_sparse.fidelity import attention_fidelity, dense_attention, relative_l2
+from sgl_sparse.metadata import SparseKVMetadata
+from sgl_sparse.policies import DecodeBatch
+from sgl_sparse.synthetic import make_pool, shape_attention
+
+METHODS = ("quest", "twilight", "vattention")
+
+
+# ----------------------------------------------------------------------------- configs
+
+def test_presets_load_and_validate():
+    assert {"dense", "quest", "twilight", "vattention"} <= set(presets())
+    for name in presets():
+        cfg = SparseConfig.load(name)
+        assert cfg.method == name
+        assert cfg.top_k_pages * cfg.page_size == cfg.token_budget
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("method", "topk", "choose one of"),
+    ("page_size", 12, "power of two"),
+    ("token_budget", 1000, "multiple of page_size"),
+    ("token_budget", 32, "sink and local pages"),
+    ("top_p", 0.0, "(0, 1]"),
+    ("top_p", 1.5, "(0, 1]"),
+    ("epsilon", 1.0, "(0, 1)"),
+    ("delta", 0.0, "(0, 1)"),
+    ("base_rate", 0.0, "fraction in (0, 1)"),
+    ("base_rate", 2.5, "whole number"),
+    ("int4_group", 48, "32, 64 or 128"),
+    ("sample_capacity", 1, ">= 2"),
+    ("dense_layers", -1, ">= 0"),
+    ("page_size", "16", "integer"),
+])
+def test_invalid_values_name_field_and_fix(field, value, needle):
+    with pytest.raises(SparseConfigError) as e:
+        SparseConfig(**{field: value})
+    assert field in str(e.value) and needle in str(e.value)
+
+
+def test_yaml_unknown_field_and_bad_path(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("method: quest\ntoken_budgett: 1024\n")
+    with pytest.raises(SparseConfigError, match="unknown field.*token_budgett"):
+        SparseConfig.load(str(p))
+    with pytest.raises(SparseConfigError, match="presets"):
+        SparseConfig.load("no-such-preset")
+    p.write_text("method: twilight\ntoken_budget: 1024\ntop_p: 0.9\n")
+    cfg = SparseConfig.load(str(p))
+    assert cfg.method == "twilight" and cfg.token_budget == 1024 and cfg.top_p == 0.9
+
+
+def test_dense_pages_rounds_min_context_to_pages():
+    cfg = SparseConfig(token_budget=256, page_size=16, min_context=4096)
+    assert cfg.top_k_pages == 16 and cfg.dense_pages == 256   # a 4095-token request has 256 pages
+    assert SparseConfig(token_budget=256, min_context=0).dense_pages == 16
+
+
+# ----------------------------------------------------------------------------- reference decode
+
+def _setup(method, lens, kind="peaked", seed=0, HK=2, G=3, D=64, **cfg):
+    config = SparseConfig.load(method).replace(**cfg)
+    gen = torch.Generator().manual_seed(seed)
+    pool = make_pool(lens, HK, D, config.page_size, torch.bfloat16, "cpu", gen)
+    q = shape_attention(pool, torch.randn((len(lens), HK * G, D), generator=gen).to(torch.bfloat16), kind, gen)
+    meta = SparseKVMetadata(config, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
+                            dtype=torch.bfloat16, device="cpu")
+    meta.update_reference(0, pool.k_cache, pool.written_slots)
+    batch = DecodeBatch(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.max_pages())
+    return config, pool, q, meta, batch
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_exact_when_budget_covers_context(method):
+    config, pool, q, meta, batch = _setup(method, [700, 333], token_budget=1024, min_context=0, dense_layers=0)
+    sm = 1 / math.sqrt(q.shape[-1])
+    out, counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta, sm)
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, batch, sm)
+    assert relative_l2(out, dense).max() < 1e-2
+    assert torch.equal(counts, pool.seq_lens[:, None].expand_as(counts).to(torch.int32))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_selection_is_sparse_and_bounded(method):
+    config, pool, q, meta, batch = _setup(method, [1500, 900], token_budget=256, min_context=0, dense_layers=0,
+                                          sample_capacity=300)
+    out, counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta)
+    lens = pool.seq_lens[:, None]
+    assert (counts <= lens).all() and (counts > 0).all()
+    partial = (16 - pool.seq_lens % 16) % 16                                   # the last page is always kept
+    if method == "quest":
+        assert torch.equal(counts, (256 - partial)[:, None].expand_as(counts).to(torch.int32))
+    if method == "twilight":
+        assert (counts <= 256).all()
+    if method == "vattention":
+        assert ((counts >= 256) & (counts <= 256 + 300)).all()
+    assert torch.isfinite(out.float()).all()
+
+
+def test_min_context_and_dense_layers_fall_back_to_dense():
+    config, pool, q, meta, batch = _setup("quest", [2000, 600], token_budget=256, min_context=1000,
+                                          dense_layers=0)
+    out, counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta)
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, batch, 1 / 8)
+    assert (counts[0] == 256).all() and (counts[1] == 600).all()
+    assert relative_l2(out[1], dense[1]).max() < 1e-2                       # short request: dense
+    config2 = config.replace(dense_layers=1)
+    out0, counts0 = reference_decode(config2, 0, q, pool.k_cache, pool.v_cache, batch, meta)
+    assert relative_l2(out0, dense).max() < 1e-2 and (counts0 == pool.seq_lens[:, None]).all()
+
+
+def test_merge_states_reference_is_attention_over_the_union():
+    gen = torch.Generator().manual_seed(3)
+    lg = torch.randn(2, 3, 50, generator=gen) * 2
+    v = torch.randn(50, 8, generator=gen)
+    def part(sl):
+        return torch.softmax(lg[..., sl], -1) @ v[sl], torch.logsumexp(lg[..., sl], -1) / math.log(2)
+    oa, la = part(slice(0, 20))
+    ob, lb = part(slice(20, 50))
+    merged = merge_states_reference(oa, la, ob, lb)
+    assert torch.allclose(merged, torch.softmax(lg, -1) @ v, atol=1e-5)
+    empty = merge_states_reference(oa, la, torch.zeros_like(ob), torch.full_like(lb, -math.inf))
+    assert torch.allclose(empty, oa)
+
+
+def test_vattention_seeds_vary_by_step_layer_and_row():
+    s1 = policies.vattention_seeds(0, torch.tensor([1]), 3, 4)
+    assert len(set(s1.tolist())) == 4
+    assert not torch.equal(s1, policies.vattention_seeds(0, torch.tensor([2]), 3, 4))
+    assert not torch.equal(s1, policies.vattention_seeds(0, torch.tensor([1]), 4, 4))
+    assert not torch.equal(s1, policies.vattention_seeds(1, torch.tensor([1]), 3, 4))
+    assert torch.equal(s1, policies.vattention_seeds(0, torch.tensor([1]), 3, 4))
+
+
+# ----------------------------------------------------------------------------- fidelity routine
+
+def test_fidelity_routine_on_cpu():
+    """More budget never hurts Quest; vAttention beats Quest at the same deterministic budget on flat
+    attention, where top-k alone misses most of the mass."""
+    res = {}
+    for method in METHODS:
+        for budget in (128, 512):
+            cfg = SparseConfig.load(method).replace(token_budget=budget, min_context=0, dense_layers=0,
+                                                    sample_capacity=1024)
+            res[method, budget] = attention_fidelity(cfg, kind="flat", context=2048, steps=2, seed=1)
+    assert res["quest", 512].rel_l2_mean <= res["quest", 128].rel_l2_mean
+    assert res["vattention", 128].rel_l2_mean < res["quest", 128].rel_l2_mean
+    for r in res.values():
+        assert 0 < r.attended_fraction <= 1 and r.outputs == 2 * 2 * 8
+    peaked = attention_fidelity(SparseConfig.load("quest").replace(token_budget=256, min_context=0,
+                                                                   dense_layers=0),
+                                kind="peaked", context=2048, steps=1, seed=2)
+    assert peaked.rel_l2_mean < res["quest", 128].rel_l2_mean   # the needles are found
