@@ -61,8 +61,14 @@ def module(name: str, device: torch.device, **defines: int):
     return _module(name, tuple(sorted(defines.items())), device.index or 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, function: str, defines: tuple[tuple[str, int], ...], device: int):
+    return _module(name, defines, device).get_function(function)
+
+
 def kernel(name: str, function: str, device: torch.device, **defines: int):
-    return module(name, device, **defines).get_function(function)
+    """One kernel of ``cupy_kernels/<name>``; the same object for the same arguments (attributes stick)."""
+    return _kernel(name, function, tuple(sorted(defines.items())), device.index or 0)
 
 
 _STREAMS: dict[tuple[int, int], object] = {}
@@ -108,14 +114,12 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-_SMEM_SET: dict[int, int] = {}
-
-
 def set_max_dynamic_smem(fn, nbytes: int) -> None:
-    """Allow ``fn`` ``nbytes`` of dynamic shared memory (static + dynamic may then exceed 48 KiB)."""
-    if nbytes > 0 and _SMEM_SET.get(id(fn), 0) < nbytes:
+    """Allow ``fn`` (a cached object from :func:`kernel`) ``nbytes`` of dynamic shared memory, so static +
+    dynamic may exceed 48 KiB. The limit only grows, so earlier launches stay valid."""
+    if nbytes > getattr(fn, "_sgl_max_dynamic_smem", 0):
         fn.max_dynamic_shared_size_bytes = nbytes
-        _SMEM_SET[id(fn)] = nbytes
+        fn._sgl_max_dynamic_smem = nbytes
 
 
 # ---------------------------------------------------------------- argument checks (no host sync)

@@ -3,7 +3,7 @@
 // One block per written slot, one warp per KV head; lane l holds channels l*EPL .. l*EPL+EPL-1 of the
 // head (EPL = D/32). A group of GROUP_SIZE channels spans GROUP_LANES consecutive lanes, whose min and max
 // come from xor-shuffles. The arithmetic is float32 with explicit rounding intrinsics so it matches the
-// torch reference bit for bit: scale = (max-min)/15, inv = 1/scale, code = rint((x-min)*inv) clamped to 0..15.
+// torch reference bit for bit: scale = (max-min)/15, code = rint((x-min)/scale) clamped to 0..15 (0 if scale = 0).
 // Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP_SIZE.
 
 #define EPL (HEAD_DIM / 32)
@@ -34,11 +34,11 @@ extern "C" __global__ void quantize_keys_int4(
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
         }
         const float scale = __fdiv_rn(__fsub_rn(mx, mn), 15.0f);
-        const float inv = scale > 0.f ? __fdiv_rn(1.0f, scale) : 0.f;
         u32 packed = 0;
 #pragma unroll
         for (int i = 0; i < EPL; ++i) {
-            float c = rintf(__fmul_rn(__fsub_rn(x[i], mn), inv));
+            // A true division: 1/scale overflows for subnormal scales (tiny bf16 ranges).
+            float c = scale > 0.f ? rintf(__fdiv_rn(__fsub_rn(x[i], mn), scale)) : 0.f;
             c = fminf(fmaxf(c, 0.f), 15.f);
             packed |= ((u32)c) << (4 * i);
         }

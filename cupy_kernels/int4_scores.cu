@@ -8,17 +8,17 @@
 // Two launches, both over (chunks of CHUNK candidates, HK, B) so that even batch 1 fills the GPU:
 //  1. int4_candidate_logits: a candidate is handled by CAND_LANES = D/32 lanes, each with 16 bytes (32
 //     channels, inside one quantization group) of codes; UNROLL candidates per lane group are loaded before
-//     any is used. Lane (g % CAND_LANES) of the group writes logit g and keeps an online (max, sum) for g; the
+//     any is used, and the next iteration's candidate ids are fetched while this one computes. Lane (g % CAND_LANES) of the group writes logit g and keeps an online (max, sum) for g; the
 //     block reduces those into one (max, sum) per query head, stored in `partials`.
 //  2. int4_candidate_probs: every block merges the row's partials (a few per row) and turns its chunk of
 //     logits into p(t) = 1/G sum_g exp(l_g(t) - m_g) / s_g.
-// Defines: HEAD_DIM, NUM_KV_HEADS, GROUP (G), GROUP_SIZE, KV_BF16, CHUNK.
+// Defines: HEAD_DIM, NUM_KV_HEADS, GROUP (G), GROUP_SIZE, KV_BF16. `chunk` (candidates per block) is an argument.
 
 #define THREADS 256
 #define WARPS (THREADS / 32)
 #define CAND_LANES (HEAD_DIM / 32)
 #define CANDS (THREADS / CAND_LANES)
-#define UNROLL 2
+#define UNROLL 4
 #define NUM_GROUPS (HEAD_DIM / GROUP_SIZE)
 
 __device__ __forceinline__ int dp4a(int a, int b, int c) {
@@ -42,7 +42,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_logits(
     const int* __restrict__ num_candidates,       // [B, HK]
     float* __restrict__ logits,                   // [B, HK, G, C]
     float2* __restrict__ partials,                // [B, HK, chunks, G] of (max, sum)
-    int C, float sm_scale)
+    int C, int chunk_size, float sm_scale)
 {
     __shared__ int s_qint[GROUP][HEAD_DIM];
     __shared__ float s_qscale[GROUP];
@@ -52,8 +52,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_logits(
     const int row_id = b * NUM_KV_HEADS + h;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int n = num_candidates[row_id];
-    const int begin = chunk * CHUNK;
-    const int end = min(n, begin + CHUNK);
+    const int begin = chunk * chunk_size;
+    const int end = min(n, begin + chunk_size);
 
     // int8 query, one warp per query head.
     for (int g = warp; g < GROUP; g += WARPS) {
@@ -108,23 +108,30 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_logits(
 
     float* lg_row = logits + (long long)row_id * GROUP * C;
     const int* cand = candidates + (long long)row_id * C;
+    int kv_next[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+        const int t = begin + u * CANDS + cand_in_iter;
+        kv_next[u] = t < end ? cand[t] : -1;
+    }
     for (int base = begin; base < end; base += CANDS * UNROLL) {
         uint4 codes[UNROLL];
         float2 sz[UNROLL];
         int kv[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const int t = base + u * CANDS + cand_in_iter;
-            kv[u] = t < end ? cand[t] : -1;
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
+            kv[u] = kv_next[u];
             codes[u] = make_uint4(0, 0, 0, 0);
             sz[u] = make_float2(0.f, 0.f);
             if (kv[u] >= 0) {
                 codes[u] = key_int4[(long long)kv[u] * CAND_LANES + part];
                 sz[u] = key_scale_zero[(long long)kv[u] * NUM_GROUPS + my_group];
             }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {      // prefetch the next iteration's candidate ids
+            const int t = base + CANDS * UNROLL + u * CANDS + cand_in_iter;
+            kv_next[u] = t < end ? cand[t] : -1;
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -176,17 +183,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_probs(
     const float2* __restrict__ partials,          // [B, HK, chunks, G]
     const int* __restrict__ num_candidates,       // [B, HK]
     float* __restrict__ probs,                    // [B, HK, C]
-    int C)
+    int C, int chunk_size)
 {
     __shared__ float s_m[GROUP], s_inv[GROUP];
     const int b = blockIdx.z, h = blockIdx.y, chunk = blockIdx.x;
     const int row_id = b * NUM_KV_HEADS + h;
     const int n = num_candidates[row_id];
-    const int begin = chunk * CHUNK;
+    const int begin = chunk * chunk_size;
     if (begin >= n) return;
     if (threadIdx.x < GROUP) {
         const int g = threadIdx.x;
-        const int used = (n + CHUNK - 1) / CHUNK;
+        const int used = (n + chunk_size - 1) / chunk_size;
         float m = NEG_INF, s = 0.f;
         for (int c = 0; c < used; ++c) {
             const float2 p = partials[((long long)row_id * gridDim.x + c) * GROUP + g];
@@ -198,7 +205,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_probs(
     __syncthreads();
     const float* lg_row = logits + (long long)row_id * GROUP * C;
     float* pr_row = probs + (long long)row_id * C;
-    const int end = min(n, begin + CHUNK);
+    const int end = min(n, begin + chunk_size);
     for (int t = begin + threadIdx.x; t < end; t += THREADS) {
         float p = 0.f;
 #pragma unroll

@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import KV_DTYPES, check, check_group, check_tensor, f32, i32, kernel, launch
+from ._cuda import KV_DTYPES, check, check_group, check_tensor, f32, i32, kernel, launch, num_sms
 
-CHUNK = 512  # candidates per block
+
+def chunk_size(C: int, rows: int, sms: int) -> int:
+    """Candidates per block: about two blocks per SM, 512..4096 candidates each (amortizes the query set-up)."""
+    want = -(-C * rows // (2 * sms))
+    return max(512, min(4096, -(-want // 512) * 512))
 
 
 def int4_candidate_scores(q: torch.Tensor, key_int4: torch.Tensor, key_scale_zero: torch.Tensor,
@@ -54,12 +58,14 @@ def int4_candidate_scores(q: torch.Tensor, key_int4: torch.Tensor, key_scale_zer
           f"out buffers must be {(B, HK, G, C)} and {(B, HK, C)}")
     if B == 0 or C == 0:
         return logits, probs
-    defines = dict(KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D, NUM_KV_HEADS=HK, GROUP=G, GROUP_SIZE=D // ng, CHUNK=CHUNK)
-    chunks = -(-C // CHUNK)
+    defines = dict(KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D, NUM_KV_HEADS=HK, GROUP=G, GROUP_SIZE=D // ng)
+    chunk = chunk_size(C, B * HK, num_sms(dev.index or 0))
+    chunks = -(-C // chunk)
     partials = torch.empty((B, HK, chunks, G, 2), dtype=torch.float32, device=dev)
     grid = (chunks, HK, B)
     launch(kernel("int4_scores.cu", "int4_candidate_logits", dev, **defines), grid, (256,),
-           (q, key_int4, key_scale_zero, candidates, num_candidates, logits, partials, i32(C), f32(sm_scale)), dev)
+           (q, key_int4, key_scale_zero, candidates, num_candidates, logits, partials, i32(C), i32(chunk),
+            f32(sm_scale)), dev)
     launch(kernel("int4_scores.cu", "int4_candidate_probs", dev, **defines), grid, (256,),
-           (logits, partials, num_candidates, probs, i32(C)), dev)
+           (logits, partials, num_candidates, probs, i32(C), i32(chunk)), dev)
     return logits, probs

@@ -231,9 +231,9 @@ def quantize_keys_int4(k_cache: torch.Tensor, written_slots: torch.Tensor, key_i
     """Asymmetric int4 copy of K for the slots just written (in place).
 
     Per slot, KV head and group of ``group_size`` consecutive channels (``group_size`` divides D; D is one group
-    by default): ``zero = min``, ``scale = (max - min) / 15``, ``code = clamp(round((x - zero) * (1 / scale)),
-    0, 15)`` (round half to even, float32 arithmetic; a constant group has scale 0 and codes 0), so
-    ``x_hat = code * scale + zero`` is within ``scale / 2`` of x.
+    by default): ``zero = min``, ``scale = (max - min) / 15``, ``code = clamp(round((x - zero) / scale), 0, 15)``
+    (round half to even, float32 arithmetic; a constant group has scale 0 and codes 0), so
+    ``x_hat = code * scale + zero`` is within ``scale / 2`` of x (up to float32 rounding).
 
     Args:
         k_cache: ``[num_slots, HK, D]`` fp16/bf16.
@@ -252,8 +252,10 @@ def quantize_keys_int4(k_cache: torch.Tensor, written_slots: torch.Tensor, key_i
     # Tensor-by-tensor divisions: torch turns division by a Python scalar into a multiplication by its
     # reciprocal on some devices, which rounds differently from the IEEE division the kernel does.
     scale = (mx - mn) / torch.full_like(mx, 15.0)
-    inv = torch.where(scale > 0, torch.ones_like(scale) / scale, torch.zeros_like(scale))
-    codes = torch.round((k - mn[..., None]) * inv[..., None]).clamp(0, 15).to(torch.uint8).view(-1, HK, D)
+    # A true division (not a multiplication by 1/scale, which overflows for subnormal scales).
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.where(scale[..., None] > 0, torch.round((k - mn[..., None]) / safe[..., None]), torch.zeros_like(k))
+    codes = codes.clamp(0, 15).to(torch.uint8).view(-1, HK, D)
     key_int4[slots] = codes[..., 0::2] | (codes[..., 1::2] << 4)
     key_scale_zero[slots] = torch.stack([scale, mn], -1)
 

@@ -139,6 +139,13 @@ def sel_tensors(sel: list[list[list[int]]], width: int) -> tuple[torch.Tensor, t
     return out, cnt
 
 
+def test_num_pages():
+    lens = [0, 1, 15, 16, 17, 32, 33, 1000]
+    for P in (1, 16, 64):
+        got = ref.num_pages(torch.tensor(lens, dtype=torch.int32), P)
+        assert got.dtype == torch.int64 and got.tolist() == [len(range(0, n, P)) for n in lens]
+
+
 # ============================================================================= 1. page_bounds_update
 
 
@@ -449,7 +456,7 @@ def test_compact_kv_rows_brute_force(shape):
 
 
 def _int4_eps(x: float, zero: float, scale: float) -> float:
-    """Float slack of the int4 round trip: the float32 evaluation of (x - zero) * (1 / scale) is within a few U
+    """Float slack of the int4 round trip: the float32 evaluation of (x - zero) / scale is within a few U
     (relative to |x|, |zero| and 15 * scale) of the exact value, so the chosen code is a nearest one up to that,
     and x_hat recomputed from the stored float32 (scale, zero) adds a few U more. 16 U covers it with room."""
     return 16 * U * (abs(x) + abs(zero) + 15 * scale)
@@ -528,11 +535,8 @@ def test_quantize_keys_int4_rounds_half_to_even():
         assert ref.int4_codes(key_int4).view(-1).tolist() == [round(x) for x in vals]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "reference bug: for a bf16 group with 0 < max - min < ~4.4e-38, scale = (max - min) / 15 is below "
-    "1 / FLT_MAX, so inv = 1 / scale overflows to inf in float32 and every value above the minimum gets code 15: "
-    "x_hat is then off by up to max - min, far more than scale / 2 (the kernel uses the same inv)"))
 def test_quantize_keys_int4_tiny_bf16_range():
+    """Regression: a subnormal scale once made 1/scale overflow (every code 15); the spec divides by scale."""
     D = 32
     vals = [0.0] * 30 + [1e-38, 2e-38]                       # bf16 keeps these (subnormal-range) values
     k = torch.tensor(vals, dtype=torch.bfloat16).view(1, 1, D)
@@ -1076,10 +1080,10 @@ def add_value_mean(pool: Pool, seed: int) -> None:
     pool.v = (pool.v.float() + mu).to(pool.v.dtype)
 
 
-def make_standard_vcase(dtype, G: int, P: int, seed: int, lens=(300, 129, 1000), q_scale: float = 1.0,
-                        repeat: int = 1) -> VCase:
+def make_standard_vcase(dtype, G: int, P: int, seed: int, lens=(300, 129, 1000), q_scale: float = 1.0) -> VCase:
+    """Requests with sink, local window and a few random top pages per KV head as the deterministic set."""
     HK, D = 2, 64
-    pool = make_pool(list(lens), P, HK, D, dtype, seed=seed, repeat=repeat)
+    pool = make_pool(list(lens), P, HK, D, dtype, seed=seed)
     add_value_mean(pool, seed)
     rnd = random.Random(seed)
     sel = [[_sel_pages(pool.n_pages(b), rnd, n_top=rnd.randint(0, 4)) for _ in range(HK)] for b in range(pool.B)]
@@ -1165,6 +1169,7 @@ def test_vattention_sample_whole_number_base_rate():
             for h in range(2):
                 if kinds[2 * b + h] == "sampled":
                     assert int(out[1][b, h]) >= base_rate
+
 
 def test_vattention_sample_constant_residual_needs_only_the_base_sample():
     # identical residual keys and values: zero sample variance, so the rule asks for no more than the base
@@ -1264,11 +1269,11 @@ def binomial_upper(n: int, p: float, alpha: float) -> int:
     return n
 
 
-# heavy-tailed residual: log-normal key norms of spread 0.5, queries of std 0.5 -> the residual e_i have a
-# coefficient of variation of 1 to 3.4 and a kurtosis of 250 to 800 over the four query heads, the top 10 of
-# ~1870 residual tokens hold up to 15% of the residual mass. (Much heavier tails break the CLT rule itself:
-# a 5% base sample then misses the few dominant tokens, under-estimates the variance and asks for too few
-# draws; that is a limitation of the method, not of its implementation.)
+# Heavy-tailed residual: log-normal key norms of spread 0.5, queries of std 0.5. Over the four query heads the
+# residual e_i have a coefficient of variation of 0.8 to 6.8 and a kurtosis of 50 to 1700; for the worst head one
+# token of ~1870 holds 16% of the residual mass (the flat case: CV ~0.25, kurtosis ~4). Much heavier tails break
+# the CLT rule itself: the 5% base sample then often misses the few dominant tokens, under-estimates the
+# variance and asks for too few draws (a limitation of the method, not of its implementation).
 HEAVY_SIGMA, HEAVY_Q = 0.5, 0.5
 
 
@@ -1343,8 +1348,9 @@ def test_vattention_sample_meets_epsilon_delta(kind):
                 v = c.pool.v[slots, h].double()
                 e = torch.exp(c.sm_scale * (k @ c.q[b, qh].double()) - float(c.lse_det[b, qh]) * ln2)
                 w = float(weight[b, h])
-                # the deterministic part has denominator 1 and numerator o_det in this scale (the float32
-                # lse_det given to the sampler defines the scale; o_det is the test's float64 one)
+                # o = (o_det * 1 + w sum_i e_i v_i) / (1 + w sum_i e_i): in the scale the sampler works in
+                # (the float32 lse_det), the deterministic denominator is exp(lse - lse_det ln2), 1 up to the
+                # float32 rounding of lse_det; o_det is the test's float64 one
                 scale = math.exp(c.lse64[b, qh].item() - float(c.lse_det[b, qh]) * ln2)
                 o_hat = (c.o_det64[b, qh] * scale + w * (e @ v)) / (scale + w * e.sum())
                 fails += float((o_hat - o).norm() / o.norm()) > eps
