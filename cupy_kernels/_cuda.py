@@ -114,12 +114,15 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_MAX_DYNAMIC_SMEM: dict[int, int] = {}   # id of a kernel object cached (kept alive) by _kernel -> limit set
+
+
 def set_max_dynamic_smem(fn, nbytes: int) -> None:
     """Allow ``fn`` (a cached object from :func:`kernel`) ``nbytes`` of dynamic shared memory, so static +
     dynamic may exceed 48 KiB. The limit only grows, so earlier launches stay valid."""
-    if nbytes > getattr(fn, "_sgl_max_dynamic_smem", 0):
+    if nbytes > _MAX_DYNAMIC_SMEM.get(id(fn), 0):
         fn.max_dynamic_shared_size_bytes = nbytes
-        fn._sgl_max_dynamic_smem = nbytes
+        _MAX_DYNAMIC_SMEM[id(fn)] = nbytes
 
 
 # ---------------------------------------------------------------- argument checks (no host sync)

@@ -257,9 +257,16 @@ def test_int4_quantize_scores_top_p(case, group_choice):
         safe_pos = torch.where(kmask, pos, torch.zeros_like(pos)).long()
         assert torch.equal(kept[kmask], torch.gather(cand, 2, safe_pos)[kmask])
         rkept, rn = ref.top_p_select(probs, ncand, top_p, candidate_ids=cand)
-        # Exact agreement except where float32 vs float64 mass sums straddle the target.
-        agree = (nkept == rn).float().mean().item()
-        assert agree >= 0.95, f"top_p={top_p}: kernel and reference agree on {agree:.1%} of rows"
+        # Exact agreement, except on rows where the float32 (kernel) and float64 (reference) mass sums
+        # straddle the target: there the kernel's set minus its threshold tie group holds the target mass
+        # up to float32 summation error.
+        for b, h in torch.nonzero(nkept != rn).tolist():
+            p = probs[b, h, : int(ncand[b, h])].double()
+            kept_p = p[pos[b, h, : int(npos[b, h])].long()]
+            target = top_p * p.sum()
+            without_ties = kept_p[kept_p > kept_p.min()].sum()
+            assert abs(without_ties - target) <= 1e-5 * p.sum() or abs(kept_p.sum() - target) <= 1e-5 * p.sum(), \
+                (top_p, b, h, int(nkept[b, h]), int(rn[b, h]))
 
 
 def _check_top_p(probs, ncand, top_p, pos, npos):
