@@ -1,7 +1,7 @@
 """CUDA kernel layer of sgl-sparse: CuPy RawKernels on torch tensors.
 
-Each kernel is one ``.cu`` source, one thin wrapper module of the same name (torch tensors in and out through
-DLPack, launched on torch's current stream, no host synchronisation, capturable in a CUDA graph) and one
+Each kernel is one ``.cu`` source, one thin wrapper module of the same name (torch tensors in and out, zero-copy,
+launched on torch's current stream, no host synchronisation, capturable in a CUDA graph) and one
 pure-torch function of the same name in :mod:`cupy_kernels.reference`, which is its specification.
 
 Importing this package needs no GPU and no CuPy: kernels compile on first use.

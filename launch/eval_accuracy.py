@@ -1,0 +1,98 @@
+#!/usr/bin/env python3
+"""Accuracy vs attended fraction: generated RULER-style tasks, every method and budget against dense.
+
+    python launch/eval_accuracy.py --model smollm2 --tasks passkey niah_single_1 --lengths 1024 2048
+    python launch/eval_accuracy.py --model qwen05b --lengths 4096 8192 16384 32768 --budgets 512 1024 2048
+
+Path: ``cpu`` (transformers + the torch reference selection; see sgl_sparse/accuracy.py). Prints a table
+(method x budget x length -> score, dense score, attended fraction), writes JSON and a PNG (score vs attended
+fraction per method, dense as a line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from sgl_sparse import accuracy, tasks  # noqa: E402
+from sgl_sparse.models import MODELS  # noqa: E402
+
+
+def plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(4.5 * len(lengths), 3.8), squeeze=False)
+    for ax, L in zip(axes[0], lengths):
+        dense = [r for r in rows if r["method"] == "dense" and r["length"] == L]
+        if dense:
+            ax.axhline(dense[0]["score"], color="black", lw=1, label="dense")
+        for m, marker in zip(("quest", "twilight", "vattention"), "osd"):
+            pts = sorted((r["attended_fraction"], r["score"]) for r in rows if r["method"] == m and r["length"] == L)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=m)
+        ax.set_xscale("log")
+        ax.set_title(f"{L} tokens")
+        ax.set_xlabel("mean attended fraction")
+        ax.set_ylabel("score")
+        ax.set_ylim(-0.05, 1.05)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--path", choices=["cpu"], default="cpu")
+    ap.add_argument("--tasks", nargs="+", default=["passkey", "niah_single_1", "niah_single_2"], choices=tasks.TASKS)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
+    ap.add_argument("--methods", nargs="+", default=["quest", "twilight", "vattention"])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="out/eval_accuracy.json")
+    args = ap.parse_args()
+
+    import torch
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    configs = accuracy.configs_for(args.methods, args.budgets)
+    t0 = time.time()
+
+    def progress(r):
+        print(f"[{time.time() - t0:6.0f}s] {r.method:10s} budget={r.budget:<6d} {r.task:16s} L={r.length:<6d} "
+              f"depth={r.depth:.2f} score={r.score:.2f} attended={r.attended_fraction:.3f} {r.output[:40]!r}",
+              file=sys.stderr, flush=True)
+
+    results = accuracy.evaluate(args.model, args.tasks, args.lengths, args.depths, configs, args.seed, progress)
+    rows = accuracy.summarize(results)
+    print(f"\nAccuracy ({args.path} path: transformers + torch reference selection), model {args.model}, "
+          f"tasks {', '.join(args.tasks)}, depths {args.depths}")
+    print(f"{'method':10s} {'budget':>6s} {'length':>6s} {'score':>6s} {'dense':>6s} {'rel.':>6s} {'attended':>8s}")
+    for r in rows:
+        rel = f"{r['relative']:.2f}" if r["relative"] is not None else "  -"
+        print(f"{r['method']:10s} {r['budget']:6d} {r['length']:6d} {r['score']:6.2f} {r['dense_score']:6.2f} "
+              f"{rel:>6s} {r['attended_fraction']:8.4f}")
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(dict(args=vars(args), rows=rows, results=[dataclasses.asdict(r) for r in results]), f, indent=1)
+    png = os.path.splitext(args.out)[0] + ".png"
+    try:
+        plot(rows, png, f"{args.model}, {args.path} path")
+    except ImportError:
+        png = "(matplotlib missing: no plot)"
+    print(f"wrote {args.out} {png}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""The CPU path: Hugging Face transformers with the sparse methods' torch reference in decode attention.
+
+For machines without a GPU (and as a cross-check of the GPU path), a transformers model runs its prefill with
+dense SDPA and every decode step through :func:`sgl_sparse.decode.reference_decode` — the same policies and
+configs as the GPU operator, with the reference kernels. The request's KV cache is viewed as an SGLang pool
+(one request on consecutive slots, ``req_to_token = arange``) and the page metadata and int4 keys are rebuilt
+from it at each step (exact, O(context) per layer; fine at CPU speeds).
+
+    model, tok = sgl_sparse.models.load_model("smollm2")
+    with sparse_attention(model, SparseConfig.load("quest").replace(token_budget=512)) as stats:
+        text = sgl_sparse.models.greedy(model, tok, prompt)
+    stats.attended_fraction     # mean fraction of the context attended per KV head in sparse layers
+
+Batch size 1 (no padding) only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import policies
+from .config import SparseConfig
+from .decode import reference_decode
+from .metadata import SparseKVMetadata
+from .policies import DecodeBatch
+
+ATTN_NAME = "sgl_sparse"
+
+
+@dataclass
+class SparseStats:
+    config: SparseConfig
+    step: int = 0
+    attended: list[float] = field(default_factory=list)   # per (step, sparse layer): fraction attended
+
+    @property
+    def attended_fraction(self) -> float:
+        return sum(self.attended) / len(self.attended) if self.attended else 1.0
+
+
+def _sparse_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                              is_causal=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    stats: SparseStats | None = getattr(module.config, "_sgl_sparse_stats", None)
+    if stats is None or query.shape[2] != 1 or not stats.config.is_sparse:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("the sgl_sparse CPU path decodes one request at a time (batch size 1)")
+    cfg = stats.config
+    layer = module.layer_idx
+    _, HQ, _, D = query.shape
+    HK, L = key.shape[1], key.shape[2]
+    P = cfg.page_size
+    slots = -(-L // P) * P
+    k_cache = torch.zeros((slots, HK, D), dtype=key.dtype)
+    v_cache = torch.zeros((slots, HK, D), dtype=value.dtype)
+    k_cache[:L] = key[0].transpose(0, 1)
+    v_cache[:L] = value[0].transpose(0, 1)
+    meta = SparseKVMetadata(cfg, num_layers=layer + 1, num_slots=slots, num_kv_heads=HK, head_dim=D,
+                            dtype=key.dtype, device="cpu")
+    meta.update_reference(layer, k_cache, torch.arange(L))
+    batch = DecodeBatch(torch.arange(slots, dtype=torch.int32)[None], torch.zeros(1, dtype=torch.long),
+                        torch.tensor([L]), slots // P)
+    if layer == 0:
+        stats.step += 1
+    seeds = policies.vattention_seeds(cfg.seed, torch.tensor([stats.step]), layer, 1)
+    scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
+    out, counts = reference_decode(cfg, layer, query[:, :, 0], k_cache, v_cache, batch, meta, scale, seeds)
+    if layer >= cfg.dense_layers:
+        stats.attended.append(float(counts.float().mean()) / L)
+    return out.view(1, 1, HQ, D), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="sgl_sparse"`` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, _sparse_attention_forward)
+
+
+@contextlib.contextmanager
+def sparse_attention(model, config: SparseConfig):
+    """Run ``model``'s decode attention through ``config`` inside the block; yields :class:`SparseStats`."""
+    register()
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ATTN_NAME)
+    stats = SparseStats(config)
+    model.config._sgl_sparse_stats = stats
+    try:
+        yield stats
+    finally:
+        model.config._sgl_sparse_stats = None
+        model.set_attn_implementation(previous)

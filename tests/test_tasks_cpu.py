@@ -1,0 +1,39 @@
+"""The generated long-context tasks: lengths, needles, answers and RULER scoring (no model needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sgl_sparse import tasks
+
+
+def words(s: str) -> int:          # a stand-in tokenizer: whitespace words
+    return len(s.split())
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+@pytest.mark.parametrize("length", [300, 2000])
+def test_instances_hit_length_and_hold_their_answers(task, length):
+    inst = tasks.make_task(task, length, 0.4, 7, words)
+    n = words(inst.prompt)
+    assert 0.8 * length <= n <= length + 40, n
+    for a in inst.answers:
+        assert a in inst.prompt
+    assert inst.score(" ".join(inst.answers)) == 1.0
+    assert inst.score("nothing relevant") == 0.0
+
+
+def test_seeded_and_depth_controls_needle_position():
+    a = tasks.make_task("niah_single_1", 1000, 0.1, 1, words)
+    b = tasks.make_task("niah_single_1", 1000, 0.1, 1, words)
+    c = tasks.make_task("niah_single_1", 1000, 0.9, 1, words)
+    assert a.prompt == b.prompt
+    pos = lambda inst: inst.prompt.index(inst.answers[0]) / len(inst.prompt)  # noqa: E731
+    assert pos(a) < 0.2 and pos(c) > 0.8
+
+
+def test_partial_credit_and_unknown_task():
+    inst = tasks.make_task("niah_multivalue", 500, 0.3, 2, words)
+    assert inst.score(" ".join(inst.answers[:2])) == 0.5
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.make_task("qa_1", 500, 0.3, 2, words)
