@@ -1,0 +1,210 @@
+"""All SGLang-specific glue: the plugin entry point, ``--sparse-config``, start-up checks and the backend.
+
+Installed, this package declares an entry point in SGLang's general plugin group ``sglang.srt.plugins``, which
+``launch_server``, ``Engine`` and every scheduler process load (``SGLANG_PLUGINS`` is its allow-list). The
+plugin adds ``sgl_sparse`` to ``--attention-backend``, registers its factory, adds ``--sparse-config`` (a preset
+name from ``configs/`` or a YAML path) and validates the flags before ``ServerArgs`` is built from them. The resolved
+config travels to the scheduler/TP processes in the environment variable ``SGL_SPARSE_CONFIG`` (JSON).
+
+The backend keeps prefill/extend on SGLang's dense FlashInfer backend and sends decode through
+:class:`sgl_sparse.decode.SparseDecodeOperator`; the side tables (:class:`sgl_sparse.metadata.SparseKVMetadata`)
+are indexed by physical page/slot of SGLang's KV pool and refreshed from the pool right after each layer's KV
+write (read back at ``out_cache_loc``).
+
+Status: the plugin, CLI and start-up checks are tested on CPU with the real SGLang 0.5.17; the backend's
+forward paths are written against SGLang 0.5.17's ``FlashInferAttnBackend`` and have not run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from .config import SparseConfig, SparseConfigError
+
+logger = logging.getLogger(__name__)
+
+BACKEND_NAME = "sgl_sparse"
+ENV_CONFIG = "SGL_SPARSE_CONFIG"
+DEFAULT_CONFIG = "quest"
+
+
+class SparseServerArgsError(ValueError):
+    """An SGLang option the sparse backend cannot honour; the message says which flag to change."""
+
+
+# ----------------------------------------------------------------------------- config hand-over
+
+def config_from_env() -> SparseConfig:
+    """The config resolved by the launching process (or the default preset)."""
+    raw = os.environ.get(ENV_CONFIG)
+    if not raw:
+        return SparseConfig.load(DEFAULT_CONFIG)
+    return SparseConfig.from_dict(json.loads(raw), source=ENV_CONFIG)
+
+
+def publish_config(config: SparseConfig) -> None:
+    os.environ[ENV_CONFIG] = json.dumps(config.to_dict())
+
+
+def uses_sparse_backend(server_args) -> bool:
+    return BACKEND_NAME in (getattr(server_args, "attention_backend", None),
+                            getattr(server_args, "decode_attention_backend", None))
+
+
+def check_server_args(server_args, config: SparseConfig) -> None:
+    """Fail at start-up, naming the flag, for every mode the sparse backend cannot serve."""
+    prefill = getattr(server_args, "prefill_attention_backend", None)
+    if getattr(server_args, "attention_backend", None) != BACKEND_NAME and getattr(
+            server_args, "decode_attention_backend", None) == BACKEND_NAME and prefill not in (None, "flashinfer"):
+        raise SparseServerArgsError(f"--decode-attention-backend {BACKEND_NAME} needs FlashInfer prefill: pass "
+                                    f"--prefill-attention-backend flashinfer (got {prefill})")
+    page_size = getattr(server_args, "page_size", None) or 1
+    if page_size != config.page_size:
+        raise SparseServerArgsError(
+            f"--attention-backend {BACKEND_NAME} with sparse config page_size={config.page_size} needs "
+            f"--page-size {config.page_size} (got --page-size {page_size})")
+    if getattr(server_args, "speculative_algorithm", None):
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support speculative decoding: "
+                                    "remove --speculative-algorithm")
+    if getattr(server_args, "enable_hierarchical_cache", False):
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support the hierarchical cache: "
+                                    "remove --enable-hierarchical-cache")
+    if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support PD disaggregation: "
+                                    "remove --disaggregation-mode")
+    if getattr(server_args, "enable_dp_attention", False):
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support DP attention: "
+                                    "remove --enable-dp-attention")
+
+
+# ----------------------------------------------------------------------------- CLI hooks
+
+def _add_cli_args(result, parser):
+    parser.add_argument(
+        "--sparse-config", type=str, default=None,
+        help=f"sgl-sparse: the sparse decode method for --attention-backend {BACKEND_NAME}: a preset name "
+             f"(dense, quest, twilight, vattention; default {DEFAULT_CONFIG}) or a YAML file path.")
+    return result
+
+
+def _validate_cli_args(cls, args):
+    """Before ``ServerArgs`` is built from the parsed flags: resolve, check and publish the sparse config."""
+    name = getattr(args, "sparse_config", None)
+    if uses_sparse_backend(args):
+        config = SparseConfig.load(name or DEFAULT_CONFIG)
+        check_server_args(args, config)
+        publish_config(config)
+        logger.info("sgl-sparse: %s", config.to_dict())
+    elif name is not None:
+        raise SparseConfigError(f"--sparse-config {name} has no effect without --attention-backend {BACKEND_NAME}")
+    return None
+
+
+# ----------------------------------------------------------------------------- the backend
+
+def create_backend(runner):
+    """``--attention-backend sgl_sparse``: the factory SGLang's attention registry calls."""
+    if runner.use_mla_backend:
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} supports MHA/GQA models only (this model "
+                                    "uses MLA): choose another --attention-backend")
+    if runner.sliding_window_size is not None:
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not handle sliding-window attention "
+                                    "layers: choose another --attention-backend for this model")
+    config = config_from_env()
+    check_server_args(runner.server_args, config)
+    return _backend_class()(runner, config)
+
+
+def _backend_class():
+    """Defined lazily: importing SGLang's FlashInfer backend needs its GPU stack."""
+    import torch
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from .decode import SparseDecodeOperator
+    from .metadata import SparseKVMetadata
+
+    class SparseAttnBackend(FlashInferAttnBackend):
+        """Dense FlashInfer prefill, sparse decode (see the module docstring)."""
+
+        def __init__(self, runner, config: SparseConfig):
+            super().__init__(runner, init_new_workspace=runner.init_new_workspace)
+            mc = runner.model_config
+            tp = runner.tp_size
+            self.config = config
+            self.num_qo_heads = mc.num_attention_heads // tp
+            self.num_kv_heads = mc.get_num_kv_heads(tp)
+            self.head_dim = mc.head_dim
+            k0 = self.token_to_kv_pool.get_key_buffer(0) if hasattr(self.token_to_kv_pool, "get_key_buffer") else None
+            if k0 is None or k0.dim() != 3:
+                raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} needs SGLang's MHA KV pool "
+                                            "([slots, heads, head_dim] per layer)")
+            layers = mc.num_hidden_layers
+            self.metadata = SparseKVMetadata(config, num_layers=layers, num_slots=k0.shape[0],
+                                             num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                                             dtype=k0.dtype, device=k0.device)
+            self.operator = SparseDecodeOperator(
+                config, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                num_layers=layers, max_batch=runner.server_args.max_running_requests or 256,
+                max_context=mc.context_len, dtype=k0.dtype, device=k0.device)
+
+        # -- metadata, outside the graph, once per step
+        def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
+            if not forward_batch.forward_mode.is_decode_or_idle():
+                return super().init_forward_metadata_out_graph(forward_batch, in_capture)
+            bs = forward_batch.batch_size
+            seq_cpu = forward_batch.seq_lens_cpu
+            seq_cpu = seq_cpu[:bs] if seq_cpu is not None else forward_batch.seq_lens[:bs].cpu()
+            self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],
+                               forward_batch.seq_lens[:bs], seq_cpu)
+
+        def init_forward_metadata(self, forward_batch):
+            if forward_batch.forward_mode.is_decode_or_idle():
+                self.init_forward_metadata_out_graph(forward_batch)
+            else:
+                super().init_forward_metadata(forward_batch)
+
+        def _refresh_metadata(self, layer, forward_batch):
+            self.metadata.update(layer.layer_id, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
+                                 forward_batch.out_cache_loc)
+
+        def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+            o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+            self._refresh_metadata(layer, forward_batch)
+            return o
+
+        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+            if k is not None and save_kv_cache:
+                self.token_to_kv_pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc, None), k, v,
+                                                    *self._kv_write_scales(layer))
+            if abs(layer.scaling - self.operator.sm_scale) > 1e-6 * self.operator.sm_scale:
+                raise SparseServerArgsError(f"sgl-sparse: layer {layer.layer_id} uses softmax scale "
+                                            f"{layer.scaling}, not 1/sqrt(head_dim); not supported yet")
+            self._refresh_metadata(layer, forward_batch)
+            kb = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            vb = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+            bs = forward_batch.batch_size
+            o = self.operator.run(layer.layer_id, q.contiguous().view(bs, self.num_qo_heads, self.head_dim), kb, vb,
+                                  self.metadata)
+            return o.view(-1, self.num_qo_heads * self.head_dim)
+
+    del torch
+    return SparseAttnBackend
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def register() -> None:
+    """Entry point of the ``sglang.srt.plugins`` group (runs in every SGLang process)."""
+    from sglang.srt import server_args as sa
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS, register_attention_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    if BACKEND_NAME not in sa.ATTENTION_BACKEND_CHOICES:
+        sa.add_attention_backend_choices([BACKEND_NAME])
+    if BACKEND_NAME not in ATTENTION_BACKENDS:
+        register_attention_backend(BACKEND_NAME)(create_backend)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
+    HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _validate_cli_args, HookType.BEFORE)

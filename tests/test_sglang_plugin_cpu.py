@@ -1,0 +1,91 @@
+"""The SGLang plugin on CPU, against the real sglang 0.5.17: discovery, --help, start-up errors.
+
+Each check runs SGLang in a subprocess (plugins patch SGLang's globals once per process, as in a server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+
+pytest.importorskip("sglang")
+
+from sgl_sparse.sglang_backend import BACKEND_NAME  # noqa: E402
+
+
+def _run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_entry_point_is_discovered():
+    eps = {e.name: e.value for e in entry_points(group="sglang.srt.plugins")}
+    assert eps.get(BACKEND_NAME) == "sgl_sparse.sglang_backend:register"
+
+
+def test_launch_server_help_lists_backend_and_sparse_config():
+    p = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--help"], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    choices = [line for line in p.stdout.splitlines() if line.strip().startswith("--attention-backend {")]
+    assert choices and BACKEND_NAME in choices[0]
+    assert "--sparse-config SPARSE_CONFIG" in p.stdout
+    assert "preset name" in p.stdout
+
+
+def test_startup_errors_name_the_flag(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("method: quest\ntoken_budget: 100\n")
+    cases = {
+        "page": [],
+        "preset": ["--page-size", "16", "--sparse-config", "nope"],
+        "yaml": ["--page-size", "16", "--sparse-config", str(bad_yaml)],
+        "dp": ["--page-size", "16", "--enable-dp-attention"],
+        "spec": ["--page-size", "16", "--speculative-algorithm", "EAGLE"],
+        "hicache": ["--page-size", "16", "--enable-hierarchical-cache"],
+        "pd": ["--page-size", "16", "--disaggregation-mode", "prefill"],
+        "page32": ["--page-size", "16", "--sparse-config", str(tmp_path / "p32.yaml")],
+        "no_backend": ["--sparse-config", "quest"],
+        "ok": ["--page-size", "16", "--sparse-config", "twilight"],
+    }
+    (tmp_path / "p32.yaml").write_text("method: quest\npage_size: 32\n")
+    code = f"""
+        import json, os
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.server_args import prepare_server_args
+        out = {{}}
+        for name, extra in {json.dumps(cases)}.items():
+            backend = "flashinfer" if name == "no_backend" else "{BACKEND_NAME}"
+            os.environ.pop("SGL_SPARSE_CONFIG", None)
+            try:
+                prepare_server_args(["--model-path", "/nonexistent-model", "--attention-backend", backend] + extra)
+                out[name] = ["ok", ""]
+            except Exception as e:
+                out[name] = [type(e).__name__, str(e), os.environ.get("SGL_SPARSE_CONFIG", "")]
+        print("RESULT" + json.dumps(out))
+    """
+    p = _run(code)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+    assert line, p.stdout[-2000:] + p.stderr[-2000:]
+    out = json.loads(line[0][len("RESULT"):])
+    assert out["page"][0] == "SparseServerArgsError" and "--page-size 16" in out["page"][1]
+    assert out["preset"][0] == "SparseConfigError" and "presets:" in out["preset"][1]
+    assert out["yaml"][0] == "SparseConfigError" and "token_budget" in out["yaml"][1]
+    assert "remove --enable-dp-attention" in out["dp"][1]
+    assert "remove --speculative-algorithm" in out["spec"][1]
+    assert "remove --enable-hierarchical-cache" in out["hicache"][1]
+    assert "remove --disaggregation-mode" in out["pd"][1]
+    assert "needs --page-size 32" in out["page32"][1]
+    assert out["no_backend"][0] == "SparseConfigError" and "no effect" in out["no_backend"][1]
+    # A valid combination passes our checks and publishes the config for the scheduler processes (SGLang itself
+    # may then stop on this CPU machine: no accelerator, no such model).
+    assert "Sparse" not in out["ok"][0]
+    assert json.loads(out["ok"][2])["method"] == "twilight"
