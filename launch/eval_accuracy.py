@@ -77,11 +77,13 @@ def main() -> int:
     rows = accuracy.summarize(results)
     print(f"\nAccuracy ({args.path} path: transformers + torch reference selection), model {args.model}, "
           f"tasks {', '.join(args.tasks)}, depths {args.depths}")
-    print(f"{'method':10s} {'budget':>6s} {'length':>6s} {'score':>6s} {'dense':>6s} {'rel.':>6s} {'attended':>8s}")
+    print(f"{'method':10s} {'budget':>6s} {'length':>6s} {'score':>6s} {'dense':>6s} {'rel.':>6s} {'attended':>8s} "
+          f"{'P(err>eps)':>10s}")
     for r in rows:
         rel = f"{r['relative']:.2f}" if r["relative"] is not None else "  -"
+        viol = f"{r['violation_rate']:.4f}" if r.get("violation_rate") is not None else "-"
         print(f"{r['method']:10s} {r['budget']:6d} {r['length']:6d} {r['score']:6.2f} {r['dense_score']:6.2f} "
-              f"{rel:>6s} {r['attended_fraction']:8.4f}")
+              f"{rel:>6s} {r['attended_fraction']:8.4f} {viol:>10s}")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(dict(args=vars(args), rows=rows, results=[dataclasses.asdict(r) for r in results]), f, indent=1)

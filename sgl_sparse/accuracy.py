@@ -6,6 +6,9 @@ greedy decoding, and reports RULER's score and the mean attended fraction. Paths
 - ``cpu``: Hugging Face transformers with the torch reference selection in decode attention
   (:mod:`sgl_sparse.hf_sparse`) — runs anywhere, slowly.
 
+For vAttention every decode attention is also computed densely on the same real q/k/v, and the fraction of
+(step, layer, query head) outputs whose relative error exceeds epsilon is reported against delta.
+
 Prompts are raw completions ending in an answer prefix (RULER's style), which the small instruct models here
 follow better than their chat template.
 """
@@ -37,6 +40,7 @@ class Result:
     attended_fraction: float
     output: str
     seconds: float
+    violation_rate: float | None = None   # vAttention: measured P(rel. error > epsilon) on the real q/k/v
 
 
 def configs_for(methods: list[str], budgets: list[int], **overrides) -> list[SparseConfig]:
@@ -61,14 +65,17 @@ def evaluate(model_name: str, task_names: list[str], lengths: list[int], depths:
                 for cfg in configs:
                     t0 = time.time()
                     n_new = MAX_NEW_TOKENS.get(task, 24)
+                    violation = None
                     if cfg.is_sparse:
-                        with sparse_attention(model, cfg) as stats:
+                        measure = cfg.method == "vattention"
+                        with sparse_attention(model, cfg, measure_error=measure) as stats:
                             out = models.greedy(model, tok, inst.prompt, n_new)
                         frac = stats.attended_fraction
+                        violation = stats.violation_rate if measure else None
                     else:
                         out, frac = models.greedy(model, tok, inst.prompt, n_new), 1.0
                     r = Result("cpu", model_name, cfg.method, cfg.token_budget if cfg.is_sparse else length, task,
-                               length, depth, inst.score(out), frac, out, time.time() - t0)
+                               length, depth, inst.score(out), frac, out, time.time() - t0, violation)
                     results.append(r)
                     if progress:
                         progress(r)
@@ -85,7 +92,9 @@ def summarize(results: list[Result]) -> list[dict]:
     rows = []
     for (method, budget, length), rs in sorted(groups.items()):
         score = sum(r.score for r in rs) / len(rs)
+        viol = [r.violation_rate for r in rs if r.violation_rate is not None]
         rows.append(dict(method=method, budget=budget, length=length, score=score, dense_score=dense.get(length),
                          relative=score / dense[length] if dense.get(length) else None,
-                         attended_fraction=sum(r.attended_fraction for r in rs) / len(rs), n=len(rs)))
+                         attended_fraction=sum(r.attended_fraction for r in rs) / len(rs), n=len(rs),
+                         violation_rate=sum(viol) / len(viol) if viol else None))
     return rows

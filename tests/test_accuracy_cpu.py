@@ -42,3 +42,19 @@ def test_passkey_dense_and_quest(smollm2, depth):
     assert 0 < stats.attended_fraction < 0.25          # it really was sparse
     sparse_layers = model.config.num_hidden_layers - cfg.dense_layers
     assert stats.attended and len(stats.attended) % sparse_layers == 0   # every decode step, every sparse layer
+
+
+def test_vattention_error_rate_on_real_attention(smollm2):
+    """vAttention's (epsilon, delta) on the model's real q/k/v: the fraction of decode attention outputs whose
+    relative error vs dense exceeds epsilon stays within delta (+3 binomial standard errors)."""
+    model, tok = smollm2
+    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    inst = tasks.make_task("passkey", 800, 0.5, 4, count)
+    cfg = SparseConfig.load("vattention").replace(token_budget=128, min_context=0, epsilon=0.1, delta=0.05)
+    with sparse_attention(model, cfg, measure_error=True) as stats:
+        out = models.greedy(model, tok, inst.prompt, 6)
+    n = sum(e.numel() for e in stats.errors)
+    assert n > 500
+    assert stats.violation_rate <= cfg.delta + 3 * (cfg.delta * (1 - cfg.delta) / n) ** 0.5
+    assert inst.score(out) == 1.0
+    assert stats.attended_fraction < 1.0
