@@ -58,3 +58,15 @@ def test_vattention_error_rate_on_real_attention(smollm2):
     assert stats.violation_rate <= cfg.delta + 3 * (cfg.delta * (1 - cfg.delta) / n) ** 0.5
     assert inst.score(out) == 1.0
     assert stats.attended_fraction < 1.0
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    """llama.cpp writes Q/K rows permuted for its rotary layout (convert_hf_to_gguf.py's ``permute``);
+    ``unpermute_llama`` must restore Hugging Face's order exactly."""
+    import numpy as np
+
+    n_head, head_dim, hidden = 3, 8, 5
+    w = np.arange(n_head * head_dim * hidden, dtype=np.float32).reshape(n_head * head_dim, hidden)
+    permuted = w.reshape(n_head, 2, head_dim // 2, hidden).swapaxes(1, 2).reshape(w.shape)
+    assert not np.array_equal(permuted, w)
+    assert np.array_equal(models.unpermute_llama(permuted, n_head), w)
