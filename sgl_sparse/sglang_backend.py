@@ -11,8 +11,11 @@ The backend keeps prefill/extend on SGLang's dense FlashInfer backend and sends 
 are indexed by physical page/slot of SGLang's KV pool and refreshed from the pool right after each layer's KV
 write (read back at ``out_cache_loc``).
 
+The side tables' bytes per token are added to SGLang's per-token KV cost (``_compute_cell_size``) so the pool is
+sized for both.
+
 Status: the plugin, CLI and start-up checks are tested on CPU with the real SGLang 0.5.17; the backend's
-forward paths are written against SGLang 0.5.17's ``FlashInferAttnBackend`` and have not run on a GPU yet.
+forward paths and the pool-sizing hook are written against SGLang 0.5.17 and have not run on a GPU yet.
 """
 
 from __future__ import annotations
@@ -100,6 +103,27 @@ def _validate_cli_args(cls, args):
     elif name is not None:
         raise SparseConfigError(f"--sparse-config {name} has no effect without --attention-backend {BACKEND_NAME}")
     return None
+
+
+# ----------------------------------------------------------------------------- KV pool sizing
+
+CELL_SIZE_TARGET = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"
+
+
+def _account_metadata(cell_size, configurator, kvc, num_layers):
+    """SGLang sizes the KV pool from bytes per token (``cell_size``): add the side tables' bytes per token so
+    the pool and its metadata together fit the default ``--mem-fraction-static``."""
+    if kvc.use_mla_backend or not uses_sparse_backend(kvc.server_args):
+        return cell_size
+    from sglang.srt.model_executor import pool_configurator
+
+    from .metadata import SparseKVMetadata
+
+    tp = pool_configurator.get_parallel().attn_tp_size
+    mc = kvc.model_config
+    per_layer = SparseKVMetadata.bytes_per_token(config_from_env(), mc.get_num_kv_heads(tp), mc.head_dim,
+                                                 kvc.kv_cache_dtype)
+    return cell_size + per_layer * num_layers
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -208,3 +232,4 @@ def register() -> None:
         register_attention_backend(BACKEND_NAME)(create_backend)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _validate_cli_args, HookType.BEFORE)
+    HookRegistry.register(CELL_SIZE_TARGET, _account_metadata, HookType.AFTER)

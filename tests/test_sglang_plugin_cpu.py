@@ -89,3 +89,37 @@ def test_startup_errors_name_the_flag(tmp_path):
     # may then stop on this CPU machine: no accelerator, no such model).
     assert "Sparse" not in out["ok"][0]
     assert json.loads(out["ok"][2])["method"] == "twilight"
+
+
+def test_hook_targets_exist_in_this_sglang():
+    """Every SGLang attribute the plugin patches resolves in the installed sglang (0.5.17)."""
+    import pkgutil
+
+    from sgl_sparse import sglang_backend
+
+    targets = ["sglang.srt.server_args.ServerArgs.add_cli_args", "sglang.srt.server_args.ServerArgs.from_cli_args",
+               sglang_backend.CELL_SIZE_TARGET]
+    for t in targets:
+        owner, attr = t.rsplit(".", 1)
+        assert hasattr(pkgutil.resolve_name(owner), attr), t
+    from sglang.srt.model_executor import pool_configurator
+    assert hasattr(pool_configurator, "get_parallel")
+
+
+@pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense"])
+def test_metadata_bytes_per_token_match_the_tables(method):
+    """The per-token cost added to SGLang's pool sizing is what SparseKVMetadata really allocates."""
+    import torch
+
+    from sgl_sparse.config import SparseConfig
+    from sgl_sparse.metadata import SparseKVMetadata
+
+    cfg = SparseConfig.load(method)
+    slots, hk, d, layers = 64 * cfg.page_size, 2, 64, 3
+    if not cfg.is_sparse:
+        assert SparseKVMetadata.bytes_per_token(cfg, hk, d, torch.bfloat16) == 0
+        return
+    meta = SparseKVMetadata(cfg, num_layers=layers, num_slots=slots, num_kv_heads=hk, head_dim=d,
+                            dtype=torch.bfloat16, device="cpu")
+    allocated = sum(t.numel() * t.element_size() for t in meta.page_key_bounds + meta.key_int4 + meta.key_scale_zero)
+    assert SparseKVMetadata.bytes_per_token(cfg, hk, d, torch.bfloat16) * slots * layers == allocated
