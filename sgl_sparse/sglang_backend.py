@@ -143,7 +143,6 @@ def create_backend(runner):
 
 def _backend_class():
     """Defined lazily: importing SGLang's FlashInfer backend needs its GPU stack."""
-    import torch
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
@@ -179,6 +178,8 @@ def _backend_class():
             if not forward_batch.forward_mode.is_decode_or_idle():
                 return super().init_forward_metadata_out_graph(forward_batch, in_capture)
             bs = forward_batch.batch_size
+            if bs == 0:                                        # idle (e.g. DP padding): nothing to plan
+                return
             seq_cpu = forward_batch.seq_lens_cpu
             seq_cpu = seq_cpu[:bs] if seq_cpu is not None else forward_batch.seq_lens[:bs].cpu()
             self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],
@@ -214,7 +215,6 @@ def _backend_class():
                                   self.metadata)
             return o.view(-1, self.num_qo_heads * self.head_dim)
 
-    del torch
     return SparseAttnBackend
 
 
