@@ -56,11 +56,6 @@ def _module(name: str, defines: tuple[tuple[str, int], ...], device: int):
     return mod
 
 
-def module(name: str, device: torch.device, **defines: int):
-    """The compiled module of ``cupy_kernels/<name>`` for these ``-D`` defines on ``device``."""
-    return _module(name, tuple(sorted(defines.items())), device.index or 0)
-
-
 @functools.lru_cache(maxsize=None)
 def _kernel(name: str, function: str, defines: tuple[tuple[str, int], ...], device: int):
     return _module(name, defines, device).get_function(function)
@@ -168,9 +163,6 @@ def f32(x: float):
 def f64(x: float):
     import numpy as np
     return np.float64(x)
-
-
-NULL_PTR = 0  # passed as a uint64 for an absent optional pointer argument
 
 
 def u64(x: int):

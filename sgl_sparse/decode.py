@@ -251,6 +251,15 @@ def merge_states_reference(o_a, lse_a, o_b, lse_b):
     return out.to(o_a.dtype)
 
 
+def all_token_rows(batch: DecodeBatch, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token of every request as kv-index rows ``[B, HK, max_len]`` int32 and counts ``[B, HK]`` (dense)."""
+    lens = batch.seq_lens.long()
+    slots = batch.req_to_token[batch.req_pool_indices.long()][:, : int(lens.max())].long()
+    heads = torch.arange(num_kv_heads, device=slots.device)[None, :, None]
+    rows = (slots[:, None, :] * num_kv_heads + heads).to(torch.int32)
+    return rows, lens[:, None].expand(-1, num_kv_heads).to(torch.int32)
+
+
 def attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, return_lse):
     """Dense attention of each (request, KV head) over its kv-index row (float32 math; the spec of ``attend``).
 
@@ -289,11 +298,7 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
     HK = k_cache.shape[1]
     sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     if not config.is_sparse or layer < config.dense_layers:
-        lens = batch.seq_lens.long()
-        C = int(lens.max())
-        slots = batch.req_to_token[batch.req_pool_indices.long()][:, :C].long()
-        rows = (slots[:, None, :] * HK + torch.arange(HK, device=q.device)[None, :, None]).to(torch.int32)
-        counts = lens[:, None].expand(B, HK).to(torch.int32)
+        rows, counts = all_token_rows(batch, HK)
         return attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, False), counts
 
     def attend(q_, rows, counts, *, which, return_lse):

@@ -18,7 +18,7 @@ import torch
 
 from . import policies
 from .config import SparseConfig
-from .decode import attend_rows_reference, reference_decode
+from .decode import all_token_rows, attend_rows_reference, reference_decode
 from .metadata import SparseKVMetadata
 from .policies import DecodeBatch
 from .synthetic import make_pool, shape_attention
@@ -48,13 +48,7 @@ def relative_l2(o: torch.Tensor, o_ref: torch.Tensor) -> torch.Tensor:
 
 def dense_attention(q, k_cache, v_cache, batch: DecodeBatch, sm_scale: float) -> torch.Tensor:
     """Exact attention over every token of every request, float32 math, output in q's dtype."""
-    B, HQ, D = q.shape
-    HK = k_cache.shape[1]
-    lens = batch.seq_lens.long()
-    C = int(lens.max())
-    slots = batch.req_to_token[batch.req_pool_indices.long()][:, :C].long()
-    rows = (slots[:, None, :] * HK + torch.arange(HK, device=q.device)[None, :, None]).to(torch.int32)
-    counts = lens[:, None].expand(B, HK).to(torch.int32)
+    rows, counts = all_token_rows(batch, k_cache.shape[1])
     return attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, False)
 
 
