@@ -3,10 +3,14 @@
 
     python launch/eval_accuracy.py --model smollm2 --tasks passkey niah_single_1 --lengths 1024 2048
     python launch/eval_accuracy.py --model qwen05b --lengths 4096 8192 16384 32768 --budgets 512 1024 2048
+    python launch/eval_accuracy.py --path sglang --model smollm2 --lengths 2048 4096 7680 --log-dir out/logs
 
-Path: ``cpu`` (transformers + the torch reference selection; see sgl_sparse/accuracy.py). Prints a table
-(method x budget x length -> score, dense score, attended fraction), writes JSON and a PNG (score vs attended
-fraction per method, dense as a line).
+Paths (see sgl_sparse/accuracy.py): ``cpu`` (transformers + the torch reference selection, anywhere) and
+``sglang`` (GPU host: one real SGLang server per config, one at a time, driven by SGLang's frontend
+``run_batch``; the model from ``--model-dir``, else ``$GPU_HOST_MODELS/<model>``, else the converted download).
+Prints a table (method x budget x length -> score, dense score, attended fraction) titled with the path that
+produced it, writes JSON (also saved as it goes and when interrupted: `"complete": false`) and a PNG
+(score vs attended fraction per method, dense as a line).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 
@@ -53,7 +58,10 @@ def plot(rows, path, title):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
-    ap.add_argument("--path", choices=["cpu"], default="cpu")
+    ap.add_argument("--path", choices=["cpu", "sglang"], default="cpu")
+    ap.add_argument("--model-dir", help="sglang path: checkpoint directory (default: $GPU_HOST_MODELS/<model> if "
+                    "set, else the converted download)")
+    ap.add_argument("--log-dir", default="out/sglang_logs", help="sglang path: one server log per config here")
     ap.add_argument("--tasks", nargs="+", default=["passkey", "niah_single_1", "niah_single_2"], choices=tasks.TASKS)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
     ap.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
@@ -63,19 +71,46 @@ def main() -> int:
     ap.add_argument("--out", default="out/eval_accuracy.json")
     args = ap.parse_args()
 
-    import torch
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
     configs = accuracy.configs_for(args.methods, args.budgets)
-    t0 = time.time()
+    if args.path == "sglang":
+        args.model_dir = str(accuracy.model_dir_for(args.model, args.model_dir))
+        described = f"sglang path: {accuracy.server_path_description()}"
+        # a SIGTERM (e.g. a time limit) unwinds through the `with server:` blocks, so no server is left behind
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    else:
+        import torch
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        described = "cpu path: transformers + torch reference selection"
+    t0 = last_save = time.time()
+    results = []
+
+    def save(rows=None):
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(dict(args=vars(args), path=described, complete=rows is not None, rows=rows or [],
+                           results=[dataclasses.asdict(r) for r in results]), f, indent=1)
 
     def progress(r):
+        nonlocal last_save
+        results.append(r)
+        if time.time() - last_save > 5:
+            save()
+            last_save = time.time()
         print(f"[{time.time() - t0:6.0f}s] {r.method:10s} budget={r.budget:<6d} {r.task:16s} L={r.length:<6d} "
               f"depth={r.depth:.2f} score={r.score:.2f} attended={r.attended_fraction:.3f} {r.output[:40]!r}",
               file=sys.stderr, flush=True)
 
-    results = accuracy.evaluate(args.model, args.tasks, args.lengths, args.depths, configs, args.seed, progress)
+    try:
+        if args.path == "sglang":
+            accuracy.evaluate_server(args.model_dir, args.model, args.tasks, args.lengths, args.depths, configs,
+                                     args.seed, progress, log_dir=args.log_dir)
+        else:
+            accuracy.evaluate(args.model, args.tasks, args.lengths, args.depths, configs, args.seed, progress)
+    except BaseException:
+        save()                                   # keep what finished (marked complete: false)
+        raise
     rows = accuracy.summarize(results)
-    print(f"\nAccuracy ({args.path} path: transformers + torch reference selection), model {args.model}, "
+    print(f"\nAccuracy ({described}), model {args.model}, "
           f"tasks {', '.join(args.tasks)}, depths {args.depths}")
     print(f"{'method':10s} {'budget':>6s} {'length':>6s} {'score':>6s} {'dense':>6s} {'rel.':>6s} {'attended':>8s} "
           f"{'P(err>eps)':>10s}")
@@ -84,12 +119,10 @@ def main() -> int:
         viol = f"{r['violation_rate']:.4f}" if r.get("violation_rate") is not None else "-"
         print(f"{r['method']:10s} {r['budget']:6d} {r['length']:6d} {r['score']:6.2f} {r['dense_score']:6.2f} "
               f"{rel:>6s} {r['attended_fraction']:8.4f} {viol:>10s}")
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(dict(args=vars(args), rows=rows, results=[dataclasses.asdict(r) for r in results]), f, indent=1)
+    save(rows)
     png = os.path.splitext(args.out)[0] + ".png"
     try:
-        plot(rows, png, f"{args.model}, {args.path} path")
+        plot(rows, png, f"{args.model}, {described}")
     except ImportError:
         png = "(matplotlib missing: no plot)"
     print(f"wrote {args.out} {png}", file=sys.stderr)

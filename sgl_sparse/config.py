@@ -9,10 +9,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import sys
 from typing import Any
 
 METHODS = ("dense", "quest", "twilight", "vattention")
-CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
+
+
+def _config_dir() -> pathlib.Path:
+    """The presets: ``configs/`` of the checkout (editable install), else the copy a wheel installs under
+    ``<prefix>/share/sgl-sparse/configs`` (pyproject's data-files)."""
+    checkout = pathlib.Path(__file__).resolve().parent.parent / "configs"
+    if checkout.is_dir():
+        return checkout
+    return pathlib.Path(sys.prefix) / "share" / "sgl-sparse" / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class SparseConfigError(ValueError):

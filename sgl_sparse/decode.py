@@ -49,21 +49,29 @@ def _flashinfer():
 
 
 class _PerHeadDecode:
-    """FlashInfer decode over per-(request, KV head) token lists, planned once at capacity."""
+    """FlashInfer decode over per-(request, KV head) token lists, planned once at capacity.
 
-    def __init__(self, workspace, batch_size, num_kv_heads, group, head_dim, capacity, dtype, sm_scale, device):
+    ``indptr_buf`` ``[>= B*HK + 1]``, ``indices_buf`` ``[>= B*HK*capacity]`` and ``last_buf`` ``[>= B*HK]`` (int32)
+    are shared by the wrappers of every batch size: each step rewrites the part it uses before attending.
+    """
+
+    def __init__(self, workspace, batch_size, num_kv_heads, group, head_dim, capacity, dtype, sm_scale,
+                 indptr_buf, indices_buf, last_buf):
         fi = _flashinfer()
         R = batch_size * num_kv_heads
         self.rows = R
         self.group = group
         self.head_dim = head_dim
-        self.indptr = torch.arange(R + 1, dtype=torch.int32, device=device) * capacity
-        self.indices = torch.zeros(R * capacity, dtype=torch.int32, device=device)
-        last = torch.ones(R, dtype=torch.int32, device=device)
+        self.indptr = indptr_buf[: R + 1]
+        self.indices = indices_buf[: R * capacity]
+        last = last_buf[:R]
+        last.fill_(1)
+        capacity_indptr = torch.arange(R + 1, dtype=torch.int32, device=indptr_buf.device) * capacity
+        self.indptr.copy_(capacity_indptr)
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=last)
-        self.wrapper.plan(self.indptr.clone(), self.indices, last, group, 1, head_dim, 1, q_data_type=dtype,
+        self.wrapper.plan(capacity_indptr, self.indices, last, group, 1, head_dim, 1, q_data_type=dtype,
                           kv_data_type=dtype, sm_scale=sm_scale)
 
     def run(self, q, k_cache, v_cache, rows, counts, return_lse):
@@ -76,14 +84,15 @@ class _PerHeadDecode:
 class _DenseDecode:
     """FlashInfer GQA decode over every token of every request (page size 1), planned each step."""
 
-    def __init__(self, workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, max_tokens, dtype, sm_scale,
-                 device):
+    def __init__(self, workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale, indptr_buf,
+                 indices_buf, last_buf):
         fi = _flashinfer()
         self.shape = (num_qo_heads, num_kv_heads, head_dim)
         self.dtype, self.sm_scale = dtype, sm_scale
-        self.indptr = torch.zeros(batch_size + 1, dtype=torch.int32, device=device)
-        self.indices = torch.zeros(max_tokens, dtype=torch.int32, device=device)
-        self.last = torch.ones(batch_size, dtype=torch.int32, device=device)
+        self.indptr = indptr_buf[: batch_size + 1]
+        self.indices = indices_buf                       # shared by every batch size, sized max_batch x max_context
+        self.last = last_buf[:batch_size]
+        self.last.fill_(1)
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
@@ -107,7 +116,6 @@ class _DenseDecode:
                           kv_data_type=self.dtype, sm_scale=self.sm_scale)
 
     def run(self, q, k_cache, v_cache):
-        D = self.shape[2]
         return self.wrapper.run(q, (k_cache.view(-1, 1, *k_cache.shape[1:]), v_cache.view(-1, 1, *v_cache.shape[1:])))
 
 
@@ -145,36 +153,52 @@ class SparseDecodeOperator:
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.collect_stats = collect_stats
         self._per_batch: dict[int, dict] = {}
+        self._index_buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
+        self.dense_rows: torch.Tensor | None = None
         self.attended = torch.zeros(max_batch, dtype=torch.float32, device=self.device)
         self.sparse_calls = torch.zeros((), dtype=torch.float32, device=self.device)
 
     # ------------------------------------------------------------------ host side, once per step
 
+    def _shared(self, name: str, rows: int, capacity: int):
+        """int32 (indptr, indices, last_page_len) buffers shared by the wrappers of every batch size."""
+        bufs = self._index_buffers.get(name)
+        if bufs is None:
+            dev = self.device
+            bufs = (torch.zeros(rows + 1, dtype=torch.int32, device=dev),
+                    torch.zeros(rows * capacity, dtype=torch.int32, device=dev),
+                    torch.ones(rows, dtype=torch.int32, device=dev))
+            self._index_buffers[name] = bufs
+        return bufs
+
     def _buffers(self, B: int) -> dict:
         bufs = self._per_batch.get(B)
         if bufs is None:
             cfg = self.config
-            args = (self.workspace, B)
-            bufs = {"dense": _DenseDecode(*args, self.num_qo_heads, self.num_kv_heads, self.head_dim,
-                                          B * self.max_context, self.dtype, self.sm_scale, self.device)}
+            HK, G, D = self.num_kv_heads, self.group, self.head_dim
+            rows = self.max_batch * HK
+            bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
+                                          *self._shared("dense", self.max_batch, self.max_context))}
             if cfg.is_sparse:
                 main_cap = cfg.dense_pages * cfg.page_size
-                bufs["main"] = _PerHeadDecode(*args, self.num_kv_heads, self.group, self.head_dim, main_cap,
-                                              self.dtype, self.sm_scale, self.device)
+                bufs["main"] = _PerHeadDecode(self.workspace, B, HK, G, D, main_cap, self.dtype, self.sm_scale,
+                                              *self._shared("main", rows, main_cap))
                 if cfg.method == "vattention":
-                    bufs["sample"] = _PerHeadDecode(*args, self.num_kv_heads, self.group, self.head_dim,
-                                                    cfg.sample_capacity, self.dtype, self.sm_scale, self.device)
+                    bufs["sample"] = _PerHeadDecode(self.workspace, B, HK, G, D, cfg.sample_capacity, self.dtype,
+                                                    self.sm_scale, *self._shared("sample", rows, cfg.sample_capacity))
             self._per_batch[B] = bufs
         return bufs
 
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-             seq_lens_cpu: torch.Tensor) -> None:
+             seq_lens_cpu: torch.Tensor, dense_rows: list[bool] | None = None) -> None:
         """Prepare a decode step (host work, outside any CUDA graph).
 
         ``seq_lens_cpu`` is the host copy of ``seq_lens`` (SGLang keeps one); the device tensors must stay the same
-        objects for a captured graph (update them in place between replays).
+        objects for a captured graph (update them in place between replays). ``dense_rows`` (host, one bool per
+        request) marks requests that opted out of sparsity: they are attended densely in every layer. A step with
+        such rows must run eagerly (not replayed from a CUDA graph): the dense pass it adds is not captured.
         """
         B = seq_lens.shape[0]
         if B > self.max_batch:
@@ -184,7 +208,12 @@ class SparseDecodeOperator:
                              f"{self.max_context}")
         self.batch = DecodeBatch(req_to_token, req_pool_indices, seq_lens, self.max_pages)
         bufs = self._buffers(B)
-        if self.config.dense_layers > 0 or not self.config.is_sparse:
+        self.dense_rows = None
+        if dense_rows is not None and any(dense_rows) and self.config.is_sparse:
+            if len(dense_rows) != B:
+                raise ValueError(f"dense_rows has {len(dense_rows)} entries for a batch of {B}")
+            self.dense_rows = torch.tensor(dense_rows, dtype=torch.bool).to(self.device, non_blocking=True)
+        if self.config.dense_layers > 0 or not self.config.is_sparse or self.dense_rows is not None:
             bufs["dense"].plan(self.batch, seq_lens_cpu)
         self.step.add_(1)
         if self.collect_stats:
@@ -218,11 +247,28 @@ class SparseDecodeOperator:
             seeds = policies.vattention_seeds(cfg.seed, self.step, layer, batch.batch_size)
             out, counts = policies.vattention(ck, cfg, q, k_cache, v_cache, tables, batch, attend, self.sm_scale,
                                               seeds, _merge_flashinfer)
+        out = out.view(q.shape)
+        if self.dense_rows is not None:                        # opted-out requests: dense attention instead
+            dense_out = bufs["dense"].run(q, k_cache, v_cache).view(q.shape)
+            out = torch.where(self.dense_rows[:, None, None], dense_out, out)
+            counts = torch.where(self.dense_rows[:, None], batch.seq_lens[:, None].to(counts.dtype), counts)
         self.last_counts = counts
         if self.collect_stats:
             self.attended[: batch.batch_size] += counts.sum(1).float()
             self.sparse_calls += 1
-        return out.view(q.shape)
+        return out
+
+    def add_request_stats(self, attended_tokens: torch.Tensor, context_tokens: torch.Tensor) -> None:
+        """Add this step's attended and available token counts (sparse layers x KV heads) to per-request totals
+        indexed by ``req_pool_indices`` (``[max_reqs]`` float64, device). Graph-capturable; call after the last
+        layer. Rows with ``seq_len <= 1`` (CUDA-graph padding) add nothing."""
+        batch = self.batch
+        B = batch.batch_size
+        valid = (batch.seq_lens > 1).double()
+        idx = batch.req_pool_indices.long()
+        sparse_layers = max(0, self.num_layers - self.config.dense_layers)
+        attended_tokens.index_add_(0, idx, self.attended[:B].double() * valid)
+        context_tokens.index_add_(0, idx, batch.seq_lens.double() * valid * (sparse_layers * self.num_kv_heads))
 
     def attended_fraction(self) -> torch.Tensor:
         """``[B]`` mean fraction of each request's tokens attended per KV head over the sparse layers of the

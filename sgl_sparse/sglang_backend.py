@@ -14,8 +14,11 @@ write (read back at ``out_cache_loc``).
 The side tables' bytes per token are added to SGLang's per-token KV cost (``_compute_cell_size``) so the pool is
 sized for both.
 
-Status: the plugin, CLI and start-up checks are tested on CPU with the real SGLang 0.5.17; the backend's
-forward paths and the pool-sizing hook are written against SGLang 0.5.17 and have not run on a GPU yet.
+Per-request opt-out (``custom_params={"sparse": False}``) and the attended-fraction statistics in each response's
+meta info (``sparse_attended_fraction``) are hooks on SGLang's scheduler, registered here too.
+
+Tested: CPU (plugin, CLI, start-up checks, hook targets) against the real SGLang 0.5.17; GPU
+(``tests/test_server_gpu.py``: real servers on SmolLM2-135M, CUDA graphs and eager, eviction, opt-out, stats).
 """
 
 from __future__ import annotations
@@ -98,6 +101,11 @@ def _validate_cli_args(cls, args):
     if uses_sparse_backend(args):
         config = SparseConfig.load(name or DEFAULT_CONFIG)
         check_server_args(args, config)
+        if getattr(args, "cuda_graph_backend_prefill", None) is None:
+            # Prefill stays on SGLang's dense FlashInfer path; its captured prefill graphs are not validated with
+            # the side-table refresh (and cost minutes at start-up). Decode CUDA graphs stay on.
+            args.cuda_graph_backend_prefill = "disabled"
+            logger.info("sgl-sparse: prefill CUDA graphs off (pass --cuda-graph-backend-prefill to override)")
         publish_config(config)
         logger.info("sgl-sparse: %s", config.to_dict())
     elif name is not None:
@@ -126,6 +134,97 @@ def _account_metadata(cell_size, configurator, kvc, num_layers):
     return cell_size + per_layer * num_layers
 
 
+# ----------------------------------------------------------------------------- per-request opt-out and statistics
+
+# A request opts out of sparsity with ``sampling_params={"custom_params": {"sparse": False}}``: it is attended
+# densely in every layer. Steps whose batch holds such a request run eagerly (no CUDA-graph replay).
+OPT_OUT_PARAM = "sparse"
+# Each response's meta info gets ``sparse_attended_fraction``: one entry per generated token, the request's mean
+# attended fraction (tokens attended / tokens in context, over the sparse layers and the KV heads of TP rank 0)
+# over its decode steps so far (``None`` for the first token, which prefill produces); the last element is the
+# figure for the whole request. With the overlap scheduler a value may already include the step in flight.
+STATS_KEY = "sparse_attended_fraction"
+
+FORWARD_BATCH_TARGET = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
+CAN_RUN_GRAPH_TARGET = "sglang.srt.model_executor.runner.decode_cuda_graph_runner.DecodeCudaGraphRunner.can_run_graph"
+VERIFY_TARGET = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
+_RESULTS = "sglang.srt.managers.scheduler_components.batch_result_processor.SchedulerBatchResultProcessor"
+DECODE_RESULT_TARGET = _RESULTS + ".process_batch_result_decode"
+PREFILL_RESULT_TARGET = _RESULTS + ".process_batch_result_prefill"
+COLLECT_INFO_TARGET = _RESULTS + "._maybe_collect_customized_info"
+
+# Per process: "backend" (the SparseAttnBackend), "dense_rows" (opt-out flags of the decode step being run),
+# "fractions" ({id(req): (req, value)} of the result being processed).
+_ACTIVE: dict = {}
+
+
+def wants_dense(custom_params) -> bool:
+    """True when a request's ``custom_params`` opt it out of sparse attention (validated on arrival)."""
+    return isinstance(custom_params, dict) and custom_params.get(OPT_OUT_PARAM) is False
+
+
+def _check_opt_out(sampling_params, *args, **kwargs):
+    """Before ``SamplingParams.verify`` (tokenizer manager, on arrival): reject a malformed opt-out with a 400."""
+    params = sampling_params.custom_params
+    if isinstance(params, dict) and OPT_OUT_PARAM in params and not isinstance(params[OPT_OUT_PARAM], bool):
+        raise ValueError(f"sgl-sparse: custom_params[{OPT_OUT_PARAM!r}] must be true or false, got "
+                         f"{params[OPT_OUT_PARAM]!r}; pass {{\"{OPT_OUT_PARAM}\": false}} to attend densely")
+    return None
+
+
+def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
+    """After ``ForwardBatch.init_new``: which rows of this step's decode batch opted out (host list, or None).
+
+    Kept beside the backend rather than on the ForwardBatch: SGLang's eager runner copies the batch into a new
+    ForwardBatch (dataclass fields only) before the backend plans it. ``init_new`` and that forward run back to
+    back in the scheduler's forward call, so the value always belongs to the step being planned."""
+    if _ACTIVE.get("backend") is None:
+        return forward_batch
+    reqs = getattr(batch, "reqs", None)
+    rows = None
+    if reqs is not None and forward_batch.forward_mode.is_decode():
+        rows = [wants_dense(r.sampling_params.custom_params) for r in reqs]
+    _ACTIVE["dense_rows"] = rows if rows and any(rows) else None
+    return forward_batch
+
+
+def _no_graph_for_dense_rows(can_run, runner, forward_batch, *args, **kwargs):
+    """After ``DecodeCudaGraphRunner.can_run_graph``: batches with opted-out requests run eagerly."""
+    if can_run and _ACTIVE.get("dense_rows"):
+        return False
+    return can_run
+
+
+def _snapshot_fractions(processor, batch, *args, **kwargs):
+    """Before a decode result is processed: the attended fractions of its requests (their slots are still held)."""
+    backend = _ACTIVE.get("backend")
+    if backend is None or not backend.config.is_sparse:
+        return None
+    reqs = [r for r in batch.reqs if getattr(r, "req_pool_idx", None) is not None]
+    values = backend.attended_fractions([r.req_pool_idx for r in reqs])
+    _ACTIVE["fractions"] = {id(r): (r, v) for r, v in zip(reqs, values)}
+    return None
+
+
+def _snapshot_prefill(processor, batch, *args, **kwargs):
+    """Before a prefill result is processed: its first output tokens get ``None`` (no decode step yet)."""
+    backend = _ACTIVE.get("backend")
+    if backend is not None and backend.config.is_sparse:
+        _ACTIVE["fractions"] = {id(r): (r, None) for r in batch.reqs}
+    return None
+
+
+def _attach_fraction(result, processor, i, req, *args, **kwargs):
+    """After SGLang collects a request's per-token customized info: append its attended fraction, so the list
+    has one entry per output token."""
+    entry = _ACTIVE.get("fractions", {}).get(id(req))
+    if entry is not None and entry[0] is req:
+        if req.customized_info is None:
+            req.customized_info = {}
+        req.customized_info.setdefault(STATS_KEY, []).append(entry[1])
+    return result
+
+
 # ----------------------------------------------------------------------------- the backend
 
 def create_backend(runner):
@@ -143,8 +242,11 @@ def create_backend(runner):
 
 def _backend_class():
     """Defined lazily: importing SGLang's FlashInfer backend needs its GPU stack."""
+    import torch
     from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+    from sglang.srt.plugins.hook_registry import HookRegistry
+    from sglang.srt.runtime_context import get_parallel
 
     from .decode import SparseDecodeOperator
     from .metadata import SparseKVMetadata
@@ -155,7 +257,7 @@ def _backend_class():
         def __init__(self, runner, config: SparseConfig):
             super().__init__(runner, init_new_workspace=runner.init_new_workspace)
             mc = runner.model_config
-            tp = runner.tp_size
+            tp = get_parallel().attn_tp_size                  # as SGLang's FlashInfer backend divides the heads
             self.config = config
             self.num_qo_heads = mc.num_attention_heads // tp
             self.num_kv_heads = mc.get_num_kv_heads(tp)
@@ -165,13 +267,30 @@ def _backend_class():
                 raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} needs SGLang's MHA KV pool "
                                             "([slots, heads, head_dim] per layer)")
             layers = mc.num_hidden_layers
+            self.last_layer = layers - 1
+            max_reqs = self.req_to_token_pool.size
+            graph_bs = max(getattr(runner.server_args, "cuda_graph_bs", None) or [0])
             self.metadata = SparseKVMetadata(config, num_layers=layers, num_slots=k0.shape[0],
                                              num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                              dtype=k0.dtype, device=k0.device)
             self.operator = SparseDecodeOperator(
                 config, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                num_layers=layers, max_batch=runner.server_args.max_running_requests or 256,
-                max_context=mc.context_len, dtype=k0.dtype, device=k0.device)
+                num_layers=layers, max_batch=max(max_reqs, graph_bs), max_context=mc.context_len,
+                dtype=k0.dtype, device=k0.device)
+            # per request slot (req_pool_idx): attended / available tokens over the sparse layers and KV heads
+            self.attended_tokens = torch.zeros(max_reqs + 1, dtype=torch.float64, device=k0.device)
+            self.context_tokens = torch.zeros(max_reqs + 1, dtype=torch.float64, device=k0.device)
+            self._stats_stream = torch.cuda.Stream(device=k0.device)
+            self._eager = False
+            if config.is_sparse and not runner.server_args.disable_cuda_graph:
+                missing = [t for t in (CAN_RUN_GRAPH_TARGET, FORWARD_BATCH_TARGET) if t not in HookRegistry._patched]
+                if missing:
+                    raise RuntimeError(f"sgl-sparse: SGLang hooks not applied: {missing}; per-request dense opt-out "
+                                       "would be ignored under CUDA graphs")
+            _ACTIVE["backend"] = self
+            logger.info("sgl-sparse backend: %s; %d layers, %d/%d query/KV heads per rank, head_dim %d, "
+                        "KV pool %d slots, up to %d requests", config.to_dict(), layers, self.num_qo_heads,
+                        self.num_kv_heads, self.head_dim, k0.shape[0], max_reqs)
 
         # -- metadata, outside the graph, once per step
         def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
@@ -180,14 +299,23 @@ def _backend_class():
             bs = forward_batch.batch_size
             if bs == 0:                                        # idle (e.g. DP padding): nothing to plan
                 return
+            dense_rows = _ACTIVE.get("dense_rows")
+            if dense_rows and not self._eager:
+                raise RuntimeError("sgl-sparse: a batch with dense (opted-out) requests reached CUDA-graph replay")
+            if dense_rows and len(dense_rows) != bs:
+                raise RuntimeError(f"sgl-sparse: {len(dense_rows)} opt-out flags for a decode batch of {bs}")
             seq_cpu = forward_batch.seq_lens_cpu
             seq_cpu = seq_cpu[:bs] if seq_cpu is not None else forward_batch.seq_lens[:bs].cpu()
             self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],
-                               forward_batch.seq_lens[:bs], seq_cpu)
+                               forward_batch.seq_lens[:bs], seq_cpu, dense_rows=dense_rows)
 
         def init_forward_metadata(self, forward_batch):
             if forward_batch.forward_mode.is_decode_or_idle():
-                self.init_forward_metadata_out_graph(forward_batch)
+                self._eager = True
+                try:
+                    self.init_forward_metadata_out_graph(forward_batch)
+                finally:
+                    self._eager = False
             else:
                 super().init_forward_metadata(forward_batch)
 
@@ -198,6 +326,10 @@ def _backend_class():
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
             self._refresh_metadata(layer, forward_batch)
+            if layer.layer_id == 0:                             # a (re)started request: fresh statistics
+                idx = forward_batch.req_pool_indices.long()
+                self.attended_tokens[idx] = 0
+                self.context_tokens[idx] = 0
             return o
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
@@ -213,7 +345,19 @@ def _backend_class():
             bs = forward_batch.batch_size
             o = self.operator.run(layer.layer_id, q.contiguous().view(bs, self.num_qo_heads, self.head_dim), kb, vb,
                                   self.metadata)
+            if layer.layer_id == self.last_layer and self.config.is_sparse:
+                self.operator.add_request_stats(self.attended_tokens, self.context_tokens)
             return o.view(-1, self.num_qo_heads * self.head_dim)
+
+        def attended_fractions(self, req_pool_indices: list[int]) -> list[float | None]:
+            """Mean attended fraction so far of the requests in these slots (host floats; ``None`` before the
+            first sparse decode step). Read on a side stream: it may include a step still running."""
+            if not req_pool_indices:
+                return []
+            with torch.cuda.stream(self._stats_stream):
+                idx = torch.tensor(req_pool_indices, dtype=torch.long).to(self.attended_tokens.device)
+                pair = torch.stack([self.attended_tokens[idx], self.context_tokens[idx]]).cpu()
+            return [float(a / c) if c > 0 else None for a, c in pair.T.tolist()]
 
     return SparseAttnBackend
 
@@ -233,3 +377,9 @@ def register() -> None:
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _validate_cli_args, HookType.BEFORE)
     HookRegistry.register(CELL_SIZE_TARGET, _account_metadata, HookType.AFTER)
+    HookRegistry.register(VERIFY_TARGET, _check_opt_out, HookType.BEFORE)
+    HookRegistry.register(FORWARD_BATCH_TARGET, _mark_dense_rows, HookType.AFTER)
+    HookRegistry.register(CAN_RUN_GRAPH_TARGET, _no_graph_for_dense_rows, HookType.AFTER)
+    HookRegistry.register(DECODE_RESULT_TARGET, _snapshot_fractions, HookType.BEFORE)
+    HookRegistry.register(PREFILL_RESULT_TARGET, _snapshot_prefill, HookType.BEFORE)
+    HookRegistry.register(COLLECT_INFO_TARGET, _attach_fraction, HookType.AFTER)

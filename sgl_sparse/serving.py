@@ -1,0 +1,114 @@
+"""Start and stop real SGLang servers (``python -m sglang.launch_server``) for tests, the demo and benchmarks.
+
+    with ServerProcess(model_dir, backend="sgl_sparse", sparse_config="quest") as server:
+        requests.post(server.url + "/generate", json={...})
+
+The sparse backend's flags are added for you: ``--attention-backend sgl_sparse --sparse-config X --page-size P``
+(P from the config). The dense baseline is ``backend="flashinfer"`` (always named explicitly: SGLang's automatic
+choice may pick a backend the host does not have).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from .config import SparseConfig
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_command(model: str, *, backend: str, sparse_config: str | None = None, port: int,
+                   extra_args: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The ``launch_server`` command line for ``backend`` (``flashinfer`` or ``sgl_sparse``)."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--attention-backend", backend]
+    if backend == "sgl_sparse":
+        config = SparseConfig.load(sparse_config or "quest")
+        cmd += ["--sparse-config", str(sparse_config or "quest")]
+        if "--page-size" not in extra_args:
+            cmd += ["--page-size", str(config.page_size)]
+    elif sparse_config is not None:
+        raise ValueError(f"sparse_config={sparse_config!r} needs backend='sgl_sparse'")
+    return cmd + list(extra_args)
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """A ``launch_server`` subprocess with its log in ``log_path``; waits until ``/health_generate`` answers."""
+
+    def __init__(self, model: str, *, backend: str, sparse_config: str | None = None,
+                 extra_args: list[str] | tuple[str, ...] = (), log_path: str | Path | None = None,
+                 port: int | None = None, env: dict | None = None):
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = server_command(model, backend=backend, sparse_config=sparse_config, port=self.port,
+                                  extra_args=extra_args)
+        self.log_path = Path(log_path or f"/tmp/sglang-{backend}-{sparse_config or 'dense'}-{self.port}.log")
+        self.env = dict(os.environ, **(env or {}))
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self._log.write(" ".join(self.cmd) + "\n")
+        self._log.flush()
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 600.0) -> "ServerProcess":
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with code {self.proc.returncode}; log {self.log_path}:\n"
+                                  + self.log_tail())
+            try:
+                with urllib.request.urlopen(self.url + "/health_generate", timeout=30) as r:
+                    if r.status == 200:
+                        return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise ServerError(f"server not ready after {timeout:.0f} s; log {self.log_path}:\n" + self.log_tail())
+
+    def log_tail(self, chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=30)
+            except (subprocess.TimeoutExpired, ProcessLookupError):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start().wait_ready()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

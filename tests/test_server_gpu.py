@@ -1,0 +1,349 @@
+"""Real SGLang 0.5.17 servers on SmolLM2-135M-Instruct with ``--attention-backend sgl_sparse`` (GPU host only).
+
+One session fixture starts every server these tests need (staggered, one GPU), sends them requests over HTTP and
+through SGLang's frontend language, and stops them at the end. Server logs land in ``$SGL_SPARSE_LOG_DIR`` (or a
+temporary folder) so a failure can be read afterwards.
+
+Model: ``$SGL_SPARSE_SMOLLM2`` or ``$GPU_HOST_MODELS/smollm2`` (../shared/gpu-host stages it).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import random
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.gpu
+
+MODEL = os.environ.get("SGL_SPARSE_SMOLLM2") or os.path.join(os.environ.get("GPU_HOST_MODELS", "/nonexistent"),
+                                                               "smollm2")
+# Small server footprint: several servers share the GPU and start together, so each pool is capped in tokens (a
+# high mem_fraction_static keeps SGLang's memory profiling, which sees the other servers' allocations, positive),
+# decode graphs are captured up to batch 8, prefill graphs are off.
+COMMON = ["--mem-fraction-static", "0.9", "--max-total-tokens", "65536", "--max-running-requests", "8",
+          "--cuda-graph-max-bs", "8", "--cuda-graph-backend-prefill", "disabled", "--log-level", "info"]
+SMALL_BUDGET = 1024   # tokens per (request, KV head) of the "small" servers: 1/6 of the ~6K-token passkey prompts
+# SGLang's logits are bf16: for logits in [16, 32) one bf16 step is 0.125, and two runs whose batching differs
+# (different GEMM shapes, split-k) can move a logit by a step. A greedy token may legitimately flip where the top-2
+# logits are within two such steps.
+NEAR_TIE = 0.25
+
+
+def _requirements_met() -> str | None:
+    if not Path(MODEL, "config.json").exists():
+        return f"no SmolLM2 model at {MODEL} (set SGL_SPARSE_SMOLLM2 or GPU_HOST_MODELS)"
+    try:
+        import sgl_kernel  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means no SGLang GPU runtime
+        return f"SGLang's GPU runtime (sgl_kernel) is not importable: {e}"
+    return None
+
+
+# ----------------------------------------------------------------------------- configs and servers
+
+def _config(tmp: Path, name: str, preset: str, **overrides) -> str:
+    from sgl_sparse.config import SparseConfig
+
+    cfg = SparseConfig.load(preset).replace(**overrides)
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return str(path)
+
+
+def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
+    """name -> (backend, sparse config, extra flags)."""
+    specs: dict[str, tuple[str, str | None, list[str]]] = {"dense": ("flashinfer", None, ["--page-size", "16"])}
+    for m in ("quest", "twilight", "vattention"):
+        # budget >= every prompt here, sparse path on from the first layer and the shortest context
+        specs[f"{m}_full"] = ("sgl_sparse", _config(tmp, f"{m}_full", m, token_budget=8192, min_context=0,
+                                                    dense_layers=0), [])
+        small = dict(token_budget=SMALL_BUDGET, min_context=1024)
+        specs[f"{m}_small"] = ("sgl_sparse", _config(tmp, f"{m}_small", m, **small), [])
+    specs["quest_eager"] = ("sgl_sparse", specs["quest_small"][1], ["--disable-cuda-graph"])
+    specs["quest_evict"] = ("sgl_sparse", specs["quest_small"][1], ["--max-total-tokens", "9216"])
+    return specs
+
+
+class Servers(dict):
+    """name -> ready ServerProcess; a server that failed to start fails the tests that use it (with its log)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed: dict[str, str] = {}
+
+    def __missing__(self, name):
+        pytest.fail(f"server {name!r} did not start:\n{self.failed.get(name, '(not configured)')}")
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    reason = _requirements_met()
+    if reason:
+        pytest.skip(reason)
+    from sgl_sparse.serving import ServerError, ServerProcess
+
+    tmp = tmp_path_factory.mktemp("server_configs")
+    log_dir = Path(os.environ.get("SGL_SPARSE_LOG_DIR") or tmp)
+    starting: dict[str, ServerProcess] = {}
+    ready = Servers()
+    try:
+        for name, (backend, cfg, extra) in _server_specs(tmp).items():
+            args = list(COMMON)
+            if "--max-total-tokens" in extra:             # the later flag wins in argparse; keep one
+                i = args.index("--max-total-tokens")
+                del args[i:i + 2]
+            s = ServerProcess(MODEL, backend=backend, sparse_config=cfg, extra_args=args + extra,
+                              log_path=log_dir / f"server_{name}.log")
+            starting[name] = s.start()
+
+        def wait(item):
+            name, s = item
+            try:
+                s.wait_ready(timeout=float(os.environ.get("SGL_SPARSE_SERVER_TIMEOUT", 600)))
+                return name, None
+            except ServerError as e:
+                return name, str(e)
+
+        with cf.ThreadPoolExecutor(len(starting)) as ex:
+            for name, error in ex.map(wait, starting.items()):
+                if error is None:
+                    ready[name] = starting[name]
+                else:
+                    ready.failed[name] = error
+        yield ready
+    finally:
+        for s in starting.values():
+            s.stop()
+
+
+# ----------------------------------------------------------------------------- HTTP helpers
+
+def generate(server, prompts, max_new_tokens=32, logprobs=False, **extra) -> list[dict]:
+    import requests
+
+    body = {"text": list(prompts), "sampling_params": {"temperature": 0.0, "max_new_tokens": max_new_tokens},
+            **extra}
+    if logprobs:
+        body.update(return_logprob=True, top_logprobs_num=2)
+    r = requests.post(server.url + "/generate", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def output_ids(result: dict) -> list[int]:
+    return [t[1] for t in result["meta_info"]["output_token_logprobs"]]
+
+
+def assert_same_greedy(reference: dict, other_ids: list[int], label: str) -> bool:
+    """``other_ids`` equals the reference's greedy tokens up to the end, or first differs where the reference's
+    top-2 log-probs are within NEAR_TIE (a tie bf16 rounding may break either way). Returns exact equality."""
+    ref_ids = output_ids(reference)
+    n = min(len(ref_ids), len(other_ids))
+    for j in range(n):
+        if ref_ids[j] != other_ids[j]:
+            top = reference["meta_info"]["output_top_logprobs"][j]
+            gap = top[0][0] - top[1][0]
+            assert gap <= NEAR_TIE, (f"{label}: greedy token {j} differs ({other_ids[j]} vs {ref_ids[j]}) where the "
+                                    f"reference is not near a tie (top-2 gap {gap:.3f} nats)")
+            return False
+    assert len(ref_ids) == len(other_ids), f"{label}: {len(other_ids)} tokens vs {len(ref_ids)}"
+    return True
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL)
+
+
+def passkey_prompts(length=6000, depths=(0.1, 0.5, 0.9)):
+    from sgl_sparse import tasks
+
+    tok = _tokenizer()
+    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    return [tasks.make_task("passkey", length, d, i, count) for i, d in enumerate(depths)]
+
+
+MIXED_PROMPTS = None
+
+
+def mixed_prompts():
+    """Chat and raw prompts from ~20 to ~3000 tokens (cached)."""
+    global MIXED_PROMPTS
+    if MIXED_PROMPTS is None:
+        tok = _tokenizer()
+        chat = lambda q: tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,  # noqa: E731
+                                                 add_generation_prompt=True)
+        long_inst = passkey_prompts(3000, (0.3,))[0]
+        MIXED_PROMPTS = [chat("What is the capital of France?"),
+                         chat("Write a short poem about the sea."),
+                         "The history of the Roman Empire begins",
+                         chat("List three prime numbers and explain why they are prime."),
+                         long_inst.prompt]
+    return MIXED_PROMPTS
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_dense_sglang_matches_transformers(servers):
+    """Sanity of the serving stack itself: SGLang's dense FlashInfer log-probs of a prompt agree with transformers'
+    (same weights, bf16, same token ids) — every accuracy number through the server relies on it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tok = _tokenizer()
+    text = mixed_prompts()[3] + "Two, three and five: each has no divisor other than one and itself."
+    ids = tok(text, add_special_tokens=False).input_ids
+    res = generate(servers["dense"], [text], max_new_tokens=1, return_logprob=True, logprob_start_len=0,
+                   top_logprobs_num=1)[0]["meta_info"]
+    assert [t[1] for t in res["input_token_logprobs"]] == ids
+    sglang_lp = torch.tensor([t[0] for t in res["input_token_logprobs"][1:]])
+    sglang_top = torch.tensor([t[0][1] for t in res["input_top_logprobs"][1:]])
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).cuda().eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device="cuda")).logits[0, :-1].float().cpu()
+    hf_lp = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    diff = (sglang_lp - hf_lp).abs()
+    top2 = logits.topk(2, -1).values
+    disagree = (logits.argmax(-1) != sglang_top).nonzero().flatten().tolist()
+    print(f"SGLang vs transformers over {len(ids)} tokens: mean |dlogprob| {diff.mean():.4f}, "
+          f"max {diff.max():.3f}, argmax disagreements at {disagree}")
+    assert diff.mean() < 0.1
+    # two implementations whose log-probs differ by at most d can only disagree on the argmax where the top-2
+    # are within 2d of each other
+    for j in disagree:
+        assert top2[j, 0] - top2[j, 1] <= 2 * diff.max(), (j, top2[j], diff.max())
+
+
+@pytest.mark.parametrize("method", ["quest", "twilight", "vattention"])
+def test_full_budget_matches_dense(servers, method):
+    """Budget >= context, sparse path from layer 0: greedy outputs equal the dense FlashInfer backend's."""
+    prompts = mixed_prompts()
+    dense = generate(servers["dense"], prompts, max_new_tokens=48, logprobs=True)
+    sparse = generate(servers[f"{method}_full"], prompts, max_new_tokens=48, logprobs=True)
+    exact = [assert_same_greedy(d, output_ids(s), f"{method} prompt {i}") for i, (d, s) in
+             enumerate(zip(dense, sparse))]
+    print(f"{method}: {sum(exact)}/{len(exact)} outputs identical to dense, the others differ only from a near-tie")
+    assert any(exact), f"{method}: no output identical to dense"
+    assert "sgl-sparse backend" in servers[f"{method}_full"].log_tail(10**7)
+
+
+@pytest.mark.parametrize("method", ["quest", "twilight", "vattention"])
+def test_small_budget_retrieves_passkey(servers, method):
+    insts = passkey_prompts()
+    dense = generate(servers["dense"], [i.prompt for i in insts], max_new_tokens=10)
+    sparse = generate(servers[f"{method}_small"], [i.prompt for i in insts], max_new_tokens=10)
+    for inst, d, s in zip(insts, dense, sparse):
+        assert inst.score(d["text"]) == 1, f"dense failed the passkey at depth {inst.depth}: {d['text']!r}"
+        assert inst.score(s["text"]) == 1, f"{method} failed the passkey at depth {inst.depth}: {s['text']!r}"
+
+
+def test_eager_equals_cuda_graph(servers):
+    """The same config with --disable-cuda-graph gives the same tokens (one request at a time)."""
+    for inst in passkey_prompts(depths=(0.2, 0.7)):
+        g = generate(servers["quest_small"], [inst.prompt], max_new_tokens=16, logprobs=True)[0]
+        e = generate(servers["quest_eager"], [inst.prompt], max_new_tokens=16, logprobs=True)[0]
+        assert output_ids(g) == output_ids(e)
+        assert inst.score(e["text"]) == 1
+
+
+def test_frontend_program(servers):
+    """sgl.function / sgl.gen / RuntimeEndpoint / run_batch drive the sparse server."""
+    import sglang as sgl
+
+    @sgl.function
+    def passkey(s, haystack):
+        s += haystack
+        s += sgl.gen("key", max_tokens=10, temperature=0.0)
+
+    insts = passkey_prompts()
+    backend = sgl.RuntimeEndpoint(servers["quest_small"].url)
+    states = passkey.run_batch([{"haystack": i.prompt} for i in insts], backend=backend, temperature=0.0)
+    direct = generate(servers["quest_small"], [i.prompt for i in insts], max_new_tokens=10)
+    for inst, st, d in zip(insts, states, direct):
+        assert st["key"] == d["text"], (st["key"], d["text"])
+        assert inst.score(st["key"]) == 1, f"depth {inst.depth}: {st['key']!r}"
+
+
+def _facts_prefix(seed: int, n_facts: int, tokens: int, tok):
+    rng = random.Random(seed)
+    keys = [f"{rng.choice(['amber', 'cobalt', 'crimson', 'olive', 'violet'])}-{rng.randrange(100, 999)}"
+            for _ in range(n_facts)]
+    values = [str(rng.randrange(10**6, 10**7)) for _ in range(n_facts)]
+    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+    per = len(tok(filler, add_special_tokens=False).input_ids)
+    blocks = [filler] * (tokens // per)
+    for j, (k, v) in enumerate(zip(keys, values)):
+        blocks.insert(int(len(blocks) * (j + 0.5) / n_facts), f"The special magic number for {k} is {v}. ")
+    text = "There is important info hidden inside a lot of irrelevant text. Find it and memorize it.\n" + \
+           "".join(blocks)
+    return text, keys, values
+
+
+def test_shared_prefix_and_eviction(servers):
+    """Many requests sharing two long prefixes on a pool too small to keep both (radix-cache eviction and page
+    reuse): every answer equals the same config's answer on a large pool (where nothing is evicted)."""
+    tok = _tokenizer()
+    prompts = []
+    for seed in (1, 2):
+        prefix, keys, values = _facts_prefix(seed, 6, 3600, tok)
+        prompts += [prefix + f"\nWhat is the special magic number for {k}? The special magic number for {k} is"
+                    for k in keys]
+    big = generate(servers["quest_small"], prompts, max_new_tokens=12, logprobs=True)
+    # two rounds in alternating prefix order: the second finds the other prefix evicted
+    for order in (prompts, prompts[6:] + prompts[:6]):
+        with cf.ThreadPoolExecutor(4) as ex:
+            outs = list(ex.map(lambda p: generate(servers["quest_evict"], [p], 12, True)[0], order))
+        for p, o in zip(order, outs):
+            ref = big[prompts.index(p)]
+            assert_same_greedy(ref, output_ids(o), "evict vs large pool")
+    hits = sum(re.search(v, b["text"]) is not None for b, v in
+               zip(big, [v for s in (1, 2) for v in _facts_prefix(s, 6, 3600, tok)[2]]))
+    print(f"shared-prefix facts retrieved: {hits}/12")
+
+
+def _expected_fraction(budget: int, prompt_tokens: int, steps: int, page: int = 16) -> float:
+    """Quest attends ``budget / page`` whole pages per (request, KV head) in every sparse layer once the context is
+    past the dense threshold, the last (current, partly filled) page included; over decode steps 1..steps the
+    context is prompt + 1 .. prompt + steps tokens."""
+    lens = [prompt_tokens + t for t in range(1, steps + 1)]
+    return sum(budget - page + (L - 1) % page + 1 for L in lens) / sum(lens)
+
+
+def test_meta_info_reports_attended_fraction(servers):
+    inst = passkey_prompts(depths=(0.4,))[0]
+    out = generate(servers["quest_small"], [inst.prompt], max_new_tokens=12)[0]
+    meta = out["meta_info"]
+    fractions = meta["sparse_attended_fraction"]
+    n_out = meta["completion_tokens"]
+    assert len(fractions) == n_out and fractions[0] is None, (fractions, n_out)
+    # the first output token comes from prefill; decode steps 1..n_out-1 (a step still in flight may be included)
+    candidates = [_expected_fraction(SMALL_BUDGET, meta["prompt_tokens"], s) for s in (n_out - 1, n_out)]
+    assert min(abs(fractions[-1] - c) / c for c in candidates) < 1e-6, (fractions[-1], candidates)
+    assert "sparse_attended_fraction" not in generate(servers["dense"], [inst.prompt], 4)[0]["meta_info"]
+
+
+def test_request_opts_out_of_sparsity(servers):
+    """custom_params {"sparse": false}: that request is attended densely (fraction 1.0, dense output), the others
+    in the same batch stay sparse; a malformed value is rejected with a clear message."""
+    import requests
+
+    insts = passkey_prompts(depths=(0.3, 0.6))
+    body = {"text": [i.prompt for i in insts], "return_logprob": True, "top_logprobs_num": 2,
+            "sampling_params": [{"temperature": 0.0, "max_new_tokens": 12, "custom_params": {"sparse": False}},
+                                {"temperature": 0.0, "max_new_tokens": 12}]}
+    r = requests.post(servers["quest_small"].url + "/generate", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    opted, sparse = r.json()
+    assert opted["meta_info"]["sparse_attended_fraction"][-1] == 1.0
+    assert sparse["meta_info"]["sparse_attended_fraction"][-1] < 0.25
+    dense = generate(servers["dense"], [insts[0].prompt], max_new_tokens=12, logprobs=True)[0]
+    assert_same_greedy(dense, output_ids(opted), "opted-out request vs dense backend")
+    bad = requests.post(servers["quest_small"].url + "/generate", timeout=60, json={
+        "text": "hello", "sampling_params": {"max_new_tokens": 2, "custom_params": {"sparse": "no"}}})
+    assert bad.status_code == 400 and "must be true or false" in bad.text, (bad.status_code, bad.text)
