@@ -149,3 +149,31 @@ def test_metadata_bytes_per_token_match_the_tables(method):
                             dtype=torch.bfloat16, device="cpu")
     allocated = sum(t.numel() * t.element_size() for t in meta.page_key_bounds + meta.key_int4 + meta.key_scale_zero)
     assert SparseKVMetadata.bytes_per_token(cfg, hk, d, torch.bfloat16) * slots * layers == allocated
+
+
+def test_opt_out_and_fraction_hooks_on_real_requests():
+    """On SGLang's own Req objects: the opt-out survives Req's custom_params augmentation, and the per-token
+    attended fraction is attached only to the request it was read for (identity, not a reused id)."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sgl_sparse import sglang_backend as sb
+
+    opted = Req("a", "x", [1, 2, 3], SamplingParams(custom_params={"sparse": False}))
+    plain = Req("b", "y", [4, 5], SamplingParams())
+    assert "__req__" in opted.sampling_params.custom_params        # SGLang adds it; the flag still reads
+    assert sb.wants_dense(opted.sampling_params.custom_params)
+    assert not sb.wants_dense(plain.sampling_params.custom_params)
+
+    saved = dict(sb._ACTIVE)
+    try:
+        sb._ACTIVE["fractions"] = {id(opted): (opted, None)}       # prefill result: first token has no value
+        sb._attach_fraction(None, None, 0, opted, None)
+        sb._ACTIVE["fractions"] = {id(opted): (opted, 0.25)}
+        sb._attach_fraction(None, None, 0, opted, None)
+        sb._attach_fraction(None, None, 1, plain, None)            # not in this result: nothing attached
+        assert opted.customized_info == {sb.STATS_KEY: [None, 0.25]}
+        assert plain.customized_info is None
+    finally:
+        sb._ACTIVE.clear()
+        sb._ACTIVE.update(saved)
