@@ -4,13 +4,18 @@
     python launch/eval_accuracy.py --model smollm2 --tasks passkey niah_single_1 --lengths 1024 2048
     python launch/eval_accuracy.py --model qwen05b --lengths 4096 8192 16384 32768 --budgets 512 1024 2048
     python launch/eval_accuracy.py --path sglang --model smollm2 --lengths 2048 4096 7680 --log-dir out/logs
+    python launch/eval_accuracy.py --path sglang --model qwen05b --methods vattention --budgets 384 \
+        --set sample_capacity=256 epsilon=0.3 --no-dense --out out/vattn_50.json     # dense from another run
+    python launch/eval_accuracy.py --combine out/dense_quest.json out/vattn_50.json --out out/all.json
 
 Paths (see sgl_sparse/accuracy.py): ``cpu`` (transformers + the torch reference selection, anywhere) and
 ``sglang`` (GPU host: one real SGLang server per config, one at a time, driven by SGLang's frontend
 ``run_batch``; the model from ``--model-dir``, else ``$GPU_HOST_MODELS/<model>``, else the converted download).
 Prints a table (method x budget x length -> score, dense score, attended fraction) titled with the path that
 produced it, writes JSON (also saved as it goes and when interrupted: `"complete": false`) and a PNG
-(score vs attended fraction per method, dense as a line).
+(score vs attended fraction per method, dense as a line). ``--set field=value`` overrides fields of every sparse
+config of the run; ``--combine`` merges the results of several runs of one model and path (e.g. one per GPU of a
+host, or per ``--set``) into one table, JSON and PNG.
 """
 
 from __future__ import annotations
@@ -68,10 +73,20 @@ def main() -> int:
     ap.add_argument("--methods", nargs="+", default=["quest", "twilight", "vattention"])
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="override these config fields in every sparse config (e.g. sample_capacity=256)")
+    ap.add_argument("--no-dense", action="store_true",
+                    help="skip the dense baseline (when another run of the same session provides it; --combine)")
+    ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge these result files instead of running")
     ap.add_argument("--out", default="out/eval_accuracy.json")
     args = ap.parse_args()
 
-    configs = accuracy.configs_for(args.methods, args.budgets)
+    if args.combine:
+        return combine(args.combine, args.out)
+    overrides = parse_overrides(args.set)
+    configs = accuracy.configs_for(args.methods, args.budgets, **overrides)
+    if args.no_dense:
+        configs = configs[1:]
     if args.path == "sglang":
         args.model_dir = str(accuracy.model_dir_for(args.model, args.model_dir))
         described = f"sglang path: {accuracy.server_path_description()}"
@@ -109,24 +124,61 @@ def main() -> int:
     except BaseException:
         save()                                   # keep what finished (marked complete: false)
         raise
+    report(results, described, args.model, f"tasks {', '.join(args.tasks)}, depths {args.depths}", args.out,
+           dict(args=vars(args), path=described, complete=True))
+    return 0
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["epsilon=0.3", "sample_capacity=256"]`` -> ``{"epsilon": 0.3, "sample_capacity": 256}``."""
+    import yaml
+
+    out = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep or not field:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        out[field.strip()] = yaml.safe_load(value)
+    return out
+
+
+def combine(paths: list[str], out: str) -> int:
+    """Merge the results of several runs (same model and path) into one report."""
+    runs = [json.load(open(p)) for p in paths]
+    described = {r["path"] for r in runs}
+    models = {r["args"]["model"] for r in runs}
+    if len(described) != 1 or len(models) != 1:
+        raise SystemExit(f"--combine needs runs of one model on one path, got models {sorted(models)}, "
+                         f"paths {sorted(described)}")
+    results = [accuracy.Result(**r) for run in runs for r in run["results"]]
+    tasks_ = sorted({r.task for r in results})
+    report(results, described.pop(), models.pop(), f"tasks {', '.join(tasks_)}; runs {', '.join(paths)}", out,
+           dict(combined=paths, runs=[dict(args=r["args"], complete=r["complete"]) for r in runs],
+                path=runs[0]["path"], complete=all(r["complete"] for r in runs)))
+    return 0
+
+
+def report(results, described: str, model: str, what: str, out: str, header: dict) -> None:
+    """Print the table, write the JSON (``header`` + rows + results) and the PNG."""
     rows = accuracy.summarize(results)
-    print(f"\nAccuracy ({described}), model {args.model}, "
-          f"tasks {', '.join(args.tasks)}, depths {args.depths}")
+    print(f"\nAccuracy ({described}), model {model}, {what}")
     print(f"{'method':10s} {'budget':>6s} {'length':>6s} {'score':>6s} {'dense':>6s} {'rel.':>6s} {'attended':>8s} "
           f"{'P(err>eps)':>10s}")
     for r in rows:
         rel = f"{r['relative']:.2f}" if r["relative"] is not None else "  -"
         viol = f"{r['violation_rate']:.4f}" if r.get("violation_rate") is not None else "-"
-        print(f"{r['method']:10s} {r['budget']:6d} {r['length']:6d} {r['score']:6.2f} {r['dense_score']:6.2f} "
+        dense = f"{r['dense_score']:6.2f}" if r["dense_score"] is not None else "     -"
+        print(f"{r['method']:10s} {r['budget']:6d} {r['length']:6d} {r['score']:6.2f} {dense} "
               f"{rel:>6s} {r['attended_fraction']:8.4f} {viol:>10s}")
-    save(rows)
-    png = os.path.splitext(args.out)[0] + ".png"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(dict(header, rows=rows, results=[dataclasses.asdict(r) for r in results]), f, indent=1)
+    png = os.path.splitext(out)[0] + ".png"
     try:
-        plot(rows, png, f"{args.model}, {described}")
+        plot(rows, png, f"{model}, {described}")
     except ImportError:
         png = "(matplotlib missing: no plot)"
-    print(f"wrote {args.out} {png}", file=sys.stderr)
-    return 0
+    print(f"wrote {out} {png}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -93,6 +93,8 @@ class _DenseDecode:
         self.indices = indices_buf                       # shared by every batch size, sized max_batch x max_context
         self.last = last_buf[:batch_size]
         self.last.fill_(1)
+        # host copy for plan(): FlashInfer reads last_page_len on the host, a device tensor would cost a sync
+        self.last_host = torch.ones(batch_size, dtype=torch.int32)
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
@@ -112,7 +114,7 @@ class _DenseDecode:
         pos = torch.arange(total, device=dev) - starts[rows]
         self.indices[:total] = batch.req_to_token[batch.req_pool_indices.long()[rows], pos]
         HQ, HK, D = self.shape
-        self.wrapper.plan(indptr_host, self.indices[:total], self.last, HQ, HK, D, 1, q_data_type=self.dtype,
+        self.wrapper.plan(indptr_host, self.indices[:total], self.last_host, HQ, HK, D, 1, q_data_type=self.dtype,
                           kv_data_type=self.dtype, sm_scale=self.sm_scale)
 
     def run(self, q, k_cache, v_cache):
