@@ -32,7 +32,9 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import os
 import shlex
+import subprocess
 import sys
 import time
 import urllib.error
@@ -133,12 +135,13 @@ def measure_point(url: str, prompts: list[list[int]], args) -> dict:
     return dict(ms_per_step=ms, tokens_per_s=len(prompts) * 1e3 / ms, warm_s=warm_s, short_s=short_s, long_s=long_s)
 
 
-def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequences, log_dir: Path) -> list[dict]:
-    """Start ``method``'s server, time every point that fits its KV pool, stop it. Errors become rows."""
+def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequences, log_dir: Path,
+               rows: list[dict], save=lambda: None) -> None:
+    """Start ``method``'s server, time every point that fits its KV pool, stop it. Appends a row per point to
+    ``rows`` (errors become rows) and calls ``save`` after each, so a cut-off run keeps what it measured."""
     backend, sparse_config, extra = spec
     server = ServerProcess(str(args.model), backend=backend, sparse_config=sparse_config, extra_args=extra,
                            log_path=log_dir / f"server_{method}.log", env={"HF_HUB_OFFLINE": "1"})
-    rows: list[dict] = []
     started, stage = time.time(), "start-up"
     print(f"[{method}] starting server (log {server.log_path})", flush=True)
     try:
@@ -155,6 +158,7 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
             prompts = [seq[:prompt_lens[context]] for seq in sequences[:batch]]
             row.update(measure_point(server.url, prompts, args))
             rows.append(row)
+            save()
             print(f"[{method}] {stage}: {row['ms_per_step']:.2f} ms/step, "
                   f"{row['tokens_per_s']:.0f} tok/s (warm-up/prefill {row['warm_s']:.1f} s)", flush=True)
     except (ServerError, BenchError, OSError, KeyError, ValueError) as e:
@@ -164,7 +168,6 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
     finally:
         server.stop()
     print(f"[{method}] done in {time.time() - started:.0f} s", flush=True)
-    return rows
 
 
 def add_speedups(rows: list[dict], methods, points) -> list[dict]:
@@ -238,6 +241,34 @@ def plot(rows: list[dict], path: str, gpu: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def combine(paths: list[str], out: Path) -> int:
+    """Rows of several runs (the first run's measurement of a (method, point) wins) -> one JSON, table, PNG."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    gpus = {r["gpu"] for r in runs if r.get("gpu")}
+    gpu = " / ".join(sorted(gpus)) or "unknown GPU"
+    rows, seen = [], set()
+    for run in runs:
+        for r in run["rows"]:
+            key = (r["method"], r.get("batch"), r.get("context"))
+            if "ms_per_step" in r and key not in seen:
+                seen.add(key)
+                rows.append({k: v for k, v in r.items() if k != "speedup"})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    points = list(dict.fromkeys((r["batch"], r["context"]) for r in rows))
+    targets = add_speedups(rows, methods, points)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(gpu=gpu, combined=paths, runs=[dict(versions=r.get("versions"),
+                   settings=r.get("settings"), commands=r.get("commands")) for r in runs], rows=rows,
+                   targets=targets), indent=1))
+    print_table(rows, targets, gpu)
+    try:
+        plot(rows, str(out.with_suffix(".png")), gpu)
+    except ImportError:
+        pass
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
 def versions() -> dict:
     found = {}
     for dist in ("sglang", "torch", "flashinfer-python", "cupy-cuda12x", "cupy-cuda13x", "sgl-sparse"):
@@ -249,10 +280,15 @@ def versions() -> dict:
 
 
 def gpu_name() -> str:
-    """Asked after the servers have stopped, so this process never holds GPU memory while they run."""
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA GPU"
+    """The (first visible) GPU's name from nvidia-smi: this process never creates a CUDA context, so it holds no
+    GPU memory beside the servers."""
+    index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", index],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "no CUDA GPU"
+    return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "no CUDA GPU"
 
 
 def main() -> int:
@@ -271,7 +307,12 @@ def main() -> int:
     ap.add_argument("--out", default="out/bench_e2e.json")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and the server commands, check their "
                                                            "flags with SGLang's parser, start nothing")
+    ap.add_argument("--combine", nargs="+", metavar="JSON",
+                    help="merge the rows of these result files (runs of one session, e.g. one per GPU or per time "
+                         "limit) into --out, with its table and PNG; runs nothing")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args.combine, Path(args.out))
 
     config = json.loads((args.model / "config.json").read_text())
     new_tokens = 1 + max(args.steps, args.warm_steps)
@@ -296,7 +337,7 @@ def main() -> int:
     rows: list[dict] = []
 
     def save(gpu: str | None) -> list[dict]:
-        """Rewrite the JSON (after every method, so a cut-off run keeps its rows); returns the targets."""
+        """Rewrite the JSON (after every point and method, so a cut-off run keeps its rows); returns the targets."""
         targets = add_speedups(rows, args.methods, points)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(dict(
@@ -306,10 +347,11 @@ def main() -> int:
             commands={m: shlex.join(c) for m, c in commands.items()}, rows=rows, targets=targets), indent=1))
         return targets
 
-    for method in args.methods:
-        rows += run_method(method, specs[method], args, points, prompt_lens, new_tokens, sequences, log_dir)
-        save(None)
     gpu = gpu_name()
+    for method in args.methods:
+        run_method(method, specs[method], args, points, prompt_lens, new_tokens, sequences, log_dir, rows,
+                   lambda: save(gpu))
+        save(gpu)
     print_table(rows, save(gpu), gpu)
     png = out_path.with_suffix(".png")
     try:

@@ -78,11 +78,13 @@ def main() -> int:
     ap.add_argument("--no-dense", action="store_true",
                     help="skip the dense baseline (when another run of the same session provides it; --combine)")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge these result files instead of running")
+    ap.add_argument("--only-tasks", nargs="+", choices=tasks.TASKS,
+                    help="--combine: keep these tasks' results only (e.g. to leave out a task a run scored wrongly)")
     ap.add_argument("--out", default="out/eval_accuracy.json")
     args = ap.parse_args()
 
     if args.combine:
-        return combine(args.combine, args.out)
+        return combine(args.combine, args.out, args.only_tasks)
     overrides = parse_overrides(args.set)
     configs = accuracy.configs_for(args.methods, args.budgets, **overrides)
     if args.no_dense:
@@ -142,18 +144,19 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def combine(paths: list[str], out: str) -> int:
-    """Merge the results of several runs (same model and path) into one report."""
+def combine(paths: list[str], out: str, only_tasks: list[str] | None = None) -> int:
+    """Merge the results of several runs (same model and path) into one report (``only_tasks``: keep those)."""
     runs = [json.load(open(p)) for p in paths]
     described = {r["path"] for r in runs}
     models = {r["args"]["model"] for r in runs}
     if len(described) != 1 or len(models) != 1:
         raise SystemExit(f"--combine needs runs of one model on one path, got models {sorted(models)}, "
                          f"paths {sorted(described)}")
-    results = [accuracy.Result(**r) for run in runs for r in run["results"]]
+    results = [accuracy.Result(**r) for run in runs for r in run["results"]
+               if only_tasks is None or r["task"] in only_tasks]
     tasks_ = sorted({r.task for r in results})
     report(results, described.pop(), models.pop(), f"tasks {', '.join(tasks_)}; runs {', '.join(paths)}", out,
-           dict(combined=paths, runs=[dict(args=r["args"], complete=r["complete"]) for r in runs],
+           dict(combined=paths, only_tasks=only_tasks, runs=[dict(args=r["args"], complete=r["complete"]) for r in runs],
                 path=runs[0]["path"], complete=all(r["complete"] for r in runs)))
     return 0
 
@@ -170,9 +173,19 @@ def report(results, described: str, model: str, what: str, out: str, header: dic
         dense = f"{r['dense_score']:6.2f}" if r["dense_score"] is not None else "     -"
         print(f"{r['method']:10s} {r['budget']:6d} {r['length']:6d} {r['score']:6.2f} {dense} "
               f"{rel:>6s} {r['attended_fraction']:8.4f} {viol:>10s}")
+    by_task = accuracy.summarize_by_task(results)
+    task_names = sorted({t for scores in by_task.values() for t in scores})
+    if len(task_names) > 1:
+        print("\nScore per task")
+        print(f"{'method':10s} {'budget':>6s} {'length':>6s} " + " ".join(f"{t[-15:]:>15s}" for t in task_names))
+        for (method, budget, length), scores in by_task.items():
+            print(f"{method:10s} {budget:6d} {length:6d} " + " ".join(
+                f"{scores[t]:15.2f}" if t in scores else f"{'-':>15s}" for t in task_names))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(header, rows=rows, results=[dataclasses.asdict(r) for r in results]), f, indent=1)
+        json.dump(dict(header, rows=rows, by_task=[dict(method=m, budget=b, length=L, scores=s)
+                                                   for (m, b, L), s in by_task.items()],
+                       results=[dataclasses.asdict(r) for r in results]), f, indent=1)
     png = os.path.splitext(out)[0] + ".png"
     try:
         plot(rows, png, f"{model}, {described}")

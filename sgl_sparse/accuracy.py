@@ -33,7 +33,10 @@ from . import models, tasks
 from .config import SparseConfig
 from .hf_sparse import sparse_attention
 
-MAX_NEW_TOKENS = {"passkey": 8, "vt": 40, "cwe": 60, "niah_multivalue": 48, "niah_multiquery": 48}
+# Generated tokens per task (default 24): room for the whole answer in the tokenizers here (Qwen2 spells digits
+# one token each, so a UUID takes ~30 tokens); tests/test_accuracy_cpu.py checks it per task and tokenizer.
+MAX_NEW_TOKENS = {"passkey": 8, "vt": 40, "cwe": 60, "niah_single_3": 64, "niah_multivalue": 48,
+                  "niah_multiquery": 48}
 
 
 @dataclass
@@ -107,6 +110,15 @@ def summarize(results: list[Result]) -> list[dict]:
                          attended_fraction=sum(r.attended_fraction for r in rs) / len(rs), n=len(rs),
                          violation_rate=sum(viol) / len(viol) if viol else None))
     return rows
+
+
+def summarize_by_task(results: list[Result]) -> dict[tuple[str, int, int], dict[str, float]]:
+    """Mean score per task for each (method, budget, length): where a method loses against dense."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    for r in results:
+        key = (r.method, r.budget if r.method != "dense" else 0, r.length)
+        groups.setdefault(key, {}).setdefault(r.task, []).append(r.score)
+    return {k: {t: sum(v) / len(v) for t, v in sorted(tasks_.items())} for k, tasks_ in sorted(groups.items())}
 
 
 # ----------------------------------------------------------------------------- sglang path

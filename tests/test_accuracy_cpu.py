@@ -163,3 +163,29 @@ print("RESULT" + json.dumps(out))
     assert out["dense"] == ["flashinfer", None, 16] + common
     for name in ("quest_256", "vattention_256"):
         assert out[name] == ["sgl_sparse", str(tmp_path / f"{name}.yaml"), 16] + common
+
+
+def _tokenizers():
+    from transformers import AutoTokenizer
+
+    out = [("smollm2", AutoTokenizer.from_pretrained(str(models.prepare_model("smollm2"))))]
+    qwen = models.cache_dir() / "models" / "qwen05b"          # only if already converted (491 MB download)
+    if (qwen / "tokenizer.json").exists():
+        out.append(("qwen05b", AutoTokenizer.from_pretrained(str(qwen))))
+    return out
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_answers_fit_in_the_generation_budget(task):
+    """Every expected answer, spelled out, fits in the tokens the task may generate (prompts end in an answer
+    prefix, so the answer comes first).
+    A UUID answer cut at 24 Qwen tokens once scored niah_single_3 at 0 for every method, dense included."""
+    from sgl_sparse import accuracy
+
+    budget = accuracy.MAX_NEW_TOKENS.get(task, 24)
+    for name, tok in _tokenizers():
+        count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+        for seed in range(4):
+            inst = tasks.make_task(task, 1024, 0.5, seed, count)
+            answer = " " + ", ".join(inst.answers) + "."
+            assert count(answer) + 1 <= budget, (name, task, answer, count(answer), budget)
