@@ -155,6 +155,7 @@ def hf_weights_from_gguf(reader) -> dict[str, torch.Tensor]:
 def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path:
     """GGUF -> Hugging Face directory (config.json, model.safetensors in bf16, tokenizer files)."""
     from gguf import GGUFReader
+    import transformers
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -164,7 +165,10 @@ def convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> pathlib.Path
     tmp = out_dir / "model.safetensors.tmp"
     save_file(state, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, out_dir / "model.safetensors")
-    (out_dir / "config.json").write_text(json.dumps(hf_config_from_gguf(reader), indent=2))
+    # transformers_version: without it transformers 5 takes a local tokenizer for a possibly broken Mistral one and
+    # warns about an "incorrect regex pattern" (the GGUF's pre-tokenizer regex is the model's own)
+    config = dict(hf_config_from_gguf(reader), transformers_version=transformers.__version__)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     template = _field(reader, "tokenizer.chat_template")
     if template:
