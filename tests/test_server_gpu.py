@@ -10,6 +10,7 @@ Model: ``$SGL_SPARSE_SMOLLM2`` or ``$GPU_HOST_MODELS/smollm2`` (../shared/gpu-ho
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import os
 import random
 import re
@@ -80,25 +81,24 @@ class Servers(dict):
         pytest.fail(f"server {name!r} did not start:\n{self.failed.get(name, '(not configured)')}")
 
 
-@pytest.fixture(scope="session")
-def servers(tmp_path_factory):
-    reason = _requirements_met()
-    if reason:
-        pytest.skip(reason)
+@contextlib.contextmanager
+def launch_servers(model: str, specs: dict, common: list[str], log_dir: Path, prefix: str = "server",
+                   env: dict | None = None):
+    """Start every server of ``specs`` (name -> (backend, sparse config, extra flags)) at once on ``model``, wait
+    for all, yield them as :class:`Servers` (a failed start fails only the tests that use that server), stop them
+    all at exit. ``common`` is "--flag value" pairs; one repeated in a spec's extra flags is dropped from it."""
     from sgl_sparse.serving import ServerError, ServerProcess
 
-    tmp = tmp_path_factory.mktemp("server_configs")
-    log_dir = Path(os.environ.get("SGL_SPARSE_LOG_DIR") or tmp)
     starting: dict[str, ServerProcess] = {}
     ready = Servers()
     try:
-        for name, (backend, cfg, extra) in _server_specs(tmp).items():
-            args = list(COMMON)
-            if "--max-total-tokens" in extra:             # the later flag wins in argparse; keep one
-                i = args.index("--max-total-tokens")
+        for name, (backend, cfg, extra) in specs.items():
+            args = list(common)
+            for flag in [f for f in extra if f.startswith("--") and f in args]:
+                i = args.index(flag)
                 del args[i:i + 2]
-            s = ServerProcess(MODEL, backend=backend, sparse_config=cfg, extra_args=args + extra,
-                              log_path=log_dir / f"server_{name}.log")
+            s = ServerProcess(model, backend=backend, sparse_config=cfg, extra_args=args + extra,
+                              log_path=log_dir / f"{prefix}_{name}.log", env=env)
             starting[name] = s.start()
 
         def wait(item):
@@ -119,6 +119,17 @@ def servers(tmp_path_factory):
     finally:
         for s in starting.values():
             s.stop()
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory):
+    reason = _requirements_met()
+    if reason:
+        pytest.skip(reason)
+    tmp = tmp_path_factory.mktemp("server_configs")
+    log_dir = Path(os.environ.get("SGL_SPARSE_LOG_DIR") or tmp)
+    with launch_servers(MODEL, _server_specs(tmp), COMMON, log_dir) as ready:
+        yield ready
 
 
 # ----------------------------------------------------------------------------- HTTP helpers

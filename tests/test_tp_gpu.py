@@ -11,13 +11,13 @@ Model: ``$SGL_SPARSE_QWEN05B`` or ``$GPU_HOST_MODELS/qwen05b`` (../shared/gpu-ho
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import os
 from pathlib import Path
 
 import pytest
 
-from test_server_gpu import COMMON, _config, _expected_fraction, assert_same_greedy, generate, output_ids
+from test_server_gpu import (COMMON, _config, _expected_fraction, assert_same_greedy, generate, launch_servers,
+                             output_ids)
 
 pytestmark = pytest.mark.gpu
 
@@ -49,8 +49,6 @@ def tp_servers(tmp_path_factory):
     reason = _requirements_met()
     if reason:
         pytest.skip(reason)
-    from sgl_sparse.serving import ServerError, ServerProcess
-
     tmp = tmp_path_factory.mktemp("tp_configs")
     log_dir = Path(os.environ.get("SGL_SPARSE_LOG_DIR") or tmp)
     specs = {"dense": ("flashinfer", None, ["--page-size", "16"]),
@@ -59,39 +57,9 @@ def tp_servers(tmp_path_factory):
     for m in ("quest", "twilight", "vattention"):
         specs[f"{m}_small"] = ("sgl_sparse", _config(tmp, f"{m}_small", m, token_budget=BUDGET, min_context=4096),
                                [])
-    started, ready, failed = {}, {}, {}
-    try:
-        for name, (backend, cfg, extra) in specs.items():
-            s = ServerProcess(MODEL, backend=backend, sparse_config=cfg,
-                              extra_args=[*COMMON, "--tp", "2", "--context-length", "20480", *extra],
-                              log_path=log_dir / f"server_tp2_{name}.log", env=TP_ENV)
-            started[name] = s.start()
-
-        def wait(item):
-            name, s = item
-            try:
-                s.wait_ready(timeout=float(os.environ.get("SGL_SPARSE_SERVER_TIMEOUT", 600)))
-                return name, None
-            except ServerError as e:
-                return name, str(e)
-
-        with cf.ThreadPoolExecutor(len(started)) as ex:
-            for name, error in ex.map(wait, started.items()):
-                if error is None:
-                    ready[name] = started[name]
-                else:
-                    failed[name] = error
-        yield ready, failed
-    finally:
-        for s in started.values():
-            s.stop()
-
-
-def _server(tp_servers, name):
-    ready, failed = tp_servers
-    if name not in ready:
-        pytest.fail(f"--tp 2 server {name!r} did not start:\n{failed.get(name)}")
-    return ready[name]
+    common = [*COMMON, "--tp", "2", "--context-length", "20480"]
+    with launch_servers(MODEL, specs, common, log_dir, prefix="server_tp2", env=TP_ENV) as ready:
+        yield ready
 
 
 def _passkeys(depths=(0.15, 0.5, 0.85)):
@@ -108,20 +76,20 @@ def test_tp2_full_budget_matches_dense(tp_servers):
     """Budget >= context, sparse from layer 0, each rank on its own KV head: the dense backend's greedy tokens."""
     prompts = ["The history of the Roman Empire begins", "def fibonacci(n):",
                "Explain in one paragraph why the sky is blue.", _passkeys((0.4,))[0].prompt]
-    dense = generate(_server(tp_servers, "dense"), prompts, max_new_tokens=32, logprobs=True)
-    sparse = generate(_server(tp_servers, "quest_full"), prompts, max_new_tokens=32, logprobs=True)
+    dense = generate(tp_servers["dense"], prompts, max_new_tokens=32, logprobs=True)
+    sparse = generate(tp_servers["quest_full"], prompts, max_new_tokens=32, logprobs=True)
     exact = [assert_same_greedy(d, output_ids(s), f"tp2 quest prompt {i}") for i, (d, s) in
              enumerate(zip(dense, sparse))]
     assert any(exact), "tp2: no output identical to dense"
-    logs = _server(tp_servers, "quest_full").log_tail(10**7)
+    logs = tp_servers["quest_full"].log_tail(10**7)
     assert "sgl-sparse backend" in logs
 
 
 @pytest.mark.parametrize("method", ["quest", "twilight", "vattention"])
 def test_tp2_small_budget_retrieves_passkey(tp_servers, method):
     insts = _passkeys()
-    dense = generate(_server(tp_servers, "dense"), [i.prompt for i in insts], max_new_tokens=10)
-    sparse = generate(_server(tp_servers, f"{method}_small"), [i.prompt for i in insts], max_new_tokens=10)
+    dense = generate(tp_servers["dense"], [i.prompt for i in insts], max_new_tokens=10)
+    sparse = generate(tp_servers[f"{method}_small"], [i.prompt for i in insts], max_new_tokens=10)
     for inst, d, s in zip(insts, dense, sparse):
         assert inst.score(d["text"]) == 1, f"dense failed the passkey at depth {inst.depth}: {d['text']!r}"
         assert inst.score(s["text"]) == 1, f"tp2 {method} failed the passkey at depth {inst.depth}: {s['text']!r}"
@@ -130,7 +98,7 @@ def test_tp2_small_budget_retrieves_passkey(tp_servers, method):
 
 def test_tp2_attended_fraction_is_quests_count(tp_servers):
     inst = _passkeys((0.6,))[0]
-    meta = generate(_server(tp_servers, "quest_small"), [inst.prompt], max_new_tokens=12)[0]["meta_info"]
+    meta = generate(tp_servers["quest_small"], [inst.prompt], max_new_tokens=12)[0]["meta_info"]
     fractions, n_out = meta["sparse_attended_fraction"], meta["completion_tokens"]
     candidates = [_expected_fraction(BUDGET, meta["prompt_tokens"], s) for s in (n_out - 1, n_out)]
     assert min(abs(fractions[-1] - c) / c for c in candidates) < 1e-6, (fractions[-1], candidates)
