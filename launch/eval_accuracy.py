@@ -75,6 +75,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="override these config fields in every sparse config (e.g. sample_capacity=256)")
+    ap.add_argument("--measure-error", action="store_true",
+                    help="cpu path: compare every sparse decode attention with dense on the same q/k/v (mean "
+                         "relative error per method and task; always on for vAttention)")
     ap.add_argument("--no-dense", action="store_true",
                     help="skip the dense baseline (when another run of the same session provides it; --combine)")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge these result files instead of running")
@@ -122,7 +125,8 @@ def main() -> int:
             accuracy.evaluate_server(args.model_dir, args.model, args.tasks, args.lengths, args.depths, configs,
                                      args.seed, progress, log_dir=args.log_dir)
         else:
-            accuracy.evaluate(args.model, args.tasks, args.lengths, args.depths, configs, args.seed, progress)
+            accuracy.evaluate(args.model, args.tasks, args.lengths, args.depths, configs, args.seed, progress,
+                              measure_error=args.measure_error)
     except BaseException:
         save()                                   # keep what finished (marked complete: false)
         raise
@@ -166,24 +170,29 @@ def report(results, described: str, model: str, what: str, out: str, header: dic
     rows = accuracy.summarize(results)
     print(f"\nAccuracy ({described}), model {model}, {what}")
     print(f"{'method':10s} {'budget':>6s} {'length':>6s} {'score':>6s} {'dense':>6s} {'rel.':>6s} {'attended':>8s} "
-          f"{'P(err>eps)':>10s}")
+          f"{'P(err>eps)':>10s} {'mean err':>8s}")
     for r in rows:
         rel = f"{r['relative']:.2f}" if r["relative"] is not None else "  -"
         viol = f"{r['violation_rate']:.4f}" if r.get("violation_rate") is not None else "-"
+        err = f"{r['mean_error']:.4f}" if r.get("mean_error") is not None else "-"
         dense = f"{r['dense_score']:6.2f}" if r["dense_score"] is not None else "     -"
         print(f"{r['method']:10s} {r['budget']:6d} {r['length']:6d} {r['score']:6.2f} {dense} "
-              f"{rel:>6s} {r['attended_fraction']:8.4f} {viol:>10s}")
+              f"{rel:>6s} {r['attended_fraction']:8.4f} {viol:>10s} {err:>8s}")
     by_task = accuracy.summarize_by_task(results)
+    errors_by_task = accuracy.summarize_by_task(results, "mean_error")
     task_names = sorted({t for scores in by_task.values() for t in scores})
-    if len(task_names) > 1:
-        print("\nScore per task")
-        print(f"{'method':10s} {'budget':>6s} {'length':>6s} " + " ".join(f"{t[-15:]:>15s}" for t in task_names))
-        for (method, budget, length), scores in by_task.items():
-            print(f"{method:10s} {budget:6d} {length:6d} " + " ".join(
-                f"{scores[t]:15.2f}" if t in scores else f"{'-':>15s}" for t in task_names))
+    for title, table, fmt in (("Score per task", by_task, "15.2f"),
+                              ("Mean relative error of the attention outputs per task", errors_by_task, "15.4f")):
+        if len(task_names) > 1 and table:
+            print(f"\n{title}")
+            print(f"{'method':10s} {'budget':>6s} {'length':>6s} " + " ".join(f"{t[-15:]:>15s}" for t in task_names))
+            for (method, budget, length), values in table.items():
+                print(f"{method:10s} {budget:6d} {length:6d} " + " ".join(
+                    format(values[t], fmt) if t in values else f"{'-':>15s}" for t in task_names))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(header, rows=rows, by_task=[dict(method=m, budget=b, length=L, scores=s)
+        json.dump(dict(header, rows=rows, by_task=[dict(method=m, budget=b, length=L, scores=s,
+                                                        mean_errors=errors_by_task.get((m, b, L)))
                                                    for (m, b, L), s in by_task.items()],
                        results=[dataclasses.asdict(r) for r in results]), f, indent=1)
     png = os.path.splitext(out)[0] + ".png"

@@ -4,9 +4,10 @@ Every (task, length, depth) instance runs with dense attention and with each (me
 each gives RULER's score and the mean attended fraction. Paths:
 
 - ``cpu`` (:func:`evaluate`): Hugging Face transformers with the torch reference selection in decode attention
-  (:mod:`sgl_sparse.hf_sparse`) — runs anywhere, slowly. For vAttention every decode attention is also computed
-  densely on the same real q/k/v, and the fraction of (step, layer, query head) outputs whose relative error
-  exceeds epsilon is reported against delta.
+  (:mod:`sgl_sparse.hf_sparse`) — runs anywhere, slowly. For vAttention (for every method with
+  ``measure_error``) every decode attention is also computed densely on the same real q/k/v: the mean relative
+  error of the outputs and the fraction of (step, layer, query head) outputs whose error exceeds epsilon are
+  reported (the latter against vAttention's delta).
 - ``sglang`` (:func:`evaluate_server`, GPU host): one real SGLang server per config, one at a time — dense is
   ``--attention-backend flashinfer``, each sparse config ``--attention-backend sgl_sparse --sparse-config
   <yaml>`` — driven by SGLang's frontend language (``@sgl.function`` + ``run_batch`` on a ``RuntimeEndpoint``).
@@ -53,6 +54,7 @@ class Result:
     output: str
     seconds: float
     violation_rate: float | None = None   # vAttention: measured P(rel. error > epsilon) on the real q/k/v
+    mean_error: float | None = None       # measured mean relative L2 error of the attention outputs (CPU path)
 
 
 def configs_for(methods: list[str], budgets: list[int], **overrides) -> list[SparseConfig]:
@@ -66,7 +68,10 @@ def configs_for(methods: list[str], budgets: list[int], **overrides) -> list[Spa
 
 @torch.no_grad()
 def evaluate(model_name: str, task_names: list[str], lengths: list[int], depths: list[float],
-             configs: list[SparseConfig], seed: int = 0, progress=None) -> list[Result]:
+             configs: list[SparseConfig], seed: int = 0, progress=None, measure_error: bool = False
+             ) -> list[Result]:
+    """CPU path. ``measure_error``: compare every sparse decode attention with dense on the same q/k/v (always on
+    for vAttention, whose violation rate needs it)."""
     model, tok = models.load_model(model_name)
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     results = []
@@ -77,17 +82,18 @@ def evaluate(model_name: str, task_names: list[str], lengths: list[int], depths:
                 for cfg in configs:
                     t0 = time.time()
                     n_new = MAX_NEW_TOKENS.get(task, 24)
-                    violation = None
+                    violation = error = None
                     if cfg.is_sparse:
-                        measure = cfg.method == "vattention"
+                        measure = measure_error or cfg.method == "vattention"
                         with sparse_attention(model, cfg, measure_error=measure) as stats:
                             out = models.greedy(model, tok, inst.prompt, n_new)
                         frac = stats.attended_fraction
-                        violation = stats.violation_rate if measure else None
+                        violation = stats.violation_rate if cfg.method == "vattention" else None
+                        error = stats.mean_error if measure else None
                     else:
                         out, frac = models.greedy(model, tok, inst.prompt, n_new), 1.0
                     r = Result("cpu", model_name, cfg.method, cfg.token_budget if cfg.is_sparse else length, task,
-                               length, depth, inst.score(out), frac, out, time.time() - t0, violation)
+                               length, depth, inst.score(out), frac, out, time.time() - t0, violation, error)
                     results.append(r)
                     if progress:
                         progress(r)
@@ -105,19 +111,24 @@ def summarize(results: list[Result]) -> list[dict]:
     for (method, budget, length), rs in sorted(groups.items()):
         score = sum(r.score for r in rs) / len(rs)
         viol = [r.violation_rate for r in rs if r.violation_rate is not None]
+        err = [r.mean_error for r in rs if r.mean_error is not None]
         rows.append(dict(method=method, budget=budget, length=length, score=score, dense_score=dense.get(length),
                          relative=score / dense[length] if dense.get(length) else None,
                          attended_fraction=sum(r.attended_fraction for r in rs) / len(rs), n=len(rs),
-                         violation_rate=sum(viol) / len(viol) if viol else None))
+                         violation_rate=sum(viol) / len(viol) if viol else None,
+                         mean_error=sum(err) / len(err) if err else None))
     return rows
 
 
-def summarize_by_task(results: list[Result]) -> dict[tuple[str, int, int], dict[str, float]]:
-    """Mean score per task for each (method, budget, length): where a method loses against dense."""
+def summarize_by_task(results: list[Result], field: str = "score") -> dict[tuple[str, int, int], dict[str, float]]:
+    """Mean ``field`` (score, or mean_error where measured) per task for each (method, budget, length): where a
+    method loses against dense."""
     groups: dict[tuple, dict[str, list[float]]] = {}
     for r in results:
+        if getattr(r, field) is None:
+            continue
         key = (r.method, r.budget if r.method != "dense" else 0, r.length)
-        groups.setdefault(key, {}).setdefault(r.task, []).append(r.score)
+        groups.setdefault(key, {}).setdefault(r.task, []).append(getattr(r, field))
     return {k: {t: sum(v) / len(v) for t, v in sorted(tasks_.items())} for k, tasks_ in sorted(groups.items())}
 
 

@@ -48,6 +48,11 @@ class SparseStats:
         return float((e > self.config.epsilon).float().mean())
 
     @property
+    def mean_error(self) -> float:
+        """Mean relative L2 error of the sparse outputs vs dense over (step, sparse layer, query head)."""
+        return float(torch.cat(self.errors).mean()) if self.errors else 0.0
+
+    @property
     def attended_fraction(self) -> float:
         return sum(self.attended) / len(self.attended) if self.attended else 1.0
 

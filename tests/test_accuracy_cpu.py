@@ -189,3 +189,17 @@ def test_answers_fit_in_the_generation_budget(task):
             inst = tasks.make_task(task, 1024, 0.5, seed, count)
             answer = " " + ", ".join(inst.answers) + "."
             assert count(answer) + 1 <= budget, (name, task, answer, count(answer), budget)
+
+
+def test_measured_error_is_zero_at_full_budget_and_positive_below(smollm2):
+    """``measure_error`` compares each sparse decode attention with dense on the same q/k/v: exactly dense when
+    the budget covers the context, a real error when it does not."""
+    from sgl_sparse import accuracy
+
+    full = SparseConfig.load("quest").replace(token_budget=1024, min_context=0, dense_layers=0)
+    small = full.replace(token_budget=96)
+    res = accuracy.evaluate("smollm2", ["passkey"], [400], [0.5], [full, small], seed=5, measure_error=True)
+    by_budget = {r.budget: r for r in res}
+    assert by_budget[1024].mean_error < 1e-5, by_budget[1024].mean_error
+    assert by_budget[96].mean_error > 1e-3, by_budget[96].mean_error
+    assert by_budget[96].violation_rate is None                    # a vAttention figure only
