@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from sgl_sparse.config import SparseConfig
-from test_server_gpu import (COMMON, _config, _expected_fraction, assert_same_greedy, generate, launch_servers,
-                             output_ids)
+from test_server_gpu import (COMMON, _config, _expected_fraction, assert_passkeys_retrieved, assert_same_greedy,
+                             generate, launch_servers, output_ids)
 
 pytestmark = pytest.mark.gpu
 
@@ -88,14 +88,11 @@ def test_tp2_full_budget_matches_dense(tp_servers):
 
 @pytest.mark.parametrize("method", ["quest", "twilight", "vattention"])
 def test_tp2_small_budget_retrieves_passkey(tp_servers, method):
-    insts = _passkeys()
-    dense = generate(tp_servers["dense"], [i.prompt for i in insts], max_new_tokens=10)
-    sparse = generate(tp_servers[f"{method}_small"], [i.prompt for i in insts], max_new_tokens=10)
-    for inst, d, s in zip(insts, dense, sparse):
-        assert inst.score(d["text"]) == 1, f"dense failed the passkey at depth {inst.depth}: {d['text']!r}"
-        assert inst.score(s["text"]) == 1, f"tp2 {method} failed the passkey at depth {inst.depth}: {s['text']!r}"
-        # at most the budget (+ vAttention's sample cap) of the prompt's tokens per KV head
-        cap = BUDGET + (SparseConfig.load("vattention").sample_capacity if method == "vattention" else 0)
+    sparse = assert_passkeys_retrieved(tp_servers["dense"], tp_servers[f"{method}_small"], _passkeys(),
+                                       f"tp2 {method}")
+    # at most the budget (+ vAttention's sample cap) of the prompt's tokens per KV head
+    cap = BUDGET + (SparseConfig.load("vattention").sample_capacity if method == "vattention" else 0)
+    for s in sparse:
         assert s["meta_info"]["sparse_attended_fraction"][-1] <= cap / s["meta_info"]["prompt_tokens"]
 
 
