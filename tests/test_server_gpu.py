@@ -36,13 +36,11 @@ NEAR_TIE = 0.25
 
 
 def _requirements_met() -> str | None:
+    from sgl_sparse.demo import sglang_runtime_missing
+
     if not Path(MODEL, "config.json").exists():
         return f"no SmolLM2 model at {MODEL} (set SGL_SPARSE_SMOLLM2 or GPU_HOST_MODELS)"
-    try:
-        import sgl_kernel  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - any import failure means no SGLang GPU runtime
-        return f"SGLang's GPU runtime (sgl_kernel) is not importable: {e}"
-    return None
+    return sglang_runtime_missing()
 
 
 # ----------------------------------------------------------------------------- configs and servers

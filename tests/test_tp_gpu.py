@@ -34,15 +34,13 @@ BUDGET = 1024                     # 1/16 of the passkey prompts
 def _requirements_met() -> str | None:
     import torch
 
+    from sgl_sparse.demo import sglang_runtime_missing
+
     if torch.cuda.device_count() < 2:
         return f"--tp 2 needs two GPUs, this host has {torch.cuda.device_count()}"
     if not Path(MODEL, "config.json").exists():
         return f"no Qwen-0.5B model at {MODEL} (set SGL_SPARSE_QWEN05B or GPU_HOST_MODELS)"
-    try:
-        import sgl_kernel  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        return f"SGLang's GPU runtime (sgl_kernel) is not importable: {e}"
-    return None
+    return sglang_runtime_missing()
 
 
 @pytest.fixture(scope="session")
