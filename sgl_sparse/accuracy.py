@@ -100,11 +100,16 @@ def evaluate(model_name: str, task_names: list[str], lengths: list[int], depths:
     return results
 
 
+def _group_key(r: Result) -> tuple[str, int, int]:
+    """(method, budget, length); dense runs share budget 0 whatever their length."""
+    return r.method, r.budget if r.method != "dense" else 0, r.length
+
+
 def summarize(results: list[Result]) -> list[dict]:
     """Mean score and attended fraction per (method, budget, length), with the dense score beside it."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
-        key = (r.method, r.budget if r.method != "dense" else 0, r.length)
+        key = _group_key(r)
         groups.setdefault(key, []).append(r)
     dense = {k[2]: sum(r.score for r in v) / len(v) for k, v in groups.items() if k[0] == "dense"}
     rows = []
@@ -127,7 +132,7 @@ def summarize_by_task(results: list[Result], field: str = "score") -> dict[tuple
     for r in results:
         if getattr(r, field) is None:
             continue
-        key = (r.method, r.budget if r.method != "dense" else 0, r.length)
+        key = _group_key(r)
         groups.setdefault(key, {}).setdefault(r.task, []).append(getattr(r, field))
     return {k: {t: sum(v) / len(v) for t, v in sorted(tasks_.items())} for k, tasks_ in sorted(groups.items())}
 
