@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sgl_sparse.config import METHODS, SparseConfig  # noqa: E402
-from sgl_sparse.serving import ServerError, ServerProcess, server_command  # noqa: E402
+from sgl_sparse.serving import ServerError, ServerProcess, server_command, stop_servers_on_sigterm  # noqa: E402
 
 MODEL_DIR = ROOT / "launch" / "models" / "llama-3.1-8b"
 PAGE_SIZE = SparseConfig.load("dense").page_size          # every preset's page size; the dense baseline uses it too
@@ -327,6 +327,7 @@ def main() -> int:
     if args.dry_run:
         check_flags(commands)
         return 0
+    stop_servers_on_sigterm()           # a time limit's SIGTERM kills the running server; measured rows are saved
 
     out_path = Path(args.out)
     log_dir = out_path.with_name(out_path.stem + "_logs")

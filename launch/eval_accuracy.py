@@ -24,7 +24,6 @@ import argparse
 import dataclasses
 import json
 import os
-import signal
 import sys
 import time
 
@@ -95,8 +94,9 @@ def main() -> int:
     if args.path == "sglang":
         args.model_dir = str(accuracy.model_dir_for(args.model, args.model_dir))
         described = f"sglang path: {accuracy.server_path_description()}"
-        # a SIGTERM (e.g. a time limit) unwinds through the `with server:` blocks, so no server is left behind
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        # a SIGTERM (e.g. a time limit) kills the server first, then unwinds: no server is left behind
+        from sgl_sparse.serving import stop_servers_on_sigterm
+        stop_servers_on_sigterm()
     else:
         import torch
         torch.set_num_threads(max(1, os.cpu_count() or 1))

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import tempfile
 import time
@@ -80,13 +79,13 @@ def run_sglang(args) -> int:
     import sglang as sgl
     from transformers import AutoTokenizer
 
-    from .serving import ServerProcess
+    from .serving import ServerProcess, stop_servers_on_sigterm
 
     model_dir = str(accuracy.model_dir_for("smollm2", args.model_dir))
     print(f"path: SGLang server (GPU {torch.cuda.get_device_name(0)}); model: SmolLM2-135M-Instruct ({model_dir})",
           flush=True)
     inst = question(AutoTokenizer.from_pretrained(model_dir), args)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # unwind through `with server:` on SIGTERM
+    stop_servers_on_sigterm()                     # a time limit's SIGTERM kills the server, then unwinds
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
         for cfg in [SparseConfig(method="dense")] + [SparseConfig.load(m) for m in args.methods]:

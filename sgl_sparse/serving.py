@@ -6,10 +6,16 @@
 The sparse backend's flags are added for you: ``--attention-backend sgl_sparse --sparse-config X --page-size P``
 (P from the config). The dense baseline is ``backend="flashinfer"`` (always named explicitly: SGLang's automatic
 choice may pick a backend the host does not have).
+
+A server runs in its own process group (launch_server forks a scheduler and a detokenizer). ``stop()`` ends the
+whole group: SIGTERM, then SIGKILL for whatever is left once the main process has exited or 30 s have passed (a
+scheduler draining a request that nobody will read never exits by itself). Scripts that may be stopped by a time
+limit call :func:`stop_servers_on_sigterm` so a SIGTERM kills their servers before anything waits on them.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import socket
@@ -48,6 +54,36 @@ class ServerError(RuntimeError):
     pass
 
 
+_LIVE: dict[int, "ServerProcess"] = {}   # started and not yet stopped, by process-group id
+
+
+def kill_live_servers() -> None:
+    """SIGKILL the process group of every server this process started and has not stopped (no waiting)."""
+    for pgid in list(_LIVE):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        _LIVE.pop(pgid, None)
+
+
+atexit.register(kill_live_servers)
+
+
+def stop_servers_on_sigterm(exit_code: int = 143) -> None:
+    """Install a SIGTERM handler (main thread) that kills this process's servers, then raises ``SystemExit``.
+
+    Killing first matters: ``SystemExit`` unwinds through ``with`` blocks that may wait on the servers (a thread
+    pool finishing its queued requests, a server draining them), and a time limit such as ``timeout`` sends one
+    SIGTERM only. Python's default SIGTERM action ends the process without running any cleanup at all.
+    """
+    def handler(signum, frame):
+        kill_live_servers()
+        raise SystemExit(exit_code)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 class ServerProcess:
     """A ``launch_server`` subprocess with its log in ``log_path``; waits until ``/health_generate`` answers."""
 
@@ -69,6 +105,7 @@ class ServerProcess:
         self._log.flush()
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
+        _LIVE[self.proc.pid] = self                      # start_new_session: the group id is the pid
         return self
 
     def wait_ready(self, timeout: float = 600.0) -> "ServerProcess":
@@ -93,16 +130,24 @@ class ServerProcess:
         except OSError:
             return ""
 
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=30)
-            except (subprocess.TimeoutExpired, ProcessLookupError):
+    def stop(self, grace: float = 30.0) -> None:
+        """End the server's process group: SIGTERM, wait up to ``grace`` s for the main process, then SIGKILL the
+        group (children that outlive the main process included)."""
+        if self.proc is not None:
+            pgid = self.proc.pid
+            if self.proc.poll() is None:
                 try:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
+                    os.killpg(pgid, signal.SIGTERM)
+                    self.proc.wait(timeout=grace)
+                except (subprocess.TimeoutExpired, ProcessLookupError):
                     pass
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            if self.proc.poll() is None:
+                self.proc.wait(timeout=10)
+            _LIVE.pop(pgid, None)
         if getattr(self, "_log", None) is not None:
             self._log.close()
             self._log = None

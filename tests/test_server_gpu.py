@@ -85,8 +85,9 @@ def launch_servers(model: str, specs: dict, common: list[str], log_dir: Path, pr
     """Start every server of ``specs`` (name -> (backend, sparse config, extra flags)) at once on ``model``, wait
     for all, yield them as :class:`Servers` (a failed start fails only the tests that use that server), stop them
     all at exit. ``common`` is "--flag value" pairs; one repeated in a spec's extra flags is dropped from it."""
-    from sgl_sparse.serving import ServerError, ServerProcess
+    from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm
 
+    stop_servers_on_sigterm()   # a time limit's SIGTERM (pytest has no handler) must not leave servers behind
     starting: dict[str, ServerProcess] = {}
     ready = Servers()
     try:
