@@ -43,6 +43,26 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
     f[4] = kv_lo(v.z); f[5] = kv_hi(v.z); f[6] = kv_lo(v.w); f[7] = kv_hi(v.w);
 }
 
+// Exclusive prefix count of `flag` over the block, in thread order (every thread of a block of NWARPS warps calls
+// it); returns this thread's prefix and sets *total to the block's count. warp_totals: NWARPS ints of shared memory.
+template <int NWARPS>
+__device__ __forceinline__ int block_exclusive_scan(bool flag, int* warp_totals, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const u32 ballot = __ballot_sync(0xffffffffu, flag);
+    if (lane == 0) warp_totals[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, sum = 0;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+        const int t = warp_totals[w];
+        before += (w < warp) ? t : 0;
+        sum += t;
+    }
+    __syncthreads();
+    *total = sum;
+    return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);

@@ -1,9 +1,10 @@
 // Compact fixed-capacity rows into FlashInfer's CSR form (see reference.compact_kv_rows).
 //
-// Row r of `rows` holds counts[r] valid entries; FlashInfer wants them back to back with indptr. One block per
-// row: the block sums counts[0..r) (a fixed-order reduction, so no cross-block scan is needed), copies its
-// row to flat[offset ...] and writes indptr[r] (and indptr[R] for the last row). Rows are a few thousand at
-// most (batch x KV heads), so re-reading the counts per block costs less than a second launch.
+// Row r of `rows` holds counts[r] valid entries; FlashInfer wants them back to back with indptr. Grid (R, chunks):
+// block (r, z) sums counts[0..r) (a fixed-order reduction, so no cross-block scan is needed), copies entries
+// z*THREADS .. z*THREADS+THREADS-1 of its row to flat[offset ...], and block (r, 0) writes indptr[r] (and
+// indptr[R] for the last row). Rows are a few thousand at most (batch x KV heads), so re-reading the counts per
+// block costs less than a second launch, and a small batch still spreads its copy over many blocks.
 // No defines.
 
 #define THREADS 256
@@ -17,7 +18,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) compact_kv_rows(
 {
     __shared__ int red[THREADS / 32];
     const int r = blockIdx.x;
+    const int j = blockIdx.y * THREADS + threadIdx.x;
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int n = counts[r];
+    if (blockIdx.y > 0 && blockIdx.y * THREADS >= n) return;   // nothing of this row in this chunk (block-uniform)
     int s = 0;
     for (int i = tid; i < r; i += THREADS) s += counts[i];
 #pragma unroll
@@ -27,10 +31,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) compact_kv_rows(
     int offset = 0;
 #pragma unroll
     for (int w = 0; w < THREADS / 32; ++w) offset += red[w];
-    const int n = counts[r];
     const int* src = rows + (long long)r * cap;
-    for (int j = tid; j < n; j += THREADS) flat[offset + j] = src[j];
-    if (tid == 0) {
+    if (j < n) flat[offset + j] = src[j];
+    if (blockIdx.y == 0 && tid == 0) {
         indptr[r] = offset;
         if (r == gridDim.x - 1) indptr[r + 1] = offset + n;
     }

@@ -40,5 +40,5 @@ def compact_kv_rows(rows: torch.Tensor, counts: torch.Tensor,
         indptr.zero_()
         return indptr, flat
     fn = kernel("compact_rows.cu", "compact_kv_rows", dev)
-    launch(fn, (R,), (256,), (rows, counts, indptr, flat, i32(cap)), dev)
+    launch(fn, (R, max(1, -(-cap // 256))), (256,), (rows, counts, indptr, flat, i32(cap)), dev)
     return indptr, flat

@@ -41,6 +41,7 @@ def pages_to_kv_indices(selected_pages: torch.Tensor, num_selected: torch.Tensor
     if B == 0:
         return kv, cnt
     fn = kernel("pages_to_kv.cu", "pages_to_kv_indices", dev, PAGE_SIZE=page_size)
-    launch(fn, (HK, B), (256,), (selected_pages, num_selected, r2t, rpi, sl, kv, cnt, i32(HK), i32(K),
+    chunks = max(1, -(-K * page_size // 256))
+    launch(fn, (HK, B, chunks), (256,), (selected_pages, num_selected, r2t, rpi, sl, kv, cnt, i32(HK), i32(K),
                                  i32(r2t.shape[1]), i32(capacity)), dev)
     return kv, cnt

@@ -34,23 +34,6 @@ __device__ __forceinline__ float block_max(float x, float* red) {
     return s;
 }
 
-__device__ __forceinline__ int block_exclusive_scan(bool flag, int* warp_totals, int* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 ballot = __ballot_sync(0xffffffffu, flag);
-    if (lane == 0) warp_totals[warp] = __popc(ballot);
-    __syncthreads();
-    int before = 0, sum = 0;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-        const int t = warp_totals[w];
-        before += (w < warp) ? t : 0;
-        sum += t;
-    }
-    __syncthreads();
-    *total = sum;
-    return before + __popc(ballot & ((1u << lane) - 1u));
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS) top_p_select(
     const float* __restrict__ probs,          // [R, C]
     const int* __restrict__ num_candidates,   // [R]
@@ -95,7 +78,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) top_p_select(
         const int i = base + tid;
         const bool keep = (i < n) && (s_p[i] >= tau);
         int total;
-        const int pos = written + block_exclusive_scan(keep, warp_totals, &total);
+        const int pos = written + block_exclusive_scan<WARPS>(keep, warp_totals, &total);
         if (keep) out[pos] = ids ? ids[i] : i;
         written += total;
     }

@@ -1,7 +1,7 @@
 // Top-k page selection per (request, KV head), sinks and local window forced in (see reference.topk_pages).
 //
 // One block per (b, h). Scores become order-preserving 32-bit keys (forced pages get the largest key); a
-// 4-pass radix select (8 bits a pass, shared-memory histogram) finds the k-th largest key T and how many
+// 4-pass radix select (8 bits a pass, shared-memory histogram, warp-shuffle suffix sums) finds the k-th largest key T and how many
 // keys equal to T are needed; a final ordered compaction (ballot scans over tiles of the block) writes every
 // page with key > T and the first needed pages with key == T, in ascending page order. Reads of the score
 // row hit L2 after the first pass; no sort, no dynamic shared memory, any page count.
@@ -17,25 +17,6 @@ __device__ __forceinline__ u32 order_key(float f) {
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Exclusive prefix of `flag` over the block, in thread order; returns it and sets *total.
-__device__ __forceinline__ int block_exclusive_scan(bool flag, int* warp_totals, int* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 ballot = __ballot_sync(0xffffffffu, flag);
-    const int in_warp = __popc(ballot & ((1u << lane) - 1u));
-    if (lane == 0) warp_totals[warp] = __popc(ballot);
-    __syncthreads();
-    int before = 0, sum = 0;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-        const int t = warp_totals[w];
-        before += (w < warp) ? t : 0;
-        sum += t;
-    }
-    __syncthreads();
-    *total = sum;
-    return before + in_warp;
-}
-
 extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
     const float* __restrict__ page_scores,  // [B, HK, max_pages]
     const int* __restrict__ seq_lens,       // [B]
@@ -44,6 +25,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
     int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local, int width)
 {
     __shared__ int hist[256];
+    __shared__ int bin_warp_totals[8];
     __shared__ int warp_totals[WARPS];
     __shared__ u32 s_prefix;
     __shared__ int s_remaining;
@@ -75,14 +57,27 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
             if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
         }
         __syncthreads();
-        // Suffix sums: hist[d] <- number of matching keys with digit >= d.
-        for (int off = 1; off < 256; off <<= 1) {
-            int v = 0;
-            if (tid < 256 && tid + off < 256) v = hist[tid + off];
-            __syncthreads();
-            if (tid < 256) hist[tid] += v;
-            __syncthreads();
+        // Suffix sums: hist[d] <- number of matching keys with digit >= d. Warps 0..7 own 32 bins each: a shuffle
+        // scan within the warp, then the totals of the warps above (3 barriers; a block-wide doubling scan took 16).
+        int v = 0;
+        if (tid < 256) {
+            const int lane = tid & 31, warp = tid >> 5;
+            v = hist[tid];
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const int t = __shfl_down_sync(0xffffffffu, v, o);
+                if (lane + o < 32) v += t;
+            }
+            if (lane == 0) bin_warp_totals[warp] = v;
         }
+        __syncthreads();
+        if (tid < 256) {
+            int above = 0;
+#pragma unroll
+            for (int w = 0; w < 8; ++w) above += (w > (tid >> 5)) ? bin_warp_totals[w] : 0;
+            hist[tid] = v + above;
+        }
+        __syncthreads();
         if (tid < 256) {
             const int ge = hist[tid];
             const int gt = (tid + 1 < 256) ? hist[tid + 1] : 0;
@@ -104,10 +99,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
         const bool eq = (j < n) && (k == T);
         const bool gt = (j < n) && (k > T);
         int eq_total;
-        const int eq_rank = eq_seen + block_exclusive_scan(eq, warp_totals, &eq_total);
+        const int eq_rank = eq_seen + block_exclusive_scan<WARPS>(eq, warp_totals, &eq_total);
         const bool take = gt || (eq && eq_rank < need_eq);
         int take_total;
-        const int pos = written + block_exclusive_scan(take, warp_totals, &take_total);
+        const int pos = written + block_exclusive_scan<WARPS>(take, warp_totals, &take_total);
         if (take) out[pos] = j;
         eq_seen += eq_total;
         written += take_total;
