@@ -37,6 +37,17 @@ __device__ __forceinline__ float kv_hi(u32 w) {  // element 1 of a packed pair
 
 __device__ __forceinline__ float kv_to_float(u16 x) { return kv_lo((u32)x); }
 
+// Slot indices written by SGLang (out_cache_loc) are int64; kernels that take them are compiled for the caller's
+// dtype (SLOTS_I64=1: int64, else int32) instead of the wrapper casting them, a kernel per call, every layer.
+#ifndef SLOTS_I64
+#define SLOTS_I64 0
+#endif
+#if SLOTS_I64
+typedef long long slot_t;
+#else
+typedef int slot_t;
+#endif
+
 // 8 elements of a uint4 as floats.
 __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
     f[0] = kv_lo(v.x); f[1] = kv_hi(v.x); f[2] = kv_lo(v.y); f[3] = kv_hi(v.y);

@@ -12,7 +12,7 @@
 
 extern "C" __global__ void quantize_keys_int4(
     const u16* __restrict__ k_cache,        // [slots, HK, D]
-    const int* __restrict__ written_slots,  // [n]
+    const slot_t* __restrict__ written_slots,  // [n] int32 or int64 (SLOTS_I64)
     unsigned char* __restrict__ key_int4,   // [slots, HK, D/2]
     float2* __restrict__ key_scale_zero,    // [slots, HK, D/GROUP_SIZE] of (scale, zero)
     int n)

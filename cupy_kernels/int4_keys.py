@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import KV_DTYPES, as_int32, check, check_tensor, i32, kernel, launch
+from ._cuda import KV_DTYPES, check, check_tensor, i32, kernel, launch
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -44,5 +44,5 @@ def quantize_keys_int4(k_cache: torch.Tensor, written_slots: torch.Tensor, key_i
     if n == 0:
         return
     fn = kernel("int4_keys.cu", "quantize_keys_int4", dev, KV_BF16=KV_DTYPES[k_cache.dtype], HEAD_DIM=D,
-                NUM_KV_HEADS=HK, GROUP_SIZE=group_size)
-    launch(fn, (n,), (32 * min(HK, 16),), (k_cache, as_int32(written_slots), key_int4, key_scale_zero, i32(n)), dev)
+                NUM_KV_HEADS=HK, GROUP_SIZE=group_size, SLOTS_I64=int(written_slots.dtype == torch.int64))
+    launch(fn, (n,), (32 * min(HK, 16),), (k_cache, written_slots, key_int4, key_scale_zero, i32(n)), dev)

@@ -18,14 +18,14 @@
 
 extern "C" __global__ void page_bounds_update(
     const u16* __restrict__ k_cache,       // [slots, HK, D]
-    const int* __restrict__ written_slots, // [n]
+    const slot_t* __restrict__ written_slots, // [n] int32 or int64 (SLOTS_I64)
     u16* __restrict__ page_key_bounds,     // [pages, HK, 2, D]
     int n)
 {
     const int entry = blockIdx.x;
-    const int slot = written_slots[entry];
+    const int slot = (int)written_slots[entry];
     const int page = slot / PAGE_SIZE;
-    if (entry + 1 < n && written_slots[entry + 1] / PAGE_SIZE == page) return;  // not the leader
+    if (entry + 1 < n && (int)written_slots[entry + 1] / PAGE_SIZE == page) return;  // not the leader
     const int last = slot - page * PAGE_SIZE;                                   // offsets 0..last are valid
 
     const uint4* rows = reinterpret_cast<const uint4*>(k_cache) + (long long)page * PAGE_SIZE * ROW_VECS;

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import KV_DTYPES, as_int32, check, check_tensor, i32, kernel, launch
+from ._cuda import KV_DTYPES, check, check_tensor, i32, kernel, launch
 
 
 
@@ -39,7 +39,7 @@ def page_bounds_update(k_cache: torch.Tensor, written_slots: torch.Tensor, page_
     if n == 0:
         return
     fn = kernel("page_bounds.cu", "page_bounds_update", dev, KV_BF16=KV_DTYPES[k_cache.dtype], HEAD_DIM=D,
-                NUM_KV_HEADS=HK, PAGE_SIZE=page_size)
+                NUM_KV_HEADS=HK, PAGE_SIZE=page_size, SLOTS_I64=int(written_slots.dtype == torch.int64))
     threads = min(256, max(32, HK * D // 8))
-    launch(fn, (n,), (threads,), (k_cache, as_int32(written_slots), page_key_bounds, i32(n)), dev)
+    launch(fn, (n,), (threads,), (k_cache, written_slots, page_key_bounds, i32(n)), dev)
 

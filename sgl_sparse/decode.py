@@ -159,8 +159,16 @@ class SparseDecodeOperator:
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
         self.dense_rows: torch.Tensor | None = None
-        self.attended = torch.zeros(max_batch, dtype=torch.float32, device=self.device)
-        self.sparse_calls = torch.zeros((), dtype=torch.float32, device=self.device)
+        # Written by plan() in place (a captured graph reads them at fixed addresses), read by every layer's run():
+        # SGLang's int64 batch indices as int32 (otherwise each kernel wrapper casts them again, per layer), the
+        # dense-fallback mask and the step's vAttention seed base.
+        self.req_pool_indices_i32 = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.seq_lens_i32 = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.fits_budget = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
+        self.seed_base = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
+        # per step: tokens attended per (request, KV head), summed over the sparse layers, and the sparse layers run
+        self.attended = torch.zeros((max_batch, num_kv_heads), dtype=torch.int32, device=self.device)
+        self.sparse_calls = torch.zeros((), dtype=torch.int32, device=self.device)
 
     # ------------------------------------------------------------------ host side, once per step
 
@@ -197,10 +205,12 @@ class SparseDecodeOperator:
              seq_lens_cpu: torch.Tensor, dense_rows: list[bool] | None = None) -> None:
         """Prepare a decode step (host work, outside any CUDA graph).
 
-        ``seq_lens_cpu`` is the host copy of ``seq_lens`` (SGLang keeps one); the device tensors must stay the same
-        objects for a captured graph (update them in place between replays). ``dense_rows`` (host, one bool per
-        request) marks requests that opted out of sparsity: they are attended densely in every layer. A step with
-        such rows must run eagerly (not replayed from a CUDA graph): the dense pass it adds is not captured.
+        ``seq_lens_cpu`` is the host copy of ``seq_lens`` (SGLang keeps one). ``req_pool_indices`` and ``seq_lens``
+        are read here (copied to int32 buffers of the operator, on the current stream), so plan() must run before
+        every replay of a captured graph; ``req_to_token`` is read by the step itself and must stay the same object
+        (updated in place). ``dense_rows`` (host, one bool per request) marks requests that opted out of sparsity:
+        they are attended densely in every layer. A step with such rows must run eagerly (not replayed from a CUDA
+        graph): the dense pass it adds is not captured.
         """
         B = seq_lens.shape[0]
         if B > self.max_batch:
@@ -208,7 +218,13 @@ class SparseDecodeOperator:
         if int(seq_lens_cpu.max()) > self.max_context:
             raise ValueError(f"a request has {int(seq_lens_cpu.max())} tokens, more than max_context="
                              f"{self.max_context}")
-        self.batch = DecodeBatch(req_to_token, req_pool_indices, seq_lens, self.max_pages)
+        cfg = self.config
+        rpi, lens = self.req_pool_indices_i32[:B], self.seq_lens_i32[:B]
+        rpi.copy_(req_pool_indices)
+        lens.copy_(seq_lens)
+        fits = self.fits_budget[:B]
+        torch.le((lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=fits)
+        self.batch = DecodeBatch(req_to_token, rpi, lens, self.max_pages, fits_budget=fits)
         bufs = self._buffers(B)
         self.dense_rows = None
         if dense_rows is not None and any(dense_rows) and self.config.is_sparse:
@@ -218,6 +234,8 @@ class SparseDecodeOperator:
         if self.config.dense_layers > 0 or not self.config.is_sparse or self.dense_rows is not None:
             bufs["dense"].plan(self.batch, seq_lens_cpu)
         self.step.add_(1)
+        if cfg.method == "vattention":
+            policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
         if self.collect_stats:
             self.attended.zero_()
             self.sparse_calls.zero_()
@@ -246,7 +264,7 @@ class SparseDecodeOperator:
         elif cfg.method == "twilight":
             out, counts = policies.twilight(ck, cfg, q, tables, batch, attend, self.sm_scale)
         else:
-            seeds = policies.vattention_seeds(cfg.seed, self.step, layer, batch.batch_size)
+            seeds = self.seed_base[: batch.batch_size] + layer * policies.SEED_LAYER_STRIDE   # = vattention_seeds()
             out, counts = policies.vattention(ck, cfg, q, k_cache, v_cache, tables, batch, attend, self.sm_scale,
                                               seeds, _merge_flashinfer)
         out = out.view(q.shape)
@@ -256,7 +274,7 @@ class SparseDecodeOperator:
             counts = torch.where(self.dense_rows[:, None], batch.seq_lens[:, None].to(counts.dtype), counts)
         self.last_counts = counts
         if self.collect_stats:
-            self.attended[: batch.batch_size] += counts.sum(1).float()
+            self.attended[: batch.batch_size] += counts
             self.sparse_calls += 1
         return out
 
@@ -269,15 +287,15 @@ class SparseDecodeOperator:
         valid = (batch.seq_lens > 1).double()
         idx = batch.req_pool_indices.long()
         sparse_layers = max(0, self.num_layers - self.config.dense_layers)
-        attended_tokens.index_add_(0, idx, self.attended[:B].double() * valid)
+        attended_tokens.index_add_(0, idx, self.attended[:B].sum(1).double() * valid)
         context_tokens.index_add_(0, idx, batch.seq_lens.double() * valid * (sparse_layers * self.num_kv_heads))
 
     def attended_fraction(self) -> torch.Tensor:
         """``[B]`` mean fraction of each request's tokens attended per KV head over the sparse layers of the
         last step (device tensor; read it after the step)."""
         batch = self.batch
-        calls = self.sparse_calls.clamp_min(1)
-        return self.attended[: batch.batch_size] / (calls * self.num_kv_heads * batch.seq_lens.float())
+        calls = self.sparse_calls.clamp_min(1).float()
+        return self.attended[: batch.batch_size].sum(1).float() / (calls * self.num_kv_heads * batch.seq_lens.float())
 
 
 def _merge_flashinfer(o_a, lse_a, o_b, lse_b):

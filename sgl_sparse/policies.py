@@ -24,12 +24,18 @@ from .config import SparseConfig
 
 @dataclass
 class DecodeBatch:
-    """SGLang's view of a decode batch (device tensors)."""
+    """SGLang's view of a decode batch (device tensors).
+
+    The operator builds it in ``plan()`` with int32 copies of SGLang's int64 index tensors (so no kernel of the
+    step casts them again) and with ``fits_budget`` computed once for its config; the references accept any
+    integer dtype and compute ``fits_budget`` when it is ``None``.
+    """
 
     req_to_token: torch.Tensor       # [max_reqs, max_ctx] int32
     req_pool_indices: torch.Tensor   # [B] int
     seq_lens: torch.Tensor           # [B] int, the new token included
     max_pages: int                   # score columns: >= ceil(max seq_len / P), fixed per captured batch size
+    fits_budget: torch.Tensor | None = None   # [B] bool, fits_in_budget() for the config the batch was planned for
 
     @property
     def batch_size(self) -> int:
@@ -67,6 +73,8 @@ def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
 
 def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
     """``[B]`` bool: requests attended densely (they fit in the budget or are below min_context)."""
+    if batch.fits_budget is not None:
+        return batch.fits_budget
     pages = (batch.seq_lens.long() + cfg.page_size - 1) // cfg.page_size
     return pages <= cfg.dense_pages
 
@@ -112,7 +120,18 @@ def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attend, sm_
 def vattention_seeds(base_seed: int, step: torch.Tensor, layer: int, batch_size: int) -> torch.Tensor:
     """Per-request RNG seeds of one (step, layer): ``[B]`` int64 computed on the device (graph-safe).
 
-    ``step`` is a one-element int64 device tensor advanced once per decode step.
+    ``step`` is a one-element int64 device tensor advanced once per decode step. This is the spec; the operator
+    splits it into :func:`vattention_seed_base` (once per step) + :data:`SEED_LAYER_STRIDE` * layer (per layer).
     """
     rows = torch.arange(batch_size, device=step.device, dtype=torch.int64)
     return (step * 1_000_003 + (base_seed * 7_919 + layer) * 65_537) * 4_099 + rows
+
+
+SEED_LAYER_STRIDE = 65_537 * 4_099   # vattention_seeds(.., layer, ..) = vattention_seed_base(..) + layer * this
+
+
+def vattention_seed_base(base_seed: int, step: torch.Tensor, batch_size: int,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """``vattention_seeds(base_seed, step, 0, batch_size)``, optionally written into ``out`` (``[B]`` int64)."""
+    rows = torch.arange(batch_size, device=step.device, dtype=torch.int64)
+    return torch.add(rows, (step * 1_000_003 + base_seed * 7_919 * 65_537) * 4_099, out=out)

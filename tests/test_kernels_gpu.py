@@ -58,15 +58,17 @@ def _bounds(pool):
 
 # ----------------------------------------------------------------------------- 1. page metadata
 
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("case", CASES + LONG, ids=_id)
-def test_page_bounds_prefill_decode_and_reuse(case):
+def test_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
+    """Slots as SGLang passes them (int64 out_cache_loc, read as is) and as int32."""
     import cupy_kernels as ck
     dtype, D, HK, G, P, lens = case
     gen = _gen(11)
     pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
     got, want = _bounds(pool), _bounds(pool)
     got.fill_(7.0)  # poison: every touched page must be rewritten
-    slots = pool.written_slots
+    slots = pool.written_slots.to(slot_dtype)
     ck.page_bounds_update(pool.k_cache, slots, got, P)
     ref.page_bounds_update(pool.k_cache, slots, want, P)
     touched = torch.unique(slots // P)
@@ -84,16 +86,16 @@ def test_page_bounds_prefill_decode_and_reuse(case):
             slot = int(pool.req_to_token[row, n - 1]) + 1
         pool.req_to_token[row, n] = slot
         new_slots.append(slot)
-    new_slots = torch.tensor(new_slots, device=DEV)
-    pool.k_cache[new_slots] = torch.randn((len(lens), HK, D), device=DEV).mul(3).to(dtype)
+    new_slots = torch.tensor(new_slots, device=DEV, dtype=slot_dtype)
+    pool.k_cache[new_slots.long()] = torch.randn((len(lens), HK, D), device=DEV).mul(3).to(dtype)
     ck.page_bounds_update(pool.k_cache, new_slots, got, P)
     ref.page_bounds_update(pool.k_cache, new_slots, want, P)
     assert torch.equal(got[touched], want[touched])
-    assert torch.equal(got[new_slots // P], want[new_slots // P])
+    assert torch.equal(got[new_slots.long() // P], want[new_slots.long() // P])
 
     # Reuse: a page written again from offset 0 forgets its old tokens.
     page = int(slots[0] // P)
-    reuse = torch.arange(page * P, page * P + max(1, P // 2), device=DEV)
+    reuse = torch.arange(page * P, page * P + max(1, P // 2), device=DEV, dtype=slot_dtype)
     pool.k_cache[reuse] = torch.randn((reuse.numel(), HK, D), device=DEV).mul(0.01).to(dtype)
     ck.page_bounds_update(pool.k_cache, reuse, got, P)
     kv = pool.k_cache[reuse].float()
@@ -224,6 +226,10 @@ def test_int4_quantize_scores_top_p(case, group_choice):
     ref.quantize_keys_int4(pool.k_cache, slots, rcodes, rsz, group)
     assert torch.equal(codes[slots], rcodes[slots])
     assert torch.equal(sz[slots], rsz[slots])
+    codes32, sz32 = _int4_tables(pool, group)
+    ck.quantize_keys_int4(pool.k_cache, slots.to(torch.int32 if slots.dtype == torch.int64 else torch.int64),
+                          codes32, sz32, group)                              # the other slot dtype
+    assert torch.equal(codes32, codes) and torch.equal(sz32, sz)
 
     # Candidates: tokens of random pages per (request, head), variable counts (some empty).
     B = len(lens)

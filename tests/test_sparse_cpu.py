@@ -144,6 +144,30 @@ def test_vattention_seeds_vary_by_step_layer_and_row():
     assert torch.equal(s1, policies.vattention_seeds(0, torch.tensor([1]), 3, 4))
 
 
+@pytest.mark.parametrize("base_seed,step", [(0, 1), (7, 12345), (2**20, 2**40 + 3)])
+def test_vattention_seed_split_equals_the_spec(base_seed, step):
+    """The operator's split (base once per step into a buffer, + layer stride per layer) gives the spec's seeds,
+    int64 wrap-around included."""
+    step_t = torch.tensor([step], dtype=torch.int64)
+    out = torch.zeros(8, dtype=torch.int64)
+    base = policies.vattention_seed_base(base_seed, step_t, 5, out=out[:5])
+    assert base.data_ptr() == out.data_ptr()
+    for layer in (0, 1, 31, 79):
+        want = policies.vattention_seeds(base_seed, step_t, layer, 5)
+        assert torch.equal(out[:5] + layer * policies.SEED_LAYER_STRIDE, want), layer
+
+
+def test_precomputed_fits_budget_is_what_the_policies_use():
+    cfg = SparseConfig.load("twilight").replace(token_budget=1024, min_context=0)
+    lens = torch.tensor([100, 1024, 1025, 5000])
+    batch = policies.DecodeBatch(torch.zeros((4, 8), dtype=torch.int32), torch.arange(4), lens, 400)
+    computed = policies.fits_in_budget(cfg, batch)
+    assert computed.tolist() == [True, True, False, False]
+    pre = policies.DecodeBatch(batch.req_to_token, batch.req_pool_indices, lens.int(), 400,
+                               fits_budget=torch.tensor([False, True, False, True]))
+    assert policies.fits_in_budget(cfg, pre).tolist() == [False, True, False, True]
+
+
 # ----------------------------------------------------------------------------- fidelity routine
 
 def test_fidelity_routine_on_cpu():
