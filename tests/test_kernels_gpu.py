@@ -229,7 +229,8 @@ def test_int4_quantize_scores_top_p(case, group_choice):
     codes32, sz32 = _int4_tables(pool, group)
     ck.quantize_keys_int4(pool.k_cache, slots.to(torch.int32 if slots.dtype == torch.int64 else torch.int64),
                           codes32, sz32, group)                              # the other slot dtype
-    assert torch.equal(codes32, codes) and torch.equal(sz32, sz)
+    assert torch.equal(codes32, codes)
+    torch.testing.assert_close(sz32, sz, rtol=0, atol=0, equal_nan=True)   # unwritten rows keep their NaN poison
 
     # Candidates: tokens of random pages per (request, head), variable counts (some empty).
     B = len(lens)
