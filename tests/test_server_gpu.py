@@ -14,6 +14,8 @@ import contextlib
 import os
 import random
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,10 +86,24 @@ def launch_servers(model: str, specs: dict, common: list[str], log_dir: Path, pr
                    env: dict | None = None):
     """Start every server of ``specs`` (name -> (backend, sparse config, extra flags)) at once on ``model``, wait
     for all, yield them as :class:`Servers` (a failed start fails only the tests that use that server), stop them
-    all at exit. ``common`` is "--flag value" pairs; one repeated in a spec's extra flags is dropped from it."""
+    all at exit. ``common`` is "--flag value" pairs; one repeated in a spec's extra flags is dropped from it.
+
+    First ``python -m sgl_sparse.warmup`` compiles the sparse kernels of these configs at the model's per-rank
+    shape in one process: otherwise every server (and TP rank) compiles the same kernels side by side at start."""
     from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm
 
     stop_servers_on_sigterm()   # a time limit's SIGTERM (pytest has no handler) must not leave servers behind
+    sparse_configs = sorted({cfg for backend, cfg, _ in specs.values() if backend == "sgl_sparse"})
+    if sparse_configs:
+        tp = common[common.index("--tp") + 1] if "--tp" in common else "1"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        with open(log_dir / f"{prefix}_warmup.log", "w") as log:
+            p = subprocess.run([sys.executable, "-m", "sgl_sparse.warmup", "--model-path", model, "--tp", tp,
+                                "--sparse-config", *sparse_configs], stdout=log, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, **(env or {})), timeout=900)
+        if p.returncode != 0:
+            pytest.fail(f"kernel warm-up failed ({log_dir / f'{prefix}_warmup.log'}):\n"
+                        + (log_dir / f"{prefix}_warmup.log").read_text()[-6000:])
     starting: dict[str, ServerProcess] = {}
     ready = Servers()
     try:
