@@ -10,6 +10,12 @@ of the measured HBM peak reached, and each method's relative L2 error vs exact a
 
     python launch/bench_decode.py                      # 8K/32K/128K x batch 1/8/32 (+16 at 128K) x budget 1024/2048/4096
     python launch/bench_decode.py --quick              # a small smoke run
+    python launch/bench_decode.py --cold-l2            # empty the L2 before every timed call
+
+By default a case's step is timed back to back, so what the previous call left in the L2 (50 MB on an H100/H200:
+part of the page bounds and of the selected K/V) is reused. In a model the other layers' weights and KV pass
+through the L2 between two calls of one layer; ``--cold-l2`` overwrites a 256 MiB buffer before every timed call
+(outside the timed region) to measure that case.
 
 Writes a table to stdout, JSON (``--out``) and a PNG plot (speedup vs context per method).
 """
@@ -36,6 +42,7 @@ from sgl_sparse.synthetic import make_pool, shape_attention  # noqa: E402
 HQ, HK, D, P = 32, 8, 128, 16
 DTYPE = torch.bfloat16
 METHODS = ("quest", "twilight", "vattention")
+L2_FLUSH: torch.Tensor | None = None   # --cold-l2: overwritten before every timed call
 
 
 def measure_peak_gbps(nbytes: int = 2 << 30) -> float:
@@ -60,6 +67,8 @@ def time_fn(fn, reps: int) -> float:
     torch.cuda.synchronize()
     out = []
     for _ in range(reps):
+        if L2_FLUSH is not None:
+            L2_FLUSH.zero_()
         a, b = torch.cuda.Event(True), torch.cuda.Event(True)
         a.record()
         fn()
@@ -203,6 +212,7 @@ def save(path, gpu, peak, rows, skipped) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(dict(gpu=gpu, peak_gbps=peak, torch=torch.__version__, shape=dict(HQ=HQ, HK=HK, D=D, page=P),
+                       l2="cold (emptied before every timed call)" if L2_FLUSH is not None else "warm (back to back)",
                        rows=rows, skipped=skipped), f, indent=1)
 
 
@@ -213,6 +223,7 @@ def main() -> int:
     ap.add_argument("--budgets", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--cold-l2", action="store_true", help="empty the L2 before every timed call (see above)")
     ap.add_argument("--quick", action="store_true", help="one small case per method")
     ap.add_argument("--out", default="out/bench_decode.json")
     ap.add_argument("--png", default=None, help="plot path (default: next to --out)")
@@ -225,6 +236,9 @@ def main() -> int:
     gpu = torch.cuda.get_device_name(0)
     peak = measure_peak_gbps()
     print(f"# {gpu}: measured copy peak {peak:.0f} GB/s", file=sys.stderr)
+    global L2_FLUSH
+    if args.cold_l2:
+        L2_FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     rows: list = []
     cases = [(B, L) for L in args.contexts for B in args.batches]
     if 131072 in args.contexts and 16 not in args.batches and not args.quick:
@@ -249,7 +263,8 @@ def main() -> int:
 
     hdr = (f"{'method':10s} {'batch':>5s} {'context':>7s} {'budget':>6s} {'eager us':>9s} {'graph us':>9s} "
            f"{'speedup':>7s} {'attended':>8s} {'rel L2':>7s} {'GB/s':>6s} {'%peak':>5s}")
-    print(f"\nSparse decode step vs dense FlashInfer — {gpu}, copy peak {peak:.0f} GB/s\n{hdr}")
+    l2 = "L2 emptied before every timed call" if args.cold_l2 else "warm L2 (back to back)"
+    print(f"\nSparse decode step vs dense FlashInfer — {gpu}, copy peak {peak:.0f} GB/s, {l2}\n{hdr}")
     for r in rows:
         print(f"{r['method']:10s} {r['batch']:5d} {r['context']:7d} {r['budget']:6d} {r['us_eager']:9.1f} "
               f"{r['us_graph']:9.1f} {r['speedup']:7.2f} {r['attended_fraction']:8.4f} {r['rel_l2']:7.4f} "
