@@ -27,7 +27,12 @@ DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "half": "float16"}
 def attention_shape(model_dir: str | Path, tp: int = 1) -> dict:
     """Per-rank attention shape of a Hugging Face ``config.json``: query heads, KV heads (replicated when fewer
     than ``tp``, as SGLang does), head_dim, and the checkpoint's dtype name."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ValueError(f"no config.json in {model_dir}: pass the model's directory (as for --model-path)")
+    cfg = json.loads(path.read_text())
+    if "num_attention_heads" not in cfg:
+        raise ValueError(f"{path} has no num_attention_heads: not a decoder model config sgl-sparse can serve")
     heads = cfg["num_attention_heads"]
     kv_heads = cfg.get("num_key_value_heads") or heads
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
@@ -80,10 +85,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch
 
+    try:
+        shape = attention_shape(args.model_path, args.tp)
+    except ValueError as e:
+        print(f"sgl_sparse.warmup: {e}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("sgl_sparse.warmup needs a CUDA GPU (it compiles for the GPU it runs on)", file=sys.stderr)
         return 2
-    shape = attention_shape(args.model_path, args.tp)
     checkpoint_dtype = shape.pop("dtype")
     name = args.dtype if args.dtype != "auto" else DTYPES.get(str(checkpoint_dtype))
     if name is None:
