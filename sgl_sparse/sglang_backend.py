@@ -85,6 +85,18 @@ def check_server_args(server_args, config: SparseConfig) -> None:
                                     "remove --enable-dp-attention")
 
 
+def vattention_cap_warning(config: SparseConfig, context_len: int) -> str | None:
+    """The start-up warning for a vAttention config whose sample cap can bind below the served context length
+    (then the sample is capped and the (epsilon, delta) bound does not hold for that head and step)."""
+    if config.method != "vattention" or config.token_budget + config.sample_capacity >= context_len:
+        return None
+    return (f"sgl-sparse: vAttention's (epsilon={config.epsilon}, delta={config.delta}) bound holds only while the "
+            f"required sample fits sample_capacity={config.sample_capacity}; requests longer than "
+            f"{config.token_budget + config.sample_capacity} tokens (context length {context_len}) can need more, "
+            f"and their sample is then capped. Set sample_capacity: {context_len} in the sparse config to keep the "
+            f"bound at every length (a larger sample, slower).")
+
+
 # ----------------------------------------------------------------------------- CLI hooks
 
 def _add_cli_args(result, parser):
@@ -288,6 +300,9 @@ def _backend_class():
                     raise RuntimeError(f"sgl-sparse: SGLang hooks not applied: {missing}; per-request dense opt-out "
                                        "would be ignored under CUDA graphs")
             _ACTIVE["backend"] = self
+            cap_warning = vattention_cap_warning(config, mc.context_len)
+            if cap_warning:
+                logger.warning(cap_warning)
             logger.info("sgl-sparse backend: %s; %d layers, %d/%d query/KV heads per rank, head_dim %d, "
                         "KV pool %d slots, up to %d requests", config.to_dict(), layers, self.num_qo_heads,
                         self.num_kv_heads, self.head_dim, k0.shape[0], max_reqs)

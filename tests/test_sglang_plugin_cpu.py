@@ -177,3 +177,15 @@ def test_opt_out_and_fraction_hooks_on_real_requests():
     finally:
         sb._ACTIVE.clear()
         sb._ACTIVE.update(saved)
+
+
+def test_vattention_cap_warning_names_the_fix():
+    from sgl_sparse.config import SparseConfig
+    from sgl_sparse.sglang_backend import vattention_cap_warning
+
+    preset = SparseConfig.load("vattention")                       # budget 2048 + cap 4096
+    msg = vattention_cap_warning(preset, 32768)
+    assert msg and "sample_capacity: 32768" in msg and "6144" in msg
+    assert vattention_cap_warning(preset, 6144) is None               # the cap cannot bind
+    assert vattention_cap_warning(preset.replace(sample_capacity=32768), 32768) is None
+    assert vattention_cap_warning(SparseConfig.load("quest"), 131072) is None
