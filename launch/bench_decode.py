@@ -113,8 +113,7 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
     # Start each request at L-1 tokens and decode one: the new token's slot is written every step.
     q = torch.randn((B, HQ, D), generator=gen).to(DTYPE).to("cuda")
     q = shape_attention(pool, q, "heavy_tailed", gen)
-    new_slots = torch.stack([pool.req_to_token[int(r), int(n) - 1] for r, n in
-                             zip(pool.req_pool_indices, pool.seq_lens)]).long()
+    new_slots = pool.last_slots
     sm = 1 / math.sqrt(D)
     dense_ref = dense_attention(q, pool.k_cache, pool.v_cache, _batch(pool), sm) if B * L <= (1 << 20) else None
 

@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""One sparse decode step per method at a target shape, for Nsight Compute.
+"""One sparse decode step per method at a target shape: for Nsight Compute, or its own per-kernel times.
 
     ncu --clock-control none --section SpeedOfLight python launch/profile_step.py --batch 32 --context 32768
+    python launch/profile_step.py --kernel-times --shapes 1x32768 8x32768 32x32768 --steps 20
 
-Runs each method's per-layer step (metadata update of the new token, selection, attention) ``--steps`` times
-eagerly after a warm-up, so every kernel of the step shows up once per step in the profile.
+Runs each method's per-layer step (metadata update of the new token, selection, attention; Llama-3.1-8B attention
+shape, synthetic heavy-tailed attention) ``--steps`` times eagerly after a warm-up, so every kernel of the step
+shows up once per step in a profile. With ``--kernel-times`` it records the steps with torch.profiler (CUPTI)
+and prints, per method and shape, each kernel's device time per step and launches per step, sorted, and their
+sum; ``--out`` writes them as JSON. Unlike Nsight Compute this neither serialises nor replays kernels, so the
+times are those of a normal run (the sum leaves out the launch gaps a CUDA-graph replay still pays).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -25,37 +31,80 @@ from sgl_sparse.synthetic import make_pool, shape_attention  # noqa: E402
 HQ, HK, D, P = 32, 8, 128, 16
 
 
+def kernel_times(step, steps: int) -> dict[str, tuple[float, float]]:
+    """kernel name -> (launches per step, device us per step) of ``steps`` calls of ``step``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    rows: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            r = rows.setdefault(ev.name[:60], [0, 0.0])
+            r[0] += 1
+            r[1] += ev.time_range.elapsed_us()
+    return {name: (n / steps, us / steps) for name, (n, us) in rows.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT list (instead of --batch/--context)")
     ap.add_argument("--budget", type=int, default=2048)
-    ap.add_argument("--methods", nargs="+", default=["dense", "quest", "twilight", "vattention"])
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="default: dense quest twilight vattention (quest twilight vattention with --kernel-times)")
     ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--kernel-times", action="store_true", help="print each kernel's device time per step")
+    ap.add_argument("--out", default=None, help="--kernel-times: JSON file")
     args = ap.parse_args()
-    B, L = args.batch, args.context
-    gen = torch.Generator().manual_seed(0)
-    pool = make_pool([L] * B, HK, D, P, torch.bfloat16, "cuda", gen, max_ctx=L + 2 * P)
-    q = shape_attention(pool, torch.randn((B, HQ, D), generator=gen).to(torch.bfloat16).cuda(), "heavy_tailed", gen)
-    new_slots = torch.stack([pool.req_to_token[int(r), int(n) - 1] for r, n in
-                             zip(pool.req_pool_indices, pool.seq_lens)]).long()
-    for method in args.methods:
-        cfg = SparseConfig.load(method).replace(token_budget=args.budget, dense_layers=0, min_context=0) \
-            if method != "dense" else SparseConfig(method="dense")
-        meta = SparseKVMetadata(cfg, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
-                                dtype=torch.bfloat16, device="cuda")
-        if cfg.is_sparse:
-            meta.update(0, pool.k_cache, pool.written_slots)
-        op = SparseDecodeOperator(cfg, num_qo_heads=HQ, num_kv_heads=HK, head_dim=D, num_layers=1, max_batch=B,
-                                  max_context=L, dtype=torch.bfloat16)
-        op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
-        for _ in range(1 + args.steps):
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes] if args.shapes else [(args.batch, args.context)]
+    methods = args.methods or (["quest", "twilight", "vattention"] if args.kernel_times
+                               else ["dense", "quest", "twilight", "vattention"])
+    results = {}
+    for B, L in shapes:
+        gen = torch.Generator().manual_seed(0)
+        pool = make_pool([L] * B, HK, D, P, torch.bfloat16, "cuda", gen, max_ctx=L + 2 * P)
+        q = shape_attention(pool, torch.randn((B, HQ, D), generator=gen).to(torch.bfloat16).cuda(), "heavy_tailed",
+                            gen)
+        new_slots = pool.last_slots
+        for method in methods:
+            cfg = SparseConfig.load(method).replace(token_budget=args.budget, dense_layers=0, min_context=0) \
+                if method != "dense" else SparseConfig(method="dense")
+            meta = SparseKVMetadata(cfg, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK,
+                                    head_dim=D, dtype=torch.bfloat16, device="cuda")
             if cfg.is_sparse:
-                meta.update(0, pool.k_cache, new_slots)
-            op.run(0, q, pool.k_cache, pool.v_cache, meta)
-        torch.cuda.synchronize()
-        print(f"{method}: done ({B} x {L}, budget {args.budget})", file=sys.stderr)
-        del op, meta
+                meta.update(0, pool.k_cache, pool.written_slots)
+            op = SparseDecodeOperator(cfg, num_qo_heads=HQ, num_kv_heads=HK, head_dim=D, num_layers=1,
+                                      max_batch=B, max_context=L, dtype=torch.bfloat16)
+            op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+
+            def step():
+                if cfg.is_sparse:
+                    meta.update(0, pool.k_cache, new_slots)
+                op.run(0, q, pool.k_cache, pool.v_cache, meta)
+
+            for _ in range(1 if not args.kernel_times else 3):       # warm-up (compiles on first use)
+                step()
+            torch.cuda.synchronize()
+            if args.kernel_times:
+                times = kernel_times(step, args.steps)
+                total = sum(us for _, us in times.values())
+                print(f"== {method} {B}x{L} budget {args.budget}: kernel sum {total:.1f} us/step")
+                for name, (n, us) in sorted(times.items(), key=lambda kv: -kv[1][1]):
+                    print(f"   {us:8.1f} us  x{n:.0f}  {name}")
+                results[f"{method} {B}x{L}"] = {"total_us": total, "kernels": {k: v[1] for k, v in times.items()}}
+            else:
+                for _ in range(args.steps):
+                    step()
+                torch.cuda.synchronize()
+                print(f"{method}: done ({B} x {L}, budget {args.budget})", file=sys.stderr)
+            del op, meta
+        del pool
+        torch.cuda.empty_cache()
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1)
     return 0
 
 

@@ -26,6 +26,12 @@ class Pool:
         rows = [self.req_to_token[int(r), : int(n)] for r, n in zip(self.req_pool_indices, self.seq_lens)]
         return torch.cat(rows).long()
 
+    @property
+    def last_slots(self) -> torch.Tensor:
+        """The slot of each request's newest token, int64 ``[B]`` (a decode step's out_cache_loc)."""
+        return torch.stack([self.req_to_token[int(r), int(n) - 1]
+                            for r, n in zip(self.req_pool_indices, self.seq_lens)]).long()
+
     def max_pages(self) -> int:
         return int((self.seq_lens.max() + self.page_size - 1) // self.page_size)
 

@@ -62,8 +62,7 @@ def warm(config: SparseConfig, *, num_qo_heads: int, num_kv_heads: int, head_dim
                               num_layers=2, max_batch=len(lens), max_context=max(lens) + 2 * P, dtype=dtype,
                               device=device)
     q = torch.randn((len(lens), num_qo_heads, head_dim), generator=gen).to(dtype).to(device)
-    new_slots = torch.stack([pool.req_to_token[int(r), int(n) - 1]
-                             for r, n in zip(pool.req_pool_indices, pool.seq_lens)]).long()
+    new_slots = pool.last_slots
     op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
     for layer in range(2):
         if cfg.is_sparse:
