@@ -340,7 +340,8 @@ def int4_candidate_scores(q: torch.Tensor, key_int4: torch.Tensor, key_scale_zer
 
 
 def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float,
-                 candidate_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 candidate_ids: torch.Tensor | None = None,
+                 keep_all: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Twilight's top-p pruning: the smallest set of candidates holding a fraction ``top_p`` of the mass.
 
     Per row, with ``n`` candidates, ``total = sum(probs[:n])`` and ``target = top_p * total``: the threshold
@@ -353,6 +354,8 @@ def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float
         top_p: in (0, 1]; values above 1 act as 1.
         candidate_ids: optional ``[B, HK, C]`` int32; when given, the output holds ``candidate_ids`` of the kept
             positions instead of the positions.
+        keep_all: optional ``[B]`` bool: the rows of these requests keep every candidate (Twilight's dense
+            fallback for requests that fit in the budget).
 
     Returns:
         kept ``[B, HK, C]`` int32 (ascending position order, ``-1`` past the count) and num_kept ``[B, HK]``.
@@ -368,7 +371,7 @@ def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float
             if n == 0:
                 continue
             p = probs[b, h, :n].double()
-            if top_p >= 1.0:
+            if top_p >= 1.0 or (keep_all is not None and bool(keep_all[b])):
                 keep = torch.ones(n, dtype=torch.bool, device=p.device)
             else:
                 target = top_p * p.sum()

@@ -86,10 +86,8 @@ def quest(ops, cfg, q, tables, batch, attend: Attend) -> torch.Tensor:
 def twilight(ops, cfg, q, tables, batch, attend: Attend, sm_scale: float):
     cand, ncand = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch), batch)
     _, probs = ops.int4_candidate_scores(q, tables.key_int4, tables.key_scale_zero, cand, ncand, sm_scale)
-    kept, nkept = ops.top_p_select(probs, ncand, cfg.top_p, candidate_ids=cand)
-    dense = fits_in_budget(cfg, batch)[:, None]
-    rows = torch.where(dense[..., None], cand, kept)
-    counts = torch.where(dense, ncand, nkept)
+    # requests that fit in the budget keep every candidate (all their tokens): the dense fallback
+    rows, counts = ops.top_p_select(probs, ncand, cfg.top_p, candidate_ids=cand, keep_all=fits_in_budget(cfg, batch))
     return attend(q, rows, counts, which="main", return_lse=False), counts
 
 

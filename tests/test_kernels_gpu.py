@@ -309,6 +309,14 @@ def test_top_p_shapes(n, top_p):
     ncand = torch.full((2, 3), n, dtype=torch.int32, device=DEV)
     pos, npos = ck.top_p_select(probs, ncand, top_p)
     _check_top_p(probs, ncand, top_p, pos, npos)
+    # keep_all (Twilight's dense fallback): request 1's rows keep every candidate, request 0's are pruned as before
+    keep_all = torch.tensor([False, True], device=DEV)
+    pos2, npos2 = ck.top_p_select(probs, ncand, top_p, keep_all=keep_all)
+    for h in range(3):
+        k = int(npos[0, h])
+        assert int(npos2[0, h]) == k and torch.equal(pos2[0, h, :k], pos[0, h, :k])
+    assert (npos2[1] == n).all()
+    assert torch.equal(pos2[1, :, :n].cpu(), torch.arange(n, dtype=torch.int32).expand(3, n))
 
 
 # ----------------------------------------------------------------------------- 7. vAttention sampling
