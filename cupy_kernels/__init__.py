@@ -18,6 +18,7 @@ quantize_keys_int4         packed int4 K copy with per-token (scale, zero)
 int4_candidate_scores      int4 logits of candidate tokens and their group-mean softmax
 top_p_select               top-p pruning by parallel binary search (Twilight)
 vattention_sample          vAttention's (epsilon, delta)-sized residual sample and weight
+vattention_merge           deterministic + importance-weighted sample attention, merged by LSE
 =========================  ==================================================================
 """
 
@@ -30,6 +31,7 @@ from .pages_to_kv import pages_to_kv_indices
 from .quest_scores import quest_page_scores
 from .top_p import top_p_select
 from .topk_pages import topk_pages
+from .vattn_merge import vattention_merge
 from .vattn_sample import vattention_sample
 
 __all__ = [
@@ -43,4 +45,5 @@ __all__ = [
     "int4_candidate_scores",
     "top_p_select",
     "vattention_sample",
+    "vattention_merge",
 ]

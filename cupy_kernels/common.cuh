@@ -37,6 +37,16 @@ __device__ __forceinline__ float kv_hi(u32 w) {  // element 1 of a packed pair
 
 __device__ __forceinline__ float kv_to_float(u16 x) { return kv_lo((u32)x); }
 
+__device__ __forceinline__ u16 float_to_kv(float f) {  // round to nearest even, like torch's .to(dtype)
+    unsigned short h;
+#if KV_BF16
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#else
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+#endif
+    return h;
+}
+
 // Slot indices written by SGLang (out_cache_loc) are int64; kernels that take them are compiled for the caller's
 // dtype (SLOTS_I64=1: int64, else int32) instead of the wrapper casting them, a kernel per call, every layer.
 #ifndef SLOTS_I64

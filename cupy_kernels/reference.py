@@ -340,7 +340,8 @@ def int4_candidate_scores(q: torch.Tensor, key_int4: torch.Tensor, key_scale_zer
 
 
 def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float,
-                 candidate_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 candidate_ids: torch.Tensor | None = None,
+                 keep_all: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Twilight's top-p pruning: the smallest set of candidates holding a fraction ``top_p`` of the mass.
 
     Per row, with ``n`` candidates, ``total = sum(probs[:n])`` and ``target = top_p * total``: the threshold
@@ -353,6 +354,8 @@ def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float
         top_p: in (0, 1]; values above 1 act as 1.
         candidate_ids: optional ``[B, HK, C]`` int32; when given, the output holds ``candidate_ids`` of the kept
             positions instead of the positions.
+        keep_all: optional ``[B]`` bool: the rows of these requests keep every candidate (Twilight's dense
+            fallback for requests that fit in the budget).
 
     Returns:
         kept ``[B, HK, C]`` int32 (ascending position order, ``-1`` past the count) and num_kept ``[B, HK]``.
@@ -368,7 +371,7 @@ def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float
             if n == 0:
                 continue
             p = probs[b, h, :n].double()
-            if top_p >= 1.0:
+            if top_p >= 1.0 or (keep_all is not None and bool(keep_all[b])):
                 keep = torch.ones(n, dtype=torch.bool, device=p.device)
             else:
                 target = top_p * p.sum()
@@ -540,3 +543,35 @@ def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
             weight[b, h] = w
             required[b, h] = req
     return out, cnt, weight, required
+
+
+def merge_states(o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
+    """Merge two partial attentions by their base-2 LSE (float32 math), like ``flashinfer.merge_state``.
+
+    ``o_a``/``o_b`` ``[..., D]``, ``lse_a``/``lse_b`` ``[...]``; a side with LSE ``-inf`` contributes nothing.
+    """
+    m = torch.maximum(lse_a, lse_b)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    wa = torch.exp2(lse_a - m)
+    wb = torch.exp2(lse_b - m)
+    out = (o_a.float() * wa[..., None] + o_b.float() * wb[..., None]) / (wa + wb)[..., None]
+    return out.to(o_a.dtype)
+
+
+def vattention_merge(o_det: torch.Tensor, lse_det: torch.Tensor, o_s: torch.Tensor, lse_s: torch.Tensor,
+                     s_counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """vAttention's output: the deterministic attention merged with the importance-weighted sample attention.
+
+    ``o_det``/``o_s`` ``[B, HQ, D]``, ``lse_det``/``lse_s`` ``[B, HQ]`` float32 base 2, ``s_counts`` ``[B, HK]``
+    int32 (a KV head with no sample keeps ``o_det``; its ``o_s``/``lse_s`` are not used, whatever they hold),
+    ``weight`` ``[B, HK]`` float32: each sampled token stands for ``weight`` residual tokens, so the sample's LSE
+    gains ``log2(weight)`` (clamped at 1e-30). Returns ``[B, HQ, D]`` in ``o_det``'s dtype.
+    """
+    B, HQ, D = o_det.shape
+    HK = s_counts.shape[1]
+    G = HQ // HK
+    sampled = (s_counts > 0)[..., None].expand(B, HK, G).reshape(B, HQ)
+    o_s = torch.where(sampled[..., None], o_s, torch.zeros_like(o_det))             # empty rows: no NaN
+    log_w = torch.log2(weight.float().clamp_min(1e-30))[..., None].expand(B, HK, G).reshape(B, HQ)
+    lse_s = torch.where(sampled, lse_s.float() + log_w, torch.full_like(log_w, -math.inf))
+    return merge_states(o_det, lse_det.float(), o_s, lse_s)

@@ -4,7 +4,8 @@
 // fixed-order block reduction, so it is deterministic and monotone in tau (float rounding is monotone). The
 // threshold is found by bisection on the bit pattern of tau (non-negative floats order like their bits):
 // at most 32 steps give exactly the largest tau with mass(tau) >= top_p * mass(0), no sort needed. An ordered
-// compaction then writes the kept positions (or candidate_ids at them) in ascending order.
+// compaction then writes the kept positions (or candidate_ids at them) in ascending order. Rows of requests
+// flagged in keep_all (Twilight's dense fallback: the request fits in the budget) keep every candidate.
 // No defines.
 
 #define THREADS 512
@@ -38,9 +39,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) top_p_select(
     const float* __restrict__ probs,          // [R, C]
     const int* __restrict__ num_candidates,   // [R]
     const int* __restrict__ candidate_ids,    // [R, C] or nullptr
+    const unsigned char* __restrict__ keep_all, // [R / rows_per_flag] bool or nullptr
     int* __restrict__ kept,                   // [R, C]
     int* __restrict__ num_kept,               // [R]
-    int C, float top_p)
+    int C, float top_p, int rows_per_flag)
 {
     extern __shared__ float s_p[];            // [C]
     __shared__ float red[WARPS];
@@ -53,8 +55,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) top_p_select(
     for (int i = tid; i < n; i += THREADS) s_p[i] = p_row[i];
     __syncthreads();
 
-    float tau = 0.f;
-    if (top_p < 1.f) {
+    float tau = 0.f;                          // probabilities are >= 0: tau = 0 keeps every candidate
+    if (top_p < 1.f && !(keep_all && keep_all[row / rows_per_flag])) {
         float local = 0.f, local_max = 0.f;
         for (int i = tid; i < n; i += THREADS) { local += s_p[i]; local_max = fmaxf(local_max, s_p[i]); }
         const float total = block_sum(local, red);

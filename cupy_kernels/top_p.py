@@ -13,7 +13,7 @@ MAX_SMEM_BYTES = 200 * 1024
 
 
 def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float,
-                 candidate_ids: torch.Tensor | None = None,
+                 candidate_ids: torch.Tensor | None = None, keep_all: torch.Tensor | None = None,
                  out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep the candidates whose probability is at least the top-p threshold.
 
@@ -22,6 +22,7 @@ def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float
         top_p: in (0, 1]; the kept mass is ``>= top_p * sum(probs)`` and the set is the smallest such
             threshold set (ties at the threshold all kept). ``top_p >= 1`` keeps everything.
         candidate_ids: optional ``[B, HK, C]`` int32 emitted instead of positions (e.g. kv indices).
+        keep_all: optional ``[B]`` bool: requests whose rows keep every candidate (no pruning).
         out: optional (kept ``[B, HK, C]`` int32, num_kept ``[B, HK]`` int32) buffers.
 
     Returns:
@@ -37,6 +38,9 @@ def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float
     if candidate_ids is not None:
         check_tensor(candidate_ids, "candidate_ids", dtypes=[torch.int32], ndim=3, device=dev)
         check(tuple(candidate_ids.shape) == (B, HK, C), f"candidate_ids must be {(B, HK, C)}")
+    if keep_all is not None:
+        check_tensor(keep_all, "keep_all", dtypes=[torch.bool], ndim=1, device=dev)
+        check(keep_all.shape[0] == B, f"keep_all has {keep_all.shape[0]} entries for a batch of {B}")
     if out is None:
         out = (torch.empty((B, HK, C), dtype=torch.int32, device=dev),
                torch.empty((B, HK), dtype=torch.int32, device=dev))
@@ -52,6 +56,7 @@ def top_p_select(probs: torch.Tensor, num_candidates: torch.Tensor, top_p: float
     smem = C * 4
     set_max_dynamic_smem(fn, smem)
     ids = candidate_ids if candidate_ids is not None else u64(0)
-    launch(fn, (B * HK,), (512,), (probs, num_candidates, ids, kept, cnt, i32(C), f32(min(top_p, 1.0))), dev,
-           shared_mem=smem)
+    flags = keep_all if keep_all is not None else u64(0)
+    launch(fn, (B * HK,), (512,), (probs, num_candidates, ids, flags, kept, cnt, i32(C), f32(min(top_p, 1.0)),
+                                   i32(HK)), dev, shared_mem=smem)
     return kept, cnt

@@ -266,7 +266,7 @@ class SparseDecodeOperator:
         else:
             seeds = self.seed_base[: batch.batch_size] + layer * policies.SEED_LAYER_STRIDE   # = vattention_seeds()
             out, counts = policies.vattention(ck, cfg, q, k_cache, v_cache, tables, batch, attend, self.sm_scale,
-                                              seeds, _merge_flashinfer)
+                                              seeds)
         out = out.view(q.shape)
         if self.dense_rows is not None:                        # opted-out requests: dense attention instead
             dense_out = bufs["dense"].run(q, k_cache, v_cache).view(q.shape)
@@ -298,23 +298,10 @@ class SparseDecodeOperator:
         return self.attended[: batch.batch_size].sum(1).float() / (calls * self.num_kv_heads * batch.seq_lens.float())
 
 
-def _merge_flashinfer(o_a, lse_a, o_b, lse_b):
-    fi = _flashinfer()
-    out, _ = fi.merge_state(o_a, lse_a, o_b, lse_b)
-    return out
-
-
 # ---------------------------------------------------------------------------- the torch reference
 
 
-def merge_states_reference(o_a, lse_a, o_b, lse_b):
-    """Merge two partial attentions by their base-2 LSE (float32 math), like ``flashinfer.merge_state``."""
-    m = torch.maximum(lse_a, lse_b)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    wa = torch.exp2(lse_a - m)
-    wb = torch.exp2(lse_b - m)
-    out = (o_a.float() * wa[..., None] + o_b.float() * wb[..., None]) / (wa + wb)[..., None]
-    return out.to(o_a.dtype)
+merge_states_reference = ck.reference.merge_states   # the spec of flashinfer.merge_state (kept under this name)
 
 
 def all_token_rows(batch: DecodeBatch, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,5 +366,4 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
         return policies.twilight(ref, config, q, tables, batch, attend, sm_scale)
     if seeds is None:
         seeds = policies.vattention_seeds(config.seed, torch.ones(1, dtype=torch.int64, device=q.device), layer, B)
-    return policies.vattention(ref, config, q, k_cache, v_cache, tables, batch, attend, sm_scale, seeds,
-                               merge_states_reference)
+    return policies.vattention(ref, config, q, k_cache, v_cache, tables, batch, attend, sm_scale, seeds)

@@ -6,16 +6,15 @@ run literally the same selection logic:
 
     quest:      page scores -> top-k pages (sinks, local forced) -> token kv indices -> attention
     twilight:   quest at the loose budget -> int4 scores + group softmax -> top-p -> attention
-    vattention: quest -> attention with LSE -> (eps, delta) residual sample -> weighted attention -> merge
+    vattention: quest -> attention with LSE -> (eps, delta) residual sample -> attention -> weighted merge
 
 Token lists are fixed-capacity rows ``[B, HK, C]`` of kv indices (``slot * HK + h``) plus counts ``[B, HK]``.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -87,15 +86,13 @@ def quest(ops, cfg, q, tables, batch, attend: Attend) -> torch.Tensor:
 def twilight(ops, cfg, q, tables, batch, attend: Attend, sm_scale: float):
     cand, ncand = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch), batch)
     _, probs = ops.int4_candidate_scores(q, tables.key_int4, tables.key_scale_zero, cand, ncand, sm_scale)
-    kept, nkept = ops.top_p_select(probs, ncand, cfg.top_p, candidate_ids=cand)
-    dense = fits_in_budget(cfg, batch)[:, None]
-    rows = torch.where(dense[..., None], cand, kept)
-    counts = torch.where(dense, ncand, nkept)
+    # requests that fit in the budget keep every candidate (all their tokens): the dense fallback
+    rows, counts = ops.top_p_select(probs, ncand, cfg.top_p, candidate_ids=cand, keep_all=fits_in_budget(cfg, batch))
     return attend(q, rows, counts, which="main", return_lse=False), counts
 
 
 def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attend, sm_scale: float,
-               seeds: torch.Tensor, merge: Callable):
+               seeds: torch.Tensor):
     selected = select_pages(ops, cfg, q, tables, batch)
     rows, counts = pages_to_tokens(ops, cfg, selected, batch)
     o_det, lse_det = attend(q, rows, counts, which="main", return_lse=True)
@@ -106,14 +103,8 @@ def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attend, sm_
         q, k_cache, v_cache, *selected, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, seeds,
         lse_det, o_det, cfg.page_size, sm_scale, cfg.epsilon, cfg.delta, cfg.base_rate, cfg.sample_capacity)
     o_s, lse_s = attend(q, s_rows, s_counts, which="sample", return_lse=True)
-    HK = counts.shape[1]
-    G = HQ // HK
-    sampled = (s_counts > 0)[..., None].expand(B, HK, G).reshape(B, HQ)
-    o_s = torch.where(sampled[..., None], o_s.view(B, HQ, D), torch.zeros_like(o_det))  # empty rows: no NaN
-    # Importance weight: the sample stands for N_s / n residual tokens each (log2 for base-2 LSE).
-    log_w = torch.log2(weight.clamp_min(1e-30))[..., None].expand(B, HK, G).reshape(B, HQ)
-    lse_s = torch.where(sampled, lse_s.reshape(B, HQ).float() + log_w, torch.full_like(log_w, -math.inf))
-    out = merge(o_det, lse_det, o_s, lse_s)
+    # Importance weight: each sampled token stands for N_s / n residual tokens (log2 of it joins the sample's LSE).
+    out = ops.vattention_merge(o_det, lse_det, o_s.view(B, HQ, D), lse_s.reshape(B, HQ), s_counts, weight)
     return out, counts + s_counts
 
 

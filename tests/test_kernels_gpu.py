@@ -309,6 +309,14 @@ def test_top_p_shapes(n, top_p):
     ncand = torch.full((2, 3), n, dtype=torch.int32, device=DEV)
     pos, npos = ck.top_p_select(probs, ncand, top_p)
     _check_top_p(probs, ncand, top_p, pos, npos)
+    # keep_all (Twilight's dense fallback): request 1's rows keep every candidate, request 0's are pruned as before
+    keep_all = torch.tensor([False, True], device=DEV)
+    pos2, npos2 = ck.top_p_select(probs, ncand, top_p, keep_all=keep_all)
+    for h in range(3):
+        k = int(npos[0, h])
+        assert int(npos2[0, h]) == k and torch.equal(pos2[0, h, :k], pos[0, h, :k])
+    assert (npos2[1] == n).all()
+    assert torch.equal(pos2[1, :, :n].cpu(), torch.arange(n, dtype=torch.int32).expand(3, n))
 
 
 # ----------------------------------------------------------------------------- 7. vAttention sampling
@@ -384,6 +392,35 @@ def test_vattention_sample(case, epsilon, delta, base_rate):
         differs = [not torch.equal(kv[b, h, : int(n[b, h])], kv3[b, h, : int(n[b, h])])
                    for b, h in torch.nonzero(sampled).tolist()]
         assert all(differs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D,HK,G", [(128, 8, 4), (64, 2, 3), (128, 1, 8), (64, 4, 1)])
+def test_vattention_merge(dtype, D, HK, G):
+    """The fused merge equals the reference's masks + weight + merge_states, up to one rounding of the output;
+    KV heads without a sample (garbage, even NaN, in their o_s / lse_s) keep o_det exactly."""
+    import cupy_kernels as ck
+    gen = _gen(21)
+    B, HQ = 7, HK * G
+    o_det = torch.randn((B, HQ, D), generator=gen).to(dtype).to(DEV)
+    o_s = torch.randn((B, HQ, D), generator=gen).to(dtype).to(DEV)
+    lse_det = (torch.randn((B, HQ), generator=gen) * 4 + 10).to(DEV)
+    lse_s = (torch.randn((B, HQ), generator=gen) * 4 + 3).to(DEV)
+    s_counts = torch.randint(0, 3, (B, HK), generator=gen).mul(50).int().to(DEV)     # a third of the heads: none
+    weight = torch.exp(torch.randn((B, HK), generator=gen) * 3).to(DEV)              # from << 1 to >> 1
+    weight[0, 0] = 0.0                                                                # clamped at 1e-30
+    s_counts[0, 0] = 5
+    empty = (s_counts == 0)[..., None].expand(B, HK, G).reshape(B, HQ)
+    o_s[empty] = float("nan")
+    lse_s[empty] = float("nan")
+    got = ck.vattention_merge(o_det, lse_det, o_s, lse_s, s_counts, weight)
+    want = ref.vattention_merge(o_det, lse_det, o_s, lse_s, s_counts, weight)
+    assert got.dtype == dtype and got.shape == (B, HQ, D)
+    assert torch.equal(got[empty], o_det[empty])
+    ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10                      # one output rounding step
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
+    assert (got != want).float().mean().item() < 0.01                                 # and only rarely at all
+
 
 
 # ----------------------------------------------------------------------------- CUDA graphs

@@ -819,6 +819,11 @@ def test_top_p_select_empty_rows_and_candidate_ids():
             assert kept_pos[b, h, :c].tolist() == want
             assert kept_ids[b, h, :c].tolist() == [int(ids[b, h, i]) for i in want]
             assert (kept_ids[b, h, c:] == -1).all()
+    # keep_all: request 1's rows keep every candidate (ids in position order), request 0's are pruned as before
+    kept_all, cnt_all = ref.top_p_select(probs, num, 0.8, ids, keep_all=torch.tensor([False, True]))
+    assert torch.equal(kept_all[0], kept_ids[0]) and torch.equal(cnt_all[0], cnt_ids[0])
+    assert cnt_all[1].tolist() == [5, 4]
+    assert kept_all[1, 0, :5].tolist() == [9, 8, 7, 6, 5] and kept_all[1, 1, :4].tolist() == [100, 200, 300, 400]
 
 
 @pytest.mark.parametrize("p", [0.0, -0.5, float("nan")])

@@ -135,6 +135,33 @@ def test_merge_states_reference_is_attention_over_the_union():
     assert torch.allclose(empty, oa)
 
 
+def test_vattention_merge_reference_weights_the_sample():
+    """Each sampled token stands for `weight` residual tokens: the merge is attention over deterministic tokens
+    plus the sample with its exp-scores multiplied by weight; a KV head without a sample keeps o_det whatever its
+    sample outputs hold."""
+    from cupy_kernels import reference as ref
+    gen = torch.Generator().manual_seed(4)
+    B, HK, G, D = 2, 3, 2, 8
+    lg_det = torch.randn(B, HK * G, 30, generator=gen) * 2
+    lg_s = torch.randn(B, HK * G, 10, generator=gen) * 2
+    v_det, v_s = torch.randn(30, D, generator=gen), torch.randn(10, D, generator=gen)
+    o_det = torch.softmax(lg_det, -1) @ v_det
+    lse_det = torch.logsumexp(lg_det, -1) / math.log(2)
+    o_s = torch.softmax(lg_s, -1) @ v_s
+    lse_s = torch.logsumexp(lg_s, -1) / math.log(2)
+    weight = torch.tensor([[3.0, 0.5, 7.0], [1.0, 40.0, 2.0]])
+    s_counts = torch.tensor([[10, 10, 0], [10, 10, 10]], dtype=torch.int32)
+    o_s[0, 4:6] = float("nan")                      # KV head 2 of request 0 drew nothing: never read
+    lse_s[0, 4:6] = float("nan")
+    got = ref.vattention_merge(o_det, lse_det, o_s, lse_s, s_counts, weight)
+    w = weight[..., None].expand(B, HK, G).reshape(B, HK * G, 1)
+    e_det, e_s = torch.exp(lg_det), torch.exp(lg_s) * w
+    want = (e_det @ v_det + e_s @ v_s) / (e_det.sum(-1, keepdim=True) + e_s.sum(-1, keepdim=True))
+    sampled = (s_counts > 0)[..., None].expand(B, HK, G).reshape(B, HK * G)
+    assert torch.allclose(got[sampled], want[sampled], atol=1e-5)
+    assert torch.equal(got[~sampled], o_det[~sampled])
+
+
 def test_vattention_seeds_vary_by_step_layer_and_row():
     s1 = policies.vattention_seeds(0, torch.tensor([1]), 3, 4)
     assert len(set(s1.tolist())) == 4
