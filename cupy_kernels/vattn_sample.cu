@@ -4,16 +4,23 @@
 // Residual tokens are numbered in position order over the unselected pages. Residual number r lies on the
 // (r / P)-th unselected page; with the selected pages sorted, that page is j + #{i : sel[i] - i <= j}
 // (sel[i] - i is non-decreasing), found by binary search in shared memory.
-// Base sample: warp w takes draws UNROLL*w .. UNROLL*w+UNROLL-1, then strides by WARPS*UNROLL; lanes split the head dimension (EPL = D/32 channels),
-// logits of the G query heads come from warp sums. Means and variances are two-pass (means first, then
-// squared deviations), reduced across warps in a fixed order, so the sample size is deterministic.
-// Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP, PAGE_SIZE.
+// The slots of the first SLOT_CACHE base draws are looked up once, all in parallel (RNG, binary search,
+// req_to_token), into shared memory: both passes and the output then read them there, so each draw costs one
+// dependent global load (its K/V row) instead of two.
+// Base sample: warp w takes draws UNROLL*w .. UNROLL*w+UNROLL-1, then strides by WARPS*UNROLL; lanes split the
+// head dimension (EPL = D/32 channels, one 4- or 8-byte load each for K and V), logits of the G query heads come
+// from warp sums. Means and variances are two-pass (means first, then squared deviations), reduced across warps
+// in a fixed order, so the sample size is deterministic.
+// Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP, PAGE_SIZE, SLOT_CACHE.
 
 #define THREADS 512
 #define UNROLL 4
 #define WARPS (THREADS / 32)
 #define EPL (HEAD_DIM / 32)
 #define LN2 0.69314718055994530942f
+#ifndef SLOT_CACHE
+#define SLOT_CACHE 4096   // base draws whose slots are cached in shared memory (the wrapper passes and sizes it)
+#endif
 
 struct Residual {
     const int* sel; int cnt;
@@ -40,6 +47,26 @@ __device__ __forceinline__ void exp_scores(const float (&k)[EPL], const float (&
     }
 }
 
+// EPL consecutive channels (EPL = 2 or 4: 4- or 8-byte aligned) as floats, in one load.
+__device__ __forceinline__ void load_channels(const u16* p, float* f) {
+#if EPL == 4
+    const uint2 w = *reinterpret_cast<const uint2*>(p);
+    f[0] = kv_lo(w.x); f[1] = kv_hi(w.x); f[2] = kv_lo(w.y); f[3] = kv_hi(w.y);
+#elif EPL == 2
+    const u32 w = *reinterpret_cast<const u32*>(p);
+    f[0] = kv_lo(w); f[1] = kv_hi(w);
+#else
+#pragma unroll
+    for (int i = 0; i < EPL; ++i) f[i] = kv_to_float(p[i]);
+#endif
+}
+
+// Slot of base draw i: from the shared cache, or looked up (draws past SLOT_CACHE).
+__device__ __forceinline__ int draw_slot(int i, const int* s_slot, u32 key, int n_s, const Residual& res,
+                                         const int* r2t) {
+    return i < SLOT_CACHE ? s_slot[i] : r2t[res.position((int)rng_uniform(key, (u32)i, (u32)n_s))];
+}
+
 // Loads K and V channels of UNROLL base draws i0, i0+1, ... (all issued before any is used).
 struct Draws {
     float k[UNROLL][EPL], v[UNROLL][EPL];
@@ -47,20 +74,20 @@ struct Draws {
 };
 
 __device__ __forceinline__ void load_draws(Draws& dr, int i0, int n_base, u32 key, int n_s, const Residual& res,
-                                           const int* r2t, const u16* k_cache, const u16* v_cache, int h,
-                                           int lane) {
+                                           const int* r2t, const int* s_slot, const u16* k_cache,
+                                           const u16* v_cache, int h, int lane) {
     long long row[UNROLL];
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         dr.valid[u] = i0 + u < n_base;
-        row[u] = dr.valid[u] ? (long long)r2t[res.position((int)rng_uniform(key, (u32)(i0 + u), (u32)n_s))] : 0;
+        row[u] = dr.valid[u] ? (long long)draw_slot(i0 + u, s_slot, key, n_s, res, r2t) : 0;
     }
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
         if (!dr.valid[u]) continue;
         const long long off = (row[u] * NUM_KV_HEADS + h) * HEAD_DIM + lane * EPL;
-#pragma unroll
-        for (int i = 0; i < EPL; ++i) { dr.k[u][i] = kv_to_float(k_cache[off + i]); dr.v[u][i] = kv_to_float(v_cache[off + i]); }
+        load_channels(k_cache + off, dr.k[u]);
+        load_channels(v_cache + off, dr.v[u]);
     }
 }
 
@@ -82,7 +109,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
     int* __restrict__ required_out,            // [B, HK]
     int top_k, int r2t_stride, int capacity, float sm_scale, double base_rate, double z, double eps_part)
 {
-    extern __shared__ int s_sel[];                          // [top_k]
+    extern __shared__ int s_dyn[];                          // s_sel [top_k], then s_slot [min(capacity, SLOT_CACHE)]
+    int* s_sel = s_dyn;
+    int* s_slot = s_dyn + top_k;
     __shared__ float s_vec[WARPS / 2][GROUP][HEAD_DIM];     // per-warp-pair partial vectors
     __shared__ float s_sc[WARPS][GROUP][2];                 // per-warp partial scalars
     __shared__ float s_mean_e[GROUP], s_mean_ev[GROUP][HEAD_DIM];
@@ -116,6 +145,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
     float weight = 1.f;
 
     if (!take_all) {
+        for (int i = tid; i < min(n_base, SLOT_CACHE); i += THREADS)          // independent lookups, all in flight
+            s_slot[i] = r2t[res.position((int)rng_uniform(key, (u32)i, (u32)n_s))];
+        __syncthreads();
         float qs[GROUP][EPL], lse_ln[GROUP];
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
@@ -130,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
         for (int g = 0; g < GROUP; ++g) { sum_e[g] = 0.f; for (int i = 0; i < EPL; ++i) sum_ev[g][i] = 0.f; }
         for (int i0 = warp * UNROLL; i0 < n_base; i0 += WARPS * UNROLL) {
             Draws dr;
-            load_draws(dr, i0, n_base, key, n_s, res, r2t, k_cache, v_cache, h, lane);
+            load_draws(dr, i0, n_base, key, n_s, res, r2t, s_slot, k_cache, v_cache, h, lane);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 if (!dr.valid[u]) continue;
@@ -181,7 +213,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
         for (int g = 0; g < GROUP; ++g) { dev_e[g] = 0.f; dev_ev[g] = 0.f; }
         for (int i0 = warp * UNROLL; i0 < n_base; i0 += WARPS * UNROLL) {
             Draws dr;
-            load_draws(dr, i0, n_base, key, n_s, res, r2t, k_cache, v_cache, h, lane);
+            load_draws(dr, i0, n_base, key, n_s, res, r2t, s_slot, k_cache, v_cache, h, lane);
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 if (!dr.valid[u]) continue;
@@ -242,9 +274,13 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
         }
     }
 
+    // The sample: draw i is base draw i while i < n_base (same key, same counter), so its slot is cached.
+    const int cached = take_all ? 0 : min(n_base, SLOT_CACHE);
     for (int i = tid; i < n_take; i += THREADS) {
-        const int r = take_all ? i : (int)rng_uniform(key, (u32)i, (u32)n_s);
-        out[i] = r2t[res.position(r)] * NUM_KV_HEADS + h;
+        int slot;
+        if (i < cached) slot = s_slot[i];
+        else slot = r2t[res.position(take_all ? i : (int)rng_uniform(key, (u32)i, (u32)n_s))];
+        out[i] = slot * NUM_KV_HEADS + h;
     }
     if (tid == 0) { num_sampled[row_id] = n_take; sample_weight[row_id] = weight; required_out[row_id] = required; }
 }

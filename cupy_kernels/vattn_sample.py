@@ -12,6 +12,8 @@ from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, f3
                     set_max_dynamic_smem)
 from .reference import vattention_eps, vattention_z
 
+SLOT_CACHE = 4096   # base draws whose slots the kernel keeps in shared memory (a -D define of vattn_sample.cu)
+
 
 def check_vattention_params(epsilon: float, delta: float, base_rate: float) -> None:
     check(0 < epsilon < 1, f"vAttention epsilon must be in (0, 1), got {epsilon}")
@@ -75,10 +77,11 @@ def vattention_sample(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     if B == 0:
         return kv, cnt, weight, required
     fn = kernel("vattn_sample.cu", "vattention_sample", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
-                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size)
-    set_max_dynamic_smem(fn, K * 4)
+                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size, SLOT_CACHE=SLOT_CACHE)
+    smem = (K + min(capacity, SLOT_CACHE)) * 4         # selected pages, then the cached slots of the base draws
+    set_max_dynamic_smem(fn, smem)
     launch(fn, (HK, B), (512,),
            (q, k_cache, v_cache, selected_pages, num_selected, r2t, rpi, sl, seeds, lse_det, o_det,
             kv, cnt, weight, required, i32(K), i32(r2t.shape[1]), i32(capacity), f32(sm_scale), f64(base_rate),
-            f64(vattention_z(delta)), f64(vattention_eps(epsilon))), dev, shared_mem=K * 4)
+            f64(vattention_z(delta)), f64(vattention_eps(epsilon))), dev, shared_mem=smem)
     return kv, cnt, weight, required
