@@ -152,7 +152,10 @@ def combine(paths: list[str], out: str, only_tasks: list[str] | None = None) -> 
     """Merge the results of several runs (same model and path) into one report (``only_tasks``: keep those)."""
     runs = [json.load(open(p)) for p in paths]
     described = {r["path"] for r in runs}
-    models = {r["args"]["model"] for r in runs}
+    # a combined file has no args of its own: it lists the runs it merged, which this report lists in its place
+    plain = [inner for r in runs for inner in
+             ([dict(args=r["args"], complete=r["complete"])] if "args" in r else r["runs"])]
+    models = {r["args"]["model"] for r in plain}
     if len(described) != 1 or len(models) != 1:
         raise SystemExit(f"--combine needs runs of one model on one path, got models {sorted(models)}, "
                          f"paths {sorted(described)}")
@@ -160,7 +163,7 @@ def combine(paths: list[str], out: str, only_tasks: list[str] | None = None) -> 
                if only_tasks is None or r["task"] in only_tasks]
     tasks_ = sorted({r.task for r in results})
     report(results, described.pop(), models.pop(), f"tasks {', '.join(tasks_)}; runs {', '.join(paths)}", out,
-           dict(combined=paths, only_tasks=only_tasks, runs=[dict(args=r["args"], complete=r["complete"]) for r in runs],
+           dict(combined=paths, only_tasks=only_tasks, runs=plain,
                 path=runs[0]["path"], complete=all(r["complete"] for r in runs)))
     return 0
 
