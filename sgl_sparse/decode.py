@@ -301,9 +301,6 @@ class SparseDecodeOperator:
 # ---------------------------------------------------------------------------- the torch reference
 
 
-merge_states_reference = ck.reference.merge_states   # the spec of flashinfer.merge_state (kept under this name)
-
-
 def all_token_rows(batch: DecodeBatch, num_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Every token of every request as kv-index rows ``[B, HK, max_len]`` int32 and counts ``[B, HK]`` (dense)."""
     lens = batch.seq_lens.long()

@@ -9,7 +9,8 @@ import torch
 
 from sgl_sparse import policies
 from sgl_sparse.config import SparseConfig, SparseConfigError, presets
-from sgl_sparse.decode import merge_states_reference, reference_decode
+from cupy_kernels.reference import merge_states
+from sgl_sparse.decode import reference_decode
 from sgl_sparse.fidelity import attention_fidelity, dense_attention, relative_l2
 from sgl_sparse.metadata import SparseKVMetadata
 from sgl_sparse.policies import DecodeBatch
@@ -121,7 +122,7 @@ def test_min_context_and_dense_layers_fall_back_to_dense():
     assert relative_l2(out0, dense).max() < 1e-2 and (counts0 == pool.seq_lens[:, None]).all()
 
 
-def test_merge_states_reference_is_attention_over_the_union():
+def test_merge_states_is_attention_over_the_union():
     gen = torch.Generator().manual_seed(3)
     lg = torch.randn(2, 3, 50, generator=gen) * 2
     v = torch.randn(50, 8, generator=gen)
@@ -129,9 +130,9 @@ def test_merge_states_reference_is_attention_over_the_union():
         return torch.softmax(lg[..., sl], -1) @ v[sl], torch.logsumexp(lg[..., sl], -1) / math.log(2)
     oa, la = part(slice(0, 20))
     ob, lb = part(slice(20, 50))
-    merged = merge_states_reference(oa, la, ob, lb)
+    merged = merge_states(oa, la, ob, lb)
     assert torch.allclose(merged, torch.softmax(lg, -1) @ v, atol=1e-5)
-    empty = merge_states_reference(oa, la, torch.zeros_like(ob), torch.full_like(lb, -math.inf))
+    empty = merge_states(oa, la, torch.zeros_like(ob), torch.full_like(lb, -math.inf))
     assert torch.allclose(empty, oa)
 
 
