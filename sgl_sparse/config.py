@@ -50,7 +50,9 @@ class SparseConfig:
         epsilon, delta: vAttention's target: relative output error above epsilon with probability <= delta.
         base_rate: vAttention's base sample: a fraction of the residual tokens in (0, 1), or a whole number of
             draws (>= 1) — a fixed count keeps the cost flat at 128K contexts.
-        sample_capacity: most residual tokens vAttention samples per (request, KV head).
+        sample_capacity: most residual tokens vAttention samples per (request, KV head). Where the (epsilon,
+            delta) target asks for more, the sample is capped and the bound does not hold; the context length
+            keeps it at every length (a larger index buffer and, where the target asks, a larger sample).
         seed: vAttention's RNG seed (samples differ per step, layer and request, reproducibly).
     """
 
