@@ -15,7 +15,6 @@ from sgl_sparse.config import SparseConfig
 from sgl_sparse.decode import SparseDecodeOperator, reference_decode
 from sgl_sparse.fidelity import attention_fidelity, dense_attention, relative_l2
 from sgl_sparse.metadata import SparseKVMetadata
-from sgl_sparse.policies import DecodeBatch
 from sgl_sparse.synthetic import make_pool, shape_attention
 
 pytestmark = pytest.mark.gpu
