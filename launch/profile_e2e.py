@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Where a server's decode step goes: SGLang's own profiler (torch.profiler / CUPTI) on a real server, per kernel.
+
+    python launch/profile_e2e.py --method quest --point 8x32K --steps 16 --out out/profile_e2e_quest.json
+    python launch/profile_e2e.py --summarize TRACE.trace.json.gz --steps 16     # an existing trace, no server
+
+Starts the same server as ``launch/bench_e2e.py`` (Llama-3.1-8B shape, dummy weights, decode CUDA graphs on, the
+preset as shipped), prefills the point's B prompts, times a step as bench_e2e does (one pair of requests), then
+asks SGLang to trace ``--steps`` decode steps (``POST /start_profile`` with ``profile_by_stage``, GPU activity
+only) while a request of ``steps + 4`` new tokens runs. SGLang writes ``<id>-TP-0-DECODE.trace.json.gz``; this
+script reads its GPU events and prints, per decode step:
+
+- the traced window (first kernel start to last kernel end), the time at least one kernel ran (``busy``) and the
+  rest (``idle``: launch gaps inside CUDA graphs, host work between steps);
+- the device time per category: ``sparse`` (sgl-sparse's CuPy kernels), ``flashinfer`` (FlashInfer's attention
+  and merge kernels, dense layers included), ``gemm`` (cuBLAS/CUTLASS/nvJet matmuls), ``memcpy/memset`` and
+  ``other`` (torch elementwise, norms, RoPE, sampling, ...);
+- every kernel's launches and device time per step, largest first.
+
+The operator benchmark (``launch/bench_decode.py``, ``launch/profile_step.py --kernel-times``) times one layer's
+step back to back; this shows the same kernels between the model's other layers, and what the step costs
+beside them. ``--out`` writes the summary as JSON (the trace itself stays in ``<out>_trace/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+import re
+import sys
+import time
+from argparse import Namespace
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "launch"))
+
+import bench_e2e as e2e  # noqa: E402
+from sgl_sparse.config import METHODS  # noqa: E402
+from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm  # noqa: E402
+
+# the kernels of cupy_kernels/*.cu (their __global__ names)
+SPARSE_KERNELS = ("page_bounds_update", "quantize_keys_int4", "quest_page_scores", "topk_pages",
+                  "pages_to_kv_indices", "compact_kv_rows", "int4_candidate", "top_p_select", "vattention_")
+CATEGORIES = (
+    ("sparse", lambda n: n.startswith(SPARSE_KERNELS)),
+    ("flashinfer", lambda n: "flashinfer" in n),
+    ("gemm", lambda n: re.search(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm100_", n, re.I) is not None),
+)
+GPU_EVENT_CATEGORIES = {"kernel": None, "gpu_memcpy": "memcpy/memset", "gpu_memset": "memcpy/memset"}
+
+
+def category(name: str) -> str:
+    for label, matches in CATEGORIES:
+        if matches(name):
+            return label
+    return "other"
+
+
+def load_gpu_events(path: Path) -> list[dict]:
+    """The GPU events (kernels, memcpys, memsets) of a chrome trace (``.json`` or ``.json.gz``), by start time.
+    Each: ``name``, ``cat`` (category above), ``ts`` and ``dur`` in microseconds."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    out = []
+    for ev in events:
+        kind = ev.get("cat")
+        if ev.get("ph") != "X" or kind not in GPU_EVENT_CATEGORIES:
+            continue
+        name = ev.get("name", "?")
+        out.append(dict(name=name, cat=GPU_EVENT_CATEGORIES[kind] or category(name),
+                        ts=float(ev["ts"]), dur=float(ev.get("dur", 0.0))))
+    if not out:
+        raise ValueError(f"{path}: no GPU kernel events (was the profile taken with activities ['GPU']?)")
+    return sorted(out, key=lambda e: e["ts"])
+
+
+def busy_time(events: list[dict]) -> float:
+    """Microseconds during which at least one of ``events`` (sorted by start) runs: the union of the intervals."""
+    total, end = 0.0, float("-inf")
+    for ev in events:
+        start, stop = ev["ts"], ev["ts"] + ev["dur"]
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def summarize(events: list[dict], steps: int) -> dict:
+    """Per-step figures of ``events`` (``load_gpu_events``) that cover ``steps`` decode steps; times in µs."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    window = max(e["ts"] + e["dur"] for e in events) - events[0]["ts"]
+    busy = busy_time(events)
+    categories: dict[str, float] = {}
+    kernels: dict[str, list[float]] = {}
+    for e in events:
+        categories[e["cat"]] = categories.get(e["cat"], 0.0) + e["dur"]
+        k = kernels.setdefault(e["name"], [0, 0.0, e["cat"]])
+        k[0] += 1
+        k[1] += e["dur"]
+    return dict(
+        steps=steps, window_us=window / steps, busy_us=busy / steps, idle_us=(window - busy) / steps,
+        device_us=sum(categories.values()) / steps,
+        categories={c: us / steps for c, us in sorted(categories.items(), key=lambda kv: -kv[1])},
+        kernels=[dict(name=n, category=c, launches=cnt / steps, us=us / steps)
+                 for n, (cnt, us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][1])])
+
+
+def print_summary(s: dict, title: str, top: int = 30) -> None:
+    print(f"\n{title}: {s['steps']} decode steps traced")
+    print(f"per step: window {s['window_us']:.1f} us, busy {s['busy_us']:.1f} us, idle {s['idle_us']:.1f} us, "
+          f"device time {s['device_us']:.1f} us (> busy where kernels overlap)")
+    for c, us in s["categories"].items():
+        print(f"   {c:14s} {us:9.1f} us/step")
+    print(f"{'us/step':>9s} {'launches':>8s}  kernel (top {top})")
+    for k in s["kernels"][:top]:
+        print(f"{k['us']:9.1f} {k['launches']:8.1f}  [{k['category']}] {k['name'][:90]}")
+
+
+def wait_for_trace(trace_dir: Path, profile_id: str, timeout: float) -> Path:
+    """The decode-stage trace SGLang exports when the traced steps are done (its write takes a while)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = sorted(trace_dir.glob(f"{profile_id}*DECODE*.trace.json.gz"))
+        if found:
+            size = found[0].stat().st_size
+            time.sleep(1.0)
+            if found[0].stat().st_size == size and size > 0:
+                return found[0]
+        time.sleep(1.0)
+    raise e2e.BenchError(f"no decode trace {profile_id}*DECODE*.trace.json.gz in {trace_dir} after {timeout:.0f} s "
+                         f"(files there: {sorted(p.name for p in trace_dir.glob('*'))})")
+
+
+def profile_server(args) -> dict:
+    """Start the method's server, prefill, time a step, trace ``args.steps`` decode steps; the summary."""
+    batch, context = e2e.parse_point(args.point)
+    config = json.loads((args.model / "config.json").read_text())
+    bench_args = Namespace(mem_fraction_static=args.mem_fraction_static, steps=16, repeats=1, warm_steps=8)
+    new_tokens = 1 + max(args.steps + 4, bench_args.steps, bench_args.warm_steps)
+    prompt = e2e.prompt_length(context, config["max_position_embeddings"], new_tokens)
+    backend, sparse_config, extra = e2e.server_spec(args.method, bench_args, [(batch, context)], {context: prompt},
+                                                    new_tokens)
+    out = Path(args.out)
+    trace_dir = (out.parent / (out.stem + "_trace")).resolve()
+    trace_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    prompts = [rng.choices(range(config["vocab_size"]), k=prompt) for _ in range(batch)]
+    server = ServerProcess(str(args.model), backend=backend, sparse_config=sparse_config, extra_args=extra,
+                           log_path=trace_dir / f"server_{args.method}.log", env={"HF_HUB_OFFLINE": "1"})
+    started = time.time()
+    try:
+        server.start().wait_ready(timeout=args.start_timeout)
+        print(f"[{args.method}] ready after {time.time() - started:.0f} s", flush=True)
+        timing = e2e.measure_point(server.url, prompts, bench_args)        # prefill + warm-up, then one pair
+        print(f"[{args.method}] {args.point}: {timing['ms_per_step']:.2f} ms/step (bench_e2e's timing)", flush=True)
+        profile_id = f"{args.method}-{args.point}-{int(time.time())}"
+        e2e.post_json(server.url + "/start_profile", dict(
+            output_dir=str(trace_dir), num_steps=args.steps, activities=["GPU"], profile_by_stage=True,
+            with_stack=False, record_shapes=False, profile_id=profile_id))
+        e2e.timed_generate(server.url, prompts, args.steps + 4)
+        trace = wait_for_trace(trace_dir, profile_id, args.trace_timeout)
+    finally:
+        server.stop()
+    summary = summarize(load_gpu_events(trace), args.steps)
+    return dict(method=args.method, point=args.point, prompt=prompt, ms_per_step=timing["ms_per_step"],
+                trace=str(trace), gpu=e2e.gpu_name(), versions=e2e.versions(), **summary)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", default="quest", choices=METHODS)
+    ap.add_argument("--point", default="8x32K", help="BATCHxCONTEXT")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps to trace")
+    ap.add_argument("--mem-fraction-static", type=float, default=0.8)
+    ap.add_argument("--model", type=Path, default=e2e.MODEL_DIR)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--start-timeout", type=float, default=900.0)
+    ap.add_argument("--trace-timeout", type=float, default=120.0, help="seconds to wait for SGLang's trace file")
+    ap.add_argument("--top", type=int, default=30, help="kernels to print")
+    ap.add_argument("--out", default="out/profile_e2e.json")
+    ap.add_argument("--summarize", type=Path, metavar="TRACE", help="summarize this trace file; start nothing")
+    args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps must be >= 1, got {args.steps}")
+    if args.summarize:
+        s = summarize(load_gpu_events(args.summarize), args.steps)
+        print_summary(s, str(args.summarize), args.top)
+        result = dict(trace=str(args.summarize), **s)
+    else:
+        stop_servers_on_sigterm()
+        try:
+            result = profile_server(args)
+        except (ServerError, e2e.BenchError, OSError) as e:
+            print(f"[{args.method}] FAILED: {type(e).__name__}: {e}", flush=True)
+            return 1
+        print_summary(result, f"{args.method} {args.point} ({result['gpu']}), {result['ms_per_step']:.2f} ms/step",
+                      args.top)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
