@@ -100,12 +100,15 @@ def check_flags(commands: dict[str, list[str]]) -> None:
     print(f"all flags accepted by sglang {metadata.version('sglang')}'s launch_server parser", flush=True)
 
 
-def post_json(url: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT_S):
+def post_json(url: str, body: dict | None = None, timeout: float = REQUEST_TIMEOUT_S, expect_json: bool = True):
+    """POST ``body`` as JSON; the decoded JSON answer (``expect_json=False``: the answer's text, for endpoints such
+    as ``/start_profile`` that answer in plain text)."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            answer = response.read()
+            return json.loads(answer) if expect_json else answer.decode(errors="replace")
     except urllib.error.HTTPError as e:
         raise BenchError(f"HTTP {e.code} from {url}: {e.read()[:1000].decode(errors='replace')}") from e
 

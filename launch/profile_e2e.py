@@ -164,7 +164,7 @@ def profile_server(args) -> dict:
         profile_id = f"{args.method}-{args.point}-{int(time.time())}"
         e2e.post_json(server.url + "/start_profile", dict(
             output_dir=str(trace_dir), num_steps=args.steps, activities=["GPU"], profile_by_stage=True,
-            with_stack=False, record_shapes=False, profile_id=profile_id))
+            with_stack=False, record_shapes=False, profile_id=profile_id), expect_json=False)   # answers in text
         e2e.timed_generate(server.url, prompts, args.steps + 4)
         trace = wait_for_trace(trace_dir, profile_id, args.trace_timeout)
     finally:

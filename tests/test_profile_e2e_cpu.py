@@ -75,3 +75,33 @@ def test_categories_cover_every_sgl_sparse_kernel():
                                 text))
     assert len(names) >= 11 and "quest_page_scores" in names, names
     assert {n for n in names if profile_e2e.category(n) != "sparse"} == set()
+
+
+def test_post_json_reads_a_plain_text_answer():
+    """SGLang's /start_profile answers "Start profiling." as text: the helper must not parse it as JSON."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text = b"Start profiling.\n" if self.path == "/start_profile" else json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(text)))
+            self.end_headers()
+            self.wfile.write(text)
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        e2e = profile_e2e.e2e
+        assert e2e.post_json(url + "/start_profile", {"num_steps": 2}, expect_json=False) == "Start profiling.\n"
+        assert e2e.post_json(url + "/echo", {"a": 1}) == {"a": 1}
+        with pytest.raises(ValueError):                      # the JSON default still refuses text
+            e2e.post_json(url + "/start_profile", {"num_steps": 2})
+    finally:
+        server.shutdown()
