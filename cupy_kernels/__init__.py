@@ -10,6 +10,7 @@ Importing this package needs no GPU and no CuPy: kernels compile on first use.
 kernel                     what it computes
 =========================  ==================================================================
 page_bounds_update         per page and KV head, channel-wise min/max of K (Quest metadata)
+page_bounds_update_layers  the same for every layer in one launch (once per decode step)
 quest_page_scores          upper-bound page scores, max over the GQA group
 topk_pages                 k best pages per (request, KV head), sinks and local window forced
 pages_to_kv_indices        selected pages -> FlashInfer kv indices of their tokens
@@ -26,7 +27,7 @@ from . import reference
 from .compact_rows import compact_kv_rows
 from .int4_keys import quantize_keys_int4
 from .int4_scores import int4_candidate_scores
-from .page_bounds import page_bounds_update
+from .page_bounds import LayerTables, page_bounds_update, page_bounds_update_layers
 from .pages_to_kv import pages_to_kv_indices
 from .quest_scores import quest_page_scores
 from .top_p import top_p_select
@@ -37,6 +38,8 @@ from .vattn_sample import vattention_sample
 __all__ = [
     "reference",
     "page_bounds_update",
+    "page_bounds_update_layers",
+    "LayerTables",
     "quest_page_scores",
     "topk_pages",
     "pages_to_kv_indices",

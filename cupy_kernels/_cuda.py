@@ -109,6 +109,16 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def resident_blocks(fn, threads: int, device: torch.device) -> int:
+    """Blocks of ``threads`` threads of kernel ``fn`` that the whole GPU holds at once (thread and register
+    limits; a grid of this size walks its work with every block resident)."""
+    props = torch.cuda.get_device_properties(device.index or 0)
+    max_threads = getattr(props, "max_threads_per_multi_processor", 2048)
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    per_sm = min(max_threads // threads, regs // (max(int(fn.num_regs), 1) * threads))
+    return max(1, per_sm) * props.multi_processor_count
+
+
 _MAX_DYNAMIC_SMEM: dict[int, int] = {}   # id of a kernel object cached (kept alive) by _kernel -> limit set
 
 

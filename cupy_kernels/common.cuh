@@ -84,6 +84,31 @@ __device__ __forceinline__ int block_exclusive_scan(bool flag, int* warp_totals,
     return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
+// Exclusive prefix sum of `v` over the block, in thread order (every thread of a block of NWARPS warps calls it);
+// returns this thread's prefix and sets *total to the block's sum. warp_totals: NWARPS ints of shared memory.
+template <int NWARPS>
+__device__ __forceinline__ int block_exclusive_sum(int v, int* warp_totals, int* total) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int t = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += t;
+    }
+    if (lane == 31) warp_totals[warp] = x;
+    __syncthreads();
+    int before = 0, sum = 0;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) {
+        const int t = warp_totals[w];
+        before += (w < warp) ? t : 0;
+        sum += t;
+    }
+    __syncthreads();
+    *total = sum;
+    return before + x - v;
+}
+
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);

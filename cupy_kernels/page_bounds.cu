@@ -10,19 +10,21 @@
 // vector c of the row (elements c*8..c*8+7: head (c*8)/D, channels (c*8)%D on) and loads it for all the
 // page's tokens at once (PAGE_SIZE independent loads in flight), so a decode step costs one memory round trip.
 //
+// page_bounds_update_layers does the same for many layers in one launch (grid.y = layer), from tables of the
+// layers' K pools and bounds: a decode step refreshes every layer's bounds once, after its last layer.
+//
 // Defines: KV_BF16, HEAD_DIM (D), NUM_KV_HEADS (HK), PAGE_SIZE (P).
 
 #define ROW (NUM_KV_HEADS * HEAD_DIM)     // elements of one token row
 #define ROW_VECS (ROW / 8)                // 16-byte vectors per row
 #define CHUNK 8                           // tokens loaded together
 
-extern "C" __global__ void page_bounds_update(
+__device__ __forceinline__ void update_page_of_entry(
     const u16* __restrict__ k_cache,       // [slots, HK, D]
     const slot_t* __restrict__ written_slots, // [n] int32 or int64 (SLOTS_I64)
     u16* __restrict__ page_key_bounds,     // [pages, HK, 2, D]
-    int n)
+    int n, int entry)
 {
-    const int entry = blockIdx.x;
     const int slot = (int)written_slots[entry];
     const int page = slot / PAGE_SIZE;
     if (entry + 1 < n && (int)written_slots[entry + 1] / PAGE_SIZE == page) return;  // not the leader
@@ -60,4 +62,23 @@ extern "C" __global__ void page_bounds_update(
         *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(mn);
         *reinterpret_cast<uint4*>(out + HEAD_DIM) = *reinterpret_cast<const uint4*>(mx);
     }
+}
+
+extern "C" __global__ void page_bounds_update(
+    const u16* __restrict__ k_cache,       // [slots, HK, D]
+    const slot_t* __restrict__ written_slots, // [n] int32 or int64 (SLOTS_I64)
+    u16* __restrict__ page_key_bounds,     // [pages, HK, 2, D]
+    int n)
+{
+    update_page_of_entry(k_cache, written_slots, page_key_bounds, n, blockIdx.x);
+}
+
+extern "C" __global__ void page_bounds_update_layers(
+    const u64* __restrict__ k_caches,      // [layers]: address of each layer's [slots, HK, D] K pool
+    const slot_t* __restrict__ written_slots, // [n]
+    const u64* __restrict__ bounds,        // [layers]: address of each layer's [pages, HK, 2, D] bounds
+    int n)
+{
+    update_page_of_entry(reinterpret_cast<const u16*>(k_caches[blockIdx.y]), written_slots,
+                         reinterpret_cast<u16*>(bounds[blockIdx.y]), n, blockIdx.x);
 }

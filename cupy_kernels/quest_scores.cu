@@ -6,12 +6,20 @@
 // The max(q*min, q*max) is computed as (q/2)(min+max) + |q/2|(max-min): two FMAs per (channel, query head),
 // the |.| being a free operand modifier. Each row keeps UNROLL pages in flight.
 //
-// Grid: (chunks, HK, B); block: 256 threads = ROWS rows; a block scores pages_per_block consecutive pages.
+// Work comes from the pages present, not from the capacity: a tile is TILE = ROWS * UNROLL consecutive pages
+// of one request. Every block first counts the tiles of the batch (a block-wide scan of ceil(pages / TILE)
+// over the requests, into shared memory), then walks tiles blockIdx.x, blockIdx.x + gridDim.x, ... of its KV
+// head. The grid is fixed (about the blocks the GPU holds at once), so one captured CUDA graph keeps every
+// block busy at 4K and at 128K. Requests with at most skip_pages_upto pages get no tiles (their selection keeps
+// every page; top-k never reads their scores). Columns past a request's pages are not written.
+//
+// Grid: (blocks, HK); block: 256 threads = ROWS rows; dynamic shared memory: (batch + 1) ints.
 // Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE.
 
 #define ROW_LANES (HEAD_DIM / 8)
 #define ROWS (256 / ROW_LANES)
 #define UNROLL 4
+#define TILE (ROWS * UNROLL)
 
 extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
     const u16* __restrict__ q,                // [B, HK*G, D]
@@ -20,37 +28,61 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
     const int* __restrict__ req_pool_indices, // [B]
     const int* __restrict__ seq_lens,         // [B]
     float* __restrict__ scores,               // [B, HK, max_pages]
-    int r2t_stride, int max_pages, int pages_per_block)
+    int batch, int r2t_stride, int max_pages, int skip_pages_upto)
 {
-    const int b = blockIdx.z, h = blockIdx.y;
+    extern __shared__ int tile_begin[];       // [batch + 1]: first tile of each request
+    __shared__ int warp_totals[256 / 32];
+    const int h = blockIdx.y;
     const int row = threadIdx.x / ROW_LANES;
     const int lane_in_row = threadIdx.x % ROW_LANES;
     const int d0 = lane_in_row * 8;
 
-    // Half of this lane's 8 query channels, for each query head of the group.
-    float qh[GROUP][8];
-#pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
-        const uint4 v = *reinterpret_cast<const uint4*>(
-            q + ((long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g) * HEAD_DIM + d0);
-        unpack8(v, qh[g]);
-#pragma unroll
-        for (int i = 0; i < 8; ++i) qh[g][i] *= 0.5f;
+    int n_tiles = 0;
+    for (int base = 0; base < batch; base += 256) {
+        const int b = base + threadIdx.x;
+        int tiles = 0;
+        if (b < batch) {
+            const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
+            tiles = n > skip_pages_upto ? (n + TILE - 1) / TILE : 0;
+        }
+        int total;
+        const int before = block_exclusive_sum<256 / 32>(tiles, warp_totals, &total);
+        if (b < batch) tile_begin[b] = n_tiles + before;
+        n_tiles += total;
     }
+    __syncthreads();
 
-    const int n_pages = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
-    const int* r2t = req_to_token + (long long)req_pool_indices[b] * r2t_stride;
-    float* out = scores + ((long long)b * NUM_KV_HEADS + h) * max_pages;
-    const int chunk_begin = blockIdx.x * pages_per_block;
-    const int chunk_end = min(chunk_begin + pages_per_block, max_pages);
-    const int valid_end = min(chunk_end, n_pages);
+    for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
+        // The request of tile t: the last b with tile_begin[b] <= t (requests without tiles share the begin of
+        // the next request, so they are never the last).
+        int lo = 0, hi = batch - 1;
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) >> 1;
+            if (tile_begin[mid] <= t) lo = mid; else hi = mid - 1;
+        }
+        const int b = lo;
+        const int n_pages = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
+        const int begin = (t - tile_begin[b]) * TILE;
+        const int end = min(begin + TILE, n_pages);
 
-    for (int base = chunk_begin; base < valid_end; base += ROWS * UNROLL) {
+        // Half of this lane's 8 query channels, for each query head of the group.
+        float qh[GROUP][8];
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+            const uint4 v = *reinterpret_cast<const uint4*>(
+                q + ((long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g) * HEAD_DIM + d0);
+            unpack8(v, qh[g]);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) qh[g][i] *= 0.5f;
+        }
+        const int* r2t = req_to_token + (long long)req_pool_indices[b] * r2t_stride;
+        float* out = scores + ((long long)b * NUM_KV_HEADS + h) * max_pages;
+
         uint4 vmin[UNROLL], vmax[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const int j = base + u * ROWS + row;
-            if (j < valid_end) {
+            const int j = begin + u * ROWS + row;
+            if (j < end) {
                 const int page = r2t[(long long)j * PAGE_SIZE] / PAGE_SIZE;
                 const u16* bnd = page_key_bounds + (((long long)page * NUM_KV_HEADS + h) * 2) * HEAD_DIM + d0;
                 vmin[u] = *reinterpret_cast<const uint4*>(bnd);
@@ -80,10 +112,8 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
                 for (int o = ROW_LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
                 best = fmaxf(best, acc);
             }
-            const int j = base + u * ROWS + row;
-            if (lane_in_row == 0 && j < valid_end) out[j] = best;
+            const int j = begin + u * ROWS + row;
+            if (lane_in_row == 0 && j < end) out[j] = best;
         }
     }
-    // Columns past the request's pages.
-    for (int j = max(chunk_begin, n_pages) + threadIdx.x; j < chunk_end; j += blockDim.x) out[j] = NEG_INF;
 }

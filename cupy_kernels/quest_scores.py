@@ -7,22 +7,25 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i32, kernel, launch, num_sms)
+from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i32, kernel, launch,
+                    resident_blocks)
 
+THREADS = 256
 UNROLL = 4
 
 
-def pages_per_block(head_dim: int, batch: int, num_kv_heads: int, max_pages: int, sms: int) -> int:
-    """Pages one block scores: enough blocks to fill the GPU ~4 times, at most 1024 pages a block."""
-    step = (256 // (head_dim // 8)) * UNROLL
-    want = -(-max_pages * num_kv_heads * batch // (4 * sms))
-    return max(step, min(1024, -(-want // step) * step))
+def tile_pages(head_dim: int) -> int:
+    """Pages one tile covers (a block's unit of work): 256 threads in rows of head_dim/8 lanes, UNROLL deep."""
+    return (THREADS // (head_dim // 8)) * UNROLL
 
 
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int, max_pages: int,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, skip_pages_upto: int = 0) -> torch.Tensor:
     """Score every page of every request per KV head.
+
+    The launch shape depends on the batch size only: the blocks walk the pages present (see the kernel), so
+    the same launch (or captured graph) costs what the batch's pages cost, whatever ``max_pages`` is.
 
     Args:
         q: ``[B, HQ, D]`` fp16/bf16 decode queries.
@@ -30,9 +33,11 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         req_to_token: ``[max_reqs, max_ctx]`` int32; req_pool_indices, seq_lens: ``[B]`` int32/int64.
         page_size: P. max_pages: output columns (>= pages of the longest request).
         out: optional ``[B, HK, max_pages]`` float32 buffer.
+        skip_pages_upto: requests with at most this many pages are not scored (their rows are not written).
 
     Returns:
-        ``[B, HK, max_pages]`` float32 scores, ``-inf`` past each request's pages.
+        ``[B, HK, max_pages]`` float32 scores. Only columns below each scored request's page count are
+        written; the rest of ``out`` keeps what it held (uninitialised for a fresh tensor).
     """
     check_tensor(q, "q", dtypes=list(KV_DTYPES), ndim=3)
     dev = q.device
@@ -45,16 +50,18 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     check(D in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {D}")
     r2t, rpi, sl = check_batch(req_to_token, req_pool_indices, seq_lens, dev)
     check(seq_lens.shape[0] == B, f"seq_lens has {seq_lens.shape[0]} entries for a batch of {B}")
+    check(skip_pages_upto >= 0, f"skip_pages_upto must be >= 0, got {skip_pages_upto}")
     if out is None:
         out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
     check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)
     check(tuple(out.shape) == (B, HK, max_pages), f"out must be {(B, HK, max_pages)}, got {tuple(out.shape)}")
     if B == 0 or max_pages == 0:
         return out
-    ppb = pages_per_block(D, B, HK, max_pages, num_sms(dev.index or 0))
     fn = kernel("quest_scores.cu", "quest_page_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
                 NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size)
-    grid = (-(-max_pages // ppb), HK, B)
-    launch(fn, grid, (256,), (q, page_key_bounds, r2t, rpi, sl, out, i32(r2t.shape[1]), i32(max_pages), i32(ppb)),
-           dev)
+    # As many blocks per KV head as the GPU holds at once (no more tiles than the capacity can have).
+    most_tiles = B * -(-max_pages // tile_pages(D))
+    blocks = max(1, min(most_tiles, resident_blocks(fn, THREADS, dev) // HK))
+    launch(fn, (blocks, HK), (THREADS,), (q, page_key_bounds, r2t, rpi, sl, out, i32(B), i32(r2t.shape[1]),
+                                          i32(max_pages), i32(skip_pages_upto)), dev, shared_mem=4 * (B + 1))
     return out

@@ -80,12 +80,19 @@ def page_bounds_update(k_cache: torch.Tensor, written_slots: torch.Tensor, page_
     page_key_bounds[uniq, :, 1] = kmax.to(page_key_bounds.dtype)
 
 
+def page_bounds_update_layers(k_caches: list[torch.Tensor], written_slots: torch.Tensor,
+                              page_key_bounds: list[torch.Tensor], page_size: int) -> None:
+    """:func:`page_bounds_update` for every layer (``k_caches[l]`` with ``page_key_bounds[l]``), same slots."""
+    for k_cache, bounds in zip(k_caches, page_key_bounds, strict=True):
+        page_bounds_update(k_cache, written_slots, bounds, page_size)
+
+
 # ----------------------------------------------------------------------------- 2. Quest page scores
 
 
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                      max_pages: int) -> torch.Tensor:
+                      max_pages: int, skip_pages_upto: int = 0) -> torch.Tensor:
     """Quest's upper-bound score of every page of every request, per KV head.
 
     For query head g and page bounds (min_d, max_d): ``u_g = sum_d max(q_gd * min_d, q_gd * max_d)``, an upper
@@ -100,9 +107,11 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         req_to_token, req_pool_indices, seq_lens: see the module docstring.
         page_size: P.
         max_pages: columns of the output (>= the pages of the longest request).
+        skip_pages_upto: requests with at most this many pages are not scored (top-k keeps all their pages).
 
     Returns:
-        ``[B, HK, max_pages]`` float32; ``-inf`` at and beyond each request's page count.
+        ``[B, HK, max_pages]`` float32. Defined: the columns below the page count of each scored request. The
+        kernel leaves the other entries unwritten; here they are ``-inf``.
     """
     HK = page_key_bounds.shape[1]
     B, HQ, D, G = _gqa(q, HK)
@@ -112,7 +121,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     qg = q.float().view(B, HK, G, D)
     for b in range(B):
         n = int(npg[b])
-        if n == 0:
+        if n == 0 or n <= skip_pages_upto:
             continue
         row = req_to_token[int(req_pool_indices[b])]
         phys = row[torch.arange(n, device=row.device) * P].long() // P                     # [n]

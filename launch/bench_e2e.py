@@ -6,25 +6,30 @@ Measures the decode step time (ms per step = per generated token of each request
 ``launch/models/llama-3.1-8b/config.json``; no tokenizer: ``--skip-tokenizer-init``, random token ids) at batch B
 and context L, CUDA graphs on for decode (prefill graphs off: their capture costs minutes), page size 16, for
 ``--attention-backend flashinfer`` (dense) and ``--attention-backend sgl_sparse --sparse-config {quest,twilight,
-vattention}``. One server per method serves every point.
+vattention}``. One server per method serves every point. ``--dense-eager`` adds a dense server without CUDA graphs;
+the baseline of every speedup is then the faster dense server at that point, and each dense row carries the
+bandwidth it reached (weights + KV cache read per step / step time).
 
 How a point is timed: its B prompts (distinct random sequences; a shorter context's prompt is a prefix of the
 longer one's, so the 128K prompts extend the cached 32K ones) are sent once untimed with 1 + W new tokens (prefill
 of what is not cached yet, decode warm-up at batch B); then, with their KV in SGLang's radix cache, in pairs: with
 1 new token (the last page re-extended and sampled, no decode step) and with 1 + S new tokens. ms/step =
-(fastest long - fastest short) / S: the re-extension, HTTP and scheduling costs appear in both and cancel.
+(fastest long - fastest short) / S: the re-extension, HTTP and scheduling costs appear in both and cancel. A
+point whose long requests are not all slower than its short ones is not measurable and fails (never a negative
+or noise-made figure).
 Requests are greedy with ``ignore_eos``; every answer must hold exactly the tokens asked for. Near the model's
 131072 positions the prompt is shortened so that prompt + new tokens fit (the ``prompt`` column).
 
 Caveat: with random weights Twilight's top-p set and vAttention's sample size follow an arbitrary attention
 distribution; their times here are not a trained model's. Dense and Quest (fixed budget) do not depend on it.
 
-    python launch/bench_e2e.py                          # 1x32K 8x32K 1x128K 4x128K; dense, quest, twilight, vattention
+    python launch/bench_e2e.py                          # 8x1K 8x32K 16x32K 4x128K; dense, quest, twilight, vattention
     python launch/bench_e2e.py --methods dense quest --points 8x32K 4x128K
     python launch/bench_e2e.py --dry-run                # the plan and the server commands, flags checked by SGLang
 
 Writes a table to stdout, JSON (``--out``), a PNG next to it (speedup vs context per method, one line per batch)
-and the server logs in ``<out>_logs/``. Targets (same run): >= 2.2x at batch 8 x 32K and >= 3.5x at 4 x 128K.
+and the server logs in ``<out>_logs/``. Targets (same run): >= 0.98x at 8 x 1K (short requests never slower),
+>= 1.75x at 8 x 32K, >= 2.2x at 16 x 32K and >= 2.5x at 4 x 128K.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ from sgl_sparse.serving import ServerError, ServerProcess, server_command, stop_
 
 MODEL_DIR = ROOT / "launch" / "models" / "llama-3.1-8b"
 PAGE_SIZE = SparseConfig.load("dense").page_size          # every preset's page size; the dense baseline uses it too
-TARGETS = {(8, 32768): 2.2, (4, 131072): 3.5}             # (batch, context) -> speedup over dense to reach
+TARGETS = {(8, 1024): 0.98, (8, 32768): 1.75, (16, 32768): 2.2, (4, 131072): 2.5}   # (batch, context) -> speedup
+DEFAULT_POINTS = ["8x1K", "8x32K", "16x32K", "4x128K"]
+DENSE_EAGER = "dense-eager"                               # config name of the dense server without CUDA graphs
 POSITION_MARGIN = 64                                      # SGLang's own limit is max_position_embeddings - 6
 REQUEST_TIMEOUT_S = 1800
 
@@ -82,9 +89,28 @@ def server_spec(method: str, args, points, prompt_lens, new_tokens: int) -> tupl
     extra = ["--load-format", "dummy", "--skip-tokenizer-init", "--mem-fraction-static", str(args.mem_fraction_static),
              "--max-total-tokens", str(pool_tokens), "--max-running-requests", str(max(batches)),
              "--cuda-graph-bs-decode", *map(str, batches), "--cuda-graph-backend-prefill", "disabled"]
+    if method == DENSE_EAGER:
+        return "flashinfer", None, extra + ["--page-size", str(PAGE_SIZE), "--disable-cuda-graph"]
     if method == "dense":
         return "flashinfer", None, extra + ["--page-size", str(PAGE_SIZE)]
     return "sgl_sparse", method, extra
+
+
+def method_of(config: str) -> str:
+    return "dense" if config == DENSE_EAGER else config
+
+
+def bytes_per_step(model_config: dict, batch: int, context: int) -> int:
+    """What a dense decode step must read: every weight once (bf16) and every token's K and V in every layer."""
+    h, layers, inter = model_config["hidden_size"], model_config["num_hidden_layers"], model_config["intermediate_size"]
+    heads = model_config["num_attention_heads"]
+    kv_heads = model_config.get("num_key_value_heads", heads)
+    head_dim = model_config.get("head_dim", h // heads)
+    per_layer = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim + 3 * h * inter
+    embeddings = model_config["vocab_size"] * h * (1 if model_config.get("tie_word_embeddings") else 2)
+    weights = 2 * (layers * per_layer + embeddings)
+    kv = batch * context * layers * 2 * kv_heads * head_dim * 2
+    return weights + kv
 
 
 def check_flags(commands: dict[str, list[str]]) -> None:
@@ -134,8 +160,17 @@ def measure_point(url: str, prompts: list[list[int]], args) -> dict:
     for _ in range(args.repeats):
         short_s.append(timed_generate(url, prompts, 1))
         long_s.append(timed_generate(url, prompts, 1 + args.steps))
-    ms = (min(long_s) - min(short_s)) / args.steps * 1e3
+    ms = step_ms(short_s, long_s, args.steps)
     return dict(ms_per_step=ms, tokens_per_s=len(prompts) * 1e3 / ms, warm_s=warm_s, short_s=short_s, long_s=long_s)
+
+
+def step_ms(short_s: list[float], long_s: list[float], steps: int) -> float:
+    """ms per decode step from the fastest short and long requests; refuses timings where a long request was not
+    slower than every short one (a disturbed pair: the difference would be noise, or negative)."""
+    if max(short_s) >= min(long_s):
+        raise BenchError(f"decode time not measurable: short requests {[round(t, 4) for t in short_s]} s vs "
+                         f"long ones {[round(t, 4) for t in long_s]} s for {steps} steps; raise --steps")
+    return (min(long_s) - min(short_s)) / steps * 1e3
 
 
 def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequences, log_dir: Path,
@@ -153,7 +188,8 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
         print(f"[{method}] ready after {time.time() - started:.0f} s, KV pool {pool_tokens} tokens", flush=True)
         for batch, context in points:
             stage = f"{batch}x{label(context)}"
-            row = dict(method=method, batch=batch, context=context, prompt=prompt_lens[context])
+            row = dict(method=method_of(method), config=method, batch=batch, context=context,
+                       prompt=prompt_lens[context])
             if batch * (prompt_lens[context] + new_tokens + PAGE_SIZE) > pool_tokens:
                 rows.append(dict(row, error=f"does not fit the KV pool ({pool_tokens} tokens)"))
                 print(f"[{method}] {stage}: skipped, {rows[-1]['error']}", flush=True)
@@ -167,7 +203,8 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
     except (ServerError, BenchError, OSError, KeyError, ValueError) as e:
         message = f"{type(e).__name__}: {e}"[:3000]
         print(f"[{method}] FAILED at {stage}: {message}\n(server log: {server.log_path})", flush=True)
-        rows.append(dict(method=method, failed_at=stage, error=message, log=str(server.log_path)))
+        rows.append(dict(method=method_of(method), config=method, failed_at=stage, error=message,
+                         log=str(server.log_path)))
     finally:
         server.stop()
     print(f"[{method}] done in {time.time() - started:.0f} s", flush=True)
@@ -176,8 +213,11 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
 def add_speedups(rows: list[dict], methods, points) -> list[dict]:
     """Speedup over dense at each point; returns each sparse method's result at each target point of the run
     (``met`` None: not measured)."""
-    dense = {(r["batch"], r["context"]): r["ms_per_step"]
-             for r in rows if r["method"] == "dense" and "ms_per_step" in r}
+    dense: dict = {}
+    for r in rows:                  # the faster dense server (graphs or eager) is the baseline
+        if r["method"] == "dense" and "ms_per_step" in r:
+            point = (r["batch"], r["context"])
+            dense[point] = min(dense.get(point, float("inf")), r["ms_per_step"])
     speedups = {}
     for r in rows:
         point = (r.get("batch"), r.get("context"))
@@ -194,20 +234,25 @@ def add_speedups(rows: list[dict], methods, points) -> list[dict]:
 
 def print_table(rows: list[dict], targets: list[dict], gpu: str) -> None:
     print(f"\nSGLang decode step, Llama-3.1-8B shape (dummy weights), bf16, page {PAGE_SIZE}, CUDA graphs - {gpu}")
-    print(f"{'method':10s} {'batch':>5s} {'context':>7s} {'prompt':>7s} {'ms/step':>8s} {'tok/s':>8s} {'speedup':>7s}")
+    print(f"{'config':11s} {'batch':>5s} {'context':>7s} {'prompt':>7s} {'ms/step':>8s} {'tok/s':>8s} {'speedup':>7s} "
+          f"{'GB/s':>6s}")
     for r in rows:
         if "batch" not in r:
             continue
+        name = r.get("config", r["method"])
         mark = " *" if (r["batch"], r["context"]) in TARGETS else ""
         if "ms_per_step" in r:
             speedup = f"{r['speedup']:7.2f}" if "speedup" in r else f"{'-':>7s}"
-            print(f"{r['method']:10s} {r['batch']:5d} {label(r['context']):>7s} {r['prompt']:7d} "
-                  f"{r['ms_per_step']:8.2f} {r['tokens_per_s']:8.0f} {speedup}{mark}")
+            gbps = f"{r['gbps']:6.0f}" if "gbps" in r else f"{'':6s}"
+            print(f"{name:11s} {r['batch']:5d} {label(r['context']):>7s} {r['prompt']:7d} "
+                  f"{r['ms_per_step']:8.2f} {r['tokens_per_s']:8.0f} {speedup} {gbps}{mark}")
         else:
-            print(f"{r['method']:10s} {r['batch']:5d} {label(r['context']):>7s} {r['prompt']:7d}  {r['error']}{mark}")
+            print(f"{name:11s} {r['batch']:5d} {label(r['context']):>7s} {r['prompt']:7d}  {r['error']}{mark}")
     for r in rows:
         if "batch" not in r:
-            print(f"{r['method']:10s} FAILED at {r['failed_at']}: {r['error'].splitlines()[0]} (log {r['log']})")
+            print(f"{r.get('config', r['method']):11s} FAILED at {r['failed_at']}: {r['error'].splitlines()[0]} "
+                  f"(log {r['log']})")
+    print("speedup: over the faster dense server at the point; GB/s: weights + KV cache read per dense step")
     print("* target point")
     for t in targets:
         result = "not measured" if t["met"] is None else f"{t['speedup']:.2f}x {'met' if t['met'] else 'NOT met'}"
@@ -252,7 +297,7 @@ def combine(paths: list[str], out: Path) -> int:
     rows, seen = [], set()
     for run in runs:
         for r in run["rows"]:
-            key = (r["method"], r.get("batch"), r.get("context"))
+            key = (r.get("config", r["method"]), r.get("batch"), r.get("context"))
             if "ms_per_step" in r and key not in seen:
                 seen.add(key)
                 rows.append({k: v for k, v in r.items() if k != "speedup"})
@@ -270,6 +315,26 @@ def combine(paths: list[str], out: Path) -> int:
         pass
     print(f"wrote {out}", flush=True)
     return 0
+
+
+def add_bandwidth(rows: list[dict], model_config: dict) -> None:
+    """Dense rows: the bandwidth the step reached (what it must read / its time), GB/s."""
+    for r in rows:
+        if r["method"] == "dense" and "ms_per_step" in r:
+            r["gbps"] = bytes_per_step(model_config, r["batch"], r["context"]) / r["ms_per_step"] / 1e6
+
+
+def git_commit() -> str:
+    """The checkout's commit (``+dirty`` when tracked files differ from it), or ``unknown``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown"
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def versions() -> dict:
@@ -297,8 +362,9 @@ def gpu_name() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--points", nargs="+", default=["1x32K", "8x32K", "1x128K", "4x128K"],
-                    help="BATCHxCONTEXT, e.g. 8x32K 4x128K")
+    ap.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="BATCHxCONTEXT, e.g. 8x32K 4x128K")
+    ap.add_argument("--dense-eager", action="store_true",
+                    help="also run dense without CUDA graphs (the faster dense server is the baseline)")
     ap.add_argument("--steps", type=int, default=64, help="decode steps of each timed request (S)")
     ap.add_argument("--repeats", type=int, default=2, help="timed request pairs per point (the fastest counts)")
     ap.add_argument("--warm-steps", type=int, default=8, help="decode steps of the untimed warm-up request (W)")
@@ -321,7 +387,8 @@ def main() -> int:
     new_tokens = 1 + max(args.steps, args.warm_steps)
     points = sorted({parse_point(p) for p in args.points}, key=lambda p: (p[1], -p[0]))   # largest batch first
     prompt_lens = {c: prompt_length(c, config["max_position_embeddings"], new_tokens) for _, c in points}
-    specs = {m: server_spec(m, args, points, prompt_lens, new_tokens) for m in args.methods}
+    servers = list(args.methods) + ([DENSE_EAGER] if args.dense_eager else [])
+    specs = {m: server_spec(m, args, points, prompt_lens, new_tokens) for m in servers}
     commands = {m: server_command(str(args.model), backend=b, sparse_config=s, port=0, extra_args=e)
                 for m, (b, s, e) in specs.items()}
     print("points: " + ", ".join(f"{b}x{label(c)} (prompt {prompt_lens[c]})" for b, c in points), flush=True)
@@ -343,16 +410,17 @@ def main() -> int:
     def save(gpu: str | None) -> list[dict]:
         """Rewrite the JSON (after every point and method, so a cut-off run keeps its rows); returns the targets."""
         targets = add_speedups(rows, args.methods, points)
+        add_bandwidth(rows, config)
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(dict(
-            gpu=gpu, versions=versions(), model=str(args.model), wall_s=time.time() - started,
+            gpu=gpu, versions=versions(), commit=git_commit(), model=str(args.model), wall_s=time.time() - started,
             settings=dict(steps=args.steps, repeats=args.repeats, warm_steps=args.warm_steps, seed=args.seed,
                           mem_fraction_static=args.mem_fraction_static, page_size=PAGE_SIZE),
             commands={m: shlex.join(c) for m, c in commands.items()}, rows=rows, targets=targets), indent=1))
         return targets
 
     gpu = gpu_name()
-    for method in args.methods:
+    for method in servers:
         run_method(method, specs[method], args, points, prompt_lens, new_tokens, sequences, log_dir, rows,
                    lambda: save(gpu))
         save(gpu)

@@ -5,7 +5,7 @@
     python launch/profile_e2e.py --summarize TRACE.trace.json.gz --steps 16     # an existing trace, no server
 
 Starts the same server as ``launch/bench_e2e.py`` (Llama-3.1-8B shape, dummy weights, decode CUDA graphs on, the
-preset as shipped), prefills the point's B prompts, times a step as bench_e2e does (one pair of requests), then
+preset as shipped), prefills the point's B prompts, times a step as bench_e2e does (three pairs of requests), then
 asks SGLang to trace ``--steps`` decode steps (``POST /start_profile`` with ``profile_by_stage``, GPU activity
 only) while a request of ``steps + 4`` new tokens runs. SGLang writes ``<id>-TP-0-DECODE.trace.json.gz``; this
 script reads its GPU events and prints, per decode step:
@@ -143,7 +143,7 @@ def profile_server(args) -> dict:
     """Start the method's server, prefill, time a step, trace ``args.steps`` decode steps; the summary."""
     batch, context = e2e.parse_point(args.point)
     config = json.loads((args.model / "config.json").read_text())
-    bench_args = Namespace(mem_fraction_static=args.mem_fraction_static, steps=16, repeats=1, warm_steps=8)
+    bench_args = Namespace(mem_fraction_static=args.mem_fraction_static, steps=32, repeats=3, warm_steps=8)
     new_tokens = 1 + max(args.steps + 4, bench_args.steps, bench_args.warm_steps)
     prompt = e2e.prompt_length(context, config["max_position_embeddings"], new_tokens)
     backend, sparse_config, extra = e2e.server_spec(args.method, bench_args, [(batch, context)], {context: prompt},
@@ -159,8 +159,9 @@ def profile_server(args) -> dict:
     try:
         server.start().wait_ready(timeout=args.start_timeout)
         print(f"[{args.method}] ready after {time.time() - started:.0f} s", flush=True)
-        timing = e2e.measure_point(server.url, prompts, bench_args)        # prefill + warm-up, then one pair
-        print(f"[{args.method}] {args.point}: {timing['ms_per_step']:.2f} ms/step (bench_e2e's timing)", flush=True)
+        timing = e2e.measure_point(server.url, prompts, bench_args)        # prefill + warm-up, then 3 pairs
+        print(f"[{args.method}] {args.point}: {timing['ms_per_step']:.2f} ms/step (bench_e2e's timing; the trace's "
+              "per-step window below is the direct figure)", flush=True)
         profile_id = f"{args.method}-{args.point}-{int(time.time())}"
         e2e.post_json(server.url + "/start_profile", dict(
             output_dir=str(trace_dir), num_steps=args.steps, activities=["GPU"], profile_by_stage=True,

@@ -159,6 +159,7 @@ class SparseDecodeOperator:
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
         self.dense_rows: torch.Tensor | None = None
+        self.path = "dense"          # of the planned step: "sparse" or "dense" (see plan())
         # Written by plan() in place (a captured graph reads them at fixed addresses), read by every layer's run():
         # SGLang's int64 batch indices as int32 (otherwise each kernel wrapper casts them again, per layer), the
         # dense-fallback mask and the step's vAttention seed base.
@@ -202,15 +203,23 @@ class SparseDecodeOperator:
         return bufs
 
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-             seq_lens_cpu: torch.Tensor, dense_rows: list[bool] | None = None) -> None:
-        """Prepare a decode step (host work, outside any CUDA graph).
+             seq_lens_cpu: torch.Tensor, dense_rows: list[bool] | None = None, path: str | None = None) -> str:
+        """Prepare a decode step (host work, outside any CUDA graph); returns the step's path.
 
         ``seq_lens_cpu`` is the host copy of ``seq_lens`` (SGLang keeps one). ``req_pool_indices`` and ``seq_lens``
         are read here (copied to int32 buffers of the operator, on the current stream), so plan() must run before
         every replay of a captured graph; ``req_to_token`` is read by the step itself and must stay the same object
         (updated in place). ``dense_rows`` (host, one bool per request) marks requests that opted out of sparsity:
-        they are attended densely in every layer. A step with such rows must run eagerly (not replayed from a CUDA
-        graph): the dense pass it adds is not captured.
+        they are attended densely in every layer. A sparse step with such rows must run eagerly (not replayed from
+        a CUDA graph): the dense pass it adds is not captured.
+
+        The path: a step in which no request needs a selection (every one within its budget or below
+        ``min_context``, decided here from ``seq_lens_cpu``) is ``"dense"``: every layer runs the dense FlashInfer
+        decode, exactly what ``--attention-backend flashinfer`` runs, so short traffic pays nothing for the
+        sparse chain. Otherwise ``"sparse"``. The two paths launch different kernels, so a CUDA graph is captured
+        per path (``path`` forces one for the capture; the SGLang backend keeps one graph of each per batch size)
+        and the replay picks the graph of the path plan() returned. Rows that fit their budget inside a sparse
+        step are not scored and attend all their tokens.
         """
         B = seq_lens.shape[0]
         if B > self.max_batch:
@@ -226,19 +235,27 @@ class SparseDecodeOperator:
         torch.le((lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=fits)
         self.batch = DecodeBatch(req_to_token, rpi, lens, self.max_pages, fits_budget=fits)
         bufs = self._buffers(B)
+        if path is None:
+            longest_pages = -(-int(seq_lens_cpu.max()) // cfg.page_size) if B else 0
+            path = "sparse" if cfg.is_sparse and longest_pages > cfg.dense_pages else "dense"
+        elif path not in ("sparse", "dense") or (path == "sparse" and not cfg.is_sparse):
+            raise ValueError(f"path must be 'dense' or (for a sparse config) 'sparse', got {path!r}")
+        self.path = path
         self.dense_rows = None
-        if dense_rows is not None and any(dense_rows) and self.config.is_sparse:
-            if len(dense_rows) != B:
-                raise ValueError(f"dense_rows has {len(dense_rows)} entries for a batch of {B}")
+        if dense_rows is not None and len(dense_rows) != B:
+            raise ValueError(f"dense_rows has {len(dense_rows)} entries for a batch of {B}")
+        if path == "sparse" and dense_rows is not None and any(dense_rows):
             self.dense_rows = torch.tensor(dense_rows, dtype=torch.bool).to(self.device, non_blocking=True)
-        if self.config.dense_layers > 0 or not self.config.is_sparse or self.dense_rows is not None:
+        if path == "dense" or cfg.dense_layers > 0 or self.dense_rows is not None:
             bufs["dense"].plan(self.batch, seq_lens_cpu)
         self.step.add_(1)
-        if cfg.method == "vattention":
-            policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
-        if self.collect_stats:
-            self.attended.zero_()
-            self.sparse_calls.zero_()
+        if path == "sparse":
+            if cfg.method == "vattention":
+                policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
+            if self.collect_stats:
+                self.attended.zero_()
+                self.sparse_calls.zero_()
+        return path
 
     # ------------------------------------------------------------------ per layer, graph-capturable
 
@@ -250,7 +267,7 @@ class SparseDecodeOperator:
             raise RuntimeError("call plan() before run()")
         bufs = self._per_batch[batch.batch_size]
         cfg = self.config
-        if not cfg.is_sparse or layer < cfg.dense_layers:
+        if self.path == "dense" or layer < cfg.dense_layers:
             return bufs["dense"].run(q, k_cache, v_cache)
 
         def attend(q_, rows, counts, *, which, return_lse):
@@ -287,13 +304,17 @@ class SparseDecodeOperator:
         valid = (batch.seq_lens > 1).double()
         idx = batch.req_pool_indices.long()
         sparse_layers = max(0, self.num_layers - self.config.dense_layers)
-        attended_tokens.index_add_(0, idx, self.attended[:B].sum(1).double() * valid)
-        context_tokens.index_add_(0, idx, batch.seq_lens.double() * valid * (sparse_layers * self.num_kv_heads))
+        available = batch.seq_lens.double() * valid * (sparse_layers * self.num_kv_heads)
+        attended = self.attended[:B].sum(1).double() * valid if self.path == "sparse" else available
+        attended_tokens.index_add_(0, idx, attended)
+        context_tokens.index_add_(0, idx, available)
 
     def attended_fraction(self) -> torch.Tensor:
         """``[B]`` mean fraction of each request's tokens attended per KV head over the sparse layers of the
         last step (device tensor; read it after the step)."""
         batch = self.batch
+        if self.path == "dense":
+            return torch.ones(batch.batch_size, device=self.device)
         calls = self.sparse_calls.clamp_min(1).float()
         return self.attended[: batch.batch_size].sum(1).float() / (calls * self.num_kv_heads * batch.seq_lens.float())
 

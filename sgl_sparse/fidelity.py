@@ -70,7 +70,8 @@ def fidelity_of(config: SparseConfig, q: torch.Tensor, k_cache: torch.Tensor, v_
         out, counts = reference_decode(config, layer, q, k_cache, v_cache, batch, metadata, sm_scale, seeds)
     elif backend == "gpu":
         out = operator.run(layer, q, k_cache, v_cache, metadata)
-        counts = operator.last_counts
+        # a dense step (no request needs a selection) attends every token
+        counts = operator.last_counts if operator.path == "sparse" else all_token_rows(batch, k_cache.shape[1])[1]
     else:
         raise ValueError(f"backend must be 'reference' or 'gpu', got {backend!r}")
     return relative_l2(out, dense), counts

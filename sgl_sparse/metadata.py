@@ -22,8 +22,11 @@ class SparseKVMetadata:
         key_int4[l]         ``[num_slots, HK, D // 2]`` uint8, Twilight only: packed int4 keys.
         key_scale_zero[l]   ``[num_slots, HK, D // group, 2]`` float32, Twilight only: (scale, zero) per group.
 
-    Call :meth:`update` after the layer's new keys are in the pool (prefill: every written slot; decode: one per
-    request).
+    Prefill/extend: call :meth:`update` after each layer's new keys are in the pool. Decode: call
+    :meth:`update_keys_int4` per layer (Twilight scores the new token with the rest of the layer's candidates) and
+    :meth:`update_bounds_all_layers` once per step, after the last layer: the page that holds the new token is
+    always inside the local window, which every method attends without reading its bounds, so the step's
+    selection never reads the bounds it is about to change, and one launch serves every layer.
     """
 
     def __init__(self, config: SparseConfig, *, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
@@ -37,6 +40,7 @@ class SparseKVMetadata:
         self.int4_group = config.int4_group or head_dim
         if config.method == "twilight":
             ck.int4_keys.check_group_size(self.int4_group, head_dim)
+        self._layer_tables = None             # cupy_kernels.LayerTables, built on the first all-layer update
         shape = (num_slots // P, num_kv_heads, 2, head_dim)
         self.page_key_bounds = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.key_int4: list[torch.Tensor] = []
@@ -66,6 +70,20 @@ class SparseKVMetadata:
         if self.key_int4:
             ck.quantize_keys_int4(k_cache, written_slots, self.key_int4[layer], self.key_scale_zero[layer],
                                   self.int4_group)
+
+    def update_keys_int4(self, layer: int, k_cache: torch.Tensor, written_slots: torch.Tensor) -> None:
+        """Refresh Twilight's int4 key copy of ``layer`` for ``written_slots`` (nothing for other methods)."""
+        if self.key_int4:
+            ck.quantize_keys_int4(k_cache, written_slots, self.key_int4[layer], self.key_scale_zero[layer],
+                                  self.int4_group)
+
+    def update_bounds_all_layers(self, k_caches: list[torch.Tensor], written_slots: torch.Tensor) -> None:
+        """Refresh the page bounds of every layer for ``written_slots`` in one launch (``k_caches[l]`` is layer
+        l's K pool; the same tensors at every call)."""
+        tables = self._layer_tables
+        if tables is None or any(a is not b for a, b in zip(tables.k_caches, k_caches)):
+            tables = self._layer_tables = ck.LayerTables(k_caches, self.page_key_bounds, self.page_size)
+        ck.page_bounds_update_layers(tables, written_slots)
 
     def update_reference(self, layer: int, k_cache: torch.Tensor, written_slots: torch.Tensor) -> None:
         """Same as :meth:`update` through the torch references (CPU or GPU)."""

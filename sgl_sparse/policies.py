@@ -58,8 +58,9 @@ class LayerTables:
 def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch):
     """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages."""
     P = cfg.page_size
+    # Requests that keep every page (within the budget or below min_context) are not scored.
     scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
-                                   batch.seq_lens, P, batch.max_pages)
+                                   batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages)
     return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
                           select_all_upto=cfg.dense_pages)
 

@@ -59,6 +59,15 @@ def test_exact_when_budget_covers_context(method, D, G, dtype):
         err = relative_l2(out, dense)
         assert err.max().item() < 1e-2, f"{method}: budget >= context must equal dense (rel err {err.max():.2e})"
     if method != "dense":
+        assert op.path == "dense"                  # no request needs a selection: the dense path
+        frac = op.attended_fraction()
+        assert torch.allclose(frac, torch.ones_like(frac)), frac
+        # the sparse path with every request inside its budget attends every token too
+        assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                       path="sparse") == "sparse"
+        for layer in range(2):
+            err = relative_l2(op.run(layer, q, pool.k_cache, pool.v_cache, meta), dense)
+            assert err.max().item() < 1e-2, f"{method} sparse path: rel err {err.max():.2e}"
         frac = op.attended_fraction()
         assert torch.allclose(frac, torch.ones_like(frac)), frac
 
@@ -172,3 +181,98 @@ def test_fidelity_budgets_and_vattention_guarantee(kind):
         slack = 3 * math.sqrt(0.05 * 0.95 / v.outputs)
         if kind != "heavy_tailed":
             assert v.violation_rate <= 0.05 + slack, v
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_one_graph_per_path(method):
+    """A graph captured per path (plan(path=...) while capturing, as the SGLang backend does per batch size);
+    plan() picks the dense path when no request needs a selection, and each replay matches its eager spec."""
+    lens = [9000, 2000, 3000]
+    B = len(lens)
+    config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=4096,
+                                       dense_layers=1, layers=3)
+    D = pool.k_cache.shape[2]
+    sm = 1 / math.sqrt(D)
+    outs = {}
+
+    def step_fn():
+        for layer in range(3):
+            outs[layer] = op.run(layer, q, pool.k_cache, pool.v_cache, meta)
+
+    graphs = {}
+    for path in ("sparse", "dense"):
+        assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                       path=path) == path
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            step_fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graphs[path] = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graphs[path]):
+            step_fn()
+
+    # a long request in the batch: the sparse path, as the reference selects
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu()) == "sparse"
+    graphs["sparse"].replay()
+    torch.cuda.synchronize()
+    for layer in (1, 2):
+        seeds = policies.vattention_seeds(config.seed, op.step.clone(), layer, B)
+        want, _ = reference_decode(config, layer, q, pool.k_cache, pool.v_cache, op.batch, meta, sm, seeds)
+        err = relative_l2(outs[layer], want)
+        assert err.median().item() < 1e-2 and err.max().item() < 0.1, (layer, err.max().item())
+
+    # every request below min_context (the long one cut to its first 3000 tokens): the dense path, exact
+    pool.seq_lens[0] = 3000
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu()) == "dense"
+    graphs["dense"].replay()
+    torch.cuda.synchronize()
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, op.batch, sm)
+    for layer in range(3):
+        assert relative_l2(outs[layer], dense).max().item() < 1e-2, layer
+    frac = op.attended_fraction()
+    assert torch.equal(frac, torch.ones_like(frac))
+
+
+def test_bounds_of_every_layer_in_one_launch():
+    """page_bounds_update_layers == page_bounds_update per layer, for decode slots (one per request) and for a
+    page reused from offset 0; inside a CUDA graph too."""
+    import cupy_kernels as ck
+    from cupy_kernels import reference as ref
+
+    gen = torch.Generator().manual_seed(5)
+    HK, D, P, L = 8, 128, 16, 4
+    lens = [700, 33, 4096, 1601]
+    pool = make_pool(lens, HK, D, P, torch.bfloat16, DEV, gen, spare_pages=8)
+    slots = pool.last_slots
+    k_caches = [pool.k_cache] + [torch.randn_like(pool.k_cache.float()).to(torch.bfloat16) for _ in range(L - 1)]
+    pages = k_caches[0].shape[0] // P
+    got = [torch.zeros((pages, HK, 2, D), dtype=torch.bfloat16, device=DEV) for _ in range(L)]
+    for k, g in zip(k_caches, got):                     # prefill
+        ref.page_bounds_update(k, pool.written_slots, g, P)
+    want = [g.clone() for g in got]
+    for k in k_caches:                                  # new decode tokens in every layer
+        k[slots] = torch.randn((len(lens), HK, D), device=DEV).to(torch.bfloat16)
+    tables = ck.LayerTables(k_caches, got, P)
+    ck.page_bounds_update_layers(tables, slots)
+    ref.page_bounds_update_layers(k_caches, slots, want, P)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+    # captured once, replayed on a page reused from offset 0 (int32 slots)
+    reuse = torch.zeros(1, dtype=torch.int32, device=DEV)      # slot 0: page 0, which no request holds
+    ck.page_bounds_update_layers(tables, reuse)
+    ref.page_bounds_update_layers(k_caches, reuse, want, P)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ck.page_bounds_update_layers(tables, reuse)
+    free_page = pool.free_pages[-1]
+    reuse.fill_(free_page * P)
+    for k in k_caches:
+        k[free_page * P] = torch.randn((HK, D), device=DEV).to(torch.bfloat16)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref.page_bounds_update_layers(k_caches, reuse, want, P)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+        assert torch.equal(g[free_page, :, 0], g[free_page, :, 1])      # one token: min == max

@@ -119,14 +119,29 @@ def test_quest_scores_and_topk(case):
     ref.page_bounds_update(pool.k_cache, pool.written_slots, bounds, P)
     q = _query(len(lens), HK, G, D, dtype, gen)
     max_pages = pool.max_pages() + 3
-    got = ck.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
+    poison = 12345.0
+    got = torch.full((len(lens), HK, max_pages), poison, device=DEV)
+    ck.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages, out=got)
     want = ref.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
     finite = torch.isfinite(want)
-    assert torch.equal(finite, torch.isfinite(got))
-    assert (got[~finite] == float("-inf")).all()
+    assert torch.isfinite(got[finite]).all()
+    assert (got[~finite] == poison).all()            # nothing written past a request's pages
     # float32 sums of 2*D products in another order: error bounded relative to sum |q| * |bound|.
     scale = (q.float().abs().sum(-1).amax(-1).max() * bounds.float().abs().amax()).item()
     assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
+
+    # Requests with at most `skip` pages are not scored; the others exactly as above.
+    npg = (pool.seq_lens.long() + P - 1) // P
+    skip = int(npg.float().median().item())
+    got_skip = torch.full_like(got, poison)
+    ck.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages,
+                         out=got_skip, skip_pages_upto=skip)
+    want_skip = ref.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P,
+                                      max_pages, skip_pages_upto=skip)
+    scored = torch.isfinite(want_skip)
+    assert torch.equal(scored, finite & (npg > skip)[:, None, None])
+    assert torch.equal(got_skip[scored], got[scored])
+    assert (got_skip[~scored] == poison).all()
 
     for top_k, n_sink, n_local in [(8, 1, 2), (64, 4, 4), (512, 1, 2), (3, 0, 3)]:
         sel, cnt = ck.topk_pages(got, pool.seq_lens, P, top_k, n_sink, n_local)
@@ -501,7 +516,7 @@ def test_graph_capture_replay_on_new_data():
         rscores = ref.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P,
                                         max_pages)
         fin = torch.isfinite(rscores)
-        assert torch.equal(fin, torch.isfinite(bufs["scores"]))
+        assert torch.isfinite(bufs["scores"][fin]).all()
         assert torch.allclose(bufs["scores"][fin], rscores[fin], rtol=1e-5, atol=1e-3)
         rsel, rcnt = ref.topk_pages(bufs["scores"], pool.seq_lens, P, top_k, 1, 2)
         sel, cnt = bufs["sel"]

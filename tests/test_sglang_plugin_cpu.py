@@ -106,6 +106,8 @@ def test_hook_targets_exist_in_this_sglang():
                sglang_backend.VERIFY_TARGET: ["self", "vocab_size"],
                sglang_backend.FORWARD_BATCH_TARGET: ["batch", "model_runner"],
                sglang_backend.CAN_RUN_GRAPH_TARGET: ["self", "forward_batch"],
+               sglang_backend.CAPTURE_SHAPE_TARGET: ["self", "size", "forward", "stream_idx", "variant_label"],
+               sglang_backend.GRAPH_VARIANT_TARGET: ["self", "forward_batch"],
                sglang_backend.DECODE_RESULT_TARGET: ["self", "batch"],
                sglang_backend.PREFILL_RESULT_TARGET: ["self", "batch"],
                sglang_backend.COLLECT_INFO_TARGET: ["self", "i", "req"]}
@@ -118,6 +120,44 @@ def test_hook_targets_exist_in_this_sglang():
     assert hasattr(pool_configurator, "get_parallel")
     from sglang.srt.managers.schedule_batch import Req
     assert "customized_info" in inspect.getsource(Req.__init__)
+
+
+def test_each_batch_size_gets_a_graph_per_path():
+    """capture_one_shape runs twice per batch size (sparse, then dense under its own ShapeKey variant label, beside
+    SGLang's LoRA labels), with the backend's capture_path set for each; a replay of a step that plan() made dense
+    picks the dense label."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.runner.shape_key import ShapeKey
+
+    from sgl_sparse import sglang_backend as sb
+
+    backend = SimpleNamespace(plans_two_paths=True, capture_path=None, operator=SimpleNamespace(path="sparse"))
+    runner = SimpleNamespace(attn_backend=backend)
+    captured = []
+
+    def capture_one_shape(self, size, forward, stream_idx=None, variant_label=None):
+        captured.append((size, variant_label, self.attn_backend.capture_path))
+
+    for label in (None, "lora", "nolora"):
+        sb._capture_both_paths(capture_one_shape, runner, 8, None, None, label)
+        assert backend.capture_path is None
+    assert captured == [(8, None, "sparse"), (8, sb.DENSE_PATH_VARIANT, "dense"),
+                        (8, "lora", "sparse"), (8, "lora+" + sb.DENSE_PATH_VARIANT, "dense"),
+                        (8, "nolora", "sparse"), (8, "nolora+" + sb.DENSE_PATH_VARIANT, "dense")]
+    keys = {ShapeKey(size=s, variant_label=v) for s, v, _ in captured}
+    assert len(keys) == 6
+
+    assert sb._replay_path_graph("lora", runner, None) == "lora"
+    backend.operator.path = "dense"
+    assert sb._replay_path_graph("lora", runner, None) == "lora+" + sb.DENSE_PATH_VARIANT
+    assert sb._replay_path_graph(None, runner, None) == sb.DENSE_PATH_VARIANT
+    # a runner whose backend is not ours (or a dense config) is left alone
+    other = SimpleNamespace(attn_backend=SimpleNamespace())
+    assert sb._replay_path_graph(None, other, None) is None
+    captured.clear()
+    sb._capture_both_paths(lambda self, *a: captured.append(a), other, 4, None, None, None)
+    assert captured == [(4, None, None, None)]
 
 
 def test_opt_out_parameter_is_validated_on_arrival():
