@@ -8,8 +8,8 @@
 //
 // Work comes from the pages present, not from the capacity: a tile is TILE = ROWS * UNROLL consecutive pages
 // of one request. Every block first counts the tiles of the batch (a block-wide scan of ceil(pages / TILE)
-// over the requests, into shared memory), then walks tiles blockIdx.x, blockIdx.x + gridDim.x, ... of its KV
-// head. The grid is fixed (about the blocks the GPU holds at once), so one captured CUDA graph keeps every
+// over the requests, into shared memory), then walks a contiguous run of the tiles of its KV head, loading the
+// next tile's page numbers while the current tile's bounds are in flight. The grid is fixed (about the blocks the GPU holds at once), so one captured CUDA graph keeps every
 // block busy at 4K and at 128K. Requests with at most skip_pages_upto pages get no tiles (their selection keeps
 // every page; top-k never reads their scores). Columns past a request's pages are not written.
 //
@@ -52,39 +52,58 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
     }
     __syncthreads();
 
-    for (int t = blockIdx.x; t < n_tiles; t += gridDim.x) {
-        // The request of tile t: the last b with tile_begin[b] <= t (requests without tiles share the begin of
-        // the next request, so they are never the last).
+    // This block's tiles: a contiguous run, so consecutive tiles mostly belong to one request (its query and
+    // req_to_token row are loaded once) and the next tile's page numbers are loaded while this tile's bounds
+    // are in flight (the req_to_token -> bounds chain of dependent loads is paid once, not once per tile).
+    const int per_block = (n_tiles + gridDim.x - 1) / gridDim.x;
+    const int t_begin = blockIdx.x * per_block;
+    const int t_end = min(n_tiles, t_begin + per_block);
+    if (t_begin >= t_end) return;
+
+    int b = -1, begin = 0, end = 0;           // the current tile: request b, pages [begin, end)
+    const int* r2t = nullptr;
+    int page[UNROLL];
+    // Locate tile t and load its page numbers into pg (b_out, begin_out, end_out, r2t_out describe it).
+    auto locate = [&](int t, int& b_out, int& begin_out, int& end_out, const int*& r2t_out, int* pg) {
+        // the request of tile t: the last b with tile_begin[b] <= t (requests without tiles share the begin of
+        // the next request, so they are never the last)
         int lo = 0, hi = batch - 1;
         while (lo < hi) {
             const int mid = (lo + hi + 1) >> 1;
             if (tile_begin[mid] <= t) lo = mid; else hi = mid - 1;
         }
-        const int b = lo;
-        const int n_pages = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
-        const int begin = (t - tile_begin[b]) * TILE;
-        const int end = min(begin + TILE, n_pages);
-
-        // Half of this lane's 8 query channels, for each query head of the group.
-        float qh[GROUP][8];
+        if (lo != b_out) r2t_out = req_to_token + (long long)req_pool_indices[lo] * r2t_stride;
+        b_out = lo;
+        const int n_pages = (seq_lens[lo] + PAGE_SIZE - 1) / PAGE_SIZE;
+        begin_out = (t - tile_begin[lo]) * TILE;
+        end_out = min(begin_out + TILE, n_pages);
 #pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-            const uint4 v = *reinterpret_cast<const uint4*>(
-                q + ((long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g) * HEAD_DIM + d0);
-            unpack8(v, qh[g]);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) qh[g][i] *= 0.5f;
+        for (int u = 0; u < UNROLL; ++u) {
+            const int j = begin_out + u * ROWS + row;
+            pg[u] = j < end_out ? r2t_out[(long long)j * PAGE_SIZE] / PAGE_SIZE : -1;
         }
-        const int* r2t = req_to_token + (long long)req_pool_indices[b] * r2t_stride;
-        float* out = scores + ((long long)b * NUM_KV_HEADS + h) * max_pages;
+    };
+    locate(t_begin, b, begin, end, r2t, page);
 
+    int q_of = -1;                             // request whose query is in qh
+    float qh[GROUP][8];                        // half of this lane's 8 query channels, per query head
+    for (int t = t_begin; t < t_end; ++t) {
+        if (b != q_of) {
+#pragma unroll
+            for (int g = 0; g < GROUP; ++g) {
+                const uint4 v = *reinterpret_cast<const uint4*>(
+                    q + ((long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g) * HEAD_DIM + d0);
+                unpack8(v, qh[g]);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) qh[g][i] *= 0.5f;
+            }
+            q_of = b;
+        }
         uint4 vmin[UNROLL], vmax[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const int j = begin + u * ROWS + row;
-            if (j < end) {
-                const int page = r2t[(long long)j * PAGE_SIZE] / PAGE_SIZE;
-                const u16* bnd = page_key_bounds + (((long long)page * NUM_KV_HEADS + h) * 2) * HEAD_DIM + d0;
+            if (page[u] >= 0) {
+                const u16* bnd = page_key_bounds + (((long long)page[u] * NUM_KV_HEADS + h) * 2) * HEAD_DIM + d0;
                 vmin[u] = *reinterpret_cast<const uint4*>(bnd);
                 vmax[u] = *reinterpret_cast<const uint4*>(bnd + HEAD_DIM);
             } else {
@@ -92,6 +111,9 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
                 vmax[u] = make_uint4(0, 0, 0, 0);
             }
         }
+        float* out = scores + ((long long)b * NUM_KV_HEADS + h) * max_pages;
+        const int cur_begin = begin, cur_end = end;
+        if (t + 1 < t_end) locate(t + 1, b, begin, end, r2t, page);     // next tile's pages, loads in flight
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             float mn[8], mx[8], mid[8], rad[8];
@@ -112,8 +134,8 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
                 for (int o = ROW_LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
                 best = fmaxf(best, acc);
             }
-            const int j = begin + u * ROWS + row;
-            if (lane_in_row == 0 && j < end) out[j] = best;
+            const int j = cur_begin + u * ROWS + row;
+            if (lane_in_row == 0 && j < cur_end) out[j] = best;
         }
     }
 }

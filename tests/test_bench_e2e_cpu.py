@@ -47,11 +47,11 @@ def test_faster_dense_server_is_the_baseline_and_noise_is_refused():
     targets = bench_e2e.add_speedups(rows, ["dense", "quest"], [(8, 1024)])
     assert rows[2]["speedup"] == 5.0 / 5.5
     assert targets == [dict(method="quest", batch=8, context=1024, required=0.98, speedup=5.0 / 5.5, met=False)]
-    # 64 steps: a long request must take longer than every short one
-    assert abs(bench_e2e.step_ms([1.0, 1.1], [1.64, 1.7], 64) - 10.0) < 1e-9
+    # 64 steps from the fastest of each kind (a first request held up by a compile does not count)
+    assert abs(bench_e2e.step_ms([8.0, 1.0], [1.64, 1.7], 64) - 10.0) < 1e-9
     import pytest
     with pytest.raises(bench_e2e.BenchError, match="not measurable"):
-        bench_e2e.step_ms([1.0, 1.8], [1.7, 1.75], 64)
+        bench_e2e.step_ms([1.0, 1.8], [0.9, 1.75], 64)
 
 
 def test_dense_bandwidth_counts_weights_and_kv():
