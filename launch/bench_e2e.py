@@ -326,7 +326,10 @@ def add_bandwidth(rows: list[dict], model_config: dict) -> None:
 
 
 def git_commit() -> str:
-    """The checkout's commit (``+dirty`` when tracked files differ from it), or ``unknown``."""
+    """The checkout's commit (``+dirty`` when tracked files differ from it), or ``unknown``. ``SGL_SPARSE_COMMIT``
+    overrides it (a copy of the working tree without its git history, as on a remote GPU host)."""
+    if os.environ.get("SGL_SPARSE_COMMIT"):
+        return os.environ["SGL_SPARSE_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=30)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
