@@ -52,6 +52,8 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--shapes", nargs="+", default=None, help="BATCHxCONTEXT list (instead of --batch/--context)")
     ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--max-context", type=int, default=131072,
+                    help="the operator's capacity, as a server builds it for the model's context length")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="default: dense quest twilight vattention (quest twilight vattention with --kernel-times)")
     ap.add_argument("--steps", type=int, default=1)
@@ -76,7 +78,7 @@ def main() -> int:
             if cfg.is_sparse:
                 meta.update(0, pool.k_cache, pool.written_slots)
             op = SparseDecodeOperator(cfg, num_qo_heads=HQ, num_kv_heads=HK, head_dim=D, num_layers=1,
-                                      max_batch=B, max_context=L, dtype=torch.bfloat16)
+                                      max_batch=B, max_context=max(L, args.max_context), dtype=torch.bfloat16)
             op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
 
             def step():
