@@ -15,6 +15,7 @@ quest_page_scores          upper-bound page scores, max over the GQA group
 topk_pages                 k best pages per (request, KV head), sinks and local window forced
 pages_to_kv_indices        selected pages -> FlashInfer kv indices of their tokens
 compact_kv_rows            fixed-capacity index rows -> FlashInfer CSR (indptr + packed indices)
+page_rows                  selected pages -> FlashInfer per-head paged rows (indptr + page indices)
 quantize_keys_int4         packed int4 K copy with per-token (scale, zero)
 int4_candidate_scores      int4 logits of candidate tokens and their group-mean softmax
 top_p_select               top-p pruning by parallel binary search (Twilight)
@@ -28,6 +29,7 @@ from .compact_rows import compact_kv_rows
 from .int4_keys import quantize_keys_int4
 from .int4_scores import int4_candidate_scores
 from .page_bounds import LayerTables, page_bounds_update, page_bounds_update_layers
+from .page_rows import page_rows
 from .pages_to_kv import pages_to_kv_indices
 from .quest_scores import quest_page_scores
 from .top_p import top_p_select
@@ -44,6 +46,7 @@ __all__ = [
     "topk_pages",
     "pages_to_kv_indices",
     "compact_kv_rows",
+    "page_rows",
     "quantize_keys_int4",
     "int4_candidate_scores",
     "top_p_select",

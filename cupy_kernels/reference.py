@@ -211,6 +211,47 @@ def pages_to_kv_indices(selected_pages: torch.Tensor, num_selected: torch.Tensor
     return out, cnt
 
 
+def page_rows(selected_pages: torch.Tensor, num_selected: torch.Tensor, req_to_token: torch.Tensor,
+              req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selected pages as FlashInfer rows of the per-head paged view (page size P, one KV head per row).
+
+    Row ``r = b * HK + h`` lists, back to back from ``indptr[r]``, the page index
+    ``req_to_token[req, j * P] * HK + h`` of each selected logical page j: in the view whose page i starts at kv
+    index i and steps HK kv indices per token, that page's token o is kv index ``(slot_of_page + o) * HK + h``.
+
+    Args:
+        selected_pages: ``[B, HK, W]`` int32, ascending logical pages below ``ceil(seq_len / P)``;
+            num_selected: ``[B, HK]`` int32.
+
+    Returns:
+        indptr ``[R + 1]`` int32 (``indptr[r] = sum(num_selected[:r])`` over rows in order), page_indices
+        ``[R * W]`` int32 (``-1`` after ``indptr[R]``), last_page_len ``[R]`` int32 (tokens of the row's last
+        page: ``min(P, seq_len - last_page * P)``, 0 for an empty row) and num_tokens ``[B, HK]`` int32.
+    """
+    B, HK, W = selected_pages.shape
+    P = page_size
+    dev = selected_pages.device
+    counts = num_selected.reshape(-1).long()
+    indptr = torch.zeros(B * HK + 1, dtype=torch.int32, device=dev)
+    indptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    indices = torch.full((max(B * HK * W, 1),), -1, dtype=torch.int32, device=dev)
+    last = torch.zeros(B * HK, dtype=torch.int32, device=dev)
+    ntok = torch.zeros((B, HK), dtype=torch.int32, device=dev)
+    for b in range(B):
+        row = req_to_token[int(req_pool_indices[b])].long()
+        L = int(seq_lens[b])
+        for h in range(HK):
+            r = b * HK + h
+            pages = selected_pages[b, h, : int(counts[r])].long()
+            if pages.numel() == 0:
+                continue
+            indices[int(indptr[r]): int(indptr[r + 1])] = (row[pages * P] * HK + h).to(torch.int32)
+            last[r] = min(P, L - int(pages[-1]) * P)
+            ntok[b, h] = (pages.numel() - 1) * P + int(last[r])
+    return indptr, indices, last, ntok
+
+
 def compact_kv_rows(rows: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pack fixed-capacity rows into FlashInfer's CSR form.
 

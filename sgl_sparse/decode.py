@@ -17,11 +17,13 @@ the token being decoded, whose K/V are already in the pool); output ``[B, HQ, D]
 Attention runs on stock FlashInfer ``BatchDecodeWithPagedKVCacheWrapper``:
 - dense layers (and ``method: dense``): the usual GQA plan over ``req_to_token``, page size 1, planned each
   step from the host sequence lengths;
-- sparse layers: per-KV-head selection through the view "entries = request x KV head, one KV head each, G query
-  heads each" (caches viewed ``[slots*HK, 1, 1, D]``, kv index ``slot*HK + h``). These wrappers are planned once
-  per batch size with every entry at its capacity; inside a step the selected lengths are written into the
-  wrapper's indptr buffer and the packed indices into its indices buffer (``compact_kv_rows``), so top-p and
-  sampling lengths can vary under a CUDA graph.
+- sparse layers: per-KV-head selection through the view "rows = request x KV head, one KV head each, G query
+  heads each" (``_PerHeadDecode``): Quest's selected pages as page rows (page index ``first_slot*HK + h`` of a
+  strided view of the cache, written by ``page_rows``), Twilight's and vAttention's token lists as token rows
+  (kv index ``slot*HK + h``, packed by ``compact_kv_rows``). Inside a step the kernels write the wrapper's
+  indptr and indices buffers, so top-p and sampling lengths can vary under a CUDA graph; ``plan()`` gives
+  FlashInfer each row's length (exact for Quest's selection, an upper bound for top-p, the capacity for
+  vAttention's sample) so that its split of the work keeps every CTA busy.
 """
 
 from __future__ import annotations
@@ -48,37 +50,80 @@ def _flashinfer():
     return flashinfer
 
 
-class _PerHeadDecode:
-    """FlashInfer decode over per-(request, KV head) token lists, planned once at capacity.
+def _row_plan(tokens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Host (indptr ``[R + 1]``, last_page_len ``[R]``) int32 of rows holding ``tokens`` ``[R]`` tokens each."""
+    pages = (tokens.long() + page_size - 1) // page_size
+    indptr = torch.zeros(tokens.numel() + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(pages, 0).to(torch.int32)
+    last = (tokens.long() - (pages - 1).clamp_min(0) * page_size).to(torch.int32)
+    return indptr, last
 
-    ``indptr_buf`` ``[>= B*HK + 1]``, ``indices_buf`` ``[>= B*HK*capacity]`` and ``last_buf`` ``[>= B*HK]`` (int32)
-    are shared by the wrappers of every batch size: each step rewrites the part it uses before attending.
+
+class _PerHeadDecode:
+    """FlashInfer decode over per-(request, KV head) rows: row ``b * HK + h`` holds one KV head and its G query
+    heads.
+
+    Two views of SGLang's ``[slots, HK, D]`` cache:
+
+    - token rows (``page_size`` 1): ``[slots * HK, 1, 1, D]``, entry = kv index ``slot * HK + h``, filled from
+      fixed-capacity token rows by ``compact_kv_rows`` (Twilight's top-p survivors, vAttention's sample);
+    - page rows (``page_size`` P): ``[(slots - P + 1) * HK, P, 1, D]`` with strides ``(D, HK * D, D, 1)``, so page
+      index ``first_slot * HK + h`` is KV head h of one physical page and a row lists selected pages, written
+      by ``page_rows`` (Quest's selection, vAttention's deterministic part): P times fewer indices, no
+      compaction.
+
+    ``plan(tokens)`` runs on the host, once per step, with an upper bound of every row's tokens (exact for
+    page rows): FlashInfer then splits the step's actual work over all its CTAs. Planned at a fixed capacity
+    instead, a row attending half its capacity leaves half the CTAs idle. ``indptr_buf``, ``indices_buf`` and
+    ``last_buf`` (int32) are shared by the wrappers of every batch size.
     """
 
-    def __init__(self, workspace, batch_size, num_kv_heads, group, head_dim, capacity, dtype, sm_scale,
+    def __init__(self, workspace, batch_size, num_kv_heads, group, head_dim, page_size, capacity, dtype, sm_scale,
                  indptr_buf, indices_buf, last_buf):
         fi = _flashinfer()
         R = batch_size * num_kv_heads
-        self.rows = R
-        self.group = group
-        self.head_dim = head_dim
+        self.rows, self.group, self.head_dim = R, group, head_dim
+        self.num_kv_heads, self.page_size, self.capacity = num_kv_heads, page_size, capacity
+        self.dtype, self.sm_scale = dtype, sm_scale
         self.indptr = indptr_buf[: R + 1]
-        self.indices = indices_buf[: R * capacity]
-        last = last_buf[:R]
-        last.fill_(1)
-        capacity_indptr = torch.arange(R + 1, dtype=torch.int32, device=indptr_buf.device) * capacity
-        self.indptr.copy_(capacity_indptr)
+        self.indices = indices_buf[: R * -(-capacity // page_size)]
+        self.last = last_buf[:R]
+        self.num_tokens = torch.zeros((batch_size, num_kv_heads), dtype=torch.int32, device=indptr_buf.device)
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
-            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=last)
-        self.wrapper.plan(capacity_indptr, self.indices, last, group, 1, head_dim, 1, q_data_type=dtype,
-                          kv_data_type=dtype, sm_scale=sm_scale)
+            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
+        self.plan(torch.full((R,), capacity, dtype=torch.int32))
 
-    def run(self, q, k_cache, v_cache, rows, counts, return_lse):
+    def plan(self, tokens: torch.Tensor) -> None:
+        """``tokens`` ``[R]`` (host): the most tokens run() will put in each row this step (<= capacity)."""
+        indptr, last = _row_plan(tokens, self.page_size)
+        self.wrapper.plan(indptr, self.indices[:0], last, self.group, 1, self.head_dim, self.page_size,
+                          q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.sm_scale)
+
+    def _view(self, cache: torch.Tensor) -> torch.Tensor:
+        S, HK, D = cache.shape
+        P = self.page_size
+        if P == 1:
+            return cache.view(-1, 1, 1, D)
+        return cache.as_strided(((S - P + 1) * HK, P, 1, D), (D, HK * D, D, 1))
+
+    def _attend(self, q, k_cache, v_cache, return_lse):
+        kv = (self._view(k_cache), self._view(v_cache))
+        return self.wrapper.run(q.reshape(self.rows, self.group, self.head_dim), kv, return_lse=return_lse)
+
+    def run_tokens(self, q, k_cache, v_cache, rows, counts, return_lse):
+        """Attend token rows ``[B, HK, C]`` (kv indices) with ``counts`` ``[B, HK]`` (page size 1 only)."""
         ck.compact_kv_rows(rows, counts, out=(self.indptr, self.indices))
-        D = self.head_dim
-        kv = (k_cache.view(-1, 1, 1, D), v_cache.view(-1, 1, 1, D))
-        return self.wrapper.run(q.reshape(self.rows, self.group, D), kv, return_lse=return_lse)
+        return self._attend(q, k_cache, v_cache, return_lse)
+
+    def run_pages(self, q, k_cache, v_cache, selected_pages, num_selected, batch: DecodeBatch, return_lse):
+        """Attend selected logical pages ``[B, HK, W]`` (ascending) with ``num_selected`` ``[B, HK]``; returns the
+        attention output (and LSE) and the tokens attended per row ``[B, HK]`` int32."""
+        _, _, _, num_tokens = ck.page_rows(selected_pages, num_selected, batch.req_to_token,
+                                           batch.req_pool_indices, batch.seq_lens, self.page_size,
+                                           out=(self.indptr, self.indices, self.last, self.num_tokens))
+        out = self._attend(q, k_cache, v_cache, return_lse)
+        return (*out, num_tokens) if return_lse else (out, num_tokens)
 
 
 class _DenseDecode:
@@ -119,6 +164,20 @@ class _DenseDecode:
 
     def run(self, q, k_cache, v_cache):
         return self.wrapper.run(q, (k_cache.view(-1, 1, *k_cache.shape[1:]), v_cache.view(-1, 1, *v_cache.shape[1:])))
+
+
+class _StepAttention:
+    """:class:`policies.Attention` of one layer's step on the operator's FlashInfer wrappers."""
+
+    def __init__(self, wrappers: dict, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch):
+        self.wrappers, self.k_cache, self.v_cache, self.batch = wrappers, k_cache, v_cache, batch
+
+    def tokens(self, q, rows, counts, *, which, return_lse):
+        return self.wrappers[which].run_tokens(q, self.k_cache, self.v_cache, rows, counts, return_lse)
+
+    def pages(self, q, selected_pages, num_selected, *, return_lse):
+        return self.wrappers["pages"].run_pages(q, self.k_cache, self.v_cache, selected_pages, num_selected,
+                                                self.batch, return_lse)
 
 
 class SparseDecodeOperator:
@@ -173,13 +232,13 @@ class SparseDecodeOperator:
 
     # ------------------------------------------------------------------ host side, once per step
 
-    def _shared(self, name: str, rows: int, capacity: int):
+    def _shared(self, name: str, rows: int, entries_per_row: int):
         """int32 (indptr, indices, last_page_len) buffers shared by the wrappers of every batch size."""
         bufs = self._index_buffers.get(name)
         if bufs is None:
             dev = self.device
             bufs = (torch.zeros(rows + 1, dtype=torch.int32, device=dev),
-                    torch.zeros(rows * capacity, dtype=torch.int32, device=dev),
+                    torch.zeros(rows * entries_per_row, dtype=torch.int32, device=dev),
                     torch.ones(rows, dtype=torch.int32, device=dev))
             self._index_buffers[name] = bufs
         return bufs
@@ -193,11 +252,16 @@ class SparseDecodeOperator:
             bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
                                           *self._shared("dense", self.max_batch, self.max_context))}
             if cfg.is_sparse:
-                main_cap = cfg.dense_pages * cfg.page_size
-                bufs["main"] = _PerHeadDecode(self.workspace, B, HK, G, D, main_cap, self.dtype, self.sm_scale,
-                                              *self._shared("main", rows, main_cap))
+                # A row holds at most dense_pages pages: a request within the budget keeps all of them.
+                P, W = cfg.page_size, cfg.dense_pages
+                if cfg.method == "twilight":     # top-p survivors: token rows
+                    bufs["main"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, W * P, self.dtype, self.sm_scale,
+                                                  *self._shared("main", rows, W * P))
+                else:                            # Quest's selection (vAttention's deterministic part): page rows
+                    bufs["pages"] = _PerHeadDecode(self.workspace, B, HK, G, D, P, W * P, self.dtype, self.sm_scale,
+                                                   *self._shared("pages", rows, W))
                 if cfg.method == "vattention":
-                    bufs["sample"] = _PerHeadDecode(self.workspace, B, HK, G, D, cfg.sample_capacity, self.dtype,
+                    bufs["sample"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, cfg.sample_capacity, self.dtype,
                                                     self.sm_scale, *self._shared("sample", rows, cfg.sample_capacity))
             self._per_batch[B] = bufs
         return bufs
@@ -250,6 +314,13 @@ class SparseDecodeOperator:
             bufs["dense"].plan(self.batch, seq_lens_cpu)
         self.step.add_(1)
         if path == "sparse":
+            # FlashInfer splits each row's tokens over its CTAs by the lengths planned here: Quest's selection
+            # attends a number of tokens known from the lengths alone (the last page is always selected);
+            # top-p keeps at most those. vAttention's sample is planned at its capacity (data-dependent).
+            row_tokens = policies.selected_tokens(cfg, seq_lens_cpu).repeat_interleave(self.num_kv_heads)
+            for name in ("pages", "main"):
+                if name in bufs:
+                    bufs[name].plan(row_tokens)
             if cfg.method == "vattention":
                 policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
             if self.collect_stats:
@@ -270,9 +341,7 @@ class SparseDecodeOperator:
         if self.path == "dense" or layer < cfg.dense_layers:
             return bufs["dense"].run(q, k_cache, v_cache)
 
-        def attend(q_, rows, counts, *, which, return_lse):
-            return bufs[which].run(q_, k_cache, v_cache, rows, counts, return_lse)
-
+        attend = _StepAttention(bufs, k_cache, v_cache, batch)
         tables = LayerTables(metadata.page_key_bounds[layer],
                              metadata.key_int4[layer] if metadata.key_int4 else None,
                              metadata.key_scale_zero[layer] if metadata.key_scale_zero else None)
@@ -356,6 +425,48 @@ def attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, return_ls
     return (o, lse) if return_lse else o
 
 
+def page_rows_to_token_rows(indptr: torch.Tensor, page_indices: torch.Tensor, last_page_len: torch.Tensor,
+                            page_size: int, num_kv_heads: int, batch_size: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens FlashInfer attends for page rows (see ``_PerHeadDecode``): entry o of page index i is kv index
+    ``i + o * HK``, every page full but a row's last (``last_page_len`` tokens). Returns rows ``[B, HK, C]`` int32
+    and counts ``[B, HK]`` int32."""
+    R = batch_size * num_kv_heads
+    rows_list = []
+    for r in range(R):
+        pages = page_indices[int(indptr[r]): int(indptr[r + 1])].long()
+        toks = (pages[:, None] + torch.arange(page_size, device=pages.device)[None] * num_kv_heads).reshape(-1)
+        if pages.numel():
+            toks = toks[: toks.numel() - page_size + int(last_page_len[r])]
+        rows_list.append(toks)
+    width = max([1] + [t.numel() for t in rows_list])
+    rows = torch.full((R, width), -1, dtype=torch.int32, device=page_indices.device)
+    for r, t in enumerate(rows_list):
+        rows[r, : t.numel()] = t.to(torch.int32)
+    counts = torch.tensor([t.numel() for t in rows_list], dtype=torch.int32, device=page_indices.device)
+    return rows.view(batch_size, num_kv_heads, width), counts.view(batch_size, num_kv_heads)
+
+
+class _ReferenceAttention:
+    """:class:`policies.Attention` in float32 torch (the spec of ``_StepAttention``)."""
+
+    def __init__(self, k_cache, v_cache, batch: DecodeBatch, page_size: int, sm_scale: float):
+        self.k_cache, self.v_cache, self.batch = k_cache, v_cache, batch
+        self.page_size, self.sm_scale = page_size, sm_scale
+
+    def tokens(self, q, rows, counts, *, which, return_lse):
+        return attend_rows_reference(q, self.k_cache, self.v_cache, rows, counts, self.sm_scale, return_lse)
+
+    def pages(self, q, selected_pages, num_selected, *, return_lse):
+        b = self.batch
+        indptr, indices, last, num_tokens = ck.reference.page_rows(selected_pages, num_selected, b.req_to_token,
+                                                                   b.req_pool_indices, b.seq_lens, self.page_size)
+        B, HK = num_selected.shape
+        rows, counts = page_rows_to_token_rows(indptr, indices, last, self.page_size, HK, B)
+        out = attend_rows_reference(q, self.k_cache, self.v_cache, rows, counts, self.sm_scale, return_lse)
+        return (*out, num_tokens) if return_lse else (out, num_tokens)
+
+
 def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, batch: DecodeBatch, metadata: SparseKVMetadata,
                      sm_scale: float | None = None, seeds: torch.Tensor | None = None):
@@ -372,9 +483,7 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
         rows, counts = all_token_rows(batch, HK)
         return attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, False), counts
 
-    def attend(q_, rows, counts, *, which, return_lse):
-        return attend_rows_reference(q_, k_cache, v_cache, rows, counts, sm_scale, return_lse)
-
+    attend = _ReferenceAttention(k_cache, v_cache, batch, config.page_size, sm_scale)
     tables = LayerTables(metadata.page_key_bounds[layer],
                          metadata.key_int4[layer] if metadata.key_int4 else None,
                          metadata.key_scale_zero[layer] if metadata.key_scale_zero else None)

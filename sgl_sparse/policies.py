@@ -4,11 +4,13 @@ Every policy is written once against a kernel set ``ops`` (the :mod:`cupy_kernel
 :mod:`cupy_kernels.reference` on CPU) and an attention callable, so the GPU operator and the torch reference
 run literally the same selection logic:
 
-    quest:      page scores -> top-k pages (sinks, local forced) -> token kv indices -> attention
+    quest:      page scores -> top-k pages (sinks, local forced) -> attention over the selected pages
     twilight:   quest at the loose budget -> int4 scores + group softmax -> top-p -> attention
     vattention: quest -> attention with LSE -> (eps, delta) residual sample -> attention -> weighted merge
 
-Token lists are fixed-capacity rows ``[B, HK, C]`` of kv indices (``slot * HK + h``) plus counts ``[B, HK]``.
+Selections are ascending logical pages ``[B, HK, W]`` plus counts ``[B, HK]``, attended as pages; token lists
+(Twilight's candidates, vAttention's sample) are fixed-capacity rows ``[B, HK, C]`` of kv indices
+(``slot * HK + h``) plus counts ``[B, HK]``.
 """
 
 from __future__ import annotations
@@ -41,9 +43,21 @@ class DecodeBatch:
         return self.seq_lens.shape[0]
 
 
-class Attend(Protocol):
-    def __call__(self, q: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, *, which: str,
-                 return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]: ...
+class Attention(Protocol):
+    """Attention of one layer over selected tokens: the operator's FlashInfer wrappers, or the float32 reference.
+
+    Outputs hold ``B * HQ`` rows of ``D`` (reshape to ``[B, HQ, D]``); LSEs are base 2, ``B * HQ`` entries.
+    """
+
+    def tokens(self, q: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, *, which: str,
+               return_lse: bool) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Attend token rows ``[B, HK, C]`` (kv indices) with ``counts`` ``[B, HK]``; ``which``: ``main`` or
+        ``sample`` (the index buffers used)."""
+
+    def pages(self, q: torch.Tensor, selected_pages: torch.Tensor, num_selected: torch.Tensor, *,
+              return_lse: bool) -> tuple[torch.Tensor, ...]:
+        """Attend every token of the selected logical pages ``[B, HK, W]`` (ascending) with ``num_selected``
+        ``[B, HK]``; returns ``(o, num_tokens)`` or ``(o, lse, num_tokens)``, num_tokens ``[B, HK]`` int32."""
 
 
 @dataclass
@@ -71,6 +85,17 @@ def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
                                    cfg.page_size, sel.shape[-1] * cfg.page_size)
 
 
+def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor) -> torch.Tensor:
+    """``[B]`` int64 tokens :func:`select_pages` keeps per KV head, from the lengths alone (host or device):
+    every page of a request within ``dense_pages``, else ``top_k`` pages, the request's last (partial) page
+    always among them."""
+    P = cfg.page_size
+    lens = seq_lens.long()
+    n = (lens + P - 1) // P
+    pages = torch.where(n <= cfg.dense_pages, n, torch.full_like(n, cfg.top_k_pages))
+    return (pages - 1) * P + (lens - (n - 1) * P)
+
+
 def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
     """``[B]`` bool: requests attended densely (they fit in the budget or are below min_context)."""
     if batch.fits_budget is not None:
@@ -79,31 +104,29 @@ def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
     return pages <= cfg.dense_pages
 
 
-def quest(ops, cfg, q, tables, batch, attend: Attend) -> torch.Tensor:
-    rows, counts = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch), batch)
-    return attend(q, rows, counts, which="main", return_lse=False), counts
+def quest(ops, cfg, q, tables, batch, attend: Attention):
+    return attend.pages(q, *select_pages(ops, cfg, q, tables, batch), return_lse=False)
 
 
-def twilight(ops, cfg, q, tables, batch, attend: Attend, sm_scale: float):
+def twilight(ops, cfg, q, tables, batch, attend: Attention, sm_scale: float):
     cand, ncand = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch), batch)
     _, probs = ops.int4_candidate_scores(q, tables.key_int4, tables.key_scale_zero, cand, ncand, sm_scale)
     # requests that fit in the budget keep every candidate (all their tokens): the dense fallback
     rows, counts = ops.top_p_select(probs, ncand, cfg.top_p, candidate_ids=cand, keep_all=fits_in_budget(cfg, batch))
-    return attend(q, rows, counts, which="main", return_lse=False), counts
+    return attend.tokens(q, rows, counts, which="main", return_lse=False), counts
 
 
-def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attend, sm_scale: float,
+def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attention, sm_scale: float,
                seeds: torch.Tensor):
     selected = select_pages(ops, cfg, q, tables, batch)
-    rows, counts = pages_to_tokens(ops, cfg, selected, batch)
-    o_det, lse_det = attend(q, rows, counts, which="main", return_lse=True)
+    o_det, lse_det, counts = attend.pages(q, *selected, return_lse=True)
     B, HQ, D = q.shape
     o_det = o_det.view(B, HQ, D)
     lse_det = lse_det.reshape(B, HQ).float()
     s_rows, s_counts, weight, _required = ops.vattention_sample(
         q, k_cache, v_cache, *selected, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, seeds,
         lse_det, o_det, cfg.page_size, sm_scale, cfg.epsilon, cfg.delta, cfg.base_rate, cfg.sample_capacity)
-    o_s, lse_s = attend(q, s_rows, s_counts, which="sample", return_lse=True)
+    o_s, lse_s = attend.tokens(q, s_rows, s_counts, which="sample", return_lse=True)
     # Importance weight: each sampled token stands for N_s / n residual tokens (log2 of it joins the sample's LSE).
     out = ops.vattention_merge(o_det, lse_det, o_s.view(B, HQ, D), lse_s.reshape(B, HQ), s_counts, weight)
     return out, counts + s_counts

@@ -234,6 +234,44 @@ def test_one_graph_per_path(method):
     assert torch.equal(frac, torch.ones_like(frac))
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_graph_captured_on_a_dummy_batch_serves_real_lengths(method):
+    """SGLang captures with every seq_len 1; FlashInfer's split of the work is re-planned each step from the
+    host lengths, so replays at other lengths and mixes must all match the reference."""
+    lens = [30000, 9000, 2500, 5000]
+    B = len(lens)
+    config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=4096,
+                                       dense_layers=0, layers=1)
+    sm = 1 / math.sqrt(q.shape[-1])
+    real = pool.seq_lens.clone()
+    outs = {}
+
+    def step_fn():
+        outs[0] = op.run(0, q, pool.k_cache, pool.v_cache, meta)
+
+    pool.seq_lens.fill_(1)
+    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(), path="sparse")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step_fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step_fn()
+    for lens_now in ([9000, 9000, 2500, 5000], [30000, 4000, 2500, 3000], real.tolist()):   # within the pool
+        pool.seq_lens.copy_(torch.tensor(lens_now))
+        assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu()) == "sparse"
+        graph.replay()
+        torch.cuda.synchronize()
+        seeds = policies.vattention_seeds(config.seed, op.step.clone(), 0, B)
+        want, want_counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, op.batch, meta, sm, seeds)
+        err = relative_l2(outs[0], want)
+        assert err.median().item() < 1e-2 and err.max().item() < 0.1, (lens_now, err.max().item())
+        if method == "quest":
+            assert torch.equal(op.last_counts, want_counts)
+
+
 def test_bounds_of_every_layer_in_one_launch():
     """page_bounds_update_layers == page_bounds_update per layer, for decode slots (one per request) and for a
     page reused from offset 0; inside a CUDA graph too."""

@@ -218,6 +218,27 @@ def test_pages_to_kv_indices(case):
     assert torch.equal(kv[mask], rkv[mask])
 
 
+@pytest.mark.parametrize("case", CASES[:6] + LONG[:1], ids=_id)
+def test_page_rows(case):
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    gen = _gen(15)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    scores = torch.randn((len(lens), HK, pool.max_pages()), generator=gen).to(DEV)
+    sel, cnt = ck.topk_pages(scores, pool.seq_lens, P, 37, 1, 2, select_all_upto=40)
+    args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P)
+    R = len(lens) * HK
+    poisoned = (torch.full((R + 1,), -7, dtype=torch.int32, device=DEV),
+                torch.full((R * 40,), -7, dtype=torch.int32, device=DEV),
+                torch.full((R,), -7, dtype=torch.int32, device=DEV),
+                torch.full((len(lens), HK), -7, dtype=torch.int32, device=DEV))
+    indptr, indices, last, ntok = ck.page_rows(sel, cnt, *args, out=poisoned)
+    rindptr, rindices, rlast, rntok = ref.page_rows(sel, cnt, *args)
+    assert torch.equal(indptr, rindptr) and torch.equal(last, rlast) and torch.equal(ntok, rntok)
+    total = int(rindptr[-1])
+    assert torch.equal(indices[:total], rindices[:total])
+
+
 # ----------------------------------------------------------------------------- 4-6. Twilight kernels
 
 def _int4_tables(pool, group):
@@ -473,6 +494,7 @@ def test_graph_capture_replay_on_new_data():
         bufs["sel"] = ck.topk_pages(bufs["scores"], pool.seq_lens, P, top_k, 1, 2)
         bufs["kv"] = ck.pages_to_kv_indices(*bufs["sel"], pool.req_to_token, pool.req_pool_indices,
                                             pool.seq_lens, P, cap)
+        bufs["rows"] = ck.page_rows(*bufs["sel"], pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P)
         bufs["probs"] = ck.int4_candidate_scores(q, codes, sz, *bufs["kv"], sm)
         bufs["kept"] = ck.top_p_select(bufs["probs"][1], bufs["kv"][1], 0.9, candidate_ids=bufs["kv"][0])
         bufs["vs"] = ck.vattention_sample(q, pool.k_cache, pool.v_cache, *bufs["sel"], pool.req_to_token,
@@ -527,6 +549,10 @@ def test_graph_capture_replay_on_new_data():
         assert torch.equal(nkv, rnkv)
         m = torch.arange(cap, device=DEV)[None, None] < nkv[..., None]
         assert torch.equal(kv[m], rkv[m])
+        rrows = ref.page_rows(sel, cnt, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P)
+        total = int(rrows[0][-1])
+        assert all(torch.equal(a, b) for a, b in zip(bufs["rows"][::2], rrows[::2]))          # indptr, last page
+        assert torch.equal(bufs["rows"][1][:total], rrows[1][:total]) and torch.equal(bufs["rows"][3], rrows[3])
         _, rprobs = ref.int4_candidate_scores(q, codes, sz, kv, nkv, sm)
         perr = (bufs["probs"][1].masked_fill(~m, 0) - rprobs).abs() / (rprobs.abs() + 1e-30)
         assert perr.masked_fill(~m, 0).max().item() <= 1e-4, (perr.max().item(), torch.nonzero(perr > 1e-4)[:5])

@@ -427,6 +427,68 @@ def test_pages_to_kv_indices_brute_force(P):
             assert (kv[b, h, c:] == -1).all()
 
 
+# ============================================================================= page_rows
+
+
+@pytest.mark.parametrize("P", [1, 8, 16])
+def test_page_rows_brute_force(P):
+    HK, K = 3, 4
+    lens = [37, 5, 64, 1, 200] if P > 1 else [7, 1, 3]
+    pool = make_pool(lens, P, HK, 8, torch.float16, seed=50 + P)
+    rnd = random.Random(P + 1)
+    sel = []
+    for b in range(pool.B):
+        n = pool.n_pages(b)
+        rows = []
+        for h in range(HK):
+            pages = rnd.sample(range(n), min(n, rnd.randint(0, K)))
+            if h == 0 and n:          # one head always holds the partial last page
+                pages = sorted(set(pages[: K - 1]) | {n - 1})
+            rows.append(sorted(pages))
+        sel.append(rows)
+    sel_t, cnt_t = sel_tensors(sel, K)
+    indptr, indices, last, ntok = ref.page_rows(sel_t, cnt_t, pool.req_to_token, pool.req_pool_indices,
+                                                pool.seq_lens, P)
+    R = pool.B * HK
+    assert indptr.shape == (R + 1,) and indices.shape == (R * K,) and last.shape == (R,) and ntok.shape == (pool.B, HK)
+    want_ptr, want_idx = [0], []
+    for b in range(pool.B):
+        L, slots = pool.length(b), pool.slots(b)
+        for h in range(HK):
+            r = b * HK + h
+            want_idx += [slots[j * P] * HK + h for j in sel[b][h]]
+            want_ptr.append(len(want_idx))
+            toks = [j * P + o for j in sel[b][h] for o in range(P) if j * P + o < L]
+            assert int(ntok[b, h]) == len(toks)
+            want_last = min(P, L - sel[b][h][-1] * P) if sel[b][h] else 0
+            assert int(last[r]) == want_last
+    assert indptr.tolist() == want_ptr
+    assert indices[: want_ptr[-1]].tolist() == want_idx and (indices[want_ptr[-1]:] == -1).all()
+
+
+@pytest.mark.parametrize("P", [1, 4, 16])
+def test_page_rows_attend_the_tokens_of_the_selected_pages(P):
+    """FlashInfer's reading of a page row (entry o of page index i is kv index i + o * HK, the last page cut to
+    last_page_len) gives exactly the kv indices pages_to_kv_indices lists for the same selection."""
+    from sgl_sparse.decode import page_rows_to_token_rows
+    HK, K = 2, 5
+    lens = [3 * P + 1, 5 * P, 1, 9 * P - 1]
+    pool = make_pool(lens, P, HK, 8, torch.float16, seed=60 + P)
+    rnd = random.Random(P)
+    sel = [[sorted(rnd.sample(range(pool.n_pages(b) - 1), min(pool.n_pages(b) - 1, 3))) + [pool.n_pages(b) - 1]
+            for _ in range(HK)] for b in range(pool.B)]
+    sel_t, cnt_t = sel_tensors(sel, K)
+    args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P)
+    indptr, indices, last, ntok = ref.page_rows(sel_t, cnt_t, *args)
+    rows, counts = page_rows_to_token_rows(indptr, indices, last, P, HK, pool.B)
+    kv, nkv = ref.pages_to_kv_indices(sel_t, cnt_t, *args, K * P)
+    assert torch.equal(counts, nkv) and torch.equal(ntok, nkv)
+    for b in range(pool.B):
+        for h in range(HK):
+            c = int(nkv[b, h])
+            assert rows[b, h, :c].tolist() == kv[b, h, :c].tolist()
+
+
 # ============================================================================= compact_kv_rows
 
 

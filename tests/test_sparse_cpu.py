@@ -215,3 +215,15 @@ def test_fidelity_routine_on_cpu():
                                                                    dense_layers=0),
                                 kind="peaked", context=2048, steps=1, seed=2)
     assert peaked.rel_l2_mean < res["quest", 128].rel_l2_mean   # the needles are found
+
+
+
+def test_host_token_counts_match_the_selection():
+    """plan() tells FlashInfer each row's length from the host lengths (policies.selected_tokens); the tokens the
+    selection attends must be exactly that many, or FlashInfer's split of the work would cut rows short."""
+    lens = [4095, 4096, 4097, 5000, 64 * 16 + 1, 20000, 1]
+    config, pool, q, meta, batch = _setup("quest", lens, token_budget=1024, min_context=4097, dense_layers=0)
+    _, counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta)
+    want = policies.selected_tokens(config, torch.tensor(lens))
+    assert counts.tolist() == [[int(t)] * 2 for t in want]
+    assert want[:4].tolist() == [4095, 4096, 64 * 16 - 15, 64 * 16 - 8]      # all pages; top-k, last page partial

@@ -1,0 +1,52 @@
+// Selected pages -> FlashInfer's per-head paged rows (see reference.page_rows).
+//
+// FlashInfer attends row r = b * HK + h over the pages page_indices[indptr[r] .. indptr[r+1]) of a view whose
+// page i starts at kv row i of the [slots * HK, D] cache and steps HK rows per token (decode._PerHeadDecode), so
+// logical page j of request b, KV head h is page index req_to_token[b, j*P] * HK + h: no token list, P times
+// fewer indices than token rows, and no compaction (each row's offset is the sum of the counts before it).
+// Only a row's last entry can be partial (pages arrive ascending and only a request's last page is partial);
+// its token count goes to last_page_len.
+// Grid (R): block r sums the counts of rows before it in a fixed order (rows are batch x KV heads, a few
+// thousand at most, so this costs less than a second launch), then writes its entries.
+// Defines: PAGE_SIZE.
+
+#define THREADS 128
+
+extern "C" __global__ void __launch_bounds__(THREADS) page_rows(
+    const int* __restrict__ selected_pages,   // [B, HK, W] ascending logical pages
+    const int* __restrict__ num_selected,     // [B, HK]
+    const int* __restrict__ req_to_token,     // [max_reqs, r2t_stride]
+    const int* __restrict__ req_pool_indices, // [B]
+    const int* __restrict__ seq_lens,         // [B]
+    int* __restrict__ indptr,                 // [R + 1]
+    int* __restrict__ page_indices,           // [>= sum(num_selected)]
+    int* __restrict__ last_page_len,          // [R]
+    int* __restrict__ num_tokens,             // [R]
+    int num_kv_heads, int width, int r2t_stride)
+{
+    __shared__ int red[THREADS / 32];
+    const int r = blockIdx.x;
+    const int b = r / num_kv_heads, h = r - b * num_kv_heads;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    int s = 0;
+    for (int i = tid; i < r; i += THREADS) s += num_selected[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    int offset = 0;
+#pragma unroll
+    for (int w = 0; w < THREADS / 32; ++w) offset += red[w];
+
+    const int n = num_selected[r];
+    const int* sel = selected_pages + (long long)r * width;
+    const int* r2t = req_to_token + (long long)req_pool_indices[b] * r2t_stride;
+    for (int e = tid; e < n; e += THREADS) page_indices[offset + e] = r2t[(long long)sel[e] * PAGE_SIZE] * num_kv_heads + h;
+    if (tid == 0) {
+        const int last = n > 0 ? min(PAGE_SIZE, seq_lens[b] - sel[n - 1] * PAGE_SIZE) : 0;
+        indptr[r] = offset;
+        if (r == gridDim.x - 1) indptr[r + 1] = offset + n;
+        last_page_len[r] = last;
+        num_tokens[r] = n > 0 ? (n - 1) * PAGE_SIZE + last : 0;
+    }
+}
