@@ -11,7 +11,8 @@
 // over the requests, into shared memory), then walks a contiguous run of the tiles of its KV head, loading the
 // next tile's page numbers while the current tile's bounds are in flight. The grid is fixed (about the blocks the GPU holds at once), so one captured CUDA graph keeps every
 // block busy at 4K and at 128K. Requests with at most skip_pages_upto pages get no tiles (their selection keeps
-// every page; top-k never reads their scores). Columns past a request's pages are not written.
+// every page; top-k never reads their scores), nor are rows with skip_rows[b] != 0 (a reused selection).
+// Columns past a request's pages are not written.
 //
 // Grid: (blocks, HK); block: 256 threads = ROWS rows; dynamic shared memory: (batch + 1) ints.
 // Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE.
@@ -27,6 +28,7 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
     const int* __restrict__ req_to_token,     // [max_reqs, r2t_stride]
     const int* __restrict__ req_pool_indices, // [B]
     const int* __restrict__ seq_lens,         // [B]
+    const int* __restrict__ skip_rows,        // [B] or nullptr: rows not to score where nonzero
     float* __restrict__ scores,               // [B, HK, max_pages]
     int batch, int r2t_stride, int max_pages, int skip_pages_upto)
 {
@@ -43,7 +45,8 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
         int tiles = 0;
         if (b < batch) {
             const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
-            tiles = n > skip_pages_upto ? (n + TILE - 1) / TILE : 0;
+            const bool skip = n <= skip_pages_upto || (skip_rows != nullptr && skip_rows[b] != 0);
+            tiles = skip ? 0 : (n + TILE - 1) / TILE;
         }
         int total;
         const int before = block_exclusive_sum<256 / 32>(tiles, warp_totals, &total);

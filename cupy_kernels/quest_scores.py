@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i32, kernel, launch,
-                    resident_blocks)
+                    resident_blocks, u64)
 
 THREADS = 256
 UNROLL = 4
@@ -21,7 +21,8 @@ def tile_pages(head_dim: int) -> int:
 
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int, max_pages: int,
-                      out: torch.Tensor | None = None, skip_pages_upto: int = 0) -> torch.Tensor:
+                      out: torch.Tensor | None = None, skip_pages_upto: int = 0,
+                      skip_rows: torch.Tensor | None = None) -> torch.Tensor:
     """Score every page of every request per KV head.
 
     The launch shape depends on the batch size only: the blocks walk the pages present (see the kernel), so
@@ -34,6 +35,8 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         page_size: P. max_pages: output columns (>= pages of the longest request).
         out: optional ``[B, HK, max_pages]`` float32 buffer.
         skip_pages_upto: requests with at most this many pages are not scored (their rows are not written).
+        skip_rows: optional ``[B]`` int32; requests with a nonzero entry are not scored either (a reused
+            selection: ``reuse_from`` of :func:`topk_pages`).
 
     Returns:
         ``[B, HK, max_pages]`` float32 scores. Only columns below each scored request's page count are
@@ -51,6 +54,9 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     r2t, rpi, sl = check_batch(req_to_token, req_pool_indices, seq_lens, dev)
     check(seq_lens.shape[0] == B, f"seq_lens has {seq_lens.shape[0]} entries for a batch of {B}")
     check(skip_pages_upto >= 0, f"skip_pages_upto must be >= 0, got {skip_pages_upto}")
+    if skip_rows is not None:
+        check_tensor(skip_rows, "skip_rows", dtypes=[torch.int32], ndim=1, device=dev)
+        check(skip_rows.shape[0] == B, f"skip_rows has {skip_rows.shape[0]} entries for a batch of {B}")
     if out is None:
         out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
     check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)
@@ -62,6 +68,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     # As many blocks per KV head as the GPU holds at once (no more tiles than the capacity can have).
     most_tiles = B * -(-max_pages // tile_pages(D))
     blocks = max(1, min(most_tiles, resident_blocks(fn, THREADS, dev) // HK))
-    launch(fn, (blocks, HK), (THREADS,), (q, page_key_bounds, r2t, rpi, sl, out, i32(B), i32(r2t.shape[1]),
+    skip = skip_rows if skip_rows is not None else u64(0)
+    launch(fn, (blocks, HK), (THREADS,), (q, page_key_bounds, r2t, rpi, sl, skip, out, i32(B), i32(r2t.shape[1]),
                                           i32(max_pages), i32(skip_pages_upto)), dev, shared_mem=4 * (B + 1))
     return out

@@ -92,7 +92,8 @@ def page_bounds_update_layers(k_caches: list[torch.Tensor], written_slots: torch
 
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                      max_pages: int, skip_pages_upto: int = 0) -> torch.Tensor:
+                      max_pages: int, skip_pages_upto: int = 0, skip_rows: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """Quest's upper-bound score of every page of every request, per KV head.
 
     For query head g and page bounds (min_d, max_d): ``u_g = sum_d max(q_gd * min_d, q_gd * max_d)``, an upper
@@ -108,6 +109,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         page_size: P.
         max_pages: columns of the output (>= the pages of the longest request).
         skip_pages_upto: requests with at most this many pages are not scored (top-k keeps all their pages).
+        skip_rows: optional ``[B]``; requests with a nonzero entry are not scored (their selection is reused).
 
     Returns:
         ``[B, HK, max_pages]`` float32. Defined: the columns below the page count of each scored request. The
@@ -121,7 +123,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     qg = q.float().view(B, HK, G, D)
     for b in range(B):
         n = int(npg[b])
-        if n == 0 or n <= skip_pages_upto:
+        if n == 0 or n <= skip_pages_upto or (skip_rows is not None and int(skip_rows[b]) != 0):
             continue
         row = req_to_token[int(req_pool_indices[b])]
         phys = row[torch.arange(n, device=row.device) * P].long() // P                     # [n]
@@ -138,8 +140,11 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
 
 
 def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
-               n_local: int, select_all_upto: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``top_k`` best pages per (request, KV head), always including sinks and the local window.
+               n_local: int, select_all_upto: int = 0, *,
+               reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``top_k`` best pages per (request, KV head), always including sinks and the local window; or a kept
+    selection reused.
 
     Args:
         page_scores: ``[B, HK, max_pages]`` float32 (as from :func:`quest_page_scores`).
@@ -147,26 +152,48 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         top_k: pages to keep, ``>= n_sink + n_local``.
         n_sink: the first ``n_sink`` pages are always kept.
         n_local: the last ``n_local`` pages (the current, possibly partial page included) are always kept.
-        select_all_upto: a request with ``n <= W = max(top_k, select_all_upto)`` pages keeps every page (the
+        select_all_upto: a request with ``n <= fit = max(top_k, select_all_upto)`` pages keeps every page (the
             dense fallback for requests shorter than the sparse minimum context).
+        reuse: optional ``(req_pool_indices [B], reuse_from [B], kept [max_reqs, HK, top_k] int32,
+            extra_pages)``, for a request with ``n > fit`` pages:
+
+            - ``reuse_from[b] > 0`` (the seq_len at which the kept selection was made): the row's top-k is
+              ``kept[req_pool_indices[b], h]`` (ascending, below ``n0 = ceil(reuse_from[b] / P)``), followed by
+              every page written since, ``n0 .. n-1`` (at most ``extra_pages`` of them); scores are not read;
+            - ``reuse_from[b] == 0``: selected from the scores as without reuse, and written to
+              ``kept[req_pool_indices[b], h]`` (in place).
 
     Returns:
-        selected_pages ``[B, HK, W]`` int32: logical page indices in ascending order, ``-1`` past the count;
-        num_selected ``[B, HK]`` int32: ``n`` if ``n <= W`` else ``top_k``.
-        Among equal scores the lower page index wins.
+        selected_pages ``[B, HK, W]`` int32 with ``W = fit`` (``max(fit, top_k + extra_pages)`` with reuse):
+        logical page indices in ascending order, ``-1`` past the count;
+        num_selected ``[B, HK]`` int32: ``n`` if ``n <= fit``, else ``top_k`` (plus the pages written since, for
+        a reused selection). Among equal scores the lower page index wins.
     """
     if top_k < n_sink + n_local:
         raise ValueError(f"top_k ({top_k}) must be >= n_sink + n_local ({n_sink} + {n_local})")
     B, HK, M = page_scores.shape
-    W = max(top_k, select_all_upto)
+    fit = W = max(top_k, select_all_upto)
+    if reuse is not None:
+        W = max(fit, top_k + reuse[3])
     npg = num_pages(seq_lens, page_size)
     sel = torch.full((B, HK, W), -1, dtype=torch.int32, device=page_scores.device)
     cnt = torch.zeros((B, HK), dtype=torch.int32, device=page_scores.device)
     for b in range(B):
         n = int(npg[b])
-        if n <= W:
+        if n <= fit:
             sel[b, :, :n] = torch.arange(n, dtype=torch.int32, device=sel.device)
             cnt[b] = n
+            continue
+        if reuse is not None and int(reuse[1][b]) > 0:
+            rpi, reuse_from, kept, extra = reuse
+            first_new = -(-int(reuse_from[b]) // page_size)
+            if not 0 <= n - first_new <= extra:
+                raise ValueError(f"request {b}: {n - first_new} pages written since its kept selection, more than "
+                                 f"extra_pages={extra}")
+            sel[b, :, :top_k] = kept[int(rpi[b])]
+            sel[b, :, top_k: top_k + n - first_new] = torch.arange(first_new, n, dtype=torch.int32,
+                                                                   device=sel.device)
+            cnt[b] = top_k + n - first_new
             continue
         key = page_scores[b, :, :n].clone()
         key[:, :n_sink] = float("inf")
@@ -174,6 +201,8 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :top_k]
         sel[b, :, :top_k] = order.sort(-1).values.to(torch.int32)
         cnt[b] = top_k
+        if reuse is not None:
+            reuse[2][int(reuse[0][b])] = sel[b, :, :top_k]
     return sel, cnt
 
 

@@ -6,7 +6,12 @@
 // page with key > T and the first needed pages with key == T, in ascending page order. Reads of the score
 // row hit L2 after the first pass; no sort, no dynamic shared memory, any page count.
 //
-// Requests with at most `width` pages (width = max(top_k, select_all_upto)) keep all their pages.
+// Requests with at most `fit` pages (fit = max(top_k, select_all_upto)) keep all their pages.
+//
+// Selection reuse (kept != nullptr): a row with reuse_from[b] > 0 is not selected again: it copies the top_k
+// pages kept for its request slot (kept[req_pool_indices[b], h]) and appends every page from the one after the
+// selection's last page (ceil(reuse_from / P)) to the request's last page. Rows that select write their
+// selection into the slot's kept row too.
 // Defines: PAGE_SIZE.
 
 #define THREADS 512
@@ -20,9 +25,12 @@ __device__ __forceinline__ u32 order_key(float f) {
 extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
     const float* __restrict__ page_scores,  // [B, HK, max_pages]
     const int* __restrict__ seq_lens,       // [B]
-    int* __restrict__ selected_pages,       // [B, HK, width], width = max(top_k, select_all_upto)
+    int* __restrict__ selected_pages,       // [B, HK, width]
     int* __restrict__ num_selected,         // [B, HK]
-    int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local, int width)
+    const int* __restrict__ req_pool_indices, // [B] (reuse only)
+    const int* __restrict__ reuse_from,     // [B]: seq_len at the kept selection, 0 = select (reuse only)
+    int* __restrict__ kept,                 // [max_reqs, HK, top_k] or nullptr (no reuse)
+    int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local, int fit, int width)
 {
     __shared__ int hist[256];
     __shared__ int bin_warp_totals[8];
@@ -37,10 +45,22 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
     const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
     const int tid = threadIdx.x;
 
-    if (n <= width) {   // short request: every page (dense fallback)
+    if (n <= fit) {     // short request: every page (dense fallback)
         for (int j = tid; j < n; j += THREADS) out[j] = j;
         if (tid == 0) num_selected[row_id] = n;
         return;
+    }
+    int* keep = nullptr;
+    if (kept != nullptr) {
+        keep = kept + ((long long)req_pool_indices[b] * num_kv_heads + h) * top_k;
+        const int from = reuse_from[b];
+        if (from > 0) {   // reuse: the kept pages, then every page written since
+            const int first_new = (from + PAGE_SIZE - 1) / PAGE_SIZE;
+            for (int j = tid; j < top_k; j += THREADS) out[j] = keep[j];
+            for (int j = first_new + tid; j < n; j += THREADS) out[top_k + j - first_new] = j;
+            if (tid == 0) num_selected[row_id] = top_k + n - first_new;
+            return;
+        }
     }
     const int local_begin = n - n_local;
 #define KEY(j) (((j) < n_sink || (j) >= local_begin) ? 0xffffffffu : order_key(scores[j]))
@@ -103,7 +123,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
         const bool take = gt || (eq && eq_rank < need_eq);
         int take_total;
         const int pos = written + block_exclusive_scan<WARPS>(take, warp_totals, &take_total);
-        if (take) out[pos] = j;
+        if (take) {
+            out[pos] = j;
+            if (keep != nullptr) keep[pos] = j;
+        }
         eq_seen += eq_total;
         written += take_total;
     }

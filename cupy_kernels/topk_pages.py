@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import as_int32, check, check_tensor, i32, kernel, launch
+from ._cuda import as_int32, check, check_tensor, i32, kernel, launch, u64
+
+Reuse = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 
 def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
-               n_local: int, select_all_upto: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Select the ``top_k`` best pages of each (request, KV head).
+               n_local: int, select_all_upto: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+               *, reuse: Reuse | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Select the ``top_k`` best pages of each (request, KV head), or reuse a kept selection.
 
     Args:
         page_scores: ``[B, HK, max_pages]`` float32.
@@ -22,7 +24,9 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         select_all_upto: requests with at most ``max(top_k, select_all_upto)`` pages keep every page (the
             dense fallback for short requests).
         out: optional (selected ``[B, HK, W]`` int32, count ``[B, HK]`` int32) buffers,
-            ``W = max(top_k, select_all_upto)``.
+            ``W = max(top_k, select_all_upto)`` (``max(.., top_k + extra_pages)`` with ``reuse``).
+        reuse: optional ``(req_pool_indices [B], reuse_from [B] int32, kept [max_reqs, HK, top_k] int32,
+            extra_pages)``: see :func:`cupy_kernels.reference.topk_pages`.
 
     Returns:
         selected_pages ``[B, HK, W]`` int32 in ascending page order (entries past the count are not
@@ -36,7 +40,17 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
     check(top_k >= 1, f"top_k must be >= 1, got {top_k}")
     check(n_sink >= 0 and n_local >= 0, f"n_sink and n_local must be >= 0, got {n_sink}, {n_local}")
     check(top_k >= n_sink + n_local, f"top_k ({top_k}) must be >= n_sink + n_local ({n_sink} + {n_local})")
-    W = max(top_k, select_all_upto)
+    fit = max(top_k, select_all_upto)
+    W = fit
+    rpi = reuse_from = kept = u64(0)
+    if reuse is not None:
+        rpi, reuse_from, kept, extra = reuse
+        check_tensor(rpi, "req_pool_indices", dtypes=[torch.int32], ndim=1, device=dev)
+        check_tensor(reuse_from, "reuse_from", dtypes=[torch.int32], ndim=1, device=dev)
+        check_tensor(kept, "kept", dtypes=[torch.int32], ndim=3, device=dev)
+        check(rpi.shape[0] == B and reuse_from.shape[0] == B, f"req_pool_indices and reuse_from need {B} entries")
+        check(tuple(kept.shape[1:]) == (HK, top_k), f"kept must be [max_reqs, {HK}, {top_k}], got {tuple(kept.shape)}")
+        W = max(fit, top_k + extra)
     if out is None:
         out = (torch.empty((B, HK, W), dtype=torch.int32, device=dev),
                torch.empty((B, HK), dtype=torch.int32, device=dev))
@@ -48,6 +62,6 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
     if B == 0:
         return sel, cnt
     fn = kernel("topk_pages.cu", "topk_pages", dev, PAGE_SIZE=page_size)
-    launch(fn, (HK, B), (512,), (page_scores, as_int32(seq_lens), sel, cnt, i32(HK), i32(M), i32(top_k),
-                                 i32(n_sink), i32(n_local), i32(W)), dev)
+    launch(fn, (HK, B), (512,), (page_scores, as_int32(seq_lens), sel, cnt, rpi, reuse_from, kept, i32(HK), i32(M),
+                                 i32(top_k), i32(n_sink), i32(n_local), i32(fit), i32(W)), dev)
     return sel, cnt

@@ -17,7 +17,11 @@ part of the page bounds and of the selected K/V) is reused. In a model the other
 through the L2 between two calls of one layer; ``--cold-l2`` overwrites a 256 MiB buffer before every timed call
 (outside the timed region) to measure that case.
 
-Writes a table to stdout, JSON (``--out``) and a PNG plot (speedup vs context per method).
+A config with ``reselect_every`` R > 1 (e.g. ``--configs quest-fast``) is timed in both of its states, a
+selecting step and a reusing one, and reported at its steady-state mean (one selecting step in R):
+``us_select``, ``us_reuse`` and ``us_eager``/``us_graph`` = (select + (R - 1) reuse) / R.
+
+Writes a table to stdout, JSON (``--out``) and a PNG plot (speedup vs context per config).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgl_sparse.config import SparseConfig  # noqa: E402
+from sgl_sparse.config import SparseConfig, presets  # noqa: E402
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.fidelity import dense_attention, relative_l2  # noqa: E402
 from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
@@ -108,7 +112,7 @@ def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor,
 
 
 def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, rows: list, progress,
-               capacity: int = 0):
+               capacity: int = 0, configs=METHODS):
     gen = torch.Generator().manual_seed(B * 1000003 + L)
     pool = make_pool([L] * B, HK, D, P, DTYPE, "cuda", gen, spare_pages=B + 8, max_ctx=L + 2 * P)
     # Start each request at L-1 tokens and decode one: the new token's slot is written every step.
@@ -141,8 +145,9 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
     for budget in budgets:
         if budget >= L:
             continue
-        for method in METHODS:
-            cfg = SparseConfig.load(method).replace(token_budget=budget, dense_layers=0, min_context=0)
+        for name in configs:
+            cfg = SparseConfig.load(name).replace(token_budget=budget, dense_layers=0, min_context=0)
+            method = cfg.method
             meta = SparseKVMetadata(cfg, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK,
                                     head_dim=D, dtype=DTYPE, device="cuda")
             meta.update(0, pool.k_cache, pool.written_slots)
@@ -157,13 +162,26 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
             t_eager = time_fn(step, reps)
             t_graph = time_fn(graphed(step), reps) if graphs else float("nan")
             counts = op.last_counts.clone()
-            best = min(t_eager, t_graph) if graphs else t_eager
+            R = cfg.reselect_every
             nbytes = needed_bytes(method, B, L, budget, counts, op, cfg)
-            rows.append(dict(method=method, config=method, batch=B, context=L, budget=budget, us_eager=t_eager, us_graph=t_graph,
-                             speedup=dense_best / best,
+            extra = {}
+            if R > 1:           # the steps above selected; plan again at the same lengths: the next steps reuse
+                op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+                assert bool((op.batch.reuse_from > 0).all()), "a second plan() at the same lengths must reuse"
+                r_eager = time_fn(step, reps)
+                r_graph = time_fn(graphed(step), reps) if graphs else float("nan")
+                sel_best = min(t_eager, t_graph) if graphs else t_eager
+                extra = dict(reselect_every=R, us_select=sel_best,
+                             us_reuse=min(r_eager, r_graph) if graphs else r_eager)
+                t_eager, t_graph = (t_eager + (R - 1) * r_eager) / R, (t_graph + (R - 1) * r_graph) / R
+                meta_bytes = B * HK * math.ceil(L / P) * 2 * D * 2
+                nbytes -= meta_bytes * (R - 1) / R                # the page bounds are read on one step in R
+            best = min(t_eager, t_graph) if graphs else t_eager
+            rows.append(dict(method=method, config=name, batch=B, context=L, budget=budget, us_eager=t_eager,
+                             us_graph=t_graph, speedup=dense_best / best,
                              attended_fraction=float(counts.float().sum() / (B * HK * L)),
                              rel_l2=float(relative_l2(out["o"], dense_ref).mean()),
-                             gbps=nbytes / best / 1e3, peak_fraction=nbytes / best / 1e3 / peak))
+                             gbps=nbytes / best / 1e3, peak_fraction=nbytes / best / 1e3 / peak, **extra))
             progress(rows[-1])
             del op, meta
             torch.cuda.empty_cache()
@@ -190,13 +208,14 @@ def plot(rows, path: str, gpu: str) -> None:
     batches = sorted({r["batch"] for r in rows})
     fig, axes = plt.subplots(1, len(budgets), figsize=(5 * len(budgets), 4), squeeze=False)
     for ax, budget in zip(axes[0], budgets):
-        for method, marker in zip(METHODS, "osd"):
+        configs = [c for c in dict.fromkeys(r.get("config", r["method"]) for r in rows) if c != "dense"]
+        for config, marker in zip(configs, "osd^vx"):
             for B, ls in zip(batches, ["-", "--", ":", "-."]):
                 pts = sorted((r["context"], r["speedup"]) for r in rows
-                             if r["method"] == method and r["budget"] == budget and r["batch"] == B)
+                             if r.get("config", r["method"]) == config and r["budget"] == budget and r["batch"] == B)
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ls=ls,
-                            label=f"{method} B={B}")
+                            label=f"{config} B={B}")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
         ax.set_title(f"budget {budget} tokens")
@@ -228,6 +247,8 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=131072,
                     help="the operator's capacity (a server builds it for the model's context length; kernels must "
                          "cost what the context present costs, not the capacity)")
+    ap.add_argument("--configs", nargs="+", default=list(METHODS), choices=presets(), metavar="CONFIG",
+                    help=f"sparse presets (configs/*.yaml) beside dense; default: {' '.join(METHODS)}")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--cold-l2", action="store_true", help="empty the L2 before every timed call (see above)")
     ap.add_argument("--quick", action="store_true", help="one small case per method")
@@ -254,7 +275,7 @@ def main() -> int:
 
     def progress(r):
         done = len({(x["batch"], x["context"]) for x in rows})
-        print(f"[{done}/{len(cases)} {time.time() - t0:6.0f}s] {r['method']:10s} B={r['batch']:<3d} "
+        print(f"[{done}/{len(cases)} {time.time() - t0:6.0f}s] {r['config']:10s} B={r['batch']:<3d} "
               f"L={r['context']:<7d} budget={r['budget']:<6d} {r['us_graph']:9.1f} us  x{r['speedup']:.2f}  "
               f"err {r['rel_l2']:.4f}", file=sys.stderr, flush=True)
 
@@ -264,15 +285,16 @@ def main() -> int:
             skipped.append((B, L))
             print(f"skip B={B} L={L}: does not fit in GPU memory", file=sys.stderr)
             continue
-        bench_case(B, L, args.budgets, args.reps, peak, not args.no_graph, rows, progress, args.max_context)
+        bench_case(B, L, args.budgets, args.reps, peak, not args.no_graph, rows, progress, args.max_context,
+                   [c for c in args.configs if c != "dense"])
         save(args.out, gpu, peak, rows, skipped)      # after every case, so a cut-off run keeps its rows
 
-    hdr = (f"{'method':10s} {'batch':>5s} {'context':>7s} {'budget':>6s} {'eager us':>9s} {'graph us':>9s} "
+    hdr = (f"{'config':10s} {'batch':>5s} {'context':>7s} {'budget':>6s} {'eager us':>9s} {'graph us':>9s} "
            f"{'speedup':>7s} {'attended':>8s} {'rel L2':>7s} {'GB/s':>6s} {'%peak':>5s}")
     l2 = "L2 emptied before every timed call" if args.cold_l2 else "warm L2 (back to back)"
     print(f"\nSparse decode step vs dense FlashInfer — {gpu}, copy peak {peak:.0f} GB/s, {l2}\n{hdr}")
     for r in rows:
-        print(f"{r['method']:10s} {r['batch']:5d} {r['context']:7d} {r['budget']:6d} {r['us_eager']:9.1f} "
+        print(f"{r['config']:10s} {r['batch']:5d} {r['context']:7d} {r['budget']:6d} {r['us_eager']:9.1f} "
               f"{r['us_graph']:9.1f} {r['speedup']:7.2f} {r['attended_fraction']:8.4f} {r['rel_l2']:7.4f} "
               f"{r['gbps']:6.0f} {100 * r['peak_fraction']:5.1f}")
     for B, L in skipped:

@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sgl_sparse.config import METHODS, SparseConfig  # noqa: E402
+from sgl_sparse.config import METHODS, SparseConfig, presets  # noqa: E402
 from sgl_sparse.serving import ServerError, ServerProcess, server_command, stop_servers_on_sigterm  # noqa: E402
 
 MODEL_DIR = ROOT / "launch" / "models" / "llama-3.1-8b"
@@ -97,7 +97,10 @@ def server_spec(method: str, args, points, prompt_lens, new_tokens: int) -> tupl
 
 
 def method_of(config: str) -> str:
-    return "dense" if config == DENSE_EAGER else config
+    """The method a server config runs (a preset name: ``quest-fast`` runs ``quest``)."""
+    if config in ("dense", DENSE_EAGER):
+        return "dense"
+    return SparseConfig.load(config).method
 
 
 def bytes_per_step(model_config: dict, batch: int, context: int) -> int:
@@ -211,8 +214,8 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
     print(f"[{method}] done in {time.time() - started:.0f} s", flush=True)
 
 
-def add_speedups(rows: list[dict], methods, points) -> list[dict]:
-    """Speedup over dense at each point; returns each sparse method's result at each target point of the run
+def add_speedups(rows: list[dict], configs, points) -> list[dict]:
+    """Speedup over dense at each point; returns each sparse config's result at each target point of the run
     (``met`` None: not measured)."""
     dense: dict = {}
     for r in rows:                  # the faster dense server (graphs or eager) is the baseline
@@ -223,13 +226,14 @@ def add_speedups(rows: list[dict], methods, points) -> list[dict]:
     for r in rows:
         point = (r.get("batch"), r.get("context"))
         if "ms_per_step" in r and point in dense:
-            r["speedup"] = speedups[(r["method"], point)] = dense[point] / r["ms_per_step"]
+            r["speedup"] = speedups[(r.get("config", r["method"]), point)] = dense[point] / r["ms_per_step"]
     targets = []
     for point in [p for p in points if p in TARGETS]:
-        for method in [m for m in methods if m != "dense"]:
-            speedup = speedups.get((method, point))
-            targets.append(dict(method=method, batch=point[0], context=point[1], required=TARGETS[point],
-                                speedup=speedup, met=None if speedup is None else speedup >= TARGETS[point]))
+        for config in [c for c in configs if method_of(c) != "dense"]:
+            speedup = speedups.get((config, point))
+            targets.append(dict(method=method_of(config), config=config, batch=point[0], context=point[1],
+                                required=TARGETS[point], speedup=speedup,
+                                met=None if speedup is None else speedup >= TARGETS[point]))
     return targets
 
 
@@ -257,7 +261,8 @@ def print_table(rows: list[dict], targets: list[dict], gpu: str) -> None:
     print("* target point")
     for t in targets:
         result = "not measured" if t["met"] is None else f"{t['speedup']:.2f}x {'met' if t['met'] else 'NOT met'}"
-        print(f"target {t['batch']}x{label(t['context'])} >= {t['required']}x: {t['method']:10s} {result}")
+        print(f"target {t['batch']}x{label(t['context'])} >= {t['required']}x: {t.get('config', t['method']):10s} "
+              f"{result}")
 
 
 def plot(rows: list[dict], path: str, gpu: str) -> None:
@@ -265,12 +270,13 @@ def plot(rows: list[dict], path: str, gpu: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = [m for m in dict.fromkeys(r["method"] for r in rows if "speedup" in r) if m != "dense"]
-    fig, axes = plt.subplots(1, max(1, len(methods)), figsize=(5 * max(1, len(methods)), 4), squeeze=False)
-    for ax, method in zip(axes[0], methods):
+    configs = [c for c in dict.fromkeys(r.get("config", r["method"]) for r in rows if "speedup" in r and
+                                        r["method"] != "dense")]
+    fig, axes = plt.subplots(1, max(1, len(configs)), figsize=(5 * max(1, len(configs)), 4), squeeze=False)
+    for ax, config in zip(axes[0], configs):
         for i, batch in enumerate(sorted({r["batch"] for r in rows if "speedup" in r})):
             pts = sorted((r["context"], r["speedup"]) for r in rows
-                         if r["method"] == method and r.get("batch") == batch and "speedup" in r)
+                         if r.get("config", r["method"]) == config and r.get("batch") == batch and "speedup" in r)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"batch {batch}")
         for (batch, context), required in TARGETS.items():
@@ -281,7 +287,7 @@ def plot(rows: list[dict], path: str, gpu: str) -> None:
                         textcoords="offset points", xytext=(4, 4))
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_xscale("log", base=2)
-        ax.set_title(method)
+        ax.set_title(config)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("decode step speedup over dense FlashInfer")
         ax.legend(fontsize=7)
@@ -302,9 +308,9 @@ def combine(paths: list[str], out: Path) -> int:
             if "ms_per_step" in r and key not in seen:
                 seen.add(key)
                 rows.append({k: v for k, v in r.items() if k != "speedup"})
-    methods = list(dict.fromkeys(r["method"] for r in rows))
+    configs = list(dict.fromkeys(r.get("config", r["method"]) for r in rows))
     points = list(dict.fromkeys((r["batch"], r["context"]) for r in rows))
-    targets = add_speedups(rows, methods, points)
+    targets = add_speedups(rows, configs, points)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(gpu=gpu, combined=paths, runs=[dict(versions=r.get("versions"),
                    settings=r.get("settings"), commands=r.get("commands")) for r in runs], rows=rows,
@@ -365,7 +371,9 @@ def gpu_name() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(set(METHODS) | set(presets())),
+                    metavar="CONFIG", help="dense and sparse presets (configs/*.yaml) to run, each its own server; "
+                                           f"default: {' '.join(METHODS)}")
     ap.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="BATCHxCONTEXT, e.g. 8x32K 4x128K")
     ap.add_argument("--dense-eager", action="store_true",
                     help="also run dense without CUDA graphs (the faster dense server is the baseline)")

@@ -54,6 +54,12 @@ class SparseConfig:
             delta) target asks for more, the sample is capped and the bound does not hold; the context length
             keeps it at every length (a larger index buffer and, where the target asks, a larger sample).
         seed: vAttention's RNG seed (samples differ per step, layer and request, reproducibly).
+        reselect_every: decode steps a request's page selection serves (1 = select every step). In between,
+            the pages scored last time are reused and every page written since is attended too, so the
+            newest tokens are never missed; a request selects again once it has grown by this many tokens, and
+            at its first decode step after a prefill. Saves the page scan (the bounds of every page, 1/P of the
+            context's K bytes) on all but one step in ``reselect_every``. Keeps ``top_k`` pages per layer, KV
+            head and request slot: sparse layers x max running requests x HK x top_k x 4 bytes of GPU memory.
     """
 
     method: str = "quest"
@@ -70,6 +76,7 @@ class SparseConfig:
     base_rate: float = 0.02
     sample_capacity: int = 4096
     seed: int = 0
+    reselect_every: int = 1
 
     def __post_init__(self) -> None:
         def bad(field: str, msg: str) -> SparseConfigError:
@@ -78,7 +85,7 @@ class SparseConfig:
         if self.method not in METHODS:
             raise bad("method", f"choose one of {', '.join(METHODS)}")
         for f in ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
-                  "int4_group", "sample_capacity", "seed"):
+                  "int4_group", "sample_capacity", "seed", "reselect_every"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool):
                 raise bad(f, "must be an integer")
@@ -109,6 +116,8 @@ class SparseConfig:
             raise bad("base_rate", "must be a fraction in (0, 1) or a whole number of draws >= 1")
         if self.sample_capacity < 2:
             raise bad("sample_capacity", "must be >= 2")
+        if not 1 <= self.reselect_every <= 64:
+            raise bad("reselect_every", "must be in 1..64 (1 = select every decode step)")
 
     # ------------------------------------------------------------------ derived sizes (pages)
 
@@ -129,6 +138,17 @@ class SparseConfig:
         """Requests with at most this many pages are attended densely (budget or min_context)."""
         below = -(-(self.min_context - 1) // self.page_size) if self.min_context > 1 else 0
         return max(self.top_k_pages, below)
+
+    @property
+    def reuse_extra_pages(self) -> int:
+        """Pages a reused selection can gain (written since it was made): ceil((reselect_every - 1) / P)."""
+        return -(-(self.reselect_every - 1) // self.page_size)
+
+    @property
+    def selection_width(self) -> int:
+        """Most pages a (request, KV head) attends per step: all of a request within ``dense_pages``, else
+        ``top_k`` (+ the pages written since a reused selection)."""
+        return max(self.dense_pages, self.top_k_pages + self.reuse_extra_pages)
 
     @property
     def is_sparse(self) -> bool:

@@ -226,6 +226,9 @@ class SparseDecodeOperator:
         self.seq_lens_i32 = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
         self.fits_budget = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
         self.seed_base = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
+        self.reuse_from = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        # kept selections per request slot (config.reselect_every > 1), sized from req_to_token at the first plan()
+        self.reuse: policies.SelectionReuse | None = None
         # per step: tokens attended per (request, KV head), summed over the sparse layers, and the sparse layers run
         self.attended = torch.zeros((max_batch, num_kv_heads), dtype=torch.int32, device=self.device)
         self.sparse_calls = torch.zeros((), dtype=torch.int32, device=self.device)
@@ -252,8 +255,9 @@ class SparseDecodeOperator:
             bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
                                           *self._shared("dense", self.max_batch, self.max_context))}
             if cfg.is_sparse:
-                # A row holds at most dense_pages pages: a request within the budget keeps all of them.
-                P, W = cfg.page_size, cfg.dense_pages
+                # A row holds every page of a request within the budget, else top_k (+ pages written since a
+                # reused selection): selection_width pages.
+                P, W = cfg.page_size, cfg.selection_width
                 if cfg.method == "twilight":     # top-p survivors: token rows
                     bufs["main"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, W * P, self.dtype, self.sm_scale,
                                                   *self._shared("main", rows, W * P))
@@ -298,6 +302,11 @@ class SparseDecodeOperator:
         fits = self.fits_budget[:B]
         torch.le((lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=fits)
         self.batch = DecodeBatch(req_to_token, rpi, lens, self.max_pages, fits_budget=fits)
+        if cfg.is_sparse and cfg.reselect_every > 1:
+            if self.reuse is None or self.reuse.max_reqs != req_to_token.shape[0]:
+                self.reuse = policies.SelectionReuse(cfg, self.num_layers - cfg.dense_layers, req_to_token.shape[0],
+                                                     self.num_kv_heads, self.device)
+            self.batch.reuse_from = self.reuse_from[:B]
         bufs = self._buffers(B)
         if path is None:
             longest_pages = -(-int(seq_lens_cpu.max()) // cfg.page_size) if B else 0
@@ -313,6 +322,8 @@ class SparseDecodeOperator:
         if path == "dense" or cfg.dense_layers > 0 or self.dense_rows is not None:
             bufs["dense"].plan(self.batch, seq_lens_cpu)
         self.step.add_(1)
+        if path == "sparse" and self.reuse is not None:
+            self.reuse.plan(rpi, lens, out=self.batch.reuse_from)
         if path == "sparse":
             # FlashInfer splits each row's tokens over its CTAs by the lengths planned here: Quest's selection
             # attends a number of tokens known from the lengths alone (the last page is always selected);
@@ -327,6 +338,13 @@ class SparseDecodeOperator:
                 self.attended.zero_()
                 self.sparse_calls.zero_()
         return path
+
+    def forget(self, req_pool_indices: torch.Tensor) -> None:
+        """Request slots (``[n]`` device indices into ``req_to_token``) that start a new request or prefill again:
+        with ``reselect_every > 1`` their next decode step selects instead of reusing what the slot kept.
+        Call it for every prefill (SGLang's backend does, in its extend pass)."""
+        if self.reuse is not None:
+            self.reuse.forget(req_pool_indices)
 
     # ------------------------------------------------------------------ per layer, graph-capturable
 
@@ -344,7 +362,8 @@ class SparseDecodeOperator:
         attend = _StepAttention(bufs, k_cache, v_cache, batch)
         tables = LayerTables(metadata.page_key_bounds[layer],
                              metadata.key_int4[layer] if metadata.key_int4 else None,
-                             metadata.key_scale_zero[layer] if metadata.key_scale_zero else None)
+                             metadata.key_scale_zero[layer] if metadata.key_scale_zero else None,
+                             self.reuse.layer(layer - cfg.dense_layers) if self.reuse is not None else None)
         if cfg.method == "quest":
             out, counts = policies.quest(ck, cfg, q, tables, batch, attend)
         elif cfg.method == "twilight":
@@ -469,10 +488,13 @@ class _ReferenceAttention:
 
 def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, batch: DecodeBatch, metadata: SparseKVMetadata,
-                     sm_scale: float | None = None, seeds: torch.Tensor | None = None):
+                     sm_scale: float | None = None, seeds: torch.Tensor | None = None,
+                     kept_selection: torch.Tensor | None = None):
     """The torch reference of :meth:`SparseDecodeOperator.run`: same policies, reference kernels, dense math.
 
     Runs on CPU or GPU tensors. ``seeds`` (vAttention) defaults to the operator's derivation for step 1.
+    ``kept_selection`` (``[max_reqs, HK, top_k]``, with ``batch.reuse_from`` set: selection reuse) is read for
+    the rows that reuse and written for the rows that select, as the operator does with its own.
     Returns ``(o [B, HQ, D], attended token counts [B, HK])``.
     """
     ref = ck.reference
@@ -486,7 +508,7 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
     attend = _ReferenceAttention(k_cache, v_cache, batch, config.page_size, sm_scale)
     tables = LayerTables(metadata.page_key_bounds[layer],
                          metadata.key_int4[layer] if metadata.key_int4 else None,
-                         metadata.key_scale_zero[layer] if metadata.key_scale_zero else None)
+                         metadata.key_scale_zero[layer] if metadata.key_scale_zero else None, kept_selection)
     if config.method == "quest":
         return policies.quest(ref, config, q, tables, batch, attend)
     if config.method == "twilight":

@@ -38,6 +38,8 @@ class SparseStats:
     step: int = 0
     attended: list[float] = field(default_factory=list)   # per (step, sparse layer): fraction attended
     errors: list[torch.Tensor] = field(default_factory=list)  # per (step, sparse layer): rel. L2 error [HQ]
+    reuse: policies.SelectionReuse | None = None   # kept selections (config.reselect_every > 1)
+    reuse_from: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int32))
 
     @property
     def violation_rate(self) -> float:
@@ -62,6 +64,8 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     stats: SparseStats | None = getattr(module.config, "_sgl_sparse_stats", None)
+    if stats is not None and stats.reuse is not None and query.shape[2] != 1:
+        stats.reuse.forget(torch.zeros(1, dtype=torch.long))      # a prefill: a new request selects afresh
     if stats is None or query.shape[2] != 1 or not stats.config.is_sparse:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
@@ -84,9 +88,15 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
                         torch.tensor([L]), slots // P)
     if layer == 0:
         stats.step += 1
+        if stats.reuse is not None:
+            stats.reuse.plan(batch.req_pool_indices, batch.seq_lens, out=stats.reuse_from)
+    kept = None
+    if stats.reuse is not None and layer >= cfg.dense_layers:
+        batch.reuse_from = stats.reuse_from
+        kept = stats.reuse.layer(layer - cfg.dense_layers)
     seeds = policies.vattention_seeds(cfg.seed, torch.tensor([stats.step]), layer, 1)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
-    out, counts = reference_decode(cfg, layer, query[:, :, 0], k_cache, v_cache, batch, meta, scale, seeds)
+    out, counts = reference_decode(cfg, layer, query[:, :, 0], k_cache, v_cache, batch, meta, scale, seeds, kept)
     if layer >= cfg.dense_layers:
         stats.attended.append(float(counts.float().mean()) / L)
         if stats.measure_error:
@@ -115,6 +125,9 @@ def sparse_attention(model, config: SparseConfig, measure_error: bool = False):
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
     stats = SparseStats(config, measure_error)
+    if config.is_sparse and config.reselect_every > 1:
+        stats.reuse = policies.SelectionReuse(config, model.config.num_hidden_layers - config.dense_layers, 1,
+                                              model.config.num_key_value_heads, "cpu")
     model.config._sgl_sparse_stats = stats
     try:
         yield stats

@@ -37,6 +37,7 @@ class DecodeBatch:
     seq_lens: torch.Tensor           # [B] int, the new token included
     max_pages: int                   # score columns: >= ceil(max seq_len / P), fixed per captured batch size
     fits_budget: torch.Tensor | None = None   # [B] bool, fits_in_budget() for the config the batch was planned for
+    reuse_from: torch.Tensor | None = None    # [B] int32, SelectionReuse.plan(): > 0 where a kept selection serves
 
     @property
     def batch_size(self) -> int:
@@ -67,16 +68,22 @@ class LayerTables:
     page_key_bounds: torch.Tensor
     key_int4: torch.Tensor | None = None
     key_scale_zero: torch.Tensor | None = None
+    kept_selection: torch.Tensor | None = None   # [max_reqs, HK, top_k] int32: SelectionReuse.layer(layer)
 
 
 def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch):
     """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages."""
     P = cfg.page_size
-    # Requests that keep every page (within the budget or below min_context) are not scored.
+    reuse = None
+    if tables.kept_selection is not None:
+        reuse = (batch.req_pool_indices, batch.reuse_from, tables.kept_selection, cfg.reuse_extra_pages)
+    # Requests that keep every page (within the budget or below min_context) or reuse a kept selection are not
+    # scored.
     scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
-                                   batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages)
+                                   batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
+                                   skip_rows=batch.reuse_from if reuse else None)
     return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
-                          select_all_upto=cfg.dense_pages)
+                          select_all_upto=cfg.dense_pages, reuse=reuse)
 
 
 def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
@@ -88,12 +95,59 @@ def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
 def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor) -> torch.Tensor:
     """``[B]`` int64 tokens :func:`select_pages` keeps per KV head, from the lengths alone (host or device):
     every page of a request within ``dense_pages``, else ``top_k`` pages, the request's last (partial) page
-    always among them."""
+    always among them. With selection reuse, an upper bound: a reused selection adds up to
+    ``cfg.reuse_extra_pages`` pages written since."""
     P = cfg.page_size
     lens = seq_lens.long()
     n = (lens + P - 1) // P
-    pages = torch.where(n <= cfg.dense_pages, n, torch.full_like(n, cfg.top_k_pages))
-    return (pages - 1) * P + (lens - (n - 1) * P)
+    pages = torch.where(n <= cfg.dense_pages, n, torch.full_like(n, cfg.top_k_pages + cfg.reuse_extra_pages))
+    return (torch.minimum(pages, n) - 1) * P + (lens - (n - 1) * P)
+
+
+class SelectionReuse:
+    """Selections kept per request slot and reused for ``cfg.reselect_every`` decode steps (device state).
+
+    ``plan()`` (once per step, device ops only, so a CUDA graph replay can follow) decides per row: a request
+    with more than ``dense_pages`` pages reuses its kept selection while it has grown by fewer than
+    ``reselect_every`` tokens since; otherwise it selects, and the selection is kept (by ``topk_pages``) for
+    the steps after. Rows within the budget (CUDA-graph padding rows among them) neither read nor write kept
+    state. ``forget()`` drops the selections of request slots that (re)start: SGLang reuses a slot for a new
+    request, and a request retracted and prefilled again has new pages.
+
+    Memory: ``kept`` ``[layers, max_reqs, HK, top_k]`` int32 and ``selected_at`` ``[max_reqs + 1]`` int32 (the
+    seq_len at which each slot's selection was made, 0 = none; the last entry absorbs writes of rows that keep
+    nothing, so that the scatter never races with a real request's entry).
+    """
+
+    def __init__(self, cfg: SparseConfig, num_layers: int, max_reqs: int, num_kv_heads: int,
+                 device: torch.device | str):
+        self.cfg = cfg
+        self.max_reqs = max_reqs
+        self.kept = torch.zeros((num_layers, max_reqs, num_kv_heads, cfg.top_k_pages), dtype=torch.int32,
+                                device=device)
+        self.selected_at = torch.zeros(max_reqs + 1, dtype=torch.int32, device=device)
+
+    def plan(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Write ``reuse_from`` ``[B]`` int32 into ``out``: the seq_len of the kept selection a row reuses, or 0
+        where the row selects (and its slot's ``selected_at`` becomes its seq_len)."""
+        cfg = self.cfg
+        idx = req_pool_indices.long()
+        lens = seq_lens.to(torch.int32)
+        at = self.selected_at[idx]
+        sparse = (lens.long() + cfg.page_size - 1) // cfg.page_size > cfg.dense_pages
+        reuse = sparse & (at > 0) & (lens >= at) & (lens - at < cfg.reselect_every)
+        torch.where(reuse, at, torch.zeros_like(at), out=out)
+        select = sparse & ~reuse
+        self.selected_at[torch.where(select, idx, torch.full_like(idx, self.max_reqs))] = lens
+        return out
+
+    def forget(self, req_pool_indices: torch.Tensor) -> None:
+        """Request slots that (re)start: their next decode step selects."""
+        self.selected_at[req_pool_indices.long()] = 0
+
+    def layer(self, index: int) -> torch.Tensor:
+        """Kept selections of the ``index``-th sparse layer, ``[max_reqs, HK, top_k]``."""
+        return self.kept[index]
 
 
 def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:

@@ -395,10 +395,11 @@ def _backend_class():
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
             self._refresh_metadata(layer, forward_batch)
-            if layer.layer_id == 0:                             # a (re)started request: fresh statistics
-                idx = forward_batch.req_pool_indices.long()
+            if layer.layer_id == 0:                             # a (re)started request: fresh statistics and
+                idx = forward_batch.req_pool_indices.long()    # no kept selection (reselect_every)
                 self.attended_tokens[idx] = 0
                 self.context_tokens[idx] = 0
+                self.operator.forget(idx)
             return o
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):

@@ -46,7 +46,14 @@ def test_faster_dense_server_is_the_baseline_and_noise_is_refused():
             dict(_row("quest", 8, 1024, 5.5), config="quest")]
     targets = bench_e2e.add_speedups(rows, ["dense", "quest"], [(8, 1024)])
     assert rows[2]["speedup"] == 5.0 / 5.5
-    assert targets == [dict(method="quest", batch=8, context=1024, required=0.98, speedup=5.0 / 5.5, met=False)]
+    assert targets == [dict(method="quest", config="quest", batch=8, context=1024, required=0.98, speedup=5.0 / 5.5,
+                            met=False)]
+    # two presets of one method: each its own speedup and target line
+    rows.append(dict(_row("quest", 8, 1024, 4.0), config="quest-fast"))
+    targets = bench_e2e.add_speedups(rows, ["dense", "quest", "quest-fast"], [(8, 1024)])
+    assert rows[3]["speedup"] == 5.0 / 4.0 and rows[2]["speedup"] == 5.0 / 5.5
+    assert [(t["config"], t["met"]) for t in targets] == [("quest", False), ("quest-fast", True)]
+    assert bench_e2e.method_of("quest-fast") == "quest" and bench_e2e.method_of("dense-eager") == "dense"
     # 64 steps from the fastest of each kind (a first request held up by a compile does not count)
     assert abs(bench_e2e.step_ms([8.0, 1.0], [1.64, 1.7], 64) - 10.0) < 1e-9
     import pytest

@@ -272,6 +272,88 @@ def test_graph_captured_on_a_dummy_batch_serves_real_lengths(method):
             assert torch.equal(op.last_counts, want_counts)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_selection_reuse_eager_equals_graph_and_reference(method):
+    """reselect_every=3 over 7 steps (select, reuse, reuse, select, ...): a captured graph gives the eager
+    operator's outputs bit for bit, both follow the reference given the same kept selections, and what the
+    selecting steps keep equals the reference's selection."""
+    lens = [7000, 4100, 9001]
+    B = len(lens)
+    config, pool, q, meta, eager = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
+                                          dense_layers=1, layers=3, reselect_every=3)
+    HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
+    graphed = SparseDecodeOperator(config, num_qo_heads=q.shape[1], num_kv_heads=HK, head_dim=D, num_layers=3,
+                                   max_batch=B, max_context=max(lens) + 64, dtype=q.dtype, device=DEV)
+    new_slots = torch.zeros(B, dtype=torch.int64, device=DEV)
+    q_static = q.clone()
+    outs = {}
+    sm = 1 / math.sqrt(D)
+
+    def plan(op):
+        return op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+
+    def run(op):
+        return [op.run(layer, q_static, pool.k_cache, pool.v_cache, meta) for layer in range(3)]
+
+    def advance():
+        slots = []
+        for b in range(B):
+            n = int(pool.seq_lens[b])
+            row = int(pool.req_pool_indices[b])
+            slot = pool.free_pages.pop() * config.page_size if n % config.page_size == 0 else \
+                int(pool.req_to_token[row, n - 1]) + 1
+            pool.req_to_token[row, n] = slot
+            slots.append(slot)
+        new_slots.copy_(torch.tensor(slots, device=DEV))
+        pool.seq_lens += 1
+        pool.k_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(q.dtype)
+        pool.v_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(q.dtype)
+        for layer in range(3):
+            meta.update(layer, pool.k_cache, new_slots)
+        q_static.copy_((q.float() + 0.3 * torch.randn_like(q.float())).to(q.dtype))
+
+    advance()
+    plan(graphed)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        run(graphed)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs["graph"] = run(graphed)
+    for op in (graphed, eager):      # the warm-up and capture runs kept selections; _setup planned eager's step
+        op.forget(pool.req_pool_indices)
+    reused_steps = 0
+    for step in range(7):
+        advance()
+        plan(graphed)
+        graph.replay()
+        plan(eager)
+        kept_before = eager.reuse.kept.clone()
+        got = run(eager)
+        torch.cuda.synchronize()
+        reusing = eager.batch.reuse_from.tolist()
+        assert reusing == graphed.batch.reuse_from.tolist()
+        if step % 3 == 0:
+            assert reusing == [0] * B, (step, reusing)
+        else:
+            assert all(r > 0 for r in reusing), (step, reusing)
+        reused_steps += step % 3 != 0
+        for layer in range(3):
+            assert torch.equal(got[layer], outs["graph"][layer]), (step, layer)
+        for layer in (1, 2):
+            seeds = policies.vattention_seeds(config.seed, eager.step.clone(), layer, B)
+            kept = kept_before[layer - 1].clone()
+            want, _ = reference_decode(config, layer, q_static, pool.k_cache, pool.v_cache, eager.batch, meta, sm,
+                                       seeds, kept_selection=kept)
+            err = relative_l2(got[layer], want)
+            assert err.median().item() < 1e-2 and err.max().item() < 0.1, (step, layer, err.max().item())
+            same = (kept == eager.reuse.kept[layer - 1]).all(-1)
+            assert same.float().mean() >= 0.95, (step, layer)
+    assert reused_steps == 4
+
+
 def test_bounds_of_every_layer_in_one_launch():
     """page_bounds_update_layers == page_bounds_update per layer, for decode slots (one per request) and for a
     page reused from offset 0; inside a CUDA graph too."""

@@ -185,6 +185,41 @@ def test_topk_dense_fallback_for_short_requests(select_all_upto):
     assert torch.equal(cnt[:, 0].long(), torch.where(n_pages <= W, n_pages, top_k))
 
 
+def test_topk_pages_reuse_and_scores_skip_rows():
+    """Rows reusing a kept selection: not scored, their kept pages plus every page written since; selecting rows
+    keep their selection in their request slot (as the reference)."""
+    import cupy_kernels as ck
+    gen = _gen(21)
+    dtype, D, HK, G, P = torch.bfloat16, 128, 8, 4, 16
+    lens = [40000, 3000, 20017, 33333, 5000, 100]
+    B = len(lens)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    bounds = torch.randn((pool.k_cache.shape[0] // P, HK, 2, D), generator=gen).to(dtype).to(DEV)
+    q = torch.randn((B, HK * G, D), generator=gen).to(dtype).to(DEV)
+    top_k, extra, fit = 64, 2, 200
+    max_reqs = int(pool.req_to_token.shape[0])
+    kept = torch.sort(torch.randint(0, 1200, (max_reqs, HK, top_k), generator=gen), -1).values.int().to(DEV)
+    reuse_from = torch.tensor([0, 0, 20000, 33330, 0, 0], dtype=torch.int32, device=DEV)
+    rpi = pool.req_pool_indices.to(torch.int32)
+    args = (q, bounds, pool.req_to_token, rpi, pool.seq_lens, P, pool.max_pages())
+    scores = ck.quest_page_scores(*args, out=torch.full((B, HK, pool.max_pages()), 7.0, device=DEV),
+                                  skip_pages_upto=fit, skip_rows=reuse_from)
+    rscores = ref.quest_page_scores(*args, skip_pages_upto=fit, skip_rows=reuse_from)
+    assert (scores[[1, 2, 3, 5]] == 7.0).all()                         # fits, reused, reused, fits: not written
+    for b in (0, 4):
+        n = -(-lens[b] // P)
+        assert torch.allclose(scores[b, :, :n], rscores[b, :, :n], rtol=1e-5, atol=1e-3)
+    rkept = kept.clone()
+    sel, cnt = ck.topk_pages(rscores, pool.seq_lens, P, top_k, 1, 4, select_all_upto=fit,
+                             reuse=(rpi, reuse_from, kept, extra))
+    rsel, rcnt = ref.topk_pages(rscores, pool.seq_lens, P, top_k, 1, 4, select_all_upto=fit,
+                                reuse=(rpi, reuse_from, rkept, extra))
+    assert torch.equal(cnt, rcnt) and torch.equal(kept, rkept)
+    mask = torch.arange(sel.shape[-1], device=DEV)[None, None] < rcnt[..., None]
+    assert torch.equal(sel[mask], rsel[mask])
+    assert cnt[2].tolist() == [top_k + 2] * HK and cnt[3].tolist() == [top_k] * HK
+
+
 @pytest.mark.parametrize("R,cap", [(1, 1), (7, 33), (512, 4096), (4096, 64)])
 def test_compact_kv_rows(R, cap):
     import cupy_kernels as ck

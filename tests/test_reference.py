@@ -389,6 +389,41 @@ def test_topk_pages_all_equal_and_k_equals_forced():
     assert sel[0, 1].tolist() == [0, 1, 17, 18, 19]         # k == n_sink + n_local: exactly sinks + locals
 
 
+def test_topk_pages_reuse_reads_and_keeps_per_request_slot():
+    """Selecting rows keep their top-k in their request slot's row; reusing rows read it back and append the pages
+    written since; rows within the budget touch nothing; scores of reusing rows are never read."""
+    P, HK, top_k = 4, 2, 3
+    lens = torch.tensor([40, 41, 12, 57])                       # 10, 11, 3 (fits), 15 pages
+    rpi = torch.tensor([5, 0, 2, 3], dtype=torch.int32)
+    scores = torch.randn((4, HK, 16), generator=_gen(11))
+    kept = torch.full((6, HK, top_k), -5, dtype=torch.int32)
+    kept[0] = torch.tensor([[0, 4, 8], [0, 2, 8]])              # slot 0: a selection made at seq_len 33 (9 pages)
+    reuse_from = torch.tensor([0, 33, 0, 0], dtype=torch.int32)
+    scores[1] = float("nan")                                    # never read
+    sel, cnt = ref.topk_pages(scores, lens, P, top_k, 1, 1, reuse=(rpi, reuse_from, kept, 2))
+    assert sel.shape == (4, HK, top_k + 2)
+    want0, _ = ref.topk_pages(scores[[0]], lens[[0]], P, top_k, 1, 1)
+    assert torch.equal(sel[0, :, :top_k], want0[0]) and torch.equal(kept[5], want0[0])   # selected, kept in slot 5
+    assert sel[1].tolist() == [[0, 4, 8, 9, 10], [0, 2, 8, 9, 10]] and cnt[1].tolist() == [5, 5]
+    assert sel[2, :, :3].tolist() == [[0, 1, 2]] * HK and cnt[2].tolist() == [3, 3]
+    assert (kept[2] == -5).all() and (kept[1] == -5).all() and (kept[4] == -5).all()
+    assert torch.equal(kept[0], torch.tensor([[0, 4, 8], [0, 2, 8]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="extra_pages"):    # 15 - 9 pages written since: more than 2
+        ref.topk_pages(scores, lens, P, top_k, 1, 1,
+                       reuse=(rpi, torch.tensor([0, 0, 0, 33], dtype=torch.int32), kept, 2))
+
+
+def test_quest_page_scores_skip_rows():
+    P, HK, D = 4, 2, 8
+    pool = make_pool([20, 30, 9], P, HK, D, torch.float32, seed=12)
+    bounds = torch.randn((pool.k.shape[0] // P, HK, 2, D), generator=_gen(12))
+    q = torch.randn((3, HK, D), generator=_gen(13))
+    args = (q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, 8)
+    full = ref.quest_page_scores(*args)
+    skipped = ref.quest_page_scores(*args, skip_rows=torch.tensor([0, 7, 0], dtype=torch.int32))
+    assert torch.equal(skipped[[0, 2]], full[[0, 2]]) and torch.isneginf(skipped[1]).all()
+
+
 def test_topk_pages_rejects_small_k():
     with pytest.raises(ValueError):
         ref.topk_pages(torch.zeros((1, 1, 8)), torch.tensor([100]), 16, 2, 1, 2)
