@@ -194,7 +194,8 @@ def test_topk_pages_reuse_and_scores_skip_rows():
     lens = [40000, 3000, 20017, 33333, 5000, 100]
     B = len(lens)
     pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
-    bounds = torch.randn((pool.k_cache.shape[0] // P, HK, 2, D), generator=gen).to(dtype).to(DEV)
+    bounds = _bounds(pool)
+    ck.page_bounds_update(pool.k_cache, pool.written_slots, bounds, P)
     q = torch.randn((B, HK * G, D), generator=gen).to(dtype).to(DEV)
     top_k, extra, fit = 64, 2, 200
     max_reqs = int(pool.req_to_token.shape[0])

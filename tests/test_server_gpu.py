@@ -71,7 +71,6 @@ def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
         specs[f"{m}_small"] = ("sgl_sparse", _config(tmp, f"{m}_small", m, **small), [])
     specs["quest_eager"] = ("sgl_sparse", specs["quest_small"][1], ["--disable-cuda-graph"])
     specs["quest_reuse"] = ("sgl_sparse", _config(tmp, "quest_reuse", "quest", reselect_every=4, **small), [])
-    specs["quest_reuse_eager"] = ("sgl_sparse", specs["quest_reuse"][1], ["--disable-cuda-graph"])
     specs["quest_evict"] = ("sgl_sparse", specs["quest_small"][1], ["--max-total-tokens", "9216"])
     return specs
 
@@ -290,17 +289,16 @@ def test_eager_equals_cuda_graph(servers):
         assert inst.score(e["text"]) == 1
 
 
-def test_selection_reuse_retrieves_passkeys_and_graph_equals_eager(servers):
-    """reselect_every=4: passkeys retrieved with the selection scored on one step in four, the same tokens under
-    CUDA graphs as eagerly, and each request (slots reused by the next batch) selects afresh after its prefill."""
+def test_selection_reuse_retrieves_passkeys(servers):
+    """reselect_every=4: passkeys retrieved with the selection scored on one step in four; sent again in reverse
+    order (request slots now held by other requests, prompts from the radix cache) every answer still holds its
+    own passkey: a slot's kept selection never serves the next request. (Graph replay equals the eager operator
+    bit for bit: tests/test_decode_gpu.py.)"""
     insts = passkey_prompts()
-    first = assert_passkeys_retrieved(servers["dense"], servers["quest_reuse"], insts, "quest reselect_every=4")
+    assert_passkeys_retrieved(servers["dense"], servers["quest_reuse"], insts, "quest reselect_every=4")
     again = generate(servers["quest_reuse"], [i.prompt for i in reversed(insts)], max_new_tokens=10)
-    assert [a["text"] for a in again] == [f["text"] for f in reversed(first)]
-    for inst in insts[:2]:
-        g = generate(servers["quest_reuse"], [inst.prompt], max_new_tokens=16, logprobs=True)[0]
-        e = generate(servers["quest_reuse_eager"], [inst.prompt], max_new_tokens=16, logprobs=True)[0]
-        assert output_ids(g) == output_ids(e)
+    for inst, a in zip(reversed(insts), again):
+        assert inst.score(a["text"]) == 1, f"depth {inst.depth}, sent again: {a['text']!r}"
 
 
 def test_frontend_program(servers):
