@@ -222,11 +222,18 @@ def add_speedups(rows: list[dict], configs, points) -> list[dict]:
         if r["method"] == "dense" and "ms_per_step" in r:
             point = (r["batch"], r["context"])
             dense[point] = min(dense.get(point, float("inf")), r["ms_per_step"])
-    speedups = {}
     for r in rows:
         point = (r.get("batch"), r.get("context"))
         if "ms_per_step" in r and point in dense:
-            r["speedup"] = speedups[(r.get("config", r["method"]), point)] = dense[point] / r["ms_per_step"]
+            r["speedup"] = dense[point] / r["ms_per_step"]
+    return target_results(rows, configs, points)
+
+
+def target_results(rows: list[dict], configs, points) -> list[dict]:
+    """Each sparse config's speedup (from its row) at each target point of ``points``; ``met`` None: not
+    measured."""
+    speedups = {(r.get("config", r["method"]), (r.get("batch"), r.get("context"))): r["speedup"]
+                for r in rows if "speedup" in r}
     targets = []
     for point in [p for p in points if p in TARGETS]:
         for config in [c for c in configs if method_of(c) != "dense"]:
@@ -297,24 +304,42 @@ def plot(rows: list[dict], path: str, gpu: str) -> None:
 
 
 def combine(paths: list[str], out: Path) -> int:
-    """Rows of several runs (the first run's measurement of a (method, point) wins) -> one JSON, table, PNG."""
+    """Rows of several runs -> one JSON, table, PNG. A sparse config's first measurement of a point wins; its
+    speedup is over the dense server of its own run (ratios are measured side by side), or, where that run did
+    not time dense at the point, over the first run that did (``baseline_run``). The dense rows kept are those
+    some kept row is measured against."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     gpus = {r["gpu"] for r in runs if r.get("gpu")}
     gpu = " / ".join(sorted(gpus)) or "unknown GPU"
+    dense: dict[int, dict] = {}                       # run -> point -> fastest dense ms
+    for i, run in enumerate(runs):
+        for r in run["rows"]:
+            if r["method"] == "dense" and "ms_per_step" in r:
+                point = (r["batch"], r["context"])
+                dense.setdefault(i, {})[point] = min(dense.get(i, {}).get(point, float("inf")), r["ms_per_step"])
     rows, seen = [], set()
-    for run in runs:
+    for i, run in enumerate(runs):
         for r in run["rows"]:
             key = (r.get("config", r["method"]), r.get("batch"), r.get("context"))
-            if "ms_per_step" in r and key not in seen:
-                seen.add(key)
-                rows.append({k: v for k, v in r.items() if k != "speedup"})
+            if "ms_per_step" not in r or (r["method"] != "dense" and key in seen):
+                continue
+            seen.add(key)
+            row = {k: v for k, v in r.items() if k != "speedup"}
+            row.update(run=i, commit=r.get("commit", run.get("commit")))
+            point = (r["batch"], r["context"])
+            base = i if point in dense.get(i, {}) else next((j for j in sorted(dense) if point in dense[j]), None)
+            if base is not None:
+                row.update(speedup=dense[base][point] / r["ms_per_step"], baseline_run=base)
+            rows.append(row)
+    used = {(r["baseline_run"], r["batch"], r["context"]) for r in rows if r["method"] != "dense" and "speedup" in r}
+    rows = [r for r in rows if r["method"] != "dense" or (r["run"], r["batch"], r["context"]) in used or not used]
     configs = list(dict.fromkeys(r.get("config", r["method"]) for r in rows))
     points = list(dict.fromkeys((r["batch"], r["context"]) for r in rows))
-    targets = add_speedups(rows, configs, points)
+    targets = target_results(rows, configs, points)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(gpu=gpu, combined=paths, runs=[dict(versions=r.get("versions"),
-                   settings=r.get("settings"), commands=r.get("commands")) for r in runs], rows=rows,
-                   targets=targets), indent=1))
+    out.write_text(json.dumps(dict(gpu=gpu, combined=[Path(p).name for p in paths], runs=[dict(
+        gpu=r.get("gpu"), commit=r.get("commit"), versions=r.get("versions"), settings=r.get("settings"),
+        commands=r.get("commands")) for r in runs], rows=rows, targets=targets), indent=1))
     print_table(rows, targets, gpu)
     try:
         plot(rows, str(out.with_suffix(".png")), gpu)

@@ -21,7 +21,8 @@ def test_combine_merges_runs_and_scores_targets(tmp_path, capsys):
                                           _row("quest", 8, 32768, 6.0),
                                           dict(method="twilight", failed_at="4x128K", error="cut", log="x")])
     second = dict(gpu="NVIDIA H200", rows=[_row("quest", 8, 32768, 99.0),          # first run's wins
-                                           _row("twilight", 4, 131072, 5.0)])
+                                           _row("twilight", 4, 131072, 5.0),       # no dense here: run 0's
+                                           _row("dense", 8, 32768, 14.0), _row("vattention", 8, 32768, 7.0)])
     paths = []
     for i, run in enumerate((first, second)):
         paths.append(str(tmp_path / f"run{i}.json"))
@@ -32,7 +33,9 @@ def test_combine_merges_runs_and_scores_targets(tmp_path, capsys):
     speed = {(r["method"], r["batch"], r["context"]): r.get("speedup") for r in merged["rows"]}
     assert speed[("quest", 8, 32768)] == 2.0
     assert speed[("twilight", 4, 131072)] == 21.0 / 5.0
-    assert len(merged["rows"]) == 4                       # the failed row and the duplicate are dropped
+    assert speed[("vattention", 8, 32768)] == 2.0          # over its own run's dense (14 ms), not run 0's
+    assert [r["run"] for r in merged["rows"] if r["method"] == "dense"] == [0, 0, 1]
+    assert len(merged["rows"]) == 6                       # the failed row and the duplicate are dropped
     targets = {(t["method"], t["batch"], t["context"]): t["met"] for t in merged["targets"]}
     assert targets[("quest", 8, 32768)] is True           # 2.0x >= 1.75x
     assert targets[("twilight", 4, 131072)] is True       # 4.2x >= 2.5x

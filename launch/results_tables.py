@@ -1,0 +1,111 @@
+#!/usr/bin/env python3
+"""Markdown tables of the benchmark result files, written into the docs between markers.
+
+    python launch/results_tables.py            # rewrite the marked tables of README.md and docs/*.md
+    python launch/results_tables.py --check    # exit 1 if a marked table differs from its result file
+
+A table is marked in a Markdown file as::
+
+    <!-- table: bench_decode_h200 -->
+    ...generated...
+    <!-- /table -->
+
+and made from ``launch/results/<name>.json`` (``bench_decode*`` and ``bench_e2e*`` files), so the numbers the
+docs show are the numbers of the result files, with the GPU and the commit each was measured at.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "launch" / "results"
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+MARKER = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+def _context(tokens: int) -> str:
+    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
+
+
+def _commit(c: str | None) -> str:
+    return c[:7] if c else "?"
+
+
+def bench_decode_table(data: dict) -> str:
+    rows = data["rows"]
+    lines = [f"{data['gpu']}, commit {_commit(data.get('commit'))}, copy peak {data['peak_gbps'] / 1000:.2f} TB/s, "
+             f"{data.get('l2', '')} L2.", "",
+             "| config | batch × context | budget | µs per step | speedup | attended | rel L2 | %peak |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        us = min(r["us_eager"], r["us_graph"]) if r["us_graph"] == r["us_graph"] else r["us_eager"]
+        mark = " (eager)" if r["us_eager"] < r["us_graph"] else ""
+        if "us_select" in r:
+            mark = f" ({r['us_select']:.1f} selecting, {r['us_reuse']:.1f} reusing)"
+        speed = f"**{r['speedup']:.2f}**" if r["method"] != "dense" else "1.00"
+        budget = "—" if r["method"] == "dense" else str(r["budget"])
+        lines.append(f"| {r.get('config', r['method'])} | {r['batch']} × {_context(r['context'])} | {budget} | "
+                     f"{us:.1f}{mark} | {speed} | {r['attended_fraction']:.4f} | {r['rel_l2']:.3f} | "
+                     f"{100 * r['peak_fraction']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bench_e2e_table(data: dict) -> str:
+    rows = [r for r in data["rows"] if "ms_per_step" in r]
+    lines = [f"{data['gpu']}; each speedup over the dense server of the same run (same GPU); commit per row.", "",
+             "| config | batch × context | ms per step | speedup | dense GB/s | commit |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        speed = "1.00" if r["method"] == "dense" else f"**{r['speedup']:.2f}**" if "speedup" in r else "—"
+        gbps = f"{r['gbps']:.0f}" if "gbps" in r else ""
+        lines.append(f"| {r.get('config', r['method'])} | {r['batch']} × {_context(r['context'])} | "
+                     f"{r['ms_per_step']:.2f} | {speed} | {gbps} | {_commit(r.get('commit', data.get('commit')))} |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table}
+
+
+def render(name: str) -> str:
+    kind = next((k for k in RENDERERS if name.startswith(k)), None)
+    if kind is None:
+        raise SystemExit(f"no table kind for {name!r}: names start with one of {', '.join(RENDERERS)}")
+    path = RESULTS / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"{path} does not exist: run the benchmark or fix the table marker's name")
+    return RENDERERS[kind](json.loads(path.read_text()))
+
+
+def update(text: str) -> str:
+    return MARKER.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="report marked tables that differ from the result files")
+    args = ap.parse_args()
+    stale = []
+    for doc in DOCS:
+        if not doc.exists():
+            continue
+        text = doc.read_text()
+        new = update(text)
+        if new != text:
+            stale.append(doc.relative_to(ROOT))
+            if not args.check:
+                doc.write_text(new)
+    if args.check and stale:
+        print("tables differ from launch/results: " + ", ".join(map(str, stale)) +
+              " (python launch/results_tables.py)", file=sys.stderr)
+        return 1
+    print(("stale: " if args.check else "updated: ") + (", ".join(map(str, stale)) or "nothing"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
