@@ -79,45 +79,60 @@ class SparseConfig:
     reselect_every: int = 1
 
     def __post_init__(self) -> None:
-        def bad(field: str, msg: str) -> SparseConfigError:
-            return SparseConfigError(f"sparse config: {field}={getattr(self, field)!r} is invalid: {msg}")
+        problems = self.problems()
+        if problems:
+            raise SparseConfigError("sparse config: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """Every invalid field, as ``field=value is invalid: what is allowed`` (empty when the config is valid)."""
+        out: list[str] = []
+
+        def bad(field: str, msg: str) -> None:
+            out.append(f"{field}={getattr(self, field)!r} is invalid: {msg}")
 
         if self.method not in METHODS:
-            raise bad("method", f"choose one of {', '.join(METHODS)}")
-        for f in ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
-                  "int4_group", "sample_capacity", "seed", "reselect_every"):
-            v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise bad(f, "must be an integer")
-        if self.page_size < 1 or self.page_size & (self.page_size - 1):
-            raise bad("page_size", "must be a power of two >= 1 (and equal to SGLang's --page-size)")
-        if self.token_budget < self.page_size or self.token_budget % self.page_size:
-            raise bad("token_budget", f"must be a positive multiple of page_size ({self.page_size})")
+            bad("method", f"choose one of {', '.join(METHODS)}")
+        ints = ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
+                "int4_group", "sample_capacity", "seed", "reselect_every")
+        not_int = {f for f in ints if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool)}
+        for f in sorted(not_int, key=ints.index):
+            bad(f, "must be an integer")
+        numbers = ("top_p", "epsilon", "delta", "base_rate")
+        not_number = {f for f in numbers if not isinstance(getattr(self, f), (int, float)) or
+                      isinstance(getattr(self, f), bool) or not math.isfinite(getattr(self, f))}
+        for f in sorted(not_number, key=numbers.index):
+            bad(f, "must be a number")
+        page_ok = "page_size" not in not_int and self.page_size >= 1 and not self.page_size & (self.page_size - 1)
+        if "page_size" not in not_int and not page_ok:
+            bad("page_size", "must be a power of two >= 1 (and equal to SGLang's --page-size)")
+        budget_ok = page_ok and "token_budget" not in not_int and self.token_budget >= self.page_size and \
+            self.token_budget % self.page_size == 0
+        if page_ok and "token_budget" not in not_int and not budget_ok:
+            bad("token_budget", f"must be a positive multiple of page_size ({self.page_size})")
         for f in ("sink_tokens", "local_tokens", "dense_layers", "min_context"):
-            if getattr(self, f) < 0:
-                raise bad(f, "must be >= 0")
-        if self.sink_pages + self.local_pages > self.top_k_pages:
-            raise bad("token_budget", f"must hold the sink and local pages: {self.sink_pages} + {self.local_pages} "
-                                      f"pages > {self.top_k_pages} budget pages; raise token_budget or lower "
-                                      "sink_tokens/local_tokens")
-        for f in ("top_p", "epsilon", "delta", "base_rate"):
-            v = getattr(self, f)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                raise bad(f, "must be a number")
-        if not 0 < self.top_p <= 1:
-            raise bad("top_p", "must be in (0, 1]")
-        if self.int4_group not in (0, 32, 64, 128):
-            raise bad("int4_group", "must be 0 (= head_dim), 32, 64 or 128")
-        if not 0 < self.epsilon < 1:
-            raise bad("epsilon", "must be in (0, 1)")
-        if not 0 < self.delta < 1:
-            raise bad("delta", "must be in (0, 1)")
-        if not (0 < self.base_rate < 1 or (self.base_rate >= 1 and float(self.base_rate).is_integer())):
-            raise bad("base_rate", "must be a fraction in (0, 1) or a whole number of draws >= 1")
-        if self.sample_capacity < 2:
-            raise bad("sample_capacity", "must be >= 2")
-        if not 1 <= self.reselect_every <= 64:
-            raise bad("reselect_every", "must be in 1..64 (1 = select every decode step)")
+            if f not in not_int and getattr(self, f) < 0:
+                bad(f, "must be >= 0")
+        if budget_ok and not {"sink_tokens", "local_tokens"} & not_int and self.sink_tokens >= 0 and \
+                self.local_tokens >= 0 and self.sink_pages + self.local_pages > self.top_k_pages:
+            bad("token_budget", f"must hold the sink and local pages: {self.sink_pages} + {self.local_pages} "
+                                f"pages > {self.top_k_pages} budget pages; raise token_budget or lower "
+                                "sink_tokens/local_tokens")
+        if "top_p" not in not_number and not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if "int4_group" not in not_int and self.int4_group not in (0, 32, 64, 128):
+            bad("int4_group", "must be 0 (= head_dim), 32, 64 or 128")
+        if "epsilon" not in not_number and not 0 < self.epsilon < 1:
+            bad("epsilon", "must be in (0, 1)")
+        if "delta" not in not_number and not 0 < self.delta < 1:
+            bad("delta", "must be in (0, 1)")
+        if "base_rate" not in not_number and not (0 < self.base_rate < 1 or (
+                self.base_rate >= 1 and float(self.base_rate).is_integer())):
+            bad("base_rate", "must be a fraction in (0, 1) or a whole number of draws >= 1")
+        if "sample_capacity" not in not_int and self.sample_capacity < 2:
+            bad("sample_capacity", "must be >= 2")
+        if "reselect_every" not in not_int and not 1 <= self.reselect_every <= 64:
+            bad("reselect_every", "must be in 1..64 (1 = select every decode step)")
+        return out
 
     # ------------------------------------------------------------------ derived sizes (pages)
 
@@ -158,37 +173,79 @@ class SparseConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "SparseConfig":
+        """Build from a mapping of fields; every problem (unknown fields, invalid values) in one error that
+        names ``source``."""
         if not isinstance(data, dict):
-            raise SparseConfigError(f"{source}: expected a mapping of fields, got {type(data).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+            raise SparseConfigError(f"sparse config {source}: expected a mapping of fields, got "
+                                    f"{type(data).__name__}")
+        names = [f.name for f in dataclasses.fields(cls)]
+        problems = []
+        unknown = [k for k in data if k not in names]
         if unknown:
-            raise SparseConfigError(f"{source}: unknown field(s) {', '.join(unknown)}; known fields: "
-                                    f"{', '.join(sorted(names))}")
-        return cls(**data)
+            problems.append(f"unknown field(s) {', '.join(map(str, unknown))} (known: {', '.join(names)})")
+        config = cls.__new__(cls)                      # the fields as given, validated all at once below
+        for name in names:
+            default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+            object.__setattr__(config, name, data.get(name, default))
+        problems += config.problems()
+        if problems:
+            raise SparseConfigError(f"sparse config {source}: " + "; ".join(problems))
+        return cls(**{k: data[k] for k in names if k in data})
 
     @classmethod
-    def load(cls, name_or_path: str) -> "SparseConfig":
-        """A preset name from ``configs/`` (``quest``, ``twilight``, ``vattention``, ``dense``) or a YAML path."""
+    def load(cls, spec: str) -> "SparseConfig":
+        """A preset name from ``configs/`` (``quest``, ``quest-fast``, ``twilight``, ``vattention``, ``dense``) or a
+        YAML path, optionally followed by inline overrides: ``quest:token_budget=1024,reselect_every=4``."""
         import yaml
 
-        path = pathlib.Path(name_or_path)
-        if not path.suffix and (CONFIG_DIR / f"{name_or_path}.yaml").exists():
-            path = CONFIG_DIR / f"{name_or_path}.yaml"
+        base, overrides = spec, {}
+        if ":" in spec and not pathlib.Path(spec).exists():
+            base, _, inline = spec.partition(":")
+            overrides = _parse_overrides(inline, spec)
+        path = pathlib.Path(base)
+        if not path.suffix and (CONFIG_DIR / f"{base}.yaml").exists():
+            path = CONFIG_DIR / f"{base}.yaml"
         if not path.exists():
-            raise SparseConfigError(f"sparse config {name_or_path!r}: no such file, and not a preset (presets: "
-                                    f"{', '.join(presets())})")
+            raise SparseConfigError(f"sparse config {base!r}: no such file, and not a preset (presets: "
+                                    f"{', '.join(presets())}; or a YAML file, optionally followed by "
+                                    ":field=value,...)")
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise SparseConfigError(f"sparse config {path}: not valid YAML: {e}") from e
-        return cls.from_dict(data or {}, source=str(path))
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SparseConfigError(f"sparse config {path}: not valid YAML: {first}") from e
+        if data is None:
+            raise SparseConfigError(f"sparse config {path}: the file is empty; write at least one field, e.g. "
+                                    "'method: quest'")
+        if overrides and isinstance(data, dict):
+            data = {**data, **overrides}
+        return cls.from_dict(data, source=spec if overrides else str(path))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def replace(self, **changes: Any) -> "SparseConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _parse_overrides(inline: str, spec: str) -> dict[str, Any]:
+    """``field=value,field=value`` -> a mapping, each value read as YAML (``1024`` an int, ``0.9`` a float)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in filter(None, (x.strip() for x in inline.split(","))):
+        field, eq, value = item.partition("=")
+        if not eq or not field.strip():
+            raise SparseConfigError(f"sparse config {spec!r}: override {item!r} is not field=value (write e.g. "
+                                    "quest:token_budget=1024,reselect_every=4)")
+        try:
+            out[field.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            out[field.strip()] = value.strip()
+    if not out:
+        raise SparseConfigError(f"sparse config {spec!r}: no overrides after ':' (write e.g. "
+                                "quest:token_budget=1024)")
+    return out
 
 
 def presets() -> list[str]:

@@ -26,8 +26,12 @@ import time
 import torch
 
 from . import accuracy, models, tasks
-from .config import SparseConfig
+from .config import SparseConfig, presets
 from .hf_sparse import sparse_attention
+
+CONTEXT = 8192          # SmolLM2-135M-Instruct's context length (tokens)
+NEW_TOKENS = 8          # tokens generated per answer
+MIN_LENGTH = 256        # the shortest prompt that still hides a pass key in filler text
 
 
 def sglang_runtime_missing() -> str | None:
@@ -66,10 +70,10 @@ def run_cpu(args) -> None:
         t0 = time.time()
         if cfg.is_sparse:
             with sparse_attention(model, cfg) as stats:
-                out = models.greedy(model, tok, inst.prompt, 8)
+                out = models.greedy(model, tok, inst.prompt, NEW_TOKENS)
             frac = stats.attended_fraction
         else:
-            out, frac = models.greedy(model, tok, inst.prompt, 8), 1.0
+            out, frac = models.greedy(model, tok, inst.prompt, NEW_TOKENS), 1.0
         report(cfg, inst, out, frac, time.time() - t0)
 
 
@@ -88,10 +92,11 @@ def run_sglang(args) -> int:
     stop_servers_on_sigterm()                     # a time limit's SIGTERM kills the server, then unwinds
     failed = 0
     with tempfile.TemporaryDirectory() as tmp:
-        for cfg in [SparseConfig(method="dense")] + [SparseConfig.load(m) for m in args.methods]:
-            log = os.path.join(args.log_dir or tmp, f"demo_{cfg.method}.log")
+        for name in ["dense", *args.methods]:
+            cfg = SparseConfig.load(name)
+            log = os.path.join(args.log_dir or tmp, f"demo_{name}.log")
             if cfg.is_sparse:       # the preset by name, exactly as shipped in configs/
-                server = ServerProcess(model_dir, backend="sgl_sparse", sparse_config=cfg.method,
+                server = ServerProcess(model_dir, backend="sgl_sparse", sparse_config=name,
                                        extra_args=accuracy.SERVER_ARGS, log_path=log)
             else:
                 server = ServerProcess(model_dir, backend="flashinfer", log_path=log,
@@ -104,7 +109,7 @@ def run_sglang(args) -> int:
             except Exception as e:  # noqa: BLE001 - report, go on with the next config
                 failed += 1
                 msg = str(e)          # ServerError: its log path first, the log's tail last
-                print(f"{cfg.method:10s} FAILED: {msg if len(msg) < 2500 else msg[:300] + ' [...] ' + msg[-2000:]}",
+                print(f"{name:10s} FAILED: {msg if len(msg) < 2500 else msg[:300] + ' [...] ' + msg[-2000:]}",
                       flush=True)
                 continue
             frac = accuracy.attended_fraction_from_meta(meta, float("nan") if cfg.is_sparse else 1.0)
@@ -113,15 +118,26 @@ def run_sglang(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--length", type=int, default=6000, help="prompt length in tokens (SmolLM2 context: 8192)")
-    ap.add_argument("--depth", type=float, default=0.35, help="relative position of the pass key")
-    ap.add_argument("--methods", nargs="+", default=["quest", "twilight", "vattention"])
+    sparse_presets = [p for p in presets() if p != "dense"]
+    ap = argparse.ArgumentParser(prog="python -m sgl_sparse.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--length", type=int, default=6000,
+                    help=f"prompt length in tokens, {MIN_LENGTH}..{CONTEXT - NEW_TOKENS} (SmolLM2's context: "
+                         f"{CONTEXT})")
+    ap.add_argument("--depth", type=float, default=0.35, help="relative position of the pass key, 0..1")
+    ap.add_argument("--methods", nargs="+", default=["quest", "twilight", "vattention"], choices=sparse_presets,
+                    metavar="PRESET", help=f"sparse presets beside dense: {', '.join(sparse_presets)}")
     ap.add_argument("--path", choices=["auto", "cpu", "sglang"], default="auto")
     ap.add_argument("--model-dir", help="sglang path: SmolLM2 checkpoint (default: $GPU_HOST_MODELS/smollm2 if "
                     "set, else the converted download)")
     ap.add_argument("--log-dir", help="sglang path: keep the server logs here (default: a temporary folder)")
     args = ap.parse_args(argv)
+    # every user error before anything slow (loading the model, starting a server)
+    if not MIN_LENGTH <= args.length <= CONTEXT - NEW_TOKENS:
+        ap.error(f"--length {args.length}: must be {MIN_LENGTH}..{CONTEXT - NEW_TOKENS} tokens (SmolLM2's context is "
+                 f"{CONTEXT}, {NEW_TOKENS} of them for the answer)")
+    if not 0.0 <= args.depth <= 1.0:
+        ap.error(f"--depth {args.depth}: must be in 0..1 (0 = the pass key at the start, 1 = at the end)")
     path = args.path
     if path != "cpu":
         missing = sglang_runtime_missing()

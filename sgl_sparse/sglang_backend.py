@@ -59,13 +59,38 @@ def uses_sparse_backend(server_args) -> bool:
                             getattr(server_args, "decode_attention_backend", None))
 
 
+KV_DTYPES = (None, "auto", "bf16", "bfloat16", "fp16", "float16")   # what the sparse kernels read
+
+
 def check_server_args(server_args, config: SparseConfig) -> None:
     """Fail at start-up, naming the flag, for every mode the sparse backend cannot serve."""
-    prefill = getattr(server_args, "prefill_attention_backend", None)
-    if getattr(server_args, "attention_backend", None) != BACKEND_NAME and getattr(
-            server_args, "decode_attention_backend", None) == BACKEND_NAME and prefill not in (None, "flashinfer"):
-        raise SparseServerArgsError(f"--decode-attention-backend {BACKEND_NAME} needs FlashInfer prefill: pass "
-                                    f"--prefill-attention-backend flashinfer (got {prefill})")
+    get = lambda name, default=None: getattr(server_args, name, default)  # noqa: E731
+    # Split backends: SGLang would build a hybrid whose prefill side is another backend, which never fills the
+    # side tables (page bounds, int4 keys), so the selection would run on stale data.
+    prefill, decode = get("prefill_attention_backend"), get("decode_attention_backend")
+    if get("attention_backend") != BACKEND_NAME and decode == BACKEND_NAME:
+        raise SparseServerArgsError(f"--decode-attention-backend {BACKEND_NAME} alone is not supported (its tables "
+                                    f"are filled by its own prefill): pass --attention-backend {BACKEND_NAME} "
+                                    "instead")
+    if get("attention_backend") == BACKEND_NAME:
+        for flag, value in (("--prefill-attention-backend", prefill), ("--decode-attention-backend", decode)):
+            if value not in (None, BACKEND_NAME):
+                raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} runs prefill and decode itself: "
+                                            f"remove {flag} {value}")
+    if get("kv_cache_dtype") not in KV_DTYPES:
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} reads a bf16/fp16 KV cache: remove "
+                                    f"--kv-cache-dtype {get('kv_cache_dtype')} (or pass auto)")
+    if (get("pp_size") or 1) > 1:
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support pipeline parallelism: "
+                                    "remove --pp-size (tensor parallelism, --tp, is supported)")
+    for flag in ("enable_two_batch_overlap", "enable_single_batch_overlap", "enable_lmcache", "enable_flexkv",
+                 "enable_pdmux"):
+        if get(flag, False):
+            raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support "
+                                        f"--{flag.replace('_', '-')}: remove it")
+    if get("radix_cache_backend") is not None:
+        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} keeps its tables in step with SGLang's "
+                                    f"built-in radix cache only: remove --radix-cache-backend")
     page_size = getattr(server_args, "page_size", None) or 1
     if page_size != config.page_size:
         raise SparseServerArgsError(
@@ -103,12 +128,36 @@ def _add_cli_args(result, parser):
     parser.add_argument(
         "--sparse-config", type=str, default=None,
         help=f"sgl-sparse: the sparse decode method for --attention-backend {BACKEND_NAME}: a preset name "
-             f"(dense, quest, twilight, vattention; default {DEFAULT_CONFIG}) or a YAML file path.")
+             f"(dense, quest, quest-fast, twilight, vattention; default {DEFAULT_CONFIG}) or a YAML file path, "
+             "optionally with overrides, e.g. quest:token_budget=1024,reselect_every=4.")
     return result
 
 
+def _running_launch_server() -> bool:
+    import sys
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) == "sglang.launch_server"
+
+
 def _validate_cli_args(cls, args):
-    """Before ``ServerArgs`` is built from the parsed flags: resolve, check and publish the sparse config."""
+    """Before ``ServerArgs`` is built from the parsed flags: resolve, check and publish the sparse config.
+
+    Under ``python -m sglang.launch_server`` a bad flag or config ends the process with one line on stderr and
+    exit code 2 (argparse's convention), before anything slow starts; called from Python it raises."""
+    try:
+        _resolve_cli_config(args)
+    except (SparseConfigError, SparseServerArgsError) as e:
+        if not _running_launch_server():
+            raise
+        import sys
+
+        print(f"sglang.launch_server: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    return None
+
+
+def _resolve_cli_config(args) -> None:
     name = getattr(args, "sparse_config", None)
     if uses_sparse_backend(args):
         config = SparseConfig.load(name or DEFAULT_CONFIG)
@@ -122,7 +171,6 @@ def _validate_cli_args(cls, args):
         logger.info("sgl-sparse: %s", config.to_dict())
     elif name is not None:
         raise SparseConfigError(f"--sparse-config {name} has no effect without --attention-backend {BACKEND_NAME}")
-    return None
 
 
 # ----------------------------------------------------------------------------- KV pool sizing

@@ -53,6 +53,14 @@ def test_startup_errors_name_the_flag(tmp_path):
         "pd": ["--page-size", "16", "--disaggregation-mode", "prefill"],
         "page32": ["--page-size", "16", "--sparse-config", str(tmp_path / "p32.yaml")],
         "no_backend": ["--sparse-config", "quest"],
+        "split_decode": ["--page-size", "16", "--decode-attention-backend", "triton"],
+        "split_prefill": ["--page-size", "16", "--prefill-attention-backend", "triton"],
+        "fp8": ["--page-size", "16", "--kv-cache-dtype", "fp8_e4m3"],
+        "pp": ["--page-size", "16", "--pp-size", "2"],
+        "tbo": ["--page-size", "16", "--enable-two-batch-overlap"],
+        "lmcache": ["--page-size", "16", "--enable-lmcache"],
+        "flexkv": ["--page-size", "16", "--enable-flexkv"],
+        "decode_only": ["--page-size", "16", "--decode-attention-backend", "sgl_sparse"],
         "ok": ["--page-size", "16", "--sparse-config", "twilight"],
     }
     (tmp_path / "p32.yaml").write_text("method: quest\npage_size: 32\n")
@@ -63,7 +71,7 @@ def test_startup_errors_name_the_flag(tmp_path):
         from sglang.srt.server_args import prepare_server_args
         out = {{}}
         for name, extra in {json.dumps(cases)}.items():
-            backend = "flashinfer" if name == "no_backend" else "{BACKEND_NAME}"
+            backend = "flashinfer" if name in ("no_backend", "decode_only") else "{BACKEND_NAME}"
             os.environ.pop("SGL_SPARSE_CONFIG", None)
             try:
                 prepare_server_args(["--model-path", "/nonexistent-model", "--attention-backend", backend] + extra)
@@ -85,10 +93,33 @@ def test_startup_errors_name_the_flag(tmp_path):
     assert "remove --disaggregation-mode" in out["pd"][1]
     assert "needs --page-size 32" in out["page32"][1]
     assert out["no_backend"][0] == "SparseConfigError" and "no effect" in out["no_backend"][1]
+    assert "remove --decode-attention-backend triton" in out["split_decode"][1]
+    assert "remove --prefill-attention-backend triton" in out["split_prefill"][1]
+    assert "remove --kv-cache-dtype fp8_e4m3" in out["fp8"][1]
+    assert "remove --pp-size" in out["pp"][1]
+    assert "--enable-two-batch-overlap: remove it" in out["tbo"][1]
+    assert "--enable-lmcache: remove it" in out["lmcache"][1]
+    assert "--enable-flexkv: remove it" in out["flexkv"][1]
+    assert "pass --attention-backend sgl_sparse instead" in out["decode_only"][1]
     # A valid combination passes our checks and publishes the config for the scheduler processes (SGLang itself
     # may then stop on this CPU machine: no accelerator, no such model).
     assert "Sparse" not in out["ok"][0]
     assert json.loads(out["ok"][2])["method"] == "twilight"
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--page-size", "16", "--sparse-config", "quest:token_budget=1000,top_p=7"],
+     "token_budget=1000 is invalid: must be a positive multiple of page_size (16); top_p=7 is invalid"),
+    (["--sparse-config", "quest"], "needs --page-size 16"),
+])
+def test_launch_server_bad_input_is_one_line_and_exit_2(extra, needle):
+    p = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", "/nonexistent-model",
+                        "--attention-backend", BACKEND_NAME, *extra], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("sglang.launch_server: error:")]
+    assert len(errors) == 1 and needle in errors[0], p.stderr[-3000:]
 
 
 def test_hook_targets_exist_in_this_sglang():

@@ -63,6 +63,44 @@ def test_yaml_unknown_field_and_bad_path(tmp_path):
     assert cfg.method == "twilight" and cfg.token_budget == 1024 and cfg.top_p == 0.9
 
 
+def test_config_reports_every_problem_with_its_source(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("method: topk\npage_size: 12\ntop_p: 2\nreselect_every: 0\ntoken_budgett: 5\n")
+    with pytest.raises(SparseConfigError) as e:
+        SparseConfig.load(str(p))
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg
+    for needle in ("unknown field(s) token_budgett", "method='topk'", "page_size=12", "top_p=2",
+                   "reselect_every=0"):
+        assert needle in msg, (needle, msg)
+    p.write_text("")
+    with pytest.raises(SparseConfigError, match="empty"):
+        SparseConfig.load(str(p))
+    p.write_text("# only a comment\n")
+    with pytest.raises(SparseConfigError, match="empty"):
+        SparseConfig.load(str(p))
+    p.write_text("method: [quest\n")
+    with pytest.raises(SparseConfigError, match="not valid YAML"):
+        SparseConfig.load(str(p))
+
+
+def test_inline_overrides_validated_like_a_file(tmp_path):
+    cfg = SparseConfig.load("quest:token_budget=1024,reselect_every=4")
+    assert (cfg.method, cfg.token_budget, cfg.reselect_every, cfg.page_size) == ("quest", 1024, 4, 16)
+    assert SparseConfig.load("twilight:top_p=0.9").top_p == 0.9
+    p = tmp_path / "base.yaml"
+    p.write_text("method: vattention\n")
+    assert SparseConfig.load(f"{p}:epsilon=0.1").epsilon == 0.1
+    for spec, needle in [("quest:token_budget=abc", "token_budget='abc' is invalid: must be an integer"),
+                         ("quest:budget=1024", "unknown field(s) budget"),
+                         ("quest:token_budget", "is not field=value"),
+                         ("quest:", "no overrides"),
+                         ("nosuch:token_budget=1024", "not a preset")]:
+        with pytest.raises(SparseConfigError) as e:
+            SparseConfig.load(spec)
+        assert needle in str(e.value), (spec, str(e.value))
+
+
 def test_dense_pages_rounds_min_context_to_pages():
     cfg = SparseConfig(token_budget=256, page_size=16, min_context=4096)
     assert cfg.top_k_pages == 16 and cfg.dense_pages == 256   # a 4095-token request has 256 pages
