@@ -3,7 +3,8 @@
 Installed, this package declares an entry point in SGLang's general plugin group ``sglang.srt.plugins``, which
 ``launch_server``, ``Engine`` and every scheduler process load (``SGLANG_PLUGINS`` is its allow-list). The
 plugin adds ``sgl_sparse`` to ``--attention-backend``, registers its factory, adds ``--sparse-config`` (a preset
-name from ``configs/`` or a YAML path) and validates the flags before ``ServerArgs`` is built from them. The resolved
+name from ``configs/`` or a YAML path, with optional inline overrides) and validates the flags before
+``ServerArgs`` is built from them; ``ServerArgs(..., sparse_config=...)`` (``sgl.Engine``) gets the same checks. The resolved
 config travels to the scheduler/TP processes in the environment variable ``SGL_SPARSE_CONFIG`` (JSON).
 
 The backend keeps prefill/extend on SGLang's dense FlashInfer backend and sends decode through
@@ -159,8 +160,18 @@ def _validate_cli_args(cls, args):
 
 def _resolve_cli_config(args) -> None:
     name = getattr(args, "sparse_config", None)
+    _resolve_config(args, name, f"--sparse-config {name}", f"--attention-backend {BACKEND_NAME}")
+
+
+def _resolve_config(args, name: str | None, given: str, needed: str) -> None:
+    """Shared by the CLI and the Python API: resolve the config (``name``, else the one already published, else
+    the default preset), check the server flags ``args`` (parsed flags or a ``ServerArgs``) against it, turn
+    prefill graphs off, publish it for the scheduler processes."""
     if uses_sparse_backend(args):
-        config = SparseConfig.load(name or DEFAULT_CONFIG)
+        if name is not None or ENV_CONFIG not in os.environ:
+            config = SparseConfig.load(name or DEFAULT_CONFIG)
+        else:
+            config = config_from_env()
         check_server_args(args, config)
         if getattr(args, "cuda_graph_backend_prefill", None) is None:
             # Prefill stays on SGLang's dense FlashInfer path; its captured prefill graphs are not validated with
@@ -170,7 +181,30 @@ def _resolve_cli_config(args) -> None:
         publish_config(config)
         logger.info("sgl-sparse: %s", config.to_dict())
     elif name is not None:
-        raise SparseConfigError(f"--sparse-config {name} has no effect without --attention-backend {BACKEND_NAME}")
+        raise SparseConfigError(f"{given} has no effect without {needed}")
+
+
+# ----------------------------------------------------------------------------- the Python API (sgl.Engine)
+
+SERVER_ARGS_INIT_TARGET = "sglang.srt.server_args.ServerArgs.__init__"
+SERVER_ARGS_POST_INIT_TARGET = "sglang.srt.server_args.ServerArgs.__post_init__"
+
+
+def _take_sparse_config(server_args, *args, **kwargs):
+    """Before ``ServerArgs(...)``: ``sgl.Engine(..., sparse_config="quest")`` is the Python API's
+    ``--sparse-config`` (not a ServerArgs field: kept on the instance until ``__post_init__``)."""
+    name = kwargs.pop("sparse_config", None)
+    if name is not None:
+        server_args.__dict__["_sgl_sparse_config"] = name
+    return (server_args, *args), kwargs
+
+
+def _check_engine_args(server_args, *args, **kwargs):
+    """Before ``ServerArgs.__post_init__``: the same checks and defaults as the CLI (``sgl.Engine`` and
+    ``Runtime`` build ServerArgs without it)."""
+    name = server_args.__dict__.pop("_sgl_sparse_config", None)
+    _resolve_config(server_args, name, f"sparse_config={name!r}", f"attention_backend={BACKEND_NAME!r}")
+    return None
 
 
 # ----------------------------------------------------------------------------- KV pool sizing
@@ -496,6 +530,8 @@ def register() -> None:
         register_attention_backend(BACKEND_NAME)(create_backend)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.add_cli_args", _add_cli_args, HookType.AFTER)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.from_cli_args", _validate_cli_args, HookType.BEFORE)
+    HookRegistry.register(SERVER_ARGS_INIT_TARGET, _take_sparse_config, HookType.BEFORE)
+    HookRegistry.register(SERVER_ARGS_POST_INIT_TARGET, _check_engine_args, HookType.BEFORE)
     HookRegistry.register(CELL_SIZE_TARGET, _account_metadata, HookType.AFTER)
     HookRegistry.register(VERIFY_TARGET, _check_opt_out, HookType.BEFORE)
     HookRegistry.register(FORWARD_BATCH_TARGET, _mark_dense_rows, HookType.AFTER)

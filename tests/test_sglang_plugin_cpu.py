@@ -107,6 +107,47 @@ def test_startup_errors_name_the_flag(tmp_path):
     assert json.loads(out["ok"][2])["method"] == "twilight"
 
 
+def test_python_api_checks_like_the_cli():
+    """sgl.Engine / Runtime build ServerArgs(**kwargs) without the CLI: sparse_config= is accepted there and
+    validated, the server flags checked and the config published exactly as with launch_server."""
+    cases = {
+        "bad": dict(attention_backend=BACKEND_NAME, page_size=16, sparse_config="quest:token_budget=1000"),
+        "page": dict(attention_backend=BACKEND_NAME, sparse_config="twilight"),
+        "fp8": dict(attention_backend=BACKEND_NAME, page_size=16, kv_cache_dtype="fp8_e4m3"),
+        "no_backend": dict(sparse_config="quest"),
+        "ok": dict(attention_backend=BACKEND_NAME, page_size=16, sparse_config="quest-fast:token_budget=1024"),
+        "default": dict(attention_backend=BACKEND_NAME, page_size=16),
+    }
+    code = f"""
+        import json, os
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.server_args import ServerArgs
+        out = {{}}
+        for name, kw in {json.dumps(cases)}.items():
+            os.environ.pop("SGL_SPARSE_CONFIG", None)
+            try:
+                ServerArgs(model_path="/nonexistent-model", **kw)
+                out[name] = ["ok", "", os.environ.get("SGL_SPARSE_CONFIG", "")]
+            except Exception as e:
+                out[name] = [type(e).__name__, str(e), os.environ.get("SGL_SPARSE_CONFIG", "")]
+        print("RESULT" + json.dumps(out))
+    """
+    p = _run(code)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+    assert line, p.stdout[-2000:] + p.stderr[-2000:]
+    out = json.loads(line[0][len("RESULT"):])
+    assert out["bad"][0] == "SparseConfigError" and "token_budget=1000 is invalid" in out["bad"][1]
+    assert out["page"][0] == "SparseServerArgsError" and "needs --page-size 16" in out["page"][1]
+    assert "remove --kv-cache-dtype fp8_e4m3" in out["fp8"][1]
+    assert out["no_backend"][0] == "SparseConfigError" and "sparse_config='quest' has no effect" in out["no_backend"][1]
+    # valid: our checks pass and the config is published (SGLang itself may then stop: no accelerator here)
+    assert "Sparse" not in out["ok"][0] and "Sparse" not in out["default"][0]
+    published = json.loads(out["ok"][2])
+    assert published["reselect_every"] == 4 and published["token_budget"] == 1024
+    assert json.loads(out["default"][2])["method"] == "quest"
+
+
 @pytest.mark.parametrize("extra,needle", [
     (["--page-size", "16", "--sparse-config", "quest:token_budget=1000,top_p=7"],
      "token_budget=1000 is invalid: must be a positive multiple of page_size (16); top_p=7 is invalid"),
@@ -141,7 +182,9 @@ def test_hook_targets_exist_in_this_sglang():
                sglang_backend.GRAPH_VARIANT_TARGET: ["self", "forward_batch"],
                sglang_backend.DECODE_RESULT_TARGET: ["self", "batch"],
                sglang_backend.PREFILL_RESULT_TARGET: ["self", "batch"],
-               sglang_backend.COLLECT_INFO_TARGET: ["self", "i", "req"]}
+               sglang_backend.COLLECT_INFO_TARGET: ["self", "i", "req"],
+               sglang_backend.SERVER_ARGS_INIT_TARGET: ["self"],
+               sglang_backend.SERVER_ARGS_POST_INIT_TARGET: ["self"]}
     for t, params in targets.items():
         owner, attr = t.rsplit(".", 1)
         fn = getattr(pkgutil.resolve_name(owner), attr)
