@@ -47,6 +47,23 @@ def _batch(op):
     return op.batch
 
 
+def _append_token(pool, page_size, new_slots):
+    """Every request decodes one token: a slot after its last one (a fresh page at a page boundary), random K/V
+    there; ``new_slots`` ``[B]`` gets the slots."""
+    B, (HK, D) = len(new_slots), pool.k_cache.shape[1:]
+    slots = []
+    for b in range(B):
+        n = int(pool.seq_lens[b])
+        row = int(pool.req_pool_indices[b])
+        slot = pool.free_pages.pop() * page_size if n % page_size == 0 else int(pool.req_to_token[row, n - 1]) + 1
+        pool.req_to_token[row, n] = slot
+        slots.append(slot)
+    new_slots.copy_(torch.tensor(slots, device=DEV))
+    pool.seq_lens += 1
+    pool.k_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(pool.k_cache.dtype)
+    pool.v_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(pool.v_cache.dtype)
+
+
 @pytest.mark.parametrize("method", METHODS + ("dense",))
 @pytest.mark.parametrize("D,G,dtype", [(128, 4, torch.bfloat16), (64, 3, torch.float16)])
 def test_exact_when_budget_covers_context(method, D, G, dtype):
@@ -111,7 +128,7 @@ def test_cuda_graph_capture_and_replay(method):
     B = len(lens)
     config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
                                        dense_layers=1, layers=3)
-    HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
+    D = pool.k_cache.shape[2]
     dtype = pool.k_cache.dtype
     new_slots = torch.zeros(B, dtype=torch.int64, device=DEV)
     q_static = q.clone()
@@ -123,18 +140,7 @@ def test_cuda_graph_capture_and_replay(method):
             outs[layer] = op.run(layer, q_static, pool.k_cache, pool.v_cache, meta)
 
     def advance():
-        slots = []
-        for b in range(B):
-            n = int(pool.seq_lens[b])
-            row = int(pool.req_pool_indices[b])
-            slot = pool.free_pages.pop() * config.page_size if n % config.page_size == 0 else \
-                int(pool.req_to_token[row, n - 1]) + 1
-            pool.req_to_token[row, n] = slot
-            slots.append(slot)
-        new_slots.copy_(torch.tensor(slots, device=DEV))
-        pool.seq_lens += 1
-        pool.k_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(dtype)
-        pool.v_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(dtype)
+        _append_token(pool, config.page_size, new_slots)
         q_static.copy_((q.float() + 0.1 * torch.randn_like(q.float())).to(dtype))
         op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
 
@@ -296,18 +302,7 @@ def test_selection_reuse_eager_equals_graph_and_reference(method):
         return [op.run(layer, q_static, pool.k_cache, pool.v_cache, meta) for layer in range(3)]
 
     def advance():
-        slots = []
-        for b in range(B):
-            n = int(pool.seq_lens[b])
-            row = int(pool.req_pool_indices[b])
-            slot = pool.free_pages.pop() * config.page_size if n % config.page_size == 0 else \
-                int(pool.req_to_token[row, n - 1]) + 1
-            pool.req_to_token[row, n] = slot
-            slots.append(slot)
-        new_slots.copy_(torch.tensor(slots, device=DEV))
-        pool.seq_lens += 1
-        pool.k_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(q.dtype)
-        pool.v_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(q.dtype)
+        _append_token(pool, config.page_size, new_slots)
         for layer in range(3):
             meta.update(layer, pool.k_cache, new_slots)
         q_static.copy_((q.float() + 0.3 * torch.randn_like(q.float())).to(q.dtype))

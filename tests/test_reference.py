@@ -139,6 +139,21 @@ def sel_tensors(sel: list[list[list[int]]], width: int) -> tuple[torch.Tensor, t
     return out, cnt
 
 
+def random_selection(pool: Pool, HK: int, K: int, rnd: random.Random) -> list[list[list[int]]]:
+    """Up to K ascending pages per (request, KV head); head 0 always holds the request's (partial) last page."""
+    sel = []
+    for b in range(pool.B):
+        n = pool.n_pages(b)
+        rows = []
+        for h in range(HK):
+            pages = rnd.sample(range(n), min(n, rnd.randint(0, K)))
+            if h == 0 and n:
+                pages = sorted(set(pages[: K - 1]) | {n - 1})
+            rows.append(sorted(pages))
+        sel.append(rows)
+    return sel
+
+
 def test_num_pages():
     lens = [0, 1, 15, 16, 17, 32, 33, 1000]
     for P in (1, 16, 64):
@@ -437,17 +452,7 @@ def test_pages_to_kv_indices_brute_force(P):
     HK, K = 3, 4
     lens = [37, 5, 64, 1, 0] if P > 1 else [7, 1, 3]
     pool = make_pool(lens, P, HK, 8, torch.float16, seed=40 + P)
-    rnd = random.Random(P)
-    sel = []
-    for b in range(pool.B):
-        n = pool.n_pages(b)
-        rows = []
-        for h in range(HK):
-            pages = rnd.sample(range(n), min(n, rnd.randint(0, K)))
-            if h == 0 and n:          # one head always holds the partial last page
-                pages = sorted(set(pages[: K - 1]) | {n - 1})
-            rows.append(sorted(pages))
-        sel.append(rows)
+    sel = random_selection(pool, HK, K, random.Random(P))
     sel_t, cnt_t = sel_tensors(sel, K)
     capacity = K * P + 5
     kv, cnt = ref.pages_to_kv_indices(sel_t, cnt_t, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P,
@@ -470,17 +475,7 @@ def test_page_rows_brute_force(P):
     HK, K = 3, 4
     lens = [37, 5, 64, 1, 200] if P > 1 else [7, 1, 3]
     pool = make_pool(lens, P, HK, 8, torch.float16, seed=50 + P)
-    rnd = random.Random(P + 1)
-    sel = []
-    for b in range(pool.B):
-        n = pool.n_pages(b)
-        rows = []
-        for h in range(HK):
-            pages = rnd.sample(range(n), min(n, rnd.randint(0, K)))
-            if h == 0 and n:          # one head always holds the partial last page
-                pages = sorted(set(pages[: K - 1]) | {n - 1})
-            rows.append(sorted(pages))
-        sel.append(rows)
+    sel = random_selection(pool, HK, K, random.Random(P + 1))
     sel_t, cnt_t = sel_tensors(sel, K)
     indptr, indices, last, ntok = ref.page_rows(sel_t, cnt_t, pool.req_to_token, pool.req_pool_indices,
                                                 pool.seq_lens, P)

@@ -25,6 +25,30 @@ def _run(code: str, timeout: int = 300) -> subprocess.CompletedProcess:
                           timeout=timeout, env=env)
 
 
+def _server_args_outcomes(cases: dict, build: str) -> dict:
+    """Run ``build`` (a statement over ``case``) for every case in one fresh process with the plugin loaded; returns
+    name -> [exception type or "ok", message, the config published for the scheduler processes]."""
+    code = f"""
+        import json, os
+        from sglang.srt.plugins import load_plugins
+        load_plugins()
+        from sglang.srt.server_args import ServerArgs, prepare_server_args
+        out = {{}}
+        for name, case in {json.dumps(cases)}.items():
+            os.environ.pop("SGL_SPARSE_CONFIG", None)
+            try:
+                {build}
+                out[name] = ["ok", "", os.environ.get("SGL_SPARSE_CONFIG", "")]
+            except Exception as e:
+                out[name] = [type(e).__name__, str(e), os.environ.get("SGL_SPARSE_CONFIG", "")]
+        print("RESULT" + json.dumps(out))
+    """
+    p = _run(code)
+    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
+    assert line, p.stdout[-2000:] + p.stderr[-2000:]
+    return json.loads(line[0][len("RESULT"):])
+
+
 def test_entry_point_is_discovered():
     eps = {e.name: e.value for e in entry_points(group="sglang.srt.plugins")}
     assert eps.get(BACKEND_NAME) == "sgl_sparse.sglang_backend:register"
@@ -64,26 +88,10 @@ def test_startup_errors_name_the_flag(tmp_path):
         "ok": ["--page-size", "16", "--sparse-config", "twilight"],
     }
     (tmp_path / "p32.yaml").write_text("method: quest\npage_size: 32\n")
-    code = f"""
-        import json, os
-        from sglang.srt.plugins import load_plugins
-        load_plugins()
-        from sglang.srt.server_args import prepare_server_args
-        out = {{}}
-        for name, extra in {json.dumps(cases)}.items():
-            backend = "flashinfer" if name in ("no_backend", "decode_only") else "{BACKEND_NAME}"
-            os.environ.pop("SGL_SPARSE_CONFIG", None)
-            try:
-                prepare_server_args(["--model-path", "/nonexistent-model", "--attention-backend", backend] + extra)
-                out[name] = ["ok", ""]
-            except Exception as e:
-                out[name] = [type(e).__name__, str(e), os.environ.get("SGL_SPARSE_CONFIG", "")]
-        print("RESULT" + json.dumps(out))
-    """
-    p = _run(code)
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
-    assert line, p.stdout[-2000:] + p.stderr[-2000:]
-    out = json.loads(line[0][len("RESULT"):])
+    cases = {name: ["flashinfer" if name in ("no_backend", "decode_only") else BACKEND_NAME, extra]
+             for name, extra in cases.items()}
+    out = _server_args_outcomes(cases, 'prepare_server_args(["--model-path", "/nonexistent-model", '
+                                       '"--attention-backend", case[0]] + case[1])')
     assert out["page"][0] == "SparseServerArgsError" and "--page-size 16" in out["page"][1]
     assert out["preset"][0] == "SparseConfigError" and "presets:" in out["preset"][1]
     assert out["yaml"][0] == "SparseConfigError" and "token_budget" in out["yaml"][1]
@@ -118,25 +126,7 @@ def test_python_api_checks_like_the_cli():
         "ok": dict(attention_backend=BACKEND_NAME, page_size=16, sparse_config="quest-fast:token_budget=1024"),
         "default": dict(attention_backend=BACKEND_NAME, page_size=16),
     }
-    code = f"""
-        import json, os
-        from sglang.srt.plugins import load_plugins
-        load_plugins()
-        from sglang.srt.server_args import ServerArgs
-        out = {{}}
-        for name, kw in {json.dumps(cases)}.items():
-            os.environ.pop("SGL_SPARSE_CONFIG", None)
-            try:
-                ServerArgs(model_path="/nonexistent-model", **kw)
-                out[name] = ["ok", "", os.environ.get("SGL_SPARSE_CONFIG", "")]
-            except Exception as e:
-                out[name] = [type(e).__name__, str(e), os.environ.get("SGL_SPARSE_CONFIG", "")]
-        print("RESULT" + json.dumps(out))
-    """
-    p = _run(code)
-    line = [x for x in p.stdout.splitlines() if x.startswith("RESULT")]
-    assert line, p.stdout[-2000:] + p.stderr[-2000:]
-    out = json.loads(line[0][len("RESULT"):])
+    out = _server_args_outcomes(cases, 'ServerArgs(model_path="/nonexistent-model", **case)')
     assert out["bad"][0] == "SparseConfigError" and "token_budget=1000 is invalid" in out["bad"][1]
     assert out["page"][0] == "SparseServerArgsError" and "needs --page-size 16" in out["page"][1]
     assert "remove --kv-cache-dtype fp8_e4m3" in out["fp8"][1]
