@@ -14,6 +14,12 @@ each gives RULER's score and the mean attended fraction. Paths:
   The attended fraction is what the server reports in each response's meta info
   (``sparse_attended_fraction``); the violation rate is not measured on this path.
 
+Instances: every (task, length, depth, seed) with seeds ``seed .. seed + seeds - 1`` (:func:`instance_specs`), the
+same set for every config. Statistics (:func:`summarize`): per config and budget, the mean score with a 95 %
+percentile-bootstrap interval over instances, per length, per task (at each length and over all lengths) and
+overall; relative to dense with a *paired* bootstrap interval (the same resampled instances for both, ratio of
+means); :func:`curve_points` extracts the accuracy/attended curve at one length.
+
 Prompts are raw completions ending in an answer prefix (RULER's style), which the small instruct models here
 follow better than their chat template.
 """
@@ -21,6 +27,7 @@ follow better than their chat template.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -28,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import models, tasks
@@ -55,78 +63,253 @@ class Result:
     seconds: float
     violation_rate: float | None = None   # vAttention: measured P(rel. error > epsilon) on the real q/k/v
     mean_error: float | None = None       # measured mean relative L2 error of the attention outputs (CPU path)
+    seed: int | None = None               # the instance's seed (None in files written before seeds existed)
+    config: str | None = None             # the config's label (:func:`named_configs`); None = ``method``
+
+    @property
+    def label(self) -> str:
+        """The config this result belongs to: its label, or its method in files written before labels."""
+        return self.config or self.method
+
+    @property
+    def instance(self) -> tuple:
+        """The instance it answered: (task, length, depth, seed) — the key that pairs configs."""
+        return self.task, self.length, self.depth, self.seed
+
+
+BUDGET = "budget"   # an override value that stands for each config's token budget (--set sample_capacity=budget)
+
+
+def config_label(spec: str, overrides: dict | None = None) -> str:
+    """A config's name in results and rows: the preset (or spec) as given, plus ``[field=value,...]`` for the
+    overrides of the run (``vattention[sample_capacity=budget]``)."""
+    if not overrides:
+        return spec
+    return spec + "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]"
+
+
+def named_configs(methods: list[str], budgets: list[int], **overrides) -> list[tuple[str, SparseConfig]]:
+    """(label, config): dense plus every (preset, budget); sparse from the first token of decode (no
+    min_context). An override whose value is ``"budget"`` takes each config's token budget."""
+    out = [("dense", SparseConfig(method="dense"))]
+    for m in methods:
+        for b in budgets:
+            fields = {k: (b if v == BUDGET else v) for k, v in overrides.items()}
+            out.append((config_label(m, overrides), SparseConfig.load(m).replace(token_budget=b, min_context=0,
+                                                                                **fields)))
+    return out
 
 
 def configs_for(methods: list[str], budgets: list[int], **overrides) -> list[SparseConfig]:
     """Dense plus every (preset, budget); sparse from the first token of decode (no min_context)."""
-    out = [SparseConfig(method="dense")]
-    for m in methods:
-        for b in budgets:
-            out.append(SparseConfig.load(m).replace(token_budget=b, min_context=0, **overrides))
-    return out
+    return [cfg for _, cfg in named_configs(methods, budgets, **overrides)]
+
+
+def _labelled(configs) -> list[tuple[str, SparseConfig]]:
+    """Configs given as ``SparseConfig`` (label = method) or ``(label, SparseConfig)``."""
+    return [c if isinstance(c, tuple) else (c.method, c) for c in configs]
+
+
+def instance_specs(task_names: list[str], lengths: list[int], depths: list[float], seeds: int = 1,
+                   seed: int = 0) -> list[tuple[str, int, float, int]]:
+    """Every (task, length, depth, seed), seeds ``seed .. seed + seeds - 1``: ``len(depths) * seeds`` instances
+    per (task, length), each generated deterministically by :func:`sgl_sparse.tasks.make_task`."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if len(set(depths)) != len(depths):
+        raise ValueError(f"depths repeat: {depths}")
+    return [(t, L, d, seed + k) for t in task_names for L in lengths for d in depths for k in range(seeds)]
 
 
 @torch.no_grad()
 def evaluate(model_name: str, task_names: list[str], lengths: list[int], depths: list[float],
-             configs: list[SparseConfig], seed: int = 0, progress=None, measure_error: bool = False
+             configs: list, seed: int = 0, progress=None, measure_error: bool = False, seeds: int = 1
              ) -> list[Result]:
-    """CPU path. ``measure_error``: compare every sparse decode attention with dense on the same q/k/v (always on
-    for vAttention, whose violation rate needs it)."""
+    """CPU path. ``configs``: ``SparseConfig`` or ``(label, SparseConfig)``; instances per
+    :func:`instance_specs`. ``measure_error``: compare every sparse decode attention with dense on the same q/k/v
+    (always on for vAttention, whose violation rate needs it)."""
     model, tok = models.load_model(model_name)
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     results = []
-    for task in task_names:
-        for length in lengths:
-            for depth in depths:
-                inst = tasks.make_task(task, length, depth, seed, count)
-                for cfg in configs:
-                    t0 = time.time()
-                    n_new = MAX_NEW_TOKENS.get(task, 24)
-                    violation = error = None
-                    if cfg.is_sparse:
-                        measure = measure_error or cfg.method == "vattention"
-                        with sparse_attention(model, cfg, measure_error=measure) as stats:
-                            out = models.greedy(model, tok, inst.prompt, n_new)
-                        frac = stats.attended_fraction
-                        violation = stats.violation_rate if cfg.method == "vattention" else None
-                        error = stats.mean_error if measure else None
-                    else:
-                        out, frac = models.greedy(model, tok, inst.prompt, n_new), 1.0
-                    r = Result("cpu", model_name, cfg.method, cfg.token_budget if cfg.is_sparse else length, task,
-                               length, depth, inst.score(out), frac, out, time.time() - t0, violation, error)
-                    results.append(r)
-                    if progress:
-                        progress(r)
+    for task, length, depth, inst_seed in instance_specs(task_names, lengths, depths, seeds, seed):
+        inst = tasks.make_task(task, length, depth, inst_seed, count)
+        for label, cfg in _labelled(configs):
+            t0 = time.time()
+            n_new = MAX_NEW_TOKENS.get(task, 24)
+            violation = error = None
+            if cfg.is_sparse:
+                measure = measure_error or cfg.method == "vattention"
+                with sparse_attention(model, cfg, measure_error=measure) as stats:
+                    out = models.greedy(model, tok, inst.prompt, n_new)
+                frac = stats.attended_fraction
+                violation = stats.violation_rate if cfg.method == "vattention" else None
+                error = stats.mean_error if measure else None
+            else:
+                out, frac = models.greedy(model, tok, inst.prompt, n_new), 1.0
+            r = Result("cpu", model_name, cfg.method, cfg.token_budget if cfg.is_sparse else length, task,
+                       length, depth, inst.score(out), frac, out, time.time() - t0, violation, error,
+                       inst_seed, label)
+            results.append(r)
+            if progress:
+                progress(r)
     return results
 
 
 def _group_key(r: Result) -> tuple[str, int, int]:
-    """(method, budget, length); dense runs share budget 0 whatever their length."""
-    return r.method, r.budget if r.method != "dense" else 0, r.length
+    """(config label, budget, length); dense runs share budget 0 whatever their length."""
+    return r.label, r.budget if r.method != "dense" else 0, r.length
 
 
-def summarize(results: list[Result]) -> list[dict]:
-    """Mean score and attended fraction per (method, budget, length), with the dense score beside it."""
+# ----------------------------------------------------------------------------- statistics
+
+RESAMPLES = 2000      # bootstrap replicates per interval
+LEVEL = 0.95          # interval coverage
+
+
+def _resample_means(columns: list[np.ndarray], resamples: int, seed: int) -> list[np.ndarray]:
+    """Bootstrap replicates: ``resamples`` draws of n instance indices with replacement (one seeded generator;
+    the *same* indices for every column: a paired bootstrap), the mean of each column over each draw."""
+    n = len(columns[0])
+    rng = np.random.default_rng(seed)
+    out: list[list[np.ndarray]] = [[] for _ in columns]
+    chunk = max(1, (1 << 22) // n)                     # ~4M indices at a time
+    done = 0
+    while done < resamples:
+        k = min(chunk, resamples - done)
+        idx = rng.integers(0, n, size=(k, n))
+        for acc, col in zip(out, columns):
+            acc.append(col[idx].mean(axis=1))
+        done += k
+    return [np.concatenate(acc) for acc in out]
+
+
+def _interval(replicates: np.ndarray, level: float) -> list[float]:
+    a = (1 - level) / 2
+    lo, hi = np.quantile(replicates, [a, 1 - a])
+    return [float(lo), float(hi)]
+
+
+def bootstrap_mean_ci(values, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+                      ) -> tuple[float, list[float]] | tuple[None, None]:
+    """Mean of ``values`` and its ``level`` percentile-bootstrap interval over them ([low, high]); deterministic
+    for a seed. One value: the interval is that value. No values: ``(None, None)``."""
+    x = np.asarray(values, dtype=float)
+    if x.size == 0:
+        return None, None
+    mean = float(x.mean())
+    if x.size == 1 or resamples < 1:
+        return mean, [mean, mean]
+    (means,) = _resample_means([x], resamples, seed)
+    return mean, _interval(means, level)
+
+
+def paired_relative_ci(sparse, dense, resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+                       ) -> tuple[float, list[float]] | tuple[None, None]:
+    """``mean(sparse) / mean(dense)`` over paired instances (``sparse[i]`` and ``dense[i]`` answered the same
+    instance) and its paired-bootstrap interval: each replicate resamples instance indices once and takes the ratio
+    of the two means over them (replicates whose dense mean is 0 have no ratio and are left out). ``(None, None)``
+    when there is no pair or the dense mean is 0 (relative undefined)."""
+    s, d = np.asarray(sparse, dtype=float), np.asarray(dense, dtype=float)
+    if s.shape != d.shape:
+        raise ValueError(f"paired samples differ in size: {s.shape} vs {d.shape}")
+    if s.size == 0 or d.mean() == 0:
+        return None, None
+    rel = float(s.mean() / d.mean())
+    if s.size == 1 or resamples < 1:
+        return rel, [rel, rel]
+    num, den = _resample_means([s, d], resamples, seed)
+    ok = den != 0
+    ratios = num[ok] / den[ok]
+    return rel, _interval(ratios, level)
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def _by_instance(rs: list[Result]) -> dict[tuple, float]:
+    """Score per instance (the mean where one instance was answered twice, e.g. by two merged runs)."""
+    acc: dict[tuple, list[float]] = {}
+    for r in rs:
+        acc.setdefault(r.instance, []).append(r.score)
+    return {k: sum(v) / len(v) for k, v in acc.items()}
+
+
+SCOPES = ("length", "overall", "task", "task_length")   # row scopes, in the order rows are listed
+
+
+def summarize(results: list[Result], resamples: int = RESAMPLES, seed: int = 0, level: float = LEVEL
+              ) -> list[dict]:
+    """Rows per (config, budget) with the dense figures beside them, each over the instances of its scope:
+
+    - ``scope="length"``: all tasks at one length (``task`` None) — the table and the curve;
+    - ``scope="overall"``: all tasks, all lengths (``length`` None);
+    - ``scope="task"``: one task over all lengths (``length`` None);
+    - ``scope="task_length"``: one task at one length.
+
+    Fields: ``method``, ``config`` (label), ``budget`` (0 for dense), ``length``, ``task``, ``score`` and
+    ``score_ci`` (mean over the row's instances, percentile bootstrap), ``dense_score``/``dense_score_ci`` (dense
+    over the same scope), ``relative``/``relative_ci`` (paired bootstrap over the instances both answered:
+    ``n_paired`` of them; None where dense scores 0 or did not run), ``attended_fraction`` (mean), ``n`` (results
+    behind the row), ``violation_rate`` and ``mean_error`` (mean where measured, else None)."""
     groups: dict[tuple, list[Result]] = {}
     for r in results:
-        key = _group_key(r)
-        groups.setdefault(key, []).append(r)
-    dense = {k[2]: sum(r.score for r in v) / len(v) for k, v in groups.items() if k[0] == "dense"}
+        label, budget, length = _group_key(r)
+        for scope, L, task in (("length", length, None), ("overall", None, None), ("task", None, r.task),
+                               ("task_length", length, r.task)):
+            groups.setdefault((label, budget, scope, L, task), []).append(r)
+    dense = {(scope, L, task): rs for (label, _, scope, L, task), rs in groups.items()
+             if rs[0].method == "dense"}
+    order = lambda k: (k[0] != "dense", k[0], k[1], SCOPES.index(k[2]), k[4] or "", k[3] or 0)  # noqa: E731
     rows = []
-    for (method, budget, length), rs in sorted(groups.items()):
-        score = sum(r.score for r in rs) / len(rs)
-        viol = [r.violation_rate for r in rs if r.violation_rate is not None]
-        err = [r.mean_error for r in rs if r.mean_error is not None]
-        rows.append(dict(method=method, budget=budget, length=length, score=score, dense_score=dense.get(length),
-                         relative=score / dense[length] if dense.get(length) else None,
-                         attended_fraction=sum(r.attended_fraction for r in rs) / len(rs), n=len(rs),
-                         violation_rate=sum(viol) / len(viol) if viol else None,
-                         mean_error=sum(err) / len(err) if err else None))
+    for key in sorted(groups, key=order):
+        label, budget, scope, L, task = key
+        rs = groups[key]
+        score, score_ci = bootstrap_mean_ci([r.score for r in rs], resamples, seed, level)
+        ds = dense.get((scope, L, task))
+        dense_score = dense_ci = rel = rel_ci = None
+        n_paired = 0
+        if ds:
+            dense_score, dense_ci = bootstrap_mean_ci([r.score for r in ds], resamples, seed, level)
+            mine, theirs = _by_instance(rs), _by_instance(ds)
+            pairs = [k for k in mine if k in theirs]
+            n_paired = len(pairs)
+            rel, rel_ci = paired_relative_ci([mine[k] for k in pairs], [theirs[k] for k in pairs], resamples, seed,
+                                             level)
+        frac = [r.attended_fraction for r in rs]
+        rows.append(dict(method=rs[0].method, config=label, budget=budget, length=L, task=task, scope=scope,
+                         score=score, score_ci=score_ci, dense_score=dense_score, dense_score_ci=dense_ci,
+                         relative=rel, relative_ci=rel_ci, attended_fraction=sum(frac) / len(frac), n=len(rs),
+                         n_paired=n_paired, violation_rate=_mean(r.violation_rate for r in rs),
+                         mean_error=_mean(r.mean_error for r in rs)))
     return rows
 
 
+def curve_points(rows: list[dict], length: int | None = None) -> dict:
+    """The accuracy/attended curve at one ``length`` (default: the longest) from :func:`summarize`'s
+    ``scope="length"`` rows: ``{"length", "dense": row or None, "lines": {config: [points sorted by attended
+    fraction]}}``, each point ``budget``, ``attended_fraction``, ``score``, ``score_ci``, ``relative``,
+    ``relative_ci``, ``n``."""
+    at = [r for r in rows if r.get("scope", "length") == "length" and r.get("task") is None]
+    if length is None:
+        length = max((r["length"] for r in at), default=None)
+    at = [r for r in at if r["length"] == length]
+    dense = next((r for r in at if r["method"] == "dense"), None)
+    lines: dict[str, list[dict]] = {}
+    for r in at:
+        if r["method"] == "dense":
+            continue
+        lines.setdefault(r.get("config") or r["method"], []).append(
+            {k: r.get(k) for k in ("budget", "attended_fraction", "score", "score_ci", "relative", "relative_ci",
+                                   "n")})
+    for pts in lines.values():
+        pts.sort(key=lambda p: (math.isnan(p["attended_fraction"]), p["attended_fraction"], p["budget"]))
+    return dict(length=length, dense=dense, lines=lines)
+
+
 def summarize_by_task(results: list[Result], field: str = "score") -> dict[tuple[str, int, int], dict[str, float]]:
-    """Mean ``field`` (score, or mean_error where measured) per task for each (method, budget, length): where a
+    """Mean ``field`` (score, or mean_error where measured) per task for each (config, budget, length): where a
     method loses against dense."""
     groups: dict[tuple, dict[str, list[float]]] = {}
     for r in results:
@@ -236,43 +419,62 @@ def config_name(cfg: SparseConfig) -> str:
 
 
 def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: list[str], lengths: list[int],
-                    depths: list[float], configs: list[SparseConfig], seed: int = 0, progress=None,
-                    log_dir: str | os.PathLike | None = None, concurrency: int = CONCURRENCY) -> list[Result]:
-    """sglang path (GPU host). The instances are generated once (tokenizer of ``model_dir``) and the same ones
-    go to every config; per config one server is started, sent every instance through the frontend
-    (``concurrency`` at a time) and stopped before the next starts. ``seconds`` is the server's end-to-end
-    latency of the request (batched with the others); ``attended_fraction`` comes from the meta info (1 where the
-    key is missing: dense server, or a request that ended before its first sparse decode step; NaN, with a
-    warning, when a sparse server reports it for no request at all)."""
+                    depths: list[float], configs: list, seed: int = 0, progress=None,
+                    log_dir: str | os.PathLike | None = None, concurrency: int = CONCURRENCY, seeds: int = 1,
+                    timings: list | None = None) -> list[Result]:
+    """sglang path (GPU host). ``configs``: ``SparseConfig`` or ``(label, SparseConfig)``. The instances
+    (:func:`instance_specs`) are generated once (tokenizer of ``model_dir``) and the same ones go to every config;
+    per config one server is started, sent every instance in one frontend ``run_batch`` (``concurrency`` at a
+    time) and stopped before the next starts; its server start-up and batch times are printed and appended to
+    ``timings`` (dicts). ``seconds`` is the server's end-to-end latency of the request (batched with the others);
+    ``attended_fraction`` comes from the meta info (1 where the key is missing: dense server, or a request that
+    ended before its first sparse decode step; NaN, with a warning, when a sparse server reports it for no request
+    at all)."""
     import sglang as sgl
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
-    insts = [tasks.make_task(t, L, d, seed, count) for t in task_names for L in lengths for d in depths]
+    t_gen = time.time()
+    specs = instance_specs(task_names, lengths, depths, seeds, seed)
+    insts = [tasks.make_task(t, L, d, k, count) for t, L, d, k in specs]
+    prompt_tokens = sum(count(i.prompt) for i in insts)
+    print(f"{len(insts)} instances ({len(depths)} depths x {seeds} seeds per task and length; {prompt_tokens} "
+          f"prompt tokens) generated in {time.time() - t_gen:.0f} s", file=sys.stderr, flush=True)
     needed = max(count(i.prompt) + MAX_NEW_TOKENS.get(i.task, 24) for i in insts) + 8
     context, env = context_length_for(model_dir, needed)
     extra = [*SERVER_ARGS, "--context-length", str(context)]
     results = []
     with tempfile.TemporaryDirectory() as config_dir:
-        for k, cfg in enumerate(configs):
-            server = server_for(model_dir, cfg, name=f"{k:02d}_{config_name(cfg)}", extra_args=extra,
-                                config_dir=config_dir, log_dir=log_dir, env=env)
+        for k, (label, cfg) in enumerate(_labelled(configs)):
+            name = f"{k:02d}_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in label) + (
+                f"_{cfg.token_budget}" if cfg.is_sparse else "")
+            server = server_for(model_dir, cfg, name=name, extra_args=extra, config_dir=config_dir, log_dir=log_dir,
+                                env=env)
+            t_start = time.time()
             with server:
                 t0 = time.time()
                 outs = run_frontend(sgl.RuntimeEndpoint(server.url), insts, concurrency)
                 wall = time.time() - t0
+            budget = cfg.token_budget if cfg.is_sparse else None
+            print(f"config {label} budget {budget}: {len(insts)} requests in one run_batch in {wall:.1f} s "
+                  f"(server up in {t0 - t_start:.1f} s; {time.time() - t_start:.1f} s in all)",
+                  file=sys.stderr, flush=True)
+            if timings is not None:
+                timings.append(dict(config=label, method=cfg.method, budget=budget, requests=len(insts),
+                                    prompt_tokens=prompt_tokens, batch_s=wall, startup_s=t0 - t_start,
+                                    total_s=time.time() - t_start))
             # A request without the key attended densely (dense server, or no decode step); a sparse server that
             # reports it for no request at all does not report it: NaN, not a made-up 1.
             reported = any(META_KEY in meta for _, meta in outs)
             if cfg.is_sparse and not reported:
-                print(f"WARNING: {config_name(cfg)}: no {META_KEY!r} in any response's meta info; attended "
+                print(f"WARNING: {label} {budget}: no {META_KEY!r} in any response's meta info; attended "
                       f"fraction = NaN (server log {server.log_path})", file=sys.stderr)
-            for inst, (text, meta) in zip(insts, outs):
+            for (_, _, _, inst_seed), inst, (text, meta) in zip(specs, insts, outs):
                 frac = attended_fraction_from_meta(meta, 1.0 if reported or not cfg.is_sparse else float("nan"))
                 r = Result("sglang", model_name, cfg.method, cfg.token_budget if cfg.is_sparse else inst.length,
                            inst.task, inst.length, inst.depth, inst.score(text), frac, text,
-                           float(meta.get("e2e_latency", wall)))
+                           float(meta.get("e2e_latency", wall)), seed=inst_seed, config=label)
                 results.append(r)
                 if progress:
                     progress(r)
