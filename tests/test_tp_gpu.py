@@ -37,7 +37,7 @@ def _requirements_met() -> str | None:
     from sgl_sparse.demo import sglang_runtime_missing
 
     if torch.cuda.device_count() < 2:
-        return f"--tp 2 needs two GPUs, this host has {torch.cuda.device_count()}"
+        return f"--tp 2 needs two GPUs, this host has {torch.cuda.device_count()}"  # conftest.MORE_GPUS
     if not Path(MODEL, "config.json").exists():
         return f"no Qwen-0.5B model at {MODEL} (set SGL_SPARSE_QWEN05B or GPU_HOST_MODELS)"
     return sglang_runtime_missing()
