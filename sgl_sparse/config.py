@@ -37,7 +37,9 @@ class SparseConfig:
 
     Attributes:
         method: ``dense`` (stock FlashInfer), ``quest``, ``twilight`` or ``vattention``.
-        page_size: tokens per KV page (SGLang's ``--page-size``); Quest metadata is kept per page.
+        page_size: tokens per selection page: the key bounds are kept, and pages selected, per ``page_size``
+            tokens. Must divide SGLang's ``--page-size`` (equal to it, or e.g. 8 inside SGLang's 16-token pages:
+            finer selection, twice the bounds to scan, SGLang's own page size unchanged).
         token_budget: tokens attended per (request, KV head): Quest's top-k pages x page size; vAttention's
             deterministic set (sinks + local + top-k); Twilight's *candidate* budget before top-p pruning.
         sink_tokens: leading tokens always attended (rounded up to whole pages).
@@ -104,7 +106,7 @@ class SparseConfig:
             bad(f, "must be a number")
         page_ok = "page_size" not in not_int and self.page_size >= 1 and not self.page_size & (self.page_size - 1)
         if "page_size" not in not_int and not page_ok:
-            bad("page_size", "must be a power of two >= 1 (and equal to SGLang's --page-size)")
+            bad("page_size", "must be a power of two >= 1 (and divide SGLang's --page-size)")
         budget_ok = page_ok and "token_budget" not in not_int and self.token_budget >= self.page_size and \
             self.token_budget % self.page_size == 0
         if page_ok and "token_budget" not in not_int and not budget_ok:

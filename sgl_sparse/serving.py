@@ -92,6 +92,10 @@ class ServerProcess:
                  port: int | None = None, env: dict | None = None):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if "--nccl-port" not in extra_args:
+            # SGLang picks its torch.distributed port itself, in the server's process: servers started at once
+            # can pick the same one (EADDRINUSE at start-up); ports handed out here, one process, do not collide
+            extra_args = [*extra_args, "--nccl-port", str(free_port())]
         self.cmd = server_command(model, backend=backend, sparse_config=sparse_config, port=self.port,
                                   extra_args=extra_args)
         self.log_path = Path(log_path or f"/tmp/sglang-{backend}-{sparse_config or 'dense'}-{self.port}.log")

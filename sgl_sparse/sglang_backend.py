@@ -4,8 +4,9 @@ Installed, this package declares an entry point in SGLang's general plugin group
 ``launch_server``, ``Engine`` and every scheduler process load (``SGLANG_PLUGINS`` is its allow-list). The
 plugin adds ``sgl_sparse`` to ``--attention-backend``, registers its factory, adds ``--sparse-config`` (a preset
 name from ``configs/`` or a YAML path, with optional inline overrides) and validates the flags before
-``ServerArgs`` is built from them; ``ServerArgs(..., sparse_config=...)`` (``sgl.Engine``) gets the same checks. The resolved
-config travels to the scheduler/TP processes in the environment variable ``SGL_SPARSE_CONFIG`` (JSON).
+``ServerArgs`` is built from them; ``ServerArgs(..., sparse_config=...)`` (``sgl.Engine``) gets the same checks.
+The resolved config travels to the scheduler/TP processes in the environment variable ``SGL_SPARSE_CONFIG``
+(JSON).
 
 The backend keeps prefill/extend on SGLang's dense FlashInfer backend and sends decode through
 :class:`sgl_sparse.decode.SparseDecodeOperator`; the side tables (:class:`sgl_sparse.metadata.SparseKVMetadata`)
@@ -92,11 +93,14 @@ def check_server_args(server_args, config: SparseConfig) -> None:
     if get("radix_cache_backend") is not None:
         raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} keeps its tables in step with SGLang's "
                                     f"built-in radix cache only: remove --radix-cache-backend")
+    # The config's page (the granularity of the bounds and the selection) must lie within one of SGLang's pages:
+    # its slots are then contiguous and aligned (SGLang allocates and shares whole pages, filled from offset 0),
+    # so 8-token selection inside SGLang's 16-token pages keeps SGLang's page size for everything else.
     page_size = getattr(server_args, "page_size", None) or 1
-    if page_size != config.page_size:
+    if page_size % config.page_size:
         raise SparseServerArgsError(
-            f"--attention-backend {BACKEND_NAME} with sparse config page_size={config.page_size} needs "
-            f"--page-size {config.page_size} (got --page-size {page_size})")
+            f"--attention-backend {BACKEND_NAME} with sparse config page_size={config.page_size} needs a --page-size "
+            f"that is a multiple of it, e.g. --page-size {max(config.page_size, 16)} (got --page-size {page_size})")
     if getattr(server_args, "speculative_algorithm", None):
         raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support speculative decoding: "
                                     "remove --speculative-algorithm")

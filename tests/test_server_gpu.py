@@ -73,6 +73,8 @@ def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
         specs[f"{m}_small"] = ("sgl_sparse", _config(tmp, f"{m}_small", m, **small), [])
     specs["quest_eager"] = ("sgl_sparse", specs["quest_small"][1], ["--disable-cuda-graph"])
     specs["quest_reuse"] = ("sgl_sparse", _config(tmp, "quest_reuse", "quest", reselect_every=4, **small), [])
+    # selection per 8 tokens inside SGLang's 16-token pages
+    specs["quest_p8"] = ("sgl_sparse", _config(tmp, "quest_p8", "quest", page_size=8, **small), ["--page-size", "16"])
     # a pool that holds one ~3.6K-token shared prefix with its requests, not two: the radix cache must evict
     specs["quest_evict"] = ("sgl_sparse", specs["quest_small"][1], ["--max-total-tokens", "6144"])
     return specs
@@ -316,6 +318,17 @@ def test_selection_reuse_retrieves_passkeys(servers):
     again = generate(servers["quest_reuse"], [i.prompt for i in reversed(insts)], max_new_tokens=10)
     for inst, a in zip(reversed(insts), again):
         assert inst.score(a["text"]) == 1, f"depth {inst.depth}, sent again: {a['text']!r}"
+
+
+def test_selection_finer_than_sglang_pages(servers):
+    """Config page_size 8 on a --page-size 16 server: key bounds and selection per 8-token half page; the passkeys
+    are found and every response attends exactly what 8-token pages at this budget give (counted here)."""
+    sparse = assert_passkeys_retrieved(servers["dense"], servers["quest_p8"], passkey_prompts(), "quest page 8/16")
+    for out in sparse:
+        meta = out["meta_info"]
+        got, n_out = meta["sparse_attended_fraction"][-1], meta["completion_tokens"]
+        want = [_expected_fraction(SMALL_BUDGET, meta["prompt_tokens"], s, page=8) for s in (n_out - 1, n_out)]
+        assert min(abs(got - w) / w for w in want) < 1e-6, (got, want)
 
 
 def test_frontend_program(servers):

@@ -76,6 +76,7 @@ def test_startup_errors_name_the_flag(tmp_path):
         "hicache": ["--page-size", "16", "--enable-hierarchical-cache"],
         "pd": ["--page-size", "16", "--disaggregation-mode", "prefill"],
         "page32": ["--page-size", "16", "--sparse-config", str(tmp_path / "p32.yaml")],
+        "page8": ["--page-size", "16", "--sparse-config", "quest:page_size=8"],
         "no_backend": ["--sparse-config", "quest"],
         "split_decode": ["--page-size", "16", "--decode-attention-backend", "triton"],
         "split_prefill": ["--page-size", "16", "--prefill-attention-backend", "triton"],
@@ -99,7 +100,8 @@ def test_startup_errors_name_the_flag(tmp_path):
     assert "remove --speculative-algorithm" in out["spec"][1]
     assert "remove --enable-hierarchical-cache" in out["hicache"][1]
     assert "remove --disaggregation-mode" in out["pd"][1]
-    assert "needs --page-size 32" in out["page32"][1]
+    assert "needs a --page-size that is a multiple of it, e.g. --page-size 32" in out["page32"][1]
+    assert "Sparse" not in out["page8"][0] and json.loads(out["page8"][2])["page_size"] == 8
     assert out["no_backend"][0] == "SparseConfigError" and "no effect" in out["no_backend"][1]
     assert "remove --decode-attention-backend triton" in out["split_decode"][1]
     assert "remove --prefill-attention-backend triton" in out["split_prefill"][1]
@@ -128,7 +130,7 @@ def test_python_api_checks_like_the_cli():
     }
     out = _server_args_outcomes(cases, 'ServerArgs(model_path="/nonexistent-model", **case)')
     assert out["bad"][0] == "SparseConfigError" and "token_budget=1000 is invalid" in out["bad"][1]
-    assert out["page"][0] == "SparseServerArgsError" and "needs --page-size 16" in out["page"][1]
+    assert out["page"][0] == "SparseServerArgsError" and "e.g. --page-size 16 (got --page-size 1)" in out["page"][1]
     assert "remove --kv-cache-dtype fp8_e4m3" in out["fp8"][1]
     assert out["no_backend"][0] == "SparseConfigError" and "sparse_config='quest' has no effect" in out["no_backend"][1]
     # valid: our checks pass and the config is published (SGLang itself may then stop: no accelerator here)
@@ -141,7 +143,7 @@ def test_python_api_checks_like_the_cli():
 @pytest.mark.parametrize("extra,needle", [
     (["--page-size", "16", "--sparse-config", "quest:token_budget=1000,top_p=7"],
      "token_budget=1000 is invalid: must be a positive multiple of page_size (16); top_p=7 is invalid"),
-    (["--sparse-config", "quest"], "needs --page-size 16"),
+    (["--sparse-config", "quest"], "a multiple of it, e.g. --page-size 16 (got --page-size 1)"),
 ])
 def test_launch_server_bad_input_is_one_line_and_exit_2(extra, needle):
     p = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", "/nonexistent-model",
