@@ -160,6 +160,26 @@ def test_min_context_and_dense_layers_fall_back_to_dense():
     assert relative_l2(out0, dense).max() < 1e-2 and (counts0 == pool.seq_lens[:, None]).all()
 
 
+def test_selection_pages_inside_larger_pool_pages():
+    """Config page 8 on a pool allocated in 16-token pages (SGLang --page-size 16): every 8-token half page is
+    contiguous and aligned, so bounds and selection per 8 tokens work unchanged: exact at a covering budget, and
+    the selection attends the 8-token count."""
+    gen = torch.Generator().manual_seed(9)
+    lens = [1000, 333]
+    pool = make_pool(lens, 2, 32, 16, torch.bfloat16, "cpu", gen)
+    q = torch.randn((2, 4, 32), generator=gen).to(torch.bfloat16)
+    batch = DecodeBatch(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, -(-max(lens) // 8) + 2)
+    for budget, exact in ((1024, True), (128, False)):
+        config = SparseConfig.load("quest").replace(page_size=8, token_budget=budget, min_context=0, dense_layers=0)
+        meta = SparseKVMetadata(config, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=2, head_dim=32,
+                                dtype=torch.bfloat16, device="cpu")
+        meta.update_reference(0, pool.k_cache, pool.written_slots)
+        out, counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta, 1 / 8)
+        assert counts.tolist() == [[int(t)] * 2 for t in policies.selected_tokens(config, pool.seq_lens)]
+        err = relative_l2(out, dense_attention(q, pool.k_cache, pool.v_cache, batch, 1 / 8)).max()
+        assert (err < 1e-2) if exact else (counts < pool.seq_lens[:, None]).all()
+
+
 def test_merge_states_is_attention_over_the_union():
     gen = torch.Generator().manual_seed(3)
     lg = torch.randn(2, 3, 50, generator=gen) * 2
