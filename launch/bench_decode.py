@@ -165,9 +165,14 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
             R = cfg.reselect_every
             nbytes = needed_bytes(method, B, L, budget, counts, op, cfg)
             extra = {}
-            if R > 1:           # the steps above selected; plan again at the same lengths: the next steps reuse
+            if R > 1:
+                # The steps above selected (and kept their selections). Mark those selections as made one token
+                # ago, so that the next plan() reuses them: the state of the R - 1 steps after a selection. (With
+                # L % P != 1 the token since then lies on the selection's last page: nothing is appended.)
+                assert L % P != 1, "reuse timing needs a context that does not start a page"
+                op.reuse.selected_at[pool.req_pool_indices.long()] = pool.seq_lens.int() - 1
                 op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
-                assert bool((op.batch.reuse_from > 0).all()), "a second plan() at the same lengths must reuse"
+                assert bool((op.batch.reuse_from > 0).all()), "the step after a selection must reuse it"
                 r_eager = time_fn(step, reps)
                 r_graph = time_fn(graphed(step), reps) if graphs else float("nan")
                 sel_best = min(t_eager, t_graph) if graphs else t_eager

@@ -100,8 +100,14 @@ class SparseConfig:
         for f in sorted(not_int, key=ints.index):
             bad(f, "must be an integer")
         numbers = ("top_p", "epsilon", "delta", "base_rate")
+        def finite(v) -> bool:
+            try:
+                return math.isfinite(v)
+            except OverflowError:                     # an int too large for a float
+                return False
+
         not_number = {f for f in numbers if not isinstance(getattr(self, f), (int, float)) or
-                      isinstance(getattr(self, f), bool) or not math.isfinite(getattr(self, f))}
+                      isinstance(getattr(self, f), bool) or not finite(getattr(self, f))}
         for f in sorted(not_number, key=numbers.index):
             bad(f, "must be a number")
         page_ok = "page_size" not in not_int and self.page_size >= 1 and not self.page_size & (self.page_size - 1)

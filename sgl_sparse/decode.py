@@ -101,6 +101,9 @@ class _PerHeadDecode:
                           q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.sm_scale)
 
     def _view(self, cache: torch.Tensor) -> torch.Tensor:
+        if not cache.is_contiguous():
+            raise ValueError("the KV cache must be contiguous [slots, KV heads, head_dim] (its rows are addressed "
+                             "by stride)")
         S, HK, D = cache.shape
         P = self.page_size
         if P == 1:
@@ -193,11 +196,15 @@ class SparseDecodeOperator:
         dtype: q/K/V dtype (fp16 or bf16).
         sm_scale: softmax scale (default ``1/sqrt(head_dim)``).
         collect_stats: keep per-request attended token counts (for the attended-fraction statistics).
+        max_requests: rows of ``req_to_token`` (request slots), with ``config.reselect_every > 1``: the kept
+            selections are allocated here for that many slots (else at the first ``plan()``, from
+            ``req_to_token``; ``req_to_token`` may not change size afterwards).
     """
 
     def __init__(self, config: SparseConfig, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                  num_layers: int, max_batch: int, max_context: int, dtype: torch.dtype = torch.bfloat16,
-                 device: torch.device | str = "cuda", sm_scale: float | None = None, collect_stats: bool = True):
+                 device: torch.device | str = "cuda", sm_scale: float | None = None, collect_stats: bool = True,
+                 max_requests: int | None = None):
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.config = config
@@ -227,8 +234,10 @@ class SparseDecodeOperator:
         self.fits_budget = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
         self.seed_base = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
         self.reuse_from = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
-        # kept selections per request slot (config.reselect_every > 1), sized from req_to_token at the first plan()
+        # kept selections per request slot (config.reselect_every > 1; see SelectionReuse)
         self.reuse: policies.SelectionReuse | None = None
+        if max_requests is not None:
+            self._make_reuse(max_requests)
         # per step: tokens attended per (request, KV head), summed over the sparse layers, and the sparse layers run
         self.attended = torch.zeros((max_batch, num_kv_heads), dtype=torch.int32, device=self.device)
         self.sparse_calls = torch.zeros((), dtype=torch.int32, device=self.device)
@@ -302,10 +311,12 @@ class SparseDecodeOperator:
         fits = self.fits_budget[:B]
         torch.le((lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=fits)
         self.batch = DecodeBatch(req_to_token, rpi, lens, self.max_pages, fits_budget=fits)
-        if cfg.is_sparse and cfg.reselect_every > 1:
-            if self.reuse is None or self.reuse.max_reqs != req_to_token.shape[0]:
-                self.reuse = policies.SelectionReuse(cfg, self.num_layers - cfg.dense_layers, req_to_token.shape[0],
-                                                     self.num_kv_heads, self.device)
+        if self.reuse is None:
+            self._make_reuse(req_to_token.shape[0])
+        if self.reuse is not None:
+            if req_to_token.shape[0] > self.reuse.max_reqs:
+                raise ValueError(f"req_to_token has {req_to_token.shape[0]} request slots, the operator keeps "
+                                 f"selections for {self.reuse.max_reqs} (max_requests)")
             self.batch.reuse_from = self.reuse_from[:B]
         bufs = self._buffers(B)
         if path is None:
@@ -338,6 +349,12 @@ class SparseDecodeOperator:
                 self.attended.zero_()
                 self.sparse_calls.zero_()
         return path
+
+    def _make_reuse(self, max_requests: int) -> None:
+        cfg = self.config
+        sparse_layers = self.num_layers - cfg.dense_layers
+        if cfg.is_sparse and cfg.reselect_every > 1 and sparse_layers > 0:
+            self.reuse = policies.SelectionReuse(cfg, sparse_layers, max_requests, self.num_kv_heads, self.device)
 
     def forget(self, req_pool_indices: torch.Tensor) -> None:
         """Request slots (``[n]`` device indices into ``req_to_token``) that start a new request or prefill again:

@@ -125,7 +125,7 @@ def sparse_attention(model, config: SparseConfig, measure_error: bool = False):
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
     stats = SparseStats(config, measure_error)
-    if config.is_sparse and config.reselect_every > 1:
+    if config.is_sparse and config.reselect_every > 1 and model.config.num_hidden_layers > config.dense_layers:
         stats.reuse = policies.SelectionReuse(config, model.config.num_hidden_layers - config.dense_layers, 1,
                                               model.config.num_key_value_heads, "cpu")
     model.config._sgl_sparse_stats = stats

@@ -108,8 +108,8 @@ class SelectionReuse:
     """Selections kept per request slot and reused for ``cfg.reselect_every`` decode steps (device state).
 
     ``plan()`` (once per step, device ops only, so a CUDA graph replay can follow) decides per row: a request
-    with more than ``dense_pages`` pages reuses its kept selection while it has grown by fewer than
-    ``reselect_every`` tokens since; otherwise it selects, and the selection is kept (by ``topk_pages``) for
+    with more than ``dense_pages`` pages reuses its kept selection while it has grown by 1 to
+    ``reselect_every - 1`` tokens since; otherwise it selects, and the selection is kept (by ``topk_pages``) for
     the steps after. Rows within the budget (CUDA-graph padding rows among them) neither read nor write kept
     state. ``forget()`` drops the selections of request slots that (re)start: SGLang reuses a slot for a new
     request, and a request retracted and prefilled again has new pages.
@@ -135,7 +135,8 @@ class SelectionReuse:
         lens = seq_lens.to(torch.int32)
         at = self.selected_at[idx]
         sparse = (lens.long() + cfg.page_size - 1) // cfg.page_size > cfg.dense_pages
-        reuse = sparse & (at > 0) & (lens >= at) & (lens - at < cfg.reselect_every)
+        # lens > at: a step never reuses the selection it makes itself (plan() twice for one step selects twice)
+        reuse = sparse & (at > 0) & (lens > at) & (lens - at < cfg.reselect_every)
         torch.where(reuse, at, torch.zeros_like(at), out=out)
         select = sparse & ~reuse
         self.selected_at[torch.where(select, idx, torch.full_like(idx, self.max_reqs))] = lens

@@ -139,10 +139,13 @@ def _add_cli_args(result, parser):
 
 
 def _running_launch_server() -> bool:
+    """``python -m sglang.launch_server ...`` or ``sglang serve ...`` (the command-line entry points)."""
     import sys
 
     spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    return getattr(spec, "name", None) == "sglang.launch_server"
+    if getattr(spec, "name", None) == "sglang.launch_server":
+        return True
+    return len(sys.argv) > 1 and os.path.basename(sys.argv[0]) == "sglang" and sys.argv[1] == "serve"
 
 
 def _validate_cli_args(cls, args):
@@ -172,7 +175,9 @@ def _resolve_config(args, name: str | None, given: str, needed: str) -> None:
     the default preset), check the server flags ``args`` (parsed flags or a ``ServerArgs``) against it, turn
     prefill graphs off, publish it for the scheduler processes."""
     if uses_sparse_backend(args):
-        if name is not None or ENV_CONFIG not in os.environ:
+        if name is not None and name.startswith("{"):            # a SparseConfig given to ServerArgs
+            config = SparseConfig.from_dict(json.loads(name), source="sparse_config")
+        elif name is not None or ENV_CONFIG not in os.environ:
             config = SparseConfig.load(name or DEFAULT_CONFIG)
         else:
             config = config_from_env()
@@ -198,6 +203,11 @@ def _take_sparse_config(server_args, *args, **kwargs):
     """Before ``ServerArgs(...)``: ``sgl.Engine(..., sparse_config="quest")`` is the Python API's
     ``--sparse-config`` (not a ServerArgs field: kept on the instance until ``__post_init__``)."""
     name = kwargs.pop("sparse_config", None)
+    if isinstance(name, SparseConfig):
+        name = json.dumps(name.to_dict())
+    if name is not None and not isinstance(name, str):
+        raise SparseConfigError(f"sparse_config={name!r}: pass a preset name, a YAML path (optionally with "
+                                ":field=value overrides) or a SparseConfig")
     if name is not None:
         server_args.__dict__["_sgl_sparse_config"] = name
     return (server_args, *args), kwargs
@@ -423,7 +433,7 @@ def _backend_class():
             self.operator = SparseDecodeOperator(
                 config, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                 num_layers=layers, max_batch=max(max_reqs, graph_bs), max_context=mc.context_len,
-                dtype=k0.dtype, device=k0.device)
+                dtype=k0.dtype, device=k0.device, max_requests=self.req_to_token_pool.req_to_token.shape[0])
             # per request slot (req_pool_idx): attended / available tokens over the sparse layers and KV heads
             self.attended_tokens = torch.zeros(max_reqs + 1, dtype=torch.float64, device=k0.device)
             self.context_tokens = torch.zeros(max_reqs + 1, dtype=torch.float64, device=k0.device)
@@ -442,9 +452,10 @@ def _backend_class():
             cap_warning = vattention_cap_warning(config, mc.context_len)
             if cap_warning:
                 logger.warning(cap_warning)
+            kept = self.operator.reuse.kept.numel() * 4 if self.operator.reuse is not None else 0
             logger.info("sgl-sparse backend: %s; %d layers, %d/%d query/KV heads per rank, head_dim %d, "
-                        "KV pool %d slots, up to %d requests", config.to_dict(), layers, self.num_qo_heads,
-                        self.num_kv_heads, self.head_dim, k0.shape[0], max_reqs)
+                        "KV pool %d slots, up to %d requests; kept selections %.1f MiB", config.to_dict(), layers,
+                        self.num_qo_heads, self.num_kv_heads, self.head_dim, k0.shape[0], max_reqs, kept / 2**20)
 
         # -- metadata, outside the graph, once per step
         def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):

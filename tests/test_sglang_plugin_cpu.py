@@ -33,6 +33,7 @@ def _server_args_outcomes(cases: dict, build: str) -> dict:
         from sglang.srt.plugins import load_plugins
         load_plugins()
         from sglang.srt.server_args import ServerArgs, prepare_server_args
+        from sgl_sparse.config import SparseConfig
         out = {{}}
         for name, case in {json.dumps(cases)}.items():
             os.environ.pop("SGL_SPARSE_CONFIG", None)
@@ -127,8 +128,12 @@ def test_python_api_checks_like_the_cli():
         "no_backend": dict(sparse_config="quest"),
         "ok": dict(attention_backend=BACKEND_NAME, page_size=16, sparse_config="quest-fast:token_budget=1024"),
         "default": dict(attention_backend=BACKEND_NAME, page_size=16),
+        "object": dict(attention_backend=BACKEND_NAME, page_size=16, sparse_config="@quest-fast"),   # a SparseConfig
+        "not_a_name": dict(attention_backend=BACKEND_NAME, page_size=16, sparse_config=7),
     }
-    out = _server_args_outcomes(cases, 'ServerArgs(model_path="/nonexistent-model", **case)')
+    out = _server_args_outcomes(cases, 'ServerArgs(model_path="/nonexistent-model", **{k: SparseConfig.load(v[1:]) '
+                                       'if k == "sparse_config" and str(v).startswith("@") else v '
+                                       'for k, v in case.items()})')
     assert out["bad"][0] == "SparseConfigError" and "token_budget=1000 is invalid" in out["bad"][1]
     assert out["page"][0] == "SparseServerArgsError" and "e.g. --page-size 16 (got --page-size 1)" in out["page"][1]
     assert "remove --kv-cache-dtype fp8_e4m3" in out["fp8"][1]
@@ -138,6 +143,8 @@ def test_python_api_checks_like_the_cli():
     published = json.loads(out["ok"][2])
     assert published["reselect_every"] == 4 and published["token_budget"] == 1024
     assert json.loads(out["default"][2])["method"] == "quest"
+    assert json.loads(out["object"][2])["reselect_every"] == 4
+    assert out["not_a_name"][0] == "SparseConfigError" and "sparse_config=7" in out["not_a_name"][1]
 
 
 @pytest.mark.parametrize("extra,needle", [

@@ -302,6 +302,7 @@ def test_selection_reuse_per_request_slot():
     reuse = policies.SelectionReuse(cfg, num_layers=2, max_reqs=6, num_kv_heads=2, device="cpu")
     assert reuse.kept.shape == (2, 6, 2, 16)
     assert _reuse_plan(reuse, [3, 0], [5000, 6000]) == [0, 0]                    # nothing kept yet: select
+    assert _reuse_plan(reuse, [3, 0], [5000, 6000]) == [0, 0]                    # the same step planned again
     assert _reuse_plan(reuse, [3, 0, 0], [5001, 6001, 1]) == [5000, 6000, 0]      # reuse; a padding row
     assert _reuse_plan(reuse, [0, 3], [6002, 5002]) == [6000, 5000]              # batch order changed
     assert _reuse_plan(reuse, [3, 0, 4], [5003, 6003, 100]) == [5000, 6000, 0]   # slot 4 fits the budget
