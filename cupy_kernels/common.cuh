@@ -140,3 +140,20 @@ __device__ __forceinline__ u32 rng_uniform(u32 key, u32 i, u32 n) {
     u32 x = hash32(key ^ hash32(i));
     return (u32)(((u64)x * (u64)n) >> 32);
 }
+
+// Sum of counts[0..r) by the whole block, in a fixed order (every thread of a block of NWARPS warps calls it and
+// gets the sum): the CSR offset of row r when each block owns one row. red: NWARPS ints of shared memory.
+template <int NWARPS>
+__device__ __forceinline__ int block_sum_before(const int* __restrict__ counts, int r, int* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int s = 0;
+    for (int i = threadIdx.x; i < r; i += NWARPS * 32) s += counts[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) red[warp] = s;
+    __syncthreads();
+    int sum = 0;
+#pragma unroll
+    for (int w = 0; w < NWARPS; ++w) sum += red[w];
+    return sum;
+}

@@ -19,18 +19,10 @@ extern "C" __global__ void __launch_bounds__(THREADS) compact_kv_rows(
     __shared__ int red[THREADS / 32];
     const int r = blockIdx.x;
     const int j = blockIdx.y * THREADS + threadIdx.x;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x;
     const int n = counts[r];
     if (blockIdx.y > 0 && blockIdx.y * THREADS >= n) return;   // nothing of this row in this chunk (block-uniform)
-    int s = 0;
-    for (int i = tid; i < r; i += THREADS) s += counts[i];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) red[warp] = s;
-    __syncthreads();
-    int offset = 0;
-#pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) offset += red[w];
+    const int offset = block_sum_before<THREADS / 32>(counts, r, red);
     const int* src = rows + (long long)r * cap;
     if (j < n) flat[offset + j] = src[j];
     if (blockIdx.y == 0 && tid == 0) {

@@ -27,16 +27,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) page_rows(
     __shared__ int red[THREADS / 32];
     const int r = blockIdx.x;
     const int b = r / num_kv_heads, h = r - b * num_kv_heads;
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    int s = 0;
-    for (int i = tid; i < r; i += THREADS) s += num_selected[i];
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-    if (lane == 0) red[warp] = s;
-    __syncthreads();
-    int offset = 0;
-#pragma unroll
-    for (int w = 0; w < THREADS / 32; ++w) offset += red[w];
+    const int tid = threadIdx.x;
+    const int offset = block_sum_before<THREADS / 32>(num_selected, r, red);
 
     const int n = num_selected[r];
     const int* sel = selected_pages + (long long)r * width;

@@ -35,6 +35,22 @@ class Pool:
     def max_pages(self) -> int:
         return int((self.seq_lens.max() + self.page_size - 1) // self.page_size)
 
+    def append_token(self, new_slots: torch.Tensor) -> None:
+        """Every request decodes one token: its slot follows its last one (a free page at a page boundary), with
+        random K and V; ``new_slots`` ``[B]`` receives the slots (the step's out_cache_loc)."""
+        P = self.page_size
+        slots = []
+        for row, n in zip(self.req_pool_indices.tolist(), self.seq_lens.tolist()):
+            slot = self.free_pages.pop() * P if n % P == 0 else int(self.req_to_token[row, n - 1]) + 1
+            self.req_to_token[row, n] = slot
+            slots.append(slot)
+        new_slots.copy_(torch.tensor(slots, device=new_slots.device))
+        self.seq_lens += 1
+        B, (HK, D) = len(slots), self.k_cache.shape[1:]
+        dev = self.k_cache.device
+        self.k_cache[new_slots] = torch.randn((B, HK, D), device=dev).to(self.k_cache.dtype)
+        self.v_cache[new_slots] = torch.randn((B, HK, D), device=dev).to(self.v_cache.dtype)
+
 
 def make_pool(seq_lens: list[int], num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
               device: torch.device | str, gen: torch.Generator, spare_pages: int | None = None, max_ctx: int | None = None,

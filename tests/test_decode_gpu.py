@@ -47,23 +47,6 @@ def _batch(op):
     return op.batch
 
 
-def _append_token(pool, page_size, new_slots):
-    """Every request decodes one token: a slot after its last one (a fresh page at a page boundary), random K/V
-    there; ``new_slots`` ``[B]`` gets the slots."""
-    B, (HK, D) = len(new_slots), pool.k_cache.shape[1:]
-    slots = []
-    for b in range(B):
-        n = int(pool.seq_lens[b])
-        row = int(pool.req_pool_indices[b])
-        slot = pool.free_pages.pop() * page_size if n % page_size == 0 else int(pool.req_to_token[row, n - 1]) + 1
-        pool.req_to_token[row, n] = slot
-        slots.append(slot)
-    new_slots.copy_(torch.tensor(slots, device=DEV))
-    pool.seq_lens += 1
-    pool.k_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(pool.k_cache.dtype)
-    pool.v_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(pool.v_cache.dtype)
-
-
 @pytest.mark.parametrize("method", METHODS + ("dense",))
 @pytest.mark.parametrize("D,G,dtype", [(128, 4, torch.bfloat16), (64, 3, torch.float16)])
 def test_exact_when_budget_covers_context(method, D, G, dtype):
@@ -140,7 +123,7 @@ def test_cuda_graph_capture_and_replay(method):
             outs[layer] = op.run(layer, q_static, pool.k_cache, pool.v_cache, meta)
 
     def advance():
-        _append_token(pool, config.page_size, new_slots)
+        pool.append_token(new_slots)
         q_static.copy_((q.float() + 0.1 * torch.randn_like(q.float())).to(dtype))
         op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
 
@@ -302,7 +285,7 @@ def test_selection_reuse_eager_equals_graph_and_reference(method):
         return [op.run(layer, q_static, pool.k_cache, pool.v_cache, meta) for layer in range(3)]
 
     def advance():
-        _append_token(pool, config.page_size, new_slots)
+        pool.append_token(new_slots)
         for layer in range(3):
             meta.update(layer, pool.k_cache, new_slots)
         q_static.copy_((q.float() + 0.3 * torch.randn_like(q.float())).to(q.dtype))

@@ -539,16 +539,7 @@ def test_graph_capture_replay_on_new_data():
 
     def new_data():
         """Append one token to every request, new query, new seeds (host-side set-up, outside the graph)."""
-        slots = []
-        for b in range(B):
-            n = int(pool.seq_lens[b])
-            row = int(pool.req_pool_indices[b])
-            slot = pool.free_pages.pop() * P if n % P == 0 else int(pool.req_to_token[row, n - 1]) + 1
-            pool.req_to_token[row, n] = slot
-            slots.append(slot)
-        new_slots.copy_(torch.tensor(slots, device=DEV))
-        pool.seq_lens += 1
-        pool.k_cache[new_slots] = torch.randn((B, HK, D), device=DEV).to(dtype)
+        pool.append_token(new_slots)
         q.copy_(torch.randn((B, HK * G, D), device=DEV).to(dtype))
         seeds.copy_(torch.randint(0, 2**62, (B,), device=DEV))
         o_det.copy_(torch.randn((B, HK * G, D), device=DEV).to(dtype) * 0.1)

@@ -344,3 +344,16 @@ def test_selection_reuse_attends_kept_pages_and_every_new_one():
                               kept_selection=reuse.layer(0))
     assert relative_l2(out, dense_attention(q, pool.k_cache, pool.v_cache, batch, 1 / 8)).max() < 1e-2
     assert (reuse.selected_at[:-1] == 0).all()                # the last entry absorbs the rows that keep nothing
+
+
+def test_pool_append_token_follows_the_paged_allocator():
+    gen = torch.Generator().manual_seed(5)
+    pool = make_pool([15, 16, 17], 2, 8, 16, torch.float32, "cpu", gen)
+    last = pool.last_slots.clone()
+    free = list(pool.free_pages)
+    new = torch.zeros(3, dtype=torch.int64)
+    pool.append_token(new)
+    assert pool.seq_lens.tolist() == [16, 17, 18] and torch.equal(pool.last_slots, new)
+    assert new[0] == last[0] + 1 and new[2] == last[2] + 1                 # within the request's last page
+    assert new[1] % 16 == 0 and int(new[1]) // 16 == free[-1]              # a page boundary: a free page
+    assert pool.free_pages == free[:-1]
