@@ -119,12 +119,15 @@ class _PerHeadDecode:
         ck.compact_kv_rows(rows, counts, out=(self.indptr, self.indices))
         return self._attend(q, k_cache, v_cache, return_lse)
 
-    def run_pages(self, q, k_cache, v_cache, selected_pages, num_selected, batch: DecodeBatch, return_lse):
+    def run_pages(self, q, k_cache, v_cache, selected_pages, num_selected, batch: DecodeBatch, return_lse,
+                  num_tokens_out: torch.Tensor | None = None):
         """Attend selected logical pages ``[B, HK, W]`` (ascending) with ``num_selected`` ``[B, HK]``; returns the
-        attention output (and LSE) and the tokens attended per row ``[B, HK]`` int32."""
+        attention output (and LSE) and the tokens attended per row ``[B, HK]`` int32 (written into
+        ``num_tokens_out`` when given)."""
+        counts = self.num_tokens if num_tokens_out is None else num_tokens_out
         _, _, _, num_tokens = ck.page_rows(selected_pages, num_selected, batch.req_to_token,
                                            batch.req_pool_indices, batch.seq_lens, self.page_size,
-                                           out=(self.indptr, self.indices, self.last, self.num_tokens))
+                                           out=(self.indptr, self.indices, self.last, counts))
         out = self._attend(q, k_cache, v_cache, return_lse)
         return (*out, num_tokens) if return_lse else (out, num_tokens)
 
@@ -172,15 +175,17 @@ class _DenseDecode:
 class _StepAttention:
     """:class:`policies.Attention` of one layer's step on the operator's FlashInfer wrappers."""
 
-    def __init__(self, wrappers: dict, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch):
+    def __init__(self, wrappers: dict, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: DecodeBatch,
+                 counts_out: torch.Tensor | None = None):
         self.wrappers, self.k_cache, self.v_cache, self.batch = wrappers, k_cache, v_cache, batch
+        self.counts_out = counts_out         # where pages() writes its token counts (the layer's statistics)
 
     def tokens(self, q, rows, counts, *, which, return_lse):
         return self.wrappers[which].run_tokens(q, self.k_cache, self.v_cache, rows, counts, return_lse)
 
     def pages(self, q, selected_pages, num_selected, *, return_lse):
         return self.wrappers["pages"].run_pages(q, self.k_cache, self.v_cache, selected_pages, num_selected,
-                                                self.batch, return_lse)
+                                                self.batch, return_lse, self.counts_out)
 
 
 class SparseDecodeOperator:
@@ -238,9 +243,10 @@ class SparseDecodeOperator:
         self.reuse: policies.SelectionReuse | None = None
         if max_requests is not None:
             self._make_reuse(max_requests)
-        # per step: tokens attended per (request, KV head), summed over the sparse layers, and the sparse layers run
-        self.attended = torch.zeros((max_batch, num_kv_heads), dtype=torch.int32, device=self.device)
-        self.sparse_calls = torch.zeros((), dtype=torch.int32, device=self.device)
+        # per step: tokens attended per (layer, request, KV head), zero for the layers that did not select. Quest's
+        # page_rows writes its counts here directly; the step's sums are taken once, after the last layer.
+        self.layer_counts = torch.zeros((num_layers, max_batch, num_kv_heads), dtype=torch.int32,
+                                        device=self.device)
 
     # ------------------------------------------------------------------ host side, once per step
 
@@ -346,8 +352,7 @@ class SparseDecodeOperator:
             if cfg.method == "vattention":
                 policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
             if self.collect_stats:
-                self.attended.zero_()
-                self.sparse_calls.zero_()
+                self.layer_counts.zero_()
         return path
 
     def _make_reuse(self, max_requests: int) -> None:
@@ -376,7 +381,9 @@ class SparseDecodeOperator:
         if self.path == "dense" or layer < cfg.dense_layers:
             return bufs["dense"].run(q, k_cache, v_cache)
 
-        attend = _StepAttention(bufs, k_cache, v_cache, batch)
+        B = batch.batch_size
+        counts_out = self.layer_counts[layer, :B] if self.collect_stats else None
+        attend = _StepAttention(bufs, k_cache, v_cache, batch, counts_out)
         tables = LayerTables(metadata.page_key_bounds[layer],
                              metadata.key_int4[layer] if metadata.key_int4 else None,
                              metadata.key_scale_zero[layer] if metadata.key_scale_zero else None,
@@ -394,10 +401,9 @@ class SparseDecodeOperator:
             dense_out = bufs["dense"].run(q, k_cache, v_cache).view(q.shape)
             out = torch.where(self.dense_rows[:, None, None], dense_out, out)
             counts = torch.where(self.dense_rows[:, None], batch.seq_lens[:, None].to(counts.dtype), counts)
+        if counts_out is not None and counts.data_ptr() != counts_out.data_ptr():
+            counts_out.copy_(counts)
         self.last_counts = counts
-        if self.collect_stats:
-            self.attended[: batch.batch_size] += counts
-            self.sparse_calls += 1
         return out
 
     def add_request_stats(self, attended_tokens: torch.Tensor, context_tokens: torch.Tensor) -> None:
@@ -410,7 +416,7 @@ class SparseDecodeOperator:
         idx = batch.req_pool_indices.long()
         sparse_layers = max(0, self.num_layers - self.config.dense_layers)
         available = batch.seq_lens.double() * valid * (sparse_layers * self.num_kv_heads)
-        attended = self.attended[:B].sum(1).double() * valid if self.path == "sparse" else available
+        attended = self.layer_counts[:, :B].sum((0, 2)).double() * valid if self.path == "sparse" else available
         attended_tokens.index_add_(0, idx, attended)
         context_tokens.index_add_(0, idx, available)
 
@@ -420,8 +426,10 @@ class SparseDecodeOperator:
         batch = self.batch
         if self.path == "dense":
             return torch.ones(batch.batch_size, device=self.device)
-        calls = self.sparse_calls.clamp_min(1).float()
-        return self.attended[: batch.batch_size].sum(1).float() / (calls * self.num_kv_heads * batch.seq_lens.float())
+        B = batch.batch_size
+        counts = self.layer_counts[:, :B]
+        calls = (counts.sum((1, 2)) > 0).sum().clamp_min(1).float()       # the layers that selected this step
+        return counts.sum((0, 2)).float() / (calls * self.num_kv_heads * batch.seq_lens.float())
 
 
 # ---------------------------------------------------------------------------- the torch reference
