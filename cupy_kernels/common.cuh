@@ -142,7 +142,8 @@ __device__ __forceinline__ u32 rng_uniform(u32 key, u32 i, u32 n) {
 }
 
 // Sum of counts[0..r) by the whole block, in a fixed order (every thread of a block of NWARPS warps calls it and
-// gets the sum): the CSR offset of row r when each block owns one row. red: NWARPS ints of shared memory.
+// gets the sum): the CSR offset of row r when each block owns one row. red: NWARPS ints of shared memory, read
+// after the call's barrier: reuse it only after another __syncthreads().
 template <int NWARPS>
 __device__ __forceinline__ int block_sum_before(const int* __restrict__ counts, int r, int* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;

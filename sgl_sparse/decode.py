@@ -403,7 +403,7 @@ class SparseDecodeOperator:
             counts = torch.where(self.dense_rows[:, None], batch.seq_lens[:, None].to(counts.dtype), counts)
         if counts_out is not None and counts.data_ptr() != counts_out.data_ptr():
             counts_out.copy_(counts)
-        self.last_counts = counts
+        self.last_counts = counts          # [B, HK]; may be the layer's statistics row, zeroed by the next plan()
         return out
 
     def add_request_stats(self, attended_tokens: torch.Tensor, context_tokens: torch.Tensor) -> None:

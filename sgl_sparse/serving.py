@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,6 +34,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+_HANDED_OUT: set[int] = set()      # ports unassigned_port() gave to servers of this process
+
+
+def unassigned_port(low: int = 20000, high: int = 32767) -> int:
+    """A free port below Linux's default ephemeral range (32768..60999, where the OS places sockets bound to port
+    0), not handed out before by this process. SGLang binds its torch.distributed port long after choosing it
+    (after imports and model load); a port from the ephemeral range can meanwhile go to any socket on the host."""
+    rng = random.Random()
+    for port in rng.sample(range(low, high + 1), min(400, high + 1 - low)):
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise ServerError(f"no free port in {low}..{high}")
 
 
 def server_command(model: str, *, backend: str, sparse_config: str | None = None, port: int,
@@ -93,9 +115,9 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if "--nccl-port" not in extra_args:
-            # SGLang picks its torch.distributed port itself, in the server's process: servers started at once
-            # can pick the same one (EADDRINUSE at start-up); ports handed out here, one process, do not collide
-            extra_args = [*extra_args, "--nccl-port", str(free_port())]
+            # SGLang picks its torch.distributed port from the OS's ephemeral range and binds it late: servers
+            # started at once collided there (EADDRINUSE). One from below that range, unique in this process.
+            extra_args = [*extra_args, "--nccl-port", str(unassigned_port())]
         self.cmd = server_command(model, backend=backend, sparse_config=sparse_config, port=self.port,
                                   extra_args=extra_args)
         self.log_path = Path(log_path or f"/tmp/sglang-{backend}-{sparse_config or 'dense'}-{self.port}.log")

@@ -289,9 +289,11 @@ def test_small_budget_retrieves_passkey(servers, method):
         meta = out["meta_info"]
         got = meta["sparse_attended_fraction"][-1]
         n_out, prompt = meta["completion_tokens"], meta["prompt_tokens"]
-        quest = min(_expected_fraction(SMALL_BUDGET, prompt, s) for s in (n_out - 1, n_out))
+        # decode steps 1..n_out-1, or 1..n_out when a step still in flight is counted
+        cands = [_expected_fraction(SMALL_BUDGET, prompt, s) for s in (n_out - 1, n_out)]
+        quest = min(cands)
         if method == "quest":
-            assert abs(got - quest) / quest < 1e-6, (got, quest)
+            assert min(abs(got - c) / c for c in cands) < 1e-6, (got, cands)
         elif method == "twilight":                 # top-p keeps a part of Quest's candidates
             assert 0 < got < 0.9 * quest, (got, quest)
         else:                                      # Quest's pages + a sample of at most sample_capacity tokens

@@ -93,3 +93,16 @@ def test_sigterm_to_the_script_kills_its_servers(tmp_path):
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=30) == 143
     assert _wait_gone(main_pid) and _wait_gone(child), "the script's server outlived its SIGTERM"
+
+
+def test_servers_get_their_own_distributed_port_below_the_ephemeral_range():
+    from sgl_sparse.serving import ServerProcess, unassigned_port
+
+    ports = [unassigned_port() for _ in range(50)]
+    assert len(set(ports)) == 50 and all(20000 <= p <= 32767 for p in ports)
+    a = ServerProcess("/m", backend="flashinfer")
+    b = ServerProcess("/m", backend="flashinfer")
+    pa, pb = (int(s.cmd[s.cmd.index("--nccl-port") + 1]) for s in (a, b))
+    assert pa != pb and pa not in ports and pb not in ports
+    given = ServerProcess("/m", backend="flashinfer", extra_args=["--nccl-port", "12345"])
+    assert given.cmd.count("--nccl-port") == 1 and "12345" in given.cmd
