@@ -51,7 +51,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sgl_sparse.config import METHODS, SparseConfig, presets  # noqa: E402
-from sgl_sparse.serving import ServerError, ServerProcess, server_command, stop_servers_on_sigterm  # noqa: E402
+from sgl_sparse.serving import (Progress, ServerError, ServerProcess, server_command,  # noqa: E402
+                                 stop_servers_on_sigterm)
 
 MODEL_DIR = ROOT / "launch" / "models" / "llama-3.1-8b"
 PAGE_SIZE = SparseConfig.load("dense").page_size          # every preset's page size; the dense baseline uses it too
@@ -178,7 +179,7 @@ def step_ms(short_s: list[float], long_s: list[float], steps: int) -> float:
 
 
 def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequences, log_dir: Path,
-               rows: list[dict], save=lambda: None) -> None:
+               rows: list[dict], save=lambda: None, progress: Progress | None = None) -> None:
     """Start ``method``'s server, time every point that fits its KV pool, stop it. Appends a row per point to
     ``rows`` (errors become rows) and calls ``save`` after each, so a cut-off run keeps what it measured."""
     backend, sparse_config, extra = spec
@@ -196,14 +197,16 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
                        prompt=prompt_lens[context])
             if batch * (prompt_lens[context] + new_tokens + PAGE_SIZE) > pool_tokens:
                 rows.append(dict(row, error=f"does not fit the KV pool ({pool_tokens} tokens)"))
-                print(f"[{method}] {stage}: skipped, {rows[-1]['error']}", flush=True)
+                print(f"[{method}] {stage}: skipped, {rows[-1]['error']}"
+                      f"{f'; {progress.step()}' if progress else ''}", flush=True)
                 continue
             prompts = [seq[:prompt_lens[context]] for seq in sequences[:batch]]
             row.update(measure_point(server.url, prompts, args))
             rows.append(row)
             save()
             print(f"[{method}] {stage}: {row['ms_per_step']:.2f} ms/step, "
-                  f"{row['tokens_per_s']:.0f} tok/s (warm-up/prefill {row['warm_s']:.1f} s)", flush=True)
+                  f"{row['tokens_per_s']:.0f} tok/s (warm-up/prefill {row['warm_s']:.1f} s)"
+                  f"{f'; {progress.step()}' if progress else ''}", flush=True)
     except (ServerError, BenchError, OSError, KeyError, ValueError) as e:
         message = f"{type(e).__name__}: {e}"[:3000]
         print(f"[{method}] FAILED at {stage}: {message}\n(server log: {server.log_path})", flush=True)
@@ -457,9 +460,10 @@ def main() -> int:
         return targets
 
     gpu = gpu_name()
+    progress = Progress(len(servers) * len(points))       # points timed (server start-ups count into the pace)
     for method in servers:
         run_method(method, specs[method], args, points, prompt_lens, new_tokens, sequences, log_dir, rows,
-                   lambda: save(gpu))
+                   lambda: save(gpu), progress)
         save(gpu)
     print_table(rows, save(gpu), gpu)
     png = out_path.with_suffix(".png")

@@ -220,15 +220,18 @@ def main() -> int:
                            elapsed_s=time.time() - t0, rows=rows or [],
                            results=[dataclasses.asdict(r) for r in results]), f, indent=1)
 
+    from sgl_sparse.serving import Progress
+    done = Progress(len(configs) * len(specs))
+
     def progress(r):
         nonlocal last_save
         results.append(r)
         if time.time() - last_save > 5:
             save()
             last_save = time.time()
-        print(f"[{time.time() - t0:6.0f}s] {r.label:10s} budget={r.budget:<6d} {r.task:16s} L={r.length:<6d} "
-              f"depth={r.depth:.2f} seed={r.seed} score={r.score:.2f} attended={r.attended_fraction:.3f} "
-              f"{r.output[:40]!r}", file=sys.stderr, flush=True)
+        print(f"[{time.time() - t0:6.0f}s {done.step()}] {r.label:10s} budget={r.budget:<6d} {r.task:16s} "
+              f"L={r.length:<6d} depth={r.depth:.2f} seed={r.seed} score={r.score:.2f} "
+              f"attended={r.attended_fraction:.3f} {r.output[:40]!r}", file=sys.stderr, flush=True)
 
     try:
         if args.path == "sglang":

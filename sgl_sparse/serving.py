@@ -76,6 +76,21 @@ class ServerError(RuntimeError):
     pass
 
 
+class Progress:
+    """Units of work done out of a known total, with the time left at the mean pace so far (for the long scripts
+    that drive servers): ``Progress(12).step()`` -> ``"1/12, ~5 min left"``."""
+
+    def __init__(self, total: int, clock=time.monotonic):
+        self.total, self.done, self.clock = max(1, total), 0, clock
+        self.start = clock()
+
+    def step(self, n: int = 1) -> str:
+        self.done = min(self.total, self.done + n)
+        left = (self.clock() - self.start) / self.done * (self.total - self.done)
+        when = f"~{left:.0f} s left" if left < 120 else f"~{left / 60:.0f} min left"
+        return f"{self.done}/{self.total}, {when if self.done < self.total else 'done'}"
+
+
 _LIVE: dict[int, "ServerProcess"] = {}   # started and not yet stopped, by process-group id
 
 

@@ -106,3 +106,15 @@ def test_servers_get_their_own_distributed_port_below_the_ephemeral_range():
     assert pa != pb and pa not in ports and pb not in ports
     given = ServerProcess("/m", backend="flashinfer", extra_args=["--nccl-port", "12345"])
     assert given.cmd.count("--nccl-port") == 1 and "12345" in given.cmd
+
+
+def test_progress_reports_time_left_at_the_pace_so_far():
+    from sgl_sparse.serving import Progress
+
+    now = [100.0]
+    p = Progress(4, clock=lambda: now[0])
+    now[0] = 130.0
+    assert p.step() == "1/4, ~90 s left"          # 30 s per unit, 3 units to go
+    now[0] = 700.0
+    assert p.step() == "2/4, ~10 min left"        # 300 s per unit, 2 to go
+    assert p.step(5) == "4/4, done"
