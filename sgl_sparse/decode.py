@@ -40,6 +40,7 @@ from .metadata import SparseKVMetadata
 from .policies import DecodeBatch, LayerTables
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
+EAGER_BATCH_SIZES = 4     # FlashInfer wrapper sets kept for batch sizes no CUDA graph was captured with
 
 
 def _flashinfer():
@@ -225,7 +226,11 @@ class SparseDecodeOperator:
         self.max_pages = -(-max_context // config.page_size)
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.collect_stats = collect_stats
+        # FlashInfer wrappers per batch size (each holds ~8 MiB of device workspace per wrapper): the sizes a CUDA
+        # graph was captured with are kept for good; the others, least recently planned first, beyond
+        # EAGER_BATCH_SIZES are dropped, so eager traffic of many batch sizes keeps memory bounded.
         self._per_batch: dict[int, dict] = {}
+        self._captured_sizes: set[int] = set()
         self._index_buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
@@ -262,27 +267,32 @@ class SparseDecodeOperator:
         return bufs
 
     def _buffers(self, B: int) -> dict:
-        bufs = self._per_batch.get(B)
-        if bufs is None:
-            cfg = self.config
-            HK, G, D = self.num_kv_heads, self.group, self.head_dim
-            rows = self.max_batch * HK
-            bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
-                                          *self._shared("dense", self.max_batch, self.max_context))}
-            if cfg.is_sparse:
-                # A row holds every page of a request within the budget, else top_k (+ pages written since a
-                # reused selection): selection_width pages.
-                P, W = cfg.page_size, cfg.selection_width
-                if cfg.method == "twilight":     # top-p survivors: token rows
-                    bufs["main"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, W * P, self.dtype, self.sm_scale,
-                                                  *self._shared("main", rows, W * P))
-                else:                            # Quest's selection (vAttention's deterministic part): page rows
-                    bufs["pages"] = _PerHeadDecode(self.workspace, B, HK, G, D, P, W * P, self.dtype, self.sm_scale,
-                                                   *self._shared("pages", rows, W))
-                if cfg.method == "vattention":
-                    bufs["sample"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, cfg.sample_capacity, self.dtype,
-                                                    self.sm_scale, *self._shared("sample", rows, cfg.sample_capacity))
-            self._per_batch[B] = bufs
+        bufs = self._per_batch.pop(B, None)
+        if bufs is not None:
+            self._per_batch[B] = bufs                          # most recently planned last
+            return bufs
+        eager = [b for b in self._per_batch if b not in self._captured_sizes]
+        for b in eager[: max(0, len(eager) + 1 - EAGER_BATCH_SIZES)]:
+            del self._per_batch[b]
+        cfg = self.config
+        HK, G, D = self.num_kv_heads, self.group, self.head_dim
+        rows = self.max_batch * HK
+        bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
+                                      *self._shared("dense", self.max_batch, self.max_context))}
+        if cfg.is_sparse:
+            # A row holds every page of a request within the budget, else top_k (+ pages written since a
+            # reused selection): selection_width pages.
+            P, W = cfg.page_size, cfg.selection_width
+            if cfg.method == "twilight":     # top-p survivors: token rows
+                bufs["main"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, W * P, self.dtype, self.sm_scale,
+                                              *self._shared("main", rows, W * P))
+            else:                            # Quest's selection (vAttention's deterministic part): page rows
+                bufs["pages"] = _PerHeadDecode(self.workspace, B, HK, G, D, P, W * P, self.dtype, self.sm_scale,
+                                               *self._shared("pages", rows, W))
+            if cfg.method == "vattention":
+                bufs["sample"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, cfg.sample_capacity, self.dtype,
+                                                self.sm_scale, *self._shared("sample", rows, cfg.sample_capacity))
+        self._per_batch[B] = bufs
         return bufs
 
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
@@ -377,6 +387,8 @@ class SparseDecodeOperator:
         if batch is None:
             raise RuntimeError("call plan() before run()")
         bufs = self._per_batch[batch.batch_size]
+        if torch.cuda.is_current_stream_capturing():           # a graph now holds this size's wrappers
+            self._captured_sizes.add(batch.batch_size)
         cfg = self.config
         if self.path == "dense" or layer < cfg.dense_layers:
             return bufs["dense"].run(q, k_cache, v_cache)

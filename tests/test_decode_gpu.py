@@ -332,6 +332,48 @@ def test_selection_reuse_eager_equals_graph_and_reference(method):
     assert reused_steps == 4
 
 
+def test_eager_batch_sizes_keep_memory_bounded():
+    """Eager steps over many batch sizes keep the wrappers of a captured size plus at most EAGER_BATCH_SIZES
+    others (each set holds FlashInfer workspaces), so device memory stops growing; results stay right."""
+    from sgl_sparse.decode import EAGER_BATCH_SIZES
+
+    lens = [5000 + 37 * i for i in range(12)]
+    config, pool, q, meta, op = _setup("quest", lens, token_budget=1024, min_context=0, dense_layers=0, layers=1)
+    sm = 1 / math.sqrt(q.shape[-1])
+    outs = {}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        op.run(0, q, pool.k_cache, pool.v_cache, meta)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):                          # size 12 is captured: its wrappers stay
+        outs[12] = op.run(0, q, pool.k_cache, pool.v_cache, meta)
+
+    def eager(B):
+        op.plan(pool.req_to_token, pool.req_pool_indices[:B], pool.seq_lens[:B], pool.seq_lens[:B].cpu())
+        return op.run(0, q[:B].contiguous(), pool.k_cache, pool.v_cache, meta)
+
+    for B in range(1, 12):
+        eager(B)
+    torch.cuda.synchronize()
+    used = torch.cuda.memory_allocated()
+    for B in range(1, 12):
+        out = eager(B)
+        assert len(op._per_batch) <= EAGER_BATCH_SIZES + 1 and 12 in op._per_batch
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() <= used + (1 << 20)    # a second round over the sizes allocates nothing new
+    want, _ = reference_decode(config, 0, q[:11], pool.k_cache, pool.v_cache, op.batch, meta, sm)
+    err = relative_l2(out, want)                           # score ties may pick another page: as the graph tests
+    assert err.median().item() < 1e-2 and err.max().item() < 0.1, err.max().item()
+    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+    graph.replay()                                         # the captured size still replays
+    torch.cuda.synchronize()
+    want, _ = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, op.batch, meta, sm)
+    err = relative_l2(outs[12], want)
+    assert err.median().item() < 1e-2 and err.max().item() < 0.1, err.max().item()
+
+
 def test_bounds_of_every_layer_in_one_launch():
     """page_bounds_update_layers == page_bounds_update per layer, for decode slots (one per request) and for a
     page reused from offset 0; inside a CUDA graph too."""
