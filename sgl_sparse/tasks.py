@@ -74,13 +74,18 @@ def _fill(count_tokens, pieces: list[tuple[float, str]], filler, target: int, qu
     """Filler sentences until the prompt reaches ``target`` tokens, with ``pieces`` at relative depths."""
     sentences: list[str] = []
     budget = target - count_tokens(question) - sum(count_tokens(p) for _, p in pieces) - 16
-    used = 0
-    per = max(1, count_tokens(next(filler)))
-    while used < budget:
-        s = next(filler)
-        sentences.append(s)
-        used += per
-    # Trim to budget with a real count (filler token counts are nearly constant).
+    # Add sentences by their own counts (essay sentences differ in length), then correct with a real count of the
+    # whole (tokens merge across sentence boundaries, so the sum overestimates) until within a sentence of budget.
+    real = 0
+    for _ in range(20):
+        deficit, added = budget - real, 0
+        while added < deficit:
+            s = next(filler)
+            sentences.append(s)
+            added += max(1, count_tokens(s))
+        real = count_tokens("".join(sentences))
+        if budget - real <= max(1, count_tokens(sentences[-1])):
+            break
     while sentences and count_tokens("".join(sentences)) > budget:
         sentences.pop()
     for depth, piece in sorted(pieces, key=lambda x: -x[0]):
@@ -145,11 +150,16 @@ def make_task(task: str, length: int, depth: float, seed: int, count_tokens) -> 
     words: list[str] = []
     render = lambda ws: ("Below is a numbered list of words. " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(ws))  # noqa: E731
                          + "\n" + q)
-    per_word = max(1.0, count_tokens(render(common * 5)) / 50)
-    while len(words) * per_word < length:
-        chunk = common * 3 + rng.sample(rare_pool, 20)
-        rng.shuffle(chunk)
-        words.extend(chunk)
+    base = count_tokens(render([]))
+    per_word = max(1.0, (count_tokens(render(common * 10)) - base) / 100)
+    for _ in range(20):             # past the target by a real count (numbering grows longer down the list)
+        while base + len(words) * per_word < 1.1 * length:
+            chunk = common * 3 + rng.sample(rare_pool, 20)
+            rng.shuffle(chunk)
+            words.extend(chunk)
+        if count_tokens(render(words)) > length:
+            break
+        per_word *= 0.8
     lo, hi = 0, len(words)                         # the most words whose prompt fits the target length
     while lo < hi:
         mid = (lo + hi + 1) // 2

@@ -23,6 +23,19 @@ def test_instances_hit_length_and_hold_their_answers(task, length):
     assert inst.score("nothing relevant") == 0.0
 
 
+def merged(s: str) -> int:
+    """A stand-in tokenizer whose count of a text is below the sum over its sentences (as BPE merges across
+    sentence boundaries): words, plus one per call."""
+    return len(s.split()) + 1
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_prompts_fill_their_length_when_counts_merge_across_sentences(task):
+    length = 8000
+    n = merged(tasks.make_task(task, length, 0.5, 3, merged).prompt)
+    assert length - 60 <= n <= length, n
+
+
 def test_seeded_and_depth_controls_needle_position():
     a = tasks.make_task("niah_single_1", 1000, 0.1, 1, words)
     b = tasks.make_task("niah_single_1", 1000, 0.1, 1, words)
