@@ -378,6 +378,9 @@ def _attach_fraction(result, processor, i, req, *args, **kwargs):
         if req.customized_info is None:
             req.customized_info = {}
         req.customized_info.setdefault(STATS_KEY, []).append(entry[1])
+        backend = _ACTIVE.get("backend")
+        if backend is not None and backend.metrics is not None and entry[1] is not None and req.finished():
+            backend.metrics.attended_fraction.observe(entry[1])
     return result
 
 
@@ -448,14 +451,20 @@ def _backend_class():
                 if missing:
                     raise RuntimeError(f"sgl-sparse: SGLang hooks not applied: {missing}; per-request dense opt-out "
                                        "would be ignored under CUDA graphs")
+            # Prometheus metrics (sgl_sparse.metrics) with --enable-metrics, recorded by attention-TP rank 0
+            self.metrics = None
+            if getattr(runner.server_args, "enable_metrics", False) and get_parallel().attn_tp_rank == 0:
+                from .metrics import SparseMetrics
+                self.metrics = SparseMetrics.get()
+                self.metrics.side_table_bytes.set(self.side_table_bytes())
             _ACTIVE["backend"] = self
             cap_warning = vattention_cap_warning(config, mc.context_len)
             if cap_warning:
                 logger.warning(cap_warning)
-            kept = self.operator.reuse.kept.numel() * 4 if self.operator.reuse is not None else 0
             logger.info("sgl-sparse backend: %s; %d layers, %d/%d query/KV heads per rank, head_dim %d, "
-                        "KV pool %d slots, up to %d requests; kept selections %.1f MiB", config.to_dict(), layers,
-                        self.num_qo_heads, self.num_kv_heads, self.head_dim, k0.shape[0], max_reqs, kept / 2**20)
+                        "KV pool %d slots, up to %d requests; side tables and kept selections %.1f MiB",
+                        config.to_dict(), layers, self.num_qo_heads, self.num_kv_heads, self.head_dim, k0.shape[0],
+                        max_reqs, self.side_table_bytes() / 2**20)
 
         # -- metadata, outside the graph, once per step
         def init_forward_metadata_out_graph(self, forward_batch, in_capture: bool = False):
@@ -471,6 +480,11 @@ def _backend_class():
                 raise RuntimeError(f"sgl-sparse: {len(dense_rows)} opt-out flags for a decode batch of {bs}")
             seq_cpu = forward_batch.seq_lens_cpu
             seq_cpu = seq_cpu[:bs] if seq_cpu is not None else forward_batch.seq_lens[:bs].cpu()
+            if self.metrics is not None and not in_capture and self.config.is_sparse:
+                real = seq_cpu[seq_cpu > 1]                     # CUDA-graph padding rows have seq_len 1
+                pages = (real + self.config.page_size - 1) // self.config.page_size
+                selecting = int((pages > self.config.dense_pages).sum())
+                self.metrics.count_rows(selecting, len(real) - selecting)
             self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],
                                forward_batch.seq_lens[:bs], seq_cpu, dense_rows=dense_rows,
                                path=self.capture_path if in_capture else None)
@@ -517,6 +531,13 @@ def _backend_class():
                 self.metadata.update_bounds_all_layers(self.key_buffers, forward_batch.out_cache_loc)
                 self.operator.add_request_stats(self.attended_tokens, self.context_tokens)
             return o.view(-1, self.num_qo_heads * self.head_dim)
+
+        def side_table_bytes(self) -> int:
+            """GPU bytes of this rank's side tables and kept selections."""
+            tables = [*self.metadata.page_key_bounds, *self.metadata.key_int4, *self.metadata.key_scale_zero]
+            if self.operator.reuse is not None:
+                tables.append(self.operator.reuse.kept)
+            return sum(t.numel() * t.element_size() for t in tables)
 
         def attended_fractions(self, req_pool_indices: list[int]) -> list[float | None]:
             """Mean attended fraction so far of the requests in these slots (host floats; ``None`` before the

@@ -72,7 +72,8 @@ def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
         small = dict(token_budget=SMALL_BUDGET, min_context=1024)
         specs[f"{m}_small"] = ("sgl_sparse", _config(tmp, f"{m}_small", m, **small), [])
     specs["quest_eager"] = ("sgl_sparse", specs["quest_small"][1], ["--disable-cuda-graph"])
-    specs["quest_reuse"] = ("sgl_sparse", _config(tmp, "quest_reuse", "quest", reselect_every=4, **small), [])
+    specs["quest_reuse"] = ("sgl_sparse", _config(tmp, "quest_reuse", "quest", reselect_every=4, **small),
+                            ["--enable-metrics"])
     # selection per 8 tokens inside SGLang's 16-token pages
     specs["quest_p8"] = ("sgl_sparse", _config(tmp, "quest_p8", "quest", page_size=8, **small), ["--page-size", "16"])
     # a pool that holds one ~3.6K-token shared prefix with its requests, not two: the radix cache must evict
@@ -320,6 +321,24 @@ def test_selection_reuse_retrieves_passkeys(servers):
     again = generate(servers["quest_reuse"], [i.prompt for i in reversed(insts)], max_new_tokens=10)
     for inst, a in zip(reversed(insts), again):
         assert inst.score(a["text"]) == 1, f"depth {inst.depth}, sent again: {a['text']!r}"
+
+
+def test_metrics_on_the_prometheus_endpoint(servers):
+    """--enable-metrics: /metrics carries the attended-fraction histogram of finished requests, the decode rows
+    by attention and the side tables' bytes."""
+    import requests
+
+    inst = passkey_prompts(depths=(0.5,))[0]
+    generate(servers["quest_reuse"], [inst.prompt], max_new_tokens=8)
+    text = requests.get(servers["quest_reuse"].url + "/metrics", timeout=60).text
+
+    def total(prefix):
+        return sum(float(line.rsplit(" ", 1)[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+    assert total("sglang:sparse_attended_fraction_count") >= 1, text[-3000:]
+    assert 0 < total("sglang:sparse_attended_fraction_sum") < total("sglang:sparse_attended_fraction_count")
+    assert total('sglang:sparse_decode_rows_total{attention="sparse"') >= 7     # 8 tokens: 7 decode steps
+    assert total("sglang:sparse_side_table_bytes") > 0
 
 
 def test_selection_finer_than_sglang_pages(servers):

@@ -1,0 +1,45 @@
+"""The backend's Prometheus metrics (sgl_sparse.metrics) and the scheduler hook that records them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+pytest.importorskip("prometheus_client")
+
+from prometheus_client import REGISTRY  # noqa: E402
+
+from sgl_sparse import sglang_backend  # noqa: E402
+from sgl_sparse.metrics import SparseMetrics  # noqa: E402
+
+
+def _value(name, **labels):
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_finished_requests_feed_the_histogram_and_rows_the_counter(monkeypatch):
+    metrics = SparseMetrics.get()
+    assert SparseMetrics.get() is metrics                      # one set per process
+    backend = SimpleNamespace(metrics=metrics, config=SimpleNamespace(is_sparse=True))
+    running = SimpleNamespace(customized_info=None, finished=lambda: False)
+    done = SimpleNamespace(customized_info=None, finished=lambda: True)
+    monkeypatch.setitem(sglang_backend._ACTIVE, "backend", backend)
+    monkeypatch.setitem(sglang_backend._ACTIVE, "fractions", {id(running): (running, 0.5), id(done): (done, 0.125)})
+    count0 = _value("sglang:sparse_attended_fraction_count")
+    sum0 = _value("sglang:sparse_attended_fraction_sum")
+    low0 = _value("sglang:sparse_attended_fraction_bucket", le="0.2")
+    for req in (running, done):
+        sglang_backend._attach_fraction("result", None, 0, req)
+    assert running.customized_info == {sglang_backend.STATS_KEY: [0.5]}
+    assert done.customized_info == {sglang_backend.STATS_KEY: [0.125]}
+    assert _value("sglang:sparse_attended_fraction_count") == count0 + 1          # the finished one only
+    assert _value("sglang:sparse_attended_fraction_sum") == sum0 + 0.125
+    assert _value("sglang:sparse_attended_fraction_bucket", le="0.2") == low0 + 1
+    sparse0, dense0 = (_value("sglang:sparse_decode_rows_total", attention=a) for a in ("sparse", "dense"))
+    metrics.count_rows(3, 5)
+    metrics.count_rows(0, 2)
+    assert _value("sglang:sparse_decode_rows_total", attention="sparse") == sparse0 + 3
+    assert _value("sglang:sparse_decode_rows_total", attention="dense") == dense0 + 7
+    metrics.side_table_bytes.set(12345)
+    assert _value("sglang:sparse_side_table_bytes") == 12345
