@@ -352,6 +352,27 @@ def test_selection_finer_than_sglang_pages(servers):
         assert min(abs(got - w) / w for w in want) < 1e-6, (got, want)
 
 
+def test_cpu_path_agrees_with_the_server(servers):
+    """The CPU path (transformers + the torch reference selection: the way to debug a case) and the server answer
+    the same instance with the same config: both find the passkey, and both attend the same fraction."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sgl_sparse import models
+    from sgl_sparse.hf_sparse import sparse_attention
+
+    inst = passkey_prompts(length=3000, depths=(0.5,))[0]
+    config = SparseConfig.load("quest").replace(token_budget=SMALL_BUDGET, min_context=1024)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="sdpa").eval()
+    with sparse_attention(model, config) as stats:
+        cpu_answer = models.greedy(model, _tokenizer(), inst.prompt, 8)
+    server = generate(servers["quest_small"], [inst.prompt], max_new_tokens=8)[0]
+    assert inst.score(cpu_answer) == 1 and inst.score(server["text"]) == 1, (cpu_answer, server["text"])
+    got = server["meta_info"]["sparse_attended_fraction"][-1]
+    assert 0 < stats.attended_fraction < 1 and abs(stats.attended_fraction - got) / got < 1e-2, \
+        (stats.attended_fraction, got)
+
+
 def test_frontend_program(servers):
     """sgl.function / sgl.gen / RuntimeEndpoint / run_batch drive the sparse server."""
     import sglang as sgl
