@@ -64,13 +64,13 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
     f[4] = kv_lo(v.z); f[5] = kv_hi(v.z); f[6] = kv_lo(v.w); f[7] = kv_hi(v.w);
 }
 
-// Exclusive prefix count of `flag` over the block, in thread order (every thread of a block of NWARPS warps calls
-// it); returns this thread's prefix and sets *total to the block's count. warp_totals: NWARPS ints of shared memory.
+// Offsets of the warps' totals over the block: every thread gets the sum of the totals of the warps before its own
+// and *total, the block's sum. The thread `writer` of each warp passes its warp's total. warp_totals: NWARPS ints
+// of shared memory (free again when this returns).
 template <int NWARPS>
-__device__ __forceinline__ int block_exclusive_scan(bool flag, int* warp_totals, int* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const u32 ballot = __ballot_sync(0xffffffffu, flag);
-    if (lane == 0) warp_totals[warp] = __popc(ballot);
+__device__ __forceinline__ int warps_before(int warp_total, bool writer, int* warp_totals, int* total) {
+    const int warp = threadIdx.x >> 5;
+    if (writer) warp_totals[warp] = warp_total;
     __syncthreads();
     int before = 0, sum = 0;
 #pragma unroll
@@ -81,32 +81,31 @@ __device__ __forceinline__ int block_exclusive_scan(bool flag, int* warp_totals,
     }
     __syncthreads();
     *total = sum;
-    return before + __popc(ballot & ((1u << lane) - 1u));
+    return before;
+}
+
+// Exclusive prefix count of `flag` over the block, in thread order (every thread of a block of NWARPS warps calls
+// it); returns this thread's prefix and sets *total to the block's count. warp_totals: NWARPS ints of shared memory.
+template <int NWARPS>
+__device__ __forceinline__ int block_exclusive_scan(bool flag, int* warp_totals, int* total) {
+    const int lane = threadIdx.x & 31;
+    const u32 ballot = __ballot_sync(0xffffffffu, flag);
+    return warps_before<NWARPS>(__popc(ballot), lane == 0, warp_totals, total) +
+           __popc(ballot & ((1u << lane) - 1u));
 }
 
 // Exclusive prefix sum of `v` over the block, in thread order (every thread of a block of NWARPS warps calls it);
 // returns this thread's prefix and sets *total to the block's sum. warp_totals: NWARPS ints of shared memory.
 template <int NWARPS>
 __device__ __forceinline__ int block_exclusive_sum(int v, int* warp_totals, int* total) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int lane = threadIdx.x & 31;
     int x = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
         const int t = __shfl_up_sync(0xffffffffu, x, o);
         if (lane >= o) x += t;
     }
-    if (lane == 31) warp_totals[warp] = x;
-    __syncthreads();
-    int before = 0, sum = 0;
-#pragma unroll
-    for (int w = 0; w < NWARPS; ++w) {
-        const int t = warp_totals[w];
-        before += (w < warp) ? t : 0;
-        sum += t;
-    }
-    __syncthreads();
-    *total = sum;
-    return before + x - v;
+    return warps_before<NWARPS>(x, lane == 31, warp_totals, total) + x - v;
 }
 
 __device__ __forceinline__ float warp_sum(float x) {
