@@ -246,7 +246,8 @@ class SparseDecodeOperator:
         self.reuse_from = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
         # kept selections per request slot (config.reselect_every > 1; see SelectionReuse)
         self.reuse: policies.SelectionReuse | None = None
-        if max_requests is not None:
+        self._reuses = config.is_sparse and config.reselect_every > 1 and num_layers > config.dense_layers
+        if max_requests is not None and self._reuses:
             self._make_reuse(max_requests)
         # per step: tokens attended per (layer, request, KV head), zero for the layers that did not select. Quest's
         # page_rows writes its counts here directly; the step's sums are taken once, after the last layer.
@@ -325,9 +326,9 @@ class SparseDecodeOperator:
         rpi.copy_(req_pool_indices)
         lens.copy_(seq_lens)
         fits = self.fits_budget[:B]
-        torch.le((lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=fits)
+        policies.within_budget(cfg, lens, out=fits)
         self.batch = DecodeBatch(req_to_token, rpi, lens, self.max_pages, fits_budget=fits)
-        if self.reuse is None:
+        if self.reuse is None and self._reuses:
             self._make_reuse(req_to_token.shape[0])
         if self.reuse is not None:
             if req_to_token.shape[0] > self.reuse.max_reqs:
@@ -350,7 +351,7 @@ class SparseDecodeOperator:
             bufs["dense"].plan(self.batch, seq_lens_cpu)
         self.step.add_(1)
         if path == "sparse" and self.reuse is not None:
-            self.reuse.plan(rpi, lens, out=self.batch.reuse_from)
+            self.reuse.plan(self.batch, out=self.batch.reuse_from)
         if path == "sparse":
             # FlashInfer splits each row's tokens over its CTAs by the lengths planned here: Quest's selection
             # attends a number of tokens known from the lengths alone (the last page is always selected);
@@ -366,10 +367,8 @@ class SparseDecodeOperator:
         return path
 
     def _make_reuse(self, max_requests: int) -> None:
-        cfg = self.config
-        sparse_layers = self.num_layers - cfg.dense_layers
-        if cfg.is_sparse and cfg.reselect_every > 1 and sparse_layers > 0:
-            self.reuse = policies.SelectionReuse(cfg, sparse_layers, max_requests, self.num_kv_heads, self.device)
+        self.reuse = policies.SelectionReuse(self.config, self.num_layers - self.config.dense_layers, max_requests,
+                                             self.num_kv_heads, self.device)
 
     def forget(self, req_pool_indices: torch.Tensor) -> None:
         """Request slots (``[n]`` device indices into ``req_to_token``) that start a new request or prefill again:
@@ -481,28 +480,6 @@ def attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, return_ls
     return (o, lse) if return_lse else o
 
 
-def page_rows_to_token_rows(indptr: torch.Tensor, page_indices: torch.Tensor, last_page_len: torch.Tensor,
-                            page_size: int, num_kv_heads: int, batch_size: int
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens FlashInfer attends for page rows (see ``_PerHeadDecode``): entry o of page index i is kv index
-    ``i + o * HK``, every page full but a row's last (``last_page_len`` tokens). Returns rows ``[B, HK, C]`` int32
-    and counts ``[B, HK]`` int32."""
-    R = batch_size * num_kv_heads
-    rows_list = []
-    for r in range(R):
-        pages = page_indices[int(indptr[r]): int(indptr[r + 1])].long()
-        toks = (pages[:, None] + torch.arange(page_size, device=pages.device)[None] * num_kv_heads).reshape(-1)
-        if pages.numel():
-            toks = toks[: toks.numel() - page_size + int(last_page_len[r])]
-        rows_list.append(toks)
-    width = max([1] + [t.numel() for t in rows_list])
-    rows = torch.full((R, width), -1, dtype=torch.int32, device=page_indices.device)
-    for r, t in enumerate(rows_list):
-        rows[r, : t.numel()] = t.to(torch.int32)
-    counts = torch.tensor([t.numel() for t in rows_list], dtype=torch.int32, device=page_indices.device)
-    return rows.view(batch_size, num_kv_heads, width), counts.view(batch_size, num_kv_heads)
-
-
 class _ReferenceAttention:
     """:class:`policies.Attention` in float32 torch (the spec of ``_StepAttention``)."""
 
@@ -514,13 +491,14 @@ class _ReferenceAttention:
         return attend_rows_reference(q, self.k_cache, self.v_cache, rows, counts, self.sm_scale, return_lse)
 
     def pages(self, q, selected_pages, num_selected, *, return_lse):
+        # the tokens of the selected pages (FlashInfer reading page_rows' rows attends exactly these:
+        # tests/test_reference.py proves the two equal)
         b = self.batch
-        indptr, indices, last, num_tokens = ck.reference.page_rows(selected_pages, num_selected, b.req_to_token,
-                                                                   b.req_pool_indices, b.seq_lens, self.page_size)
-        B, HK = num_selected.shape
-        rows, counts = page_rows_to_token_rows(indptr, indices, last, self.page_size, HK, B)
+        rows, counts = ck.reference.pages_to_kv_indices(selected_pages, num_selected, b.req_to_token,
+                                                        b.req_pool_indices, b.seq_lens, self.page_size,
+                                                        selected_pages.shape[-1] * self.page_size)
         out = attend_rows_reference(q, self.k_cache, self.v_cache, rows, counts, self.sm_scale, return_lse)
-        return (*out, num_tokens) if return_lse else (out, num_tokens)
+        return (*out, counts) if return_lse else (out, counts)
 
 
 def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache: torch.Tensor,

@@ -89,7 +89,7 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
     if layer == 0:
         stats.step += 1
         if stats.reuse is not None:
-            stats.reuse.plan(batch.req_pool_indices, batch.seq_lens, out=stats.reuse_from)
+            stats.reuse.plan(batch, out=stats.reuse_from)
     kept = None
     if stats.reuse is not None and layer >= cfg.dense_layers:
         batch.reuse_from = stats.reuse_from

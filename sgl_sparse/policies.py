@@ -100,7 +100,7 @@ def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor) -> torch.Tensor:
     P = cfg.page_size
     lens = seq_lens.long()
     n = (lens + P - 1) // P
-    pages = torch.where(n <= cfg.dense_pages, n, torch.full_like(n, cfg.top_k_pages + cfg.reuse_extra_pages))
+    pages = torch.where(within_budget(cfg, lens), n, torch.full_like(n, cfg.top_k_pages + cfg.reuse_extra_pages))
     return (torch.minimum(pages, n) - 1) * P + (lens - (n - 1) * P)
 
 
@@ -127,19 +127,17 @@ class SelectionReuse:
                                 device=device)
         self.selected_at = torch.zeros(max_reqs + 1, dtype=torch.int32, device=device)
 
-    def plan(self, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def plan(self, batch: DecodeBatch, out: torch.Tensor) -> torch.Tensor:
         """Write ``reuse_from`` ``[B]`` int32 into ``out``: the seq_len of the kept selection a row reuses, or 0
         where the row selects (and its slot's ``selected_at`` becomes its seq_len)."""
-        cfg = self.cfg
-        idx = req_pool_indices.long()
-        lens = seq_lens.to(torch.int32)
+        idx = batch.req_pool_indices.long()
+        lens = batch.seq_lens.to(torch.int32)
         at = self.selected_at[idx]
-        sparse = (lens.long() + cfg.page_size - 1) // cfg.page_size > cfg.dense_pages
+        sparse = ~fits_in_budget(self.cfg, batch)
         # lens > at: a step never reuses the selection it makes itself (plan() twice for one step selects twice)
-        reuse = sparse & (at > 0) & (lens > at) & (lens - at < cfg.reselect_every)
-        torch.where(reuse, at, torch.zeros_like(at), out=out)
-        select = sparse & ~reuse
-        self.selected_at[torch.where(select, idx, torch.full_like(idx, self.max_reqs))] = lens
+        reuse = sparse & (at > 0) & (lens > at) & (lens - at < self.cfg.reselect_every)
+        torch.mul(at, reuse, out=out)
+        self.selected_at[torch.where(sparse & ~reuse, idx, self.max_reqs)] = lens
         return out
 
     def forget(self, req_pool_indices: torch.Tensor) -> None:
@@ -151,12 +149,15 @@ class SelectionReuse:
         return self.kept[index]
 
 
+def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` bool (host or device, into ``out`` if given): requests with at most ``dense_pages`` pages, attended
+    densely (they fit in the budget or are below min_context); the others need a selection."""
+    return torch.le((seq_lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=out)
+
+
 def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
-    """``[B]`` bool: requests attended densely (they fit in the budget or are below min_context)."""
-    if batch.fits_budget is not None:
-        return batch.fits_budget
-    pages = (batch.seq_lens.long() + cfg.page_size - 1) // cfg.page_size
-    return pages <= cfg.dense_pages
+    """:func:`within_budget` of the batch (the operator computes it once per step, in ``plan()``)."""
+    return batch.fits_budget if batch.fits_budget is not None else within_budget(cfg, batch.seq_lens)
 
 
 def quest(ops, cfg, q, tables, batch, attend: Attention):

@@ -30,6 +30,7 @@ import logging
 import os
 
 from .config import SparseConfig, SparseConfigError
+from .policies import within_budget
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +171,13 @@ def _resolve_cli_config(args) -> None:
     _resolve_config(args, name, f"--sparse-config {name}", f"--attention-backend {BACKEND_NAME}")
 
 
-def _resolve_config(args, name: str | None, given: str, needed: str) -> None:
+def _resolve_config(args, name: str | SparseConfig | None, given: str, needed: str) -> None:
     """Shared by the CLI and the Python API: resolve the config (``name``, else the one already published, else
     the default preset), check the server flags ``args`` (parsed flags or a ``ServerArgs``) against it, turn
     prefill graphs off, publish it for the scheduler processes."""
     if uses_sparse_backend(args):
-        if name is not None and name.startswith("{"):            # a SparseConfig given to ServerArgs
-            config = SparseConfig.from_dict(json.loads(name), source="sparse_config")
+        if isinstance(name, SparseConfig):                       # given to ServerArgs as an object
+            config = name
         elif name is not None or ENV_CONFIG not in os.environ:
             config = SparseConfig.load(name or DEFAULT_CONFIG)
         else:
@@ -203,9 +204,7 @@ def _take_sparse_config(server_args, *args, **kwargs):
     """Before ``ServerArgs(...)``: ``sgl.Engine(..., sparse_config="quest")`` is the Python API's
     ``--sparse-config`` (not a ServerArgs field: kept on the instance until ``__post_init__``)."""
     name = kwargs.pop("sparse_config", None)
-    if isinstance(name, SparseConfig):
-        name = json.dumps(name.to_dict())
-    if name is not None and not isinstance(name, str):
+    if name is not None and not isinstance(name, (str, SparseConfig)):
         raise SparseConfigError(f"sparse_config={name!r}: pass a preset name, a YAML path (optionally with "
                                 ":field=value overrides) or a SparseConfig")
     if name is not None:
@@ -482,9 +481,8 @@ def _backend_class():
             seq_cpu = seq_cpu[:bs] if seq_cpu is not None else forward_batch.seq_lens[:bs].cpu()
             if self.metrics is not None and not in_capture and self.config.is_sparse:
                 real = seq_cpu[seq_cpu > 1]                     # CUDA-graph padding rows have seq_len 1
-                pages = (real + self.config.page_size - 1) // self.config.page_size
-                selecting = int((pages > self.config.dense_pages).sum())
-                self.metrics.count_rows(selecting, len(real) - selecting)
+                dense = int(within_budget(self.config, real).sum())
+                self.metrics.count_rows(len(real) - dense, dense)
             self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],
                                forward_batch.seq_lens[:bs], seq_cpu, dense_rows=dense_rows,
                                path=self.capture_path if in_capture else None)

@@ -496,11 +496,32 @@ def test_page_rows_brute_force(P):
     assert indices[: want_ptr[-1]].tolist() == want_idx and (indices[want_ptr[-1]:] == -1).all()
 
 
+def page_rows_to_token_rows(indptr: torch.Tensor, page_indices: torch.Tensor, last_page_len: torch.Tensor,
+                            page_size: int, num_kv_heads: int, batch_size: int
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens FlashInfer attends for page rows (see ``_PerHeadDecode``): entry o of page index i is kv index
+    ``i + o * HK``, every page full but a row's last (``last_page_len`` tokens). Returns rows ``[B, HK, C]`` int32
+    and counts ``[B, HK]`` int32."""
+    R = batch_size * num_kv_heads
+    rows_list = []
+    for r in range(R):
+        pages = page_indices[int(indptr[r]): int(indptr[r + 1])].long()
+        toks = (pages[:, None] + torch.arange(page_size, device=pages.device)[None] * num_kv_heads).reshape(-1)
+        if pages.numel():
+            toks = toks[: toks.numel() - page_size + int(last_page_len[r])]
+        rows_list.append(toks)
+    width = max([1] + [t.numel() for t in rows_list])
+    rows = torch.full((R, width), -1, dtype=torch.int32, device=page_indices.device)
+    for r, t in enumerate(rows_list):
+        rows[r, : t.numel()] = t.to(torch.int32)
+    counts = torch.tensor([t.numel() for t in rows_list], dtype=torch.int32, device=page_indices.device)
+    return rows.view(batch_size, num_kv_heads, width), counts.view(batch_size, num_kv_heads)
+
+
 @pytest.mark.parametrize("P", [1, 4, 16])
 def test_page_rows_attend_the_tokens_of_the_selected_pages(P):
     """FlashInfer's reading of a page row (entry o of page index i is kv index i + o * HK, the last page cut to
     last_page_len) gives exactly the kv indices pages_to_kv_indices lists for the same selection."""
-    from sgl_sparse.decode import page_rows_to_token_rows
     HK, K = 2, 5
     lens = [3 * P + 1, 5 * P, 1, 9 * P - 1]
     pool = make_pool(lens, P, HK, 8, torch.float16, seed=60 + P)

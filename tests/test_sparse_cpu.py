@@ -291,7 +291,9 @@ def test_host_token_counts_match_the_selection():
 
 def _reuse_plan(reuse, slots, lens):
     out = torch.empty(len(slots), dtype=torch.int32)
-    return reuse.plan(torch.tensor(slots), torch.tensor(lens, dtype=torch.int32), out=out).tolist()
+    batch = DecodeBatch(torch.zeros((1, 1), dtype=torch.int32), torch.tensor(slots),
+                        torch.tensor(lens, dtype=torch.int32), 1)
+    return reuse.plan(batch, out=out).tolist()
 
 
 def test_selection_reuse_per_request_slot():
@@ -324,7 +326,7 @@ def test_selection_reuse_attends_kept_pages_and_every_new_one():
     lens0 = pool.seq_lens.clone()
     for step, grow in enumerate([0, 5, 30, 63]):
         batch.seq_lens = lens0 - 63 + grow                                     # the requests grow by `grow` tokens
-        batch.reuse_from = reuse.plan(batch.req_pool_indices, batch.seq_lens, out=reuse_from)
+        batch.reuse_from = reuse.plan(batch, out=reuse_from)
         assert batch.reuse_from.tolist() == ([0, 0] if step == 0 else (lens0 - 63).tolist())
         _, counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta,
                                      kept_selection=reuse.layer(0))
@@ -339,7 +341,7 @@ def test_selection_reuse_attends_kept_pages_and_every_new_one():
     config, pool, q, meta, batch = _setup("quest", [700, 333], token_budget=1024, min_context=0, dense_layers=0,
                                           reselect_every=4)
     reuse = policies.SelectionReuse(config, 1, pool.req_to_token.shape[0], 2, "cpu")
-    batch.reuse_from = reuse.plan(batch.req_pool_indices, batch.seq_lens, out=reuse_from)
+    batch.reuse_from = reuse.plan(batch, out=reuse_from)
     out, _ = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta, 1 / 8,
                               kept_selection=reuse.layer(0))
     assert relative_l2(out, dense_attention(q, pool.k_cache, pool.v_cache, batch, 1 / 8)).max() < 1e-2
