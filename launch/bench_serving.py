@@ -105,10 +105,9 @@ def server_spec(config: str, args, tokenizer: Path) -> tuple[str, str | None, li
     pool = max_c * (longest + PAGE_SIZE) + 8192
     extra = ["--load-format", "dummy", "--tokenizer-path", str(tokenizer), "--mem-fraction-static",
              str(args.mem_fraction_static), "--max-total-tokens", str(pool), "--max-running-requests", str(max_c),
-             "--cuda-graph-max-bs-decode", str(max_c), "--cuda-graph-backend-prefill", "disabled"]
-    if config == "dense":
-        return "flashinfer", None, extra + ["--page-size", str(PAGE_SIZE)]
-    return "sgl_sparse", config, extra + ["--page-size", str(PAGE_SIZE)]
+             "--cuda-graph-max-bs-decode", str(max_c), "--cuda-graph-backend-prefill", "disabled",
+             "--page-size", str(PAGE_SIZE)]
+    return ("flashinfer", None, extra) if config == "dense" else ("sgl_sparse", config, extra)
 
 
 def bench_command(port: int, model: Path, tokenizer: Path, workload: str, concurrency: int, prompts: int,
@@ -288,7 +287,7 @@ def run_config(config: str, args, tokenizer: Path, log_dir: Path, rows: list[dic
                 save()
                 print(f"[{config}] {stage}: {result} ({prompts} prompts, {time.time() - point_start:.0f} s; "
                       f"{time.time() - started:.0f} s since start-up)", flush=True)
-                if getattr(server, "proc", None) is not None and server.proc.poll() is not None:
+                if not server.alive():
                     raise ServerError(f"server exited with code {server.proc.returncode} during {stage}")
     except ServerError as e:
         print(f"[{config}] FAILED: {e}\n(server log: {server.log_path})", flush=True)

@@ -23,13 +23,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "launch"))
+
+from bench_e2e import label  # noqa: E402
 RESULTS = ROOT / "launch" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
-
-
-def _context(tokens: int) -> str:
-    return f"{tokens // 1024}K" if tokens % 1024 == 0 else str(tokens)
 
 
 def _commit(c: str | None) -> str:
@@ -49,7 +48,7 @@ def bench_decode_table(data: dict) -> str:
             mark = f" ({r['us_select']:.1f} selecting, {r['us_reuse']:.1f} reusing)"
         speed = f"**{r['speedup']:.2f}**" if r["method"] != "dense" else "1.00"
         budget = "—" if r["method"] == "dense" else str(r["budget"])
-        lines.append(f"| {r.get('config', r['method'])} | {r['batch']} × {_context(r['context'])} | {budget} | "
+        lines.append(f"| {r.get('config', r['method'])} | {r['batch']} × {label(r['context'])} | {budget} | "
                      f"{us:.1f}{mark} | {speed} | {r['attended_fraction']:.4f} | {r['rel_l2']:.3f} | "
                      f"{100 * r['peak_fraction']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -63,7 +62,7 @@ def bench_e2e_table(data: dict) -> str:
     for r in rows:
         speed = "1.00" if r["method"] == "dense" else f"**{r['speedup']:.2f}**" if "speedup" in r else "—"
         gbps = f"{r['gbps']:.0f}" if "gbps" in r else ""
-        lines.append(f"| {r.get('config', r['method'])} | {r['batch']} × {_context(r['context'])} | "
+        lines.append(f"| {r.get('config', r['method'])} | {r['batch']} × {label(r['context'])} | "
                      f"{r['ms_per_step']:.2f} | {speed} | {gbps} | {_commit(r.get('commit', data.get('commit')))} |")
     return "\n".join(lines) + "\n"
 

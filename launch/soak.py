@@ -401,7 +401,6 @@ def run_config(config: str, args, mix: Mix, prefixes, log_dir: Path, reference: 
                            log_path=log_dir / f"server_{config}.log", env={"HF_HUB_OFFLINE": "1"})
     row, started, stage = dict(config=config, sparse_config=sparse_config), time.time(), "start-up"
     prompts = probe_prompts(args.probe_lengths, args.seed)
-    alive = lambda: server.proc.poll() is None  # noqa: E731
     print(f"[{config}] starting server (log {server.log_path})", flush=True)
     try:
         server.start().wait_ready(timeout=args.start_timeout)
@@ -414,11 +413,11 @@ def run_config(config: str, args, mix: Mix, prefixes, log_dir: Path, reference: 
         print(f"[{config}] ready after {row['ready_s']:.0f} s; {args.clients} clients for {args.warmup:.0f} + "
               f"{args.duration:.0f} s", flush=True)
         warm, next_index = asyncio.run(drive(server.url, mix, prefixes, 0, args.warmup, args.clients,
-                                             args.request_timeout, alive))
+                                             args.request_timeout, server.alive))
         row["gpu_memory_start_mib"] = gpu_memory_mib()
         main_start = time.time()
         main, _ = asyncio.run(drive(server.url, mix, prefixes, next_index, args.duration, args.clients,
-                                    args.request_timeout, alive))
+                                    args.request_timeout, server.alive))
         row.update(duration_s=time.time() - main_start, warmup=tally(warm), **tally(main))
         stage = "idle check"
         idle = idle_load(server.url)
@@ -434,7 +433,7 @@ def run_config(config: str, args, mix: Mix, prefixes, log_dir: Path, reference: 
         row["error"] = f"{stage}: {type(e).__name__}: {e}"[:3000]
         print(f"[{config}] FAILED at {row['error']}\n(server log: {server.log_path})", flush=True)
     finally:
-        row["server_alive"] = server.proc is not None and alive()
+        row["server_alive"] = server.alive()
         server.stop()
         row.update(log_counts(server.log_tail(10**9)), wall_s=time.time() - started, log=str(server.log_path))
     if "requests" in row:

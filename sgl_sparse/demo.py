@@ -29,7 +29,7 @@ from . import accuracy, models, tasks
 from .config import SparseConfig, presets
 from .hf_sparse import sparse_attention
 
-CONTEXT = 8192          # SmolLM2-135M-Instruct's context length (tokens)
+CONTEXT = models.MODELS["smollm2"].context      # SmolLM2-135M-Instruct's context length (tokens)
 NEW_TOKENS = 8          # tokens generated per answer
 MIN_LENGTH = 256        # the shortest prompt that still hides a pass key in filler text
 

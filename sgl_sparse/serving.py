@@ -30,12 +30,6 @@ from pathlib import Path
 from .config import SparseConfig
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _HANDED_OUT: set[int] = set()      # ports unassigned_port() gave to servers of this process
 
 
@@ -127,11 +121,12 @@ class ServerProcess:
     def __init__(self, model: str, *, backend: str, sparse_config: str | None = None,
                  extra_args: list[str] | tuple[str, ...] = (), log_path: str | Path | None = None,
                  port: int | None = None, env: dict | None = None):
-        self.port = port or free_port()
+        self.port = port or unassigned_port()
         self.url = f"http://127.0.0.1:{self.port}"
         if "--nccl-port" not in extra_args:
             # SGLang picks its torch.distributed port from the OS's ephemeral range and binds it late: servers
-            # started at once collided there (EADDRINUSE). One from below that range, unique in this process.
+            # started at once collided there (EADDRINUSE). One from below that range, unique in this process,
+            # as the HTTP port.
             extra_args = [*extra_args, "--nccl-port", str(unassigned_port())]
         self.cmd = server_command(model, backend=backend, sparse_config=sparse_config, port=self.port,
                                   extra_args=extra_args)
@@ -149,10 +144,14 @@ class ServerProcess:
         _LIVE[self.proc.pid] = self                      # start_new_session: the group id is the pid
         return self
 
+    def alive(self) -> bool:
+        """Started and not exited."""
+        return self.proc is not None and self.proc.poll() is None
+
     def wait_ready(self, timeout: float = 600.0) -> "ServerProcess":
         deadline = time.time() + timeout
         while time.time() < deadline:
-            if self.proc.poll() is not None:
+            if not self.alive():
                 raise ServerError(f"server exited with code {self.proc.returncode}; log {self.log_path}:\n"
                                   + self.log_tail())
             try:

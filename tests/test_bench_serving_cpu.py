@@ -252,6 +252,9 @@ class FakeServerProcess:
     def wait_ready(self, timeout=0):
         return self
 
+    def alive(self):
+        return True
+
     def stop(self):
         self.fake.httpd.shutdown()
 

@@ -356,6 +356,9 @@ class FakeServerProcess:
     def wait_ready(self, timeout=0):
         return self
 
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
     def log_tail(self, chars=0):
         return self.log_path.read_text()
 
