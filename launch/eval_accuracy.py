@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_e2e import git_commit, gpu_name, versions  # noqa: E402
 from sgl_sparse import accuracy, tasks  # noqa: E402
+from sgl_sparse.config import SparseConfigError, parse_overrides  # noqa: E402
 from sgl_sparse.models import MODELS  # noqa: E402
 
 MARKERS = "osd^vP*Xh"
@@ -182,7 +183,10 @@ def main() -> int:
 
     if args.combine:
         return combine(args.combine, args.out, args.only_tasks, args.curve_length, args.resamples)
-    overrides = parse_overrides(args.set)
+    try:
+        overrides = parse_overrides(args.set, "--set")
+    except SparseConfigError as e:
+        ap.error(str(e))
     configs = accuracy.named_configs(args.methods, args.budgets, **overrides)
     if args.no_dense:
         configs = configs[1:]
@@ -250,19 +254,6 @@ def main() -> int:
                                                    elapsed_s=elapsed),
            curve_length=args.curve_length, resamples=args.resamples)
     return 0
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``["epsilon=0.3", "sample_capacity=256"]`` -> ``{"epsilon": 0.3, "sample_capacity": 256}``."""
-    import yaml
-
-    out = {}
-    for item in items:
-        field, sep, value = item.partition("=")
-        if not sep or not field:
-            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        out[field.strip()] = yaml.safe_load(value)
-    return out
 
 
 def _merged(values):

@@ -358,13 +358,9 @@ def gpu_memory_mib() -> int | None:
 
 def soak_config(preset: str, min_budget: int, path: Path) -> Path:
     """The preset with ``min_context: 0`` and a budget of at least ``min_budget`` (whole pages), as YAML."""
-    import yaml
-
     config = SparseConfig.load(preset)
     budget = max(config.token_budget, -(-min_budget // config.page_size) * config.page_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(config.replace(min_context=0, token_budget=budget).to_dict()))
-    return path
+    return config.replace(min_context=0, token_budget=budget).save(path)
 
 
 def server_spec(config: str, args, log_dir: Path) -> tuple[str, str | None, list[str]]:

@@ -400,16 +400,13 @@ def context_length_for(model_dir: str | os.PathLike, needed: int, page: int = 16
 def server_for(model_dir, cfg: SparseConfig, *, name: str, extra_args=(), config_dir, log_dir=None, env=None):
     """A (not yet started) ``ServerProcess`` for ``cfg``: dense = ``flashinfer --page-size P``; sparse =
     ``sgl_sparse --sparse-config <cfg written as YAML in config_dir>`` (page size from the config)."""
-    import yaml
-
     from .serving import ServerProcess
 
     log = Path(log_dir) / f"server_{name}.log" if log_dir else None
     if not cfg.is_sparse:
         return ServerProcess(str(model_dir), backend="flashinfer", extra_args=[*extra_args, "--page-size",
                              str(cfg.page_size)], log_path=log, env=env)
-    path = Path(config_dir) / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    path = cfg.save(Path(config_dir) / f"{name}.yaml")
     return ServerProcess(str(model_dir), backend="sgl_sparse", sparse_config=str(path), extra_args=list(extra_args),
                          log_path=log, env=env)
 

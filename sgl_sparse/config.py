@@ -209,7 +209,10 @@ class SparseConfig:
         base, overrides = spec, {}
         if ":" in spec and not pathlib.Path(spec).exists():
             base, _, inline = spec.partition(":")
-            overrides = _parse_overrides(inline, spec)
+            overrides = parse_overrides(inline.split(","), f"sparse config {spec!r}")
+            if not overrides:
+                raise SparseConfigError(f"sparse config {spec!r}: no overrides after ':' (write e.g. "
+                                        "quest:token_budget=1024)")
         path = pathlib.Path(base)
         if not path.suffix and (CONFIG_DIR / f"{base}.yaml").exists():
             path = CONFIG_DIR / f"{base}.yaml"
@@ -232,27 +235,34 @@ class SparseConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def save(self, path: str | pathlib.Path) -> pathlib.Path:
+        """Write the config as YAML (what ``--sparse-config PATH`` and :meth:`load` read); returns the path."""
+        import yaml
+
+        path = pathlib.Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.to_dict()))
+        return path
+
     def replace(self, **changes: Any) -> "SparseConfig":
         return dataclasses.replace(self, **changes)
 
 
-def _parse_overrides(inline: str, spec: str) -> dict[str, Any]:
-    """``field=value,field=value`` -> a mapping, each value read as YAML (``1024`` an int, ``0.9`` a float)."""
+def parse_overrides(items, source: str) -> dict[str, Any]:
+    """``["field=value", ...]`` -> a mapping, each value read as YAML (``1024`` an int, ``0.9`` a float); empty
+    items are skipped. ``source`` names where they came from in the error."""
     import yaml
 
     out: dict[str, Any] = {}
-    for item in filter(None, (x.strip() for x in inline.split(","))):
+    for item in filter(None, (x.strip() for x in items)):
         field, eq, value = item.partition("=")
         if not eq or not field.strip():
-            raise SparseConfigError(f"sparse config {spec!r}: override {item!r} is not field=value (write e.g. "
-                                    "quest:token_budget=1024,reselect_every=4)")
+            raise SparseConfigError(f"{source}: override {item!r} is not field=value (write e.g. "
+                                    "token_budget=1024 or quest:token_budget=1024,reselect_every=4)")
         try:
             out[field.strip()] = yaml.safe_load(value.strip())
         except yaml.YAMLError:
             out[field.strip()] = value.strip()
-    if not out:
-        raise SparseConfigError(f"sparse config {spec!r}: no overrides after ':' (write e.g. "
-                                "quest:token_budget=1024)")
     return out
 
 

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from sgl_sparse.config import SparseConfig
 
@@ -54,12 +53,7 @@ def _requirements_met() -> str | None:
 # ----------------------------------------------------------------------------- configs and servers
 
 def _config(tmp: Path, name: str, preset: str, **overrides) -> str:
-    from sgl_sparse.config import SparseConfig
-
-    cfg = SparseConfig.load(preset).replace(**overrides)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    return str(path)
+    return str(SparseConfig.load(preset).replace(**overrides).save(tmp / f"{name}.yaml"))
 
 
 def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
