@@ -100,7 +100,7 @@ def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor,
     kv_tok = HK * D * 2 * 2 / HK                         # K+V bytes per token per KV head
     if method == "dense":
         return B * L * HK * kv_tok
-    meta = B * HK * math.ceil(L / P) * 2 * D * 2          # page bounds
+    meta = B * HK * math.ceil(L / P) * 2 * D * 2 / cfg.reselect_every  # page bounds, read on one step in R
     attended = float(counts.sum())                        # (request, head, token) triples attended
     total = meta + attended * kv_tok
     if method == "twilight":
@@ -134,7 +134,10 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
     t_dense_g = time_fn(graphed(step), reps) if graphs else float("nan")
     if dense_ref is None:
         dense_ref = out["o"].clone()      # FlashInfer dense as the reference on the biggest cases
-    dense_best = min(t_dense, t_dense_g) if graphs else t_dense     # the faster of eager and graph
+    def faster(eager_us, graph_us):                       # the faster of eager and graph
+        return min(eager_us, graph_us) if graphs else eager_us
+
+    dense_best = faster(t_dense, t_dense_g)
     dbytes = needed_bytes("dense", B, L, 0, None, op, dense_cfg)
     rows.append(dict(method="dense", config="dense", batch=B, context=L, budget=L, us_eager=t_dense, us_graph=t_dense_g,
                      speedup=1.0, attended_fraction=1.0, rel_l2=float(relative_l2(out["o"], dense_ref).mean()),
@@ -175,13 +178,9 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
                 assert bool((op.batch.reuse_from > 0).all()), "the step after a selection must reuse it"
                 r_eager = time_fn(step, reps)
                 r_graph = time_fn(graphed(step), reps) if graphs else float("nan")
-                sel_best = min(t_eager, t_graph) if graphs else t_eager
-                extra = dict(reselect_every=R, us_select=sel_best,
-                             us_reuse=min(r_eager, r_graph) if graphs else r_eager)
+                extra = dict(reselect_every=R, us_select=faster(t_eager, t_graph), us_reuse=faster(r_eager, r_graph))
                 t_eager, t_graph = (t_eager + (R - 1) * r_eager) / R, (t_graph + (R - 1) * r_graph) / R
-                meta_bytes = B * HK * math.ceil(L / P) * 2 * D * 2
-                nbytes -= meta_bytes * (R - 1) / R                # the page bounds are read on one step in R
-            best = min(t_eager, t_graph) if graphs else t_eager
+            best = faster(t_eager, t_graph)
             rows.append(dict(method=method, config=name, batch=B, context=L, budget=budget, us_eager=t_eager,
                              us_graph=t_graph, speedup=dense_best / best,
                              attended_fraction=float(counts.float().sum() / (B * HK * L)),
