@@ -411,8 +411,12 @@ def server_for(model_dir, cfg: SparseConfig, *, name: str, extra_args=(), config
                          log_path=log, env=env)
 
 
-def config_name(cfg: SparseConfig) -> str:
-    return f"{cfg.method}_{cfg.token_budget}" if cfg.is_sparse else "dense"
+def config_name(cfg: SparseConfig, label: str | None = None) -> str:
+    """A file-safe name for a config's server and files: its label (default: the method), then its budget."""
+    if label is None and not cfg.is_sparse:
+        return "dense"
+    base = "".join(c if c.isalnum() or c in "-_" else "_" for c in (label or cfg.method))
+    return f"{base}_{cfg.token_budget}" if cfg.is_sparse else base
 
 
 def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: list[str], lengths: list[int],
@@ -444,8 +448,7 @@ def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: l
     results = []
     with tempfile.TemporaryDirectory() as config_dir:
         for k, (label, cfg) in enumerate(_labelled(configs)):
-            name = f"{k:02d}_" + "".join(c if c.isalnum() or c in "-_" else "_" for c in label) + (
-                f"_{cfg.token_budget}" if cfg.is_sparse else "")
+            name = f"{k:02d}_{config_name(cfg, label)}"
             server = server_for(model_dir, cfg, name=name, extra_args=extra, config_dir=config_dir, log_dir=log_dir,
                                 env=env)
             t_start = time.time()
