@@ -47,6 +47,19 @@ def _batch(op):
     return op.batch
 
 
+def _capture(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` run once on a side stream (compiling and JIT-ing outside the capture), then captured."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 @pytest.mark.parametrize("method", METHODS + ("dense",))
 @pytest.mark.parametrize("D,G,dtype", [(128, 4, torch.bfloat16), (64, 3, torch.float16)])
 def test_exact_when_budget_covers_context(method, D, G, dtype):
@@ -128,14 +141,7 @@ def test_cuda_graph_capture_and_replay(method):
         op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
 
     advance()
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step_fn()   # compile and JIT everything outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step_fn()
+    graph = _capture(step_fn)
     sm = 1 / math.sqrt(D)
     for _ in range(3):
         advance()
@@ -194,14 +200,7 @@ def test_one_graph_per_path(method):
     for path in ("sparse", "dense"):
         assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
                        path=path) == path
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            step_fn(path)
-        torch.cuda.current_stream().wait_stream(s)
-        graphs[path] = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graphs[path]):
-            step_fn(path)
+        graphs[path] = _capture(lambda: step_fn(path))
 
     # a long request in the batch: the sparse path, as the reference selects
     assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu()) == "sparse"
@@ -242,14 +241,7 @@ def test_graph_captured_on_a_dummy_batch_serves_real_lengths(method):
 
     pool.seq_lens.fill_(1)
     op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(), path="sparse")
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        step_fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step_fn()
+    graph = _capture(step_fn)
     for lens_now in ([9000, 9000, 2500, 5000], [30000, 4000, 2500, 3000], real.tolist()):   # within the pool
         pool.seq_lens.copy_(torch.tensor(lens_now))
         assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu()) == "sparse"
@@ -294,14 +286,7 @@ def test_selection_reuse_eager_equals_graph_and_reference(method):
 
     advance()
     plan(graphed)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        run(graphed)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs["graph"] = run(graphed)
+    graph = _capture(lambda: outs.__setitem__("graph", run(graphed)))
     for op in (graphed, eager):      # the warm-up and capture runs kept selections; _setup planned eager's step
         op.forget(pool.req_pool_indices)
     reused_steps = 0
@@ -343,14 +328,8 @@ def test_eager_batch_sizes_keep_memory_bounded():
     config, pool, q, meta, op = _setup("quest", lens, token_budget=1024, min_context=0, dense_layers=0, layers=1)
     sm = 1 / math.sqrt(q.shape[-1])
     outs = {}
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        op.run(0, q, pool.k_cache, pool.v_cache, meta)
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):                          # size 12 is captured: its wrappers stay
-        outs[12] = op.run(0, q, pool.k_cache, pool.v_cache, meta)
+    # size 12 is captured: its wrappers stay
+    graph = _capture(lambda: outs.__setitem__(12, op.run(0, q, pool.k_cache, pool.v_cache, meta)))
 
     def eager(B):
         op.plan(pool.req_to_token, pool.req_pool_indices[:B], pool.seq_lens[:B], pool.seq_lens[:B].cpu())
