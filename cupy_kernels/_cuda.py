@@ -109,9 +109,10 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
 def resident_blocks(fn, threads: int, device: torch.device) -> int:
     """Blocks of ``threads`` threads of kernel ``fn`` that the whole GPU holds at once (thread and register
-    limits; a grid of this size walks its work with every block resident)."""
+    limits; a grid of this size walks its work with every block resident). Cached: asked at every launch."""
     props = torch.cuda.get_device_properties(device.index or 0)
     max_threads = getattr(props, "max_threads_per_multi_processor", 2048)
     regs = getattr(props, "regs_per_multiprocessor", 65536)

@@ -363,7 +363,7 @@ class SparseDecodeOperator:
             if cfg.method == "vattention":
                 policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
             if self.collect_stats:
-                self.layer_counts.zero_()
+                self.layer_counts[:, :B].zero_()
         return path
 
     def _make_reuse(self, max_requests: int) -> None:
