@@ -13,6 +13,7 @@ page_bounds_update         per page and KV head, channel-wise min/max of K (Ques
 page_bounds_update_layers  the same for every layer in one launch (once per decode step)
 quest_page_scores          upper-bound page scores, max over the GQA group
 topk_pages                 k best pages per (request, KV head), sinks and local window forced
+reuse_drift                per (layer, request): reuse a kept selection while the query has not moved
 pages_to_kv_indices        selected pages -> FlashInfer kv indices of their tokens
 compact_kv_rows            fixed-capacity index rows -> FlashInfer CSR (indptr + packed indices)
 page_rows                  selected pages -> FlashInfer per-head paged rows (indptr + page indices)
@@ -32,6 +33,7 @@ from .page_bounds import LayerTables, page_bounds_update, page_bounds_update_lay
 from .page_rows import page_rows
 from .pages_to_kv import pages_to_kv_indices
 from .quest_scores import quest_page_scores
+from .reuse_drift import reuse_drift
 from .top_p import top_p_select
 from .topk_pages import topk_pages
 from .vattn_merge import vattention_merge
@@ -44,6 +46,7 @@ __all__ = [
     "LayerTables",
     "quest_page_scores",
     "topk_pages",
+    "reuse_drift",
     "pages_to_kv_indices",
     "compact_kv_rows",
     "page_rows",

@@ -157,9 +157,11 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         reuse: optional ``(req_pool_indices [B], reuse_from [B], kept [max_reqs, HK, top_k] int32,
             extra_pages)``, for a request with ``n > fit`` pages:
 
-            - ``reuse_from[b] > 0`` (the seq_len at which the kept selection was made): the row's top-k is
-              ``kept[req_pool_indices[b], h]`` (ascending, below ``n0 = ceil(reuse_from[b] / P)``), followed by
-              every page written since, ``n0 .. n-1`` (at most ``extra_pages`` of them); scores are not read;
+            - ``reuse_from[b] > 0`` (the seq_len at which the row's plan made its selection): the row's top-k is
+              ``kept[req_pool_indices[b], h]`` (ascending), followed by every page after both the kept pages and
+              the planned selection, ``max(ceil(reuse_from[b] / P), kept[.., -1] + 1) .. n-1`` (at most
+              ``extra_pages`` of them; a layer that selected again since, on a drift test, kept later pages);
+              scores are not read;
             - ``reuse_from[b] == 0``: selected from the scores as without reuse, and written to
               ``kept[req_pool_indices[b], h]`` (in place).
 
@@ -186,14 +188,16 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
             continue
         if reuse is not None and int(reuse[1][b]) > 0:
             rpi, reuse_from, kept, extra = reuse
-            first_new = -(-int(reuse_from[b]) // page_size)
-            if not 0 <= n - first_new <= extra:
-                raise ValueError(f"request {b}: {n - first_new} pages written since its kept selection, more than "
-                                 f"extra_pages={extra}")
-            sel[b, :, :top_k] = kept[int(rpi[b])]
-            sel[b, :, top_k: top_k + n - first_new] = torch.arange(first_new, n, dtype=torch.int32,
-                                                                   device=sel.device)
-            cnt[b] = top_k + n - first_new
+            for h in range(HK):
+                row = kept[int(rpi[b]), h]
+                first_new = max(-(-int(reuse_from[b]) // page_size), int(row[-1]) + 1)
+                if not 0 <= n - first_new <= extra:
+                    raise ValueError(f"request {b}: {n - first_new} pages written since its kept selection, more "
+                                     f"than extra_pages={extra}")
+                sel[b, h, :top_k] = row
+                sel[b, h, top_k: top_k + n - first_new] = torch.arange(first_new, n, dtype=torch.int32,
+                                                                       device=sel.device)
+                cnt[b, h] = top_k + n - first_new
             continue
         key = page_scores[b, :, :n].clone()
         key[:, :n_sink] = float("inf")
@@ -204,6 +208,44 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         if reuse is not None:
             reuse[2][int(reuse[0][b])] = sel[b, :, :top_k]
     return sel, cnt
+
+
+def reuse_drift(q: torch.Tensor, req_pool_indices: torch.Tensor, fits_budget: torch.Tensor,
+                reuse_from: torch.Tensor, query_kept: torch.Tensor, min_cosine: float) -> torch.Tensor:
+    """One layer's selection-reuse decision per request: reuse while the query has not moved (drift test).
+
+    Args:
+        q: ``[B, HQ, D]`` decode queries of the layer (HQ = HK * G).
+        req_pool_indices: ``[B]`` request slots; fits_budget: ``[B]`` bool, rows attended densely (they neither
+            read nor write ``query_kept``: a CUDA-graph padding row's slot may be another request's).
+        reuse_from: ``[B]`` int32, the step's plan: > 0 where the slot's kept selection may serve this step.
+        query_kept: ``[max_reqs, HK, D]`` (dtype of ``q``), the group-mean query of every KV head stored when the
+            slot's selection was made in this layer; updated in place for the rows that select.
+        min_cosine: the least cosine similarity, over the KV heads, between the group-mean query now (float32
+            mean of the G query heads) and the stored one for the kept selection to serve
+            (``dot / sqrt(max(|a|^2 |b|^2, 1e-30))``; a zero vector has similarity 0).
+
+    Returns:
+        ``[B]`` int32: ``reuse_from[b]`` where row b reuses in this layer, 0 where it selects; a selecting row
+        (planned, or drifted) stores its group-mean queries, rounded to ``query_kept``'s dtype.
+    """
+    B, HQ, D = q.shape
+    HK = query_kept.shape[1]
+    mean = q.float().view(B, HK, HQ // HK, D).sum(2) / (HQ // HK)
+    out = torch.zeros(B, dtype=torch.int32, device=q.device)
+    for b in range(B):
+        if bool(fits_budget[b]):
+            continue
+        slot = int(req_pool_indices[b])
+        kept = query_kept[slot].float()
+        dot = (mean[b] * kept).sum(-1)
+        norms = (mean[b] * mean[b]).sum(-1) * (kept * kept).sum(-1)
+        cosine = dot / torch.sqrt(torch.clamp(norms, min=1e-30))
+        if int(reuse_from[b]) > 0 and float(cosine.min()) >= min_cosine:
+            out[b] = reuse_from[b]
+        else:
+            query_kept[slot] = mean[b].to(query_kept.dtype)
+    return out
 
 
 # ----------------------------------------------------------------------------- pages -> kv indices

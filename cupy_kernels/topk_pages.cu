@@ -9,9 +9,10 @@
 // Requests with at most `fit` pages (fit = max(top_k, select_all_upto)) keep all their pages.
 //
 // Selection reuse (kept != nullptr): a row with reuse_from[b] > 0 is not selected again: it copies the top_k
-// pages kept for its request slot (kept[req_pool_indices[b], h]) and appends every page from the one after the
-// selection's last page (ceil(reuse_from / P)) to the request's last page. Rows that select write their
-// selection into the slot's kept row too.
+// pages kept for its request slot (kept[req_pool_indices[b], h]) and appends every page after both the planned
+// selection's last page (ceil(reuse_from / P)) and the last kept page (a layer that selected again since, on
+// the drift test, kept later pages) up to the request's last page. Rows that select write their selection into
+// the slot's kept row too.
 // Defines: PAGE_SIZE.
 
 #define THREADS 512
@@ -55,7 +56,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
         keep = kept + ((long long)req_pool_indices[b] * num_kv_heads + h) * top_k;
         const int from = reuse_from[b];
         if (from > 0) {   // reuse: the kept pages, then every page written since
-            const int first_new = (from + PAGE_SIZE - 1) / PAGE_SIZE;
+            const int first_new = max((from + PAGE_SIZE - 1) / PAGE_SIZE, keep[top_k - 1] + 1);
             for (int j = tid; j < top_k; j += THREADS) out[j] = keep[j];
             for (int j = first_new + tid; j < n; j += THREADS) out[top_k + j - first_new] = j;
             if (tid == 0) num_selected[row_id] = top_k + n - first_new;

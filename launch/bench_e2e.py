@@ -50,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sgl_sparse.config import METHODS, SparseConfig, presets  # noqa: E402
+from sgl_sparse.config import METHODS, SparseConfig, SparseConfigError, presets  # noqa: E402
 from sgl_sparse.serving import (Progress, ServerError, ServerProcess, server_command,  # noqa: E402
                                  stop_servers_on_sigterm)
 
@@ -95,6 +95,25 @@ def server_spec(method: str, args, points, prompt_lens, new_tokens: int) -> tupl
     if method == "dense":
         return "flashinfer", None, extra + ["--page-size", str(PAGE_SIZE)]
     return "sgl_sparse", method, extra
+
+
+def config_spec(text: str) -> str:
+    """argparse type of ``--methods``: ``dense`` or a preset, optionally with inline overrides."""
+    if text == "dense":
+        return text
+    base = text.partition(":")[0]
+    if base not in presets():
+        raise argparse.ArgumentTypeError(f"{base!r} is not a preset (choose from {', '.join(presets())})")
+    try:
+        SparseConfig.load(text)
+    except SparseConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def file_safe(config: str) -> str:
+    """A config spec as a file name part: ``quest-fast:reselect_min_cosine=-1`` -> ``quest-fast_reselect_min_cosine_-1``."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in config)
 
 
 def method_of(config: str) -> str:
@@ -184,7 +203,7 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
     ``rows`` (errors become rows) and calls ``save`` after each, so a cut-off run keeps what it measured."""
     backend, sparse_config, extra = spec
     server = ServerProcess(str(args.model), backend=backend, sparse_config=sparse_config, extra_args=extra,
-                           log_path=log_dir / f"server_{method}.log", env={"HF_HUB_OFFLINE": "1"})
+                           log_path=log_dir / f"server_{file_safe(method)}.log", env={"HF_HUB_OFFLINE": "1"})
     started, stage = time.time(), "start-up"
     print(f"[{method}] starting server (log {server.log_path})", flush=True)
     try:
@@ -399,9 +418,10 @@ def gpu_name() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=sorted(set(METHODS) | set(presets())),
-                    metavar="CONFIG", help="dense and sparse presets (configs/*.yaml) to run, each its own server; "
-                                           f"default: {' '.join(METHODS)}")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), type=config_spec, metavar="CONFIG",
+                    help="dense and sparse configs to run, each its own server: presets (configs/*.yaml: "
+                         f"{', '.join(presets())}), optionally with overrides as --sparse-config takes them "
+                         f"(quest-fast:reselect_min_cosine=-1); default: {' '.join(METHODS)}")
     ap.add_argument("--points", nargs="+", default=DEFAULT_POINTS, help="BATCHxCONTEXT, e.g. 8x32K 4x128K")
     ap.add_argument("--dense-eager", action="store_true",
                     help="also run dense without CUDA graphs (the faster dense server is the baseline)")

@@ -62,6 +62,11 @@ class SparseConfig:
             at its first decode step after a prefill. Saves the page scan (the bounds of every page, 1/P of the
             context's K bytes) on all but one step in ``reselect_every``. Keeps ``top_k`` pages per layer, KV
             head and request slot: sparse layers x max running requests x HK x top_k x 4 bytes of GPU memory.
+        reselect_min_cosine: the drift test of a reused selection (with ``reselect_every > 1``): in a layer
+            where the group-mean query of some KV head has moved since the selection was made (cosine
+            similarity below this), the request selects again in that layer at once. -1 (the default) turns the
+            test off. Costs one small kernel per sparse layer and keeps the stored queries: sparse layers x max
+            running requests x HK x head_dim x 2 bytes.
     """
 
     method: str = "quest"
@@ -79,6 +84,7 @@ class SparseConfig:
     sample_capacity: int = 4096
     seed: int = 0
     reselect_every: int = 1
+    reselect_min_cosine: float = -1.0
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -99,7 +105,7 @@ class SparseConfig:
         not_int = {f for f in ints if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool)}
         for f in sorted(not_int, key=ints.index):
             bad(f, "must be an integer")
-        numbers = ("top_p", "epsilon", "delta", "base_rate")
+        numbers = ("top_p", "epsilon", "delta", "base_rate", "reselect_min_cosine")
         def finite(v) -> bool:
             try:
                 return math.isfinite(v)
@@ -140,6 +146,8 @@ class SparseConfig:
             bad("sample_capacity", "must be >= 2")
         if "reselect_every" not in not_int and not 1 <= self.reselect_every <= 64:
             bad("reselect_every", "must be in 1..64 (1 = select every decode step)")
+        if "reselect_min_cosine" not in not_number and not -1 <= self.reselect_min_cosine <= 1:
+            bad("reselect_min_cosine", "must be a cosine similarity in [-1, 1] (-1 = no drift test)")
         return out
 
     # ------------------------------------------------------------------ derived sizes (pages)
@@ -166,6 +174,11 @@ class SparseConfig:
     def reuse_extra_pages(self) -> int:
         """Pages a reused selection can gain (written since it was made): ceil((reselect_every - 1) / P)."""
         return -(-(self.reselect_every - 1) // self.page_size)
+
+    @property
+    def drift_test(self) -> bool:
+        """A reused selection is checked against how far the query moved (``reselect_min_cosine > -1``)."""
+        return self.reselect_every > 1 and self.reselect_min_cosine > -1
 
     @property
     def selection_width(self) -> int:

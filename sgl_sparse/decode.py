@@ -368,7 +368,14 @@ class SparseDecodeOperator:
 
     def _make_reuse(self, max_requests: int) -> None:
         self.reuse = policies.SelectionReuse(self.config, self.num_layers - self.config.dense_layers, max_requests,
-                                             self.num_kv_heads, self.device)
+                                             self.num_kv_heads, self.device, self.head_dim, self.dtype)
+
+    def _kept(self, layer: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(kept selections, stored queries) of a sparse layer, (None, None) without selection reuse."""
+        if self.reuse is None:
+            return None, None
+        index = layer - self.config.dense_layers
+        return self.reuse.layer(index), self.reuse.layer_queries(index)
 
     def forget(self, req_pool_indices: torch.Tensor) -> None:
         """Request slots (``[n]`` device indices into ``req_to_token``) that start a new request or prefill again:
@@ -398,7 +405,7 @@ class SparseDecodeOperator:
         tables = LayerTables(metadata.page_key_bounds[layer],
                              metadata.key_int4[layer] if metadata.key_int4 else None,
                              metadata.key_scale_zero[layer] if metadata.key_scale_zero else None,
-                             self.reuse.layer(layer - cfg.dense_layers) if self.reuse is not None else None)
+                             *self._kept(layer))
         if cfg.method == "quest":
             out, counts = policies.quest(ck, cfg, q, tables, batch, attend)
         elif cfg.method == "twilight":
@@ -504,12 +511,13 @@ class _ReferenceAttention:
 def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, batch: DecodeBatch, metadata: SparseKVMetadata,
                      sm_scale: float | None = None, seeds: torch.Tensor | None = None,
-                     kept_selection: torch.Tensor | None = None):
+                     kept_selection: torch.Tensor | None = None, kept_query: torch.Tensor | None = None):
     """The torch reference of :meth:`SparseDecodeOperator.run`: same policies, reference kernels, dense math.
 
     Runs on CPU or GPU tensors. ``seeds`` (vAttention) defaults to the operator's derivation for step 1.
     ``kept_selection`` (``[max_reqs, HK, top_k]``, with ``batch.reuse_from`` set: selection reuse) is read for
-    the rows that reuse and written for the rows that select, as the operator does with its own.
+    the rows that reuse and written for the rows that select, as the operator does with its own; so is
+    ``kept_query`` (``[max_reqs, HK, D]``, the drift test's stored queries, with ``config.drift_test``).
     Returns ``(o [B, HQ, D], attended token counts [B, HK])``.
     """
     ref = ck.reference
@@ -523,7 +531,8 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
     attend = _ReferenceAttention(k_cache, v_cache, batch, config.page_size, sm_scale)
     tables = LayerTables(metadata.page_key_bounds[layer],
                          metadata.key_int4[layer] if metadata.key_int4 else None,
-                         metadata.key_scale_zero[layer] if metadata.key_scale_zero else None, kept_selection)
+                         metadata.key_scale_zero[layer] if metadata.key_scale_zero else None, kept_selection,
+                         kept_query)
     if config.method == "quest":
         return policies.quest(ref, config, q, tables, batch, attend)
     if config.method == "twilight":

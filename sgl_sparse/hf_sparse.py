@@ -40,6 +40,8 @@ class SparseStats:
     errors: list[torch.Tensor] = field(default_factory=list)  # per (step, sparse layer): rel. L2 error [HQ]
     reuse: policies.SelectionReuse | None = None   # kept selections (config.reselect_every > 1)
     reuse_from: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int32))
+    planned_reuses: int = 0     # (step, sparse layer) pairs whose plan reused a kept selection
+    drift_selections: int = 0   # ... of which the drift test made the layer select again
 
     @property
     def violation_rate(self) -> float:
@@ -90,13 +92,19 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
         stats.step += 1
         if stats.reuse is not None:
             stats.reuse.plan(batch, out=stats.reuse_from)
-    kept = None
+    kept = kept_query = None
     if stats.reuse is not None and layer >= cfg.dense_layers:
         batch.reuse_from = stats.reuse_from
         kept = stats.reuse.layer(layer - cfg.dense_layers)
+        kept_query = stats.reuse.layer_queries(layer - cfg.dense_layers)
     seeds = policies.vattention_seeds(cfg.seed, torch.tensor([stats.step]), layer, 1)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
-    out, counts = reference_decode(cfg, layer, query[:, :, 0], k_cache, v_cache, batch, meta, scale, seeds, kept)
+    before = kept_query[0].clone() if kept_query is not None and int(batch.reuse_from[0]) > 0 else None
+    out, counts = reference_decode(cfg, layer, query[:, :, 0], k_cache, v_cache, batch, meta, scale, seeds, kept,
+                                   kept_query)
+    if kept is not None and int(batch.reuse_from[0]) > 0:
+        stats.planned_reuses += 1
+        stats.drift_selections += before is not None and not torch.equal(before, kept_query[0])
     if layer >= cfg.dense_layers:
         stats.attended.append(float(counts.float().mean()) / L)
         if stats.measure_error:
@@ -126,8 +134,10 @@ def sparse_attention(model, config: SparseConfig, measure_error: bool = False):
     model.set_attn_implementation(ATTN_NAME)
     stats = SparseStats(config, measure_error)
     if config.is_sparse and config.reselect_every > 1 and model.config.num_hidden_layers > config.dense_layers:
+        head_dim = getattr(model.config, "head_dim", None) or \
+            model.config.hidden_size // model.config.num_attention_heads
         stats.reuse = policies.SelectionReuse(config, model.config.num_hidden_layers - config.dense_layers, 1,
-                                              model.config.num_key_value_heads, "cpu")
+                                              model.config.num_key_value_heads, "cpu", head_dim, model.dtype)
     model.config._sgl_sparse_stats = stats
     try:
         yield stats

@@ -69,6 +69,7 @@ class LayerTables:
     key_int4: torch.Tensor | None = None
     key_scale_zero: torch.Tensor | None = None
     kept_selection: torch.Tensor | None = None   # [max_reqs, HK, top_k] int32: SelectionReuse.layer(layer)
+    kept_query: torch.Tensor | None = None       # [max_reqs, HK, D]: SelectionReuse.layer_queries(layer)
 
 
 def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch):
@@ -76,12 +77,16 @@ def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, b
     P = cfg.page_size
     reuse = None
     if tables.kept_selection is not None:
-        reuse = (batch.req_pool_indices, batch.reuse_from, tables.kept_selection, cfg.reuse_extra_pages)
+        reuse_from = batch.reuse_from
+        if tables.kept_query is not None:      # the drift test: this layer selects again where the query moved
+            reuse_from = ops.reuse_drift(q, batch.req_pool_indices, fits_in_budget(cfg, batch), reuse_from,
+                                         tables.kept_query, cfg.reselect_min_cosine)
+        reuse = (batch.req_pool_indices, reuse_from, tables.kept_selection, cfg.reuse_extra_pages)
     # Requests that keep every page (within the budget or below min_context) or reuse a kept selection are not
     # scored.
     scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
                                    batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
-                                   skip_rows=batch.reuse_from if reuse else None)
+                                   skip_rows=reuse[1] if reuse else None)
     return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
                           select_all_upto=cfg.dense_pages, reuse=reuse)
 
@@ -114,18 +119,25 @@ class SelectionReuse:
     state. ``forget()`` drops the selections of request slots that (re)start: SGLang reuses a slot for a new
     request, and a request retracted and prefilled again has new pages.
 
+    With the drift test (``cfg.reselect_min_cosine > -1``) a layer whose query moved selects again before the
+    plan says so (``reuse_drift``, per layer); its kept pages then end later than the plan's selection, and a
+    reusing step appends only the pages after both (``topk_pages``).
+
     Memory: ``kept`` ``[layers, max_reqs, HK, top_k]`` int32 and ``selected_at`` ``[max_reqs + 1]`` int32 (the
     seq_len at which each slot's selection was made, 0 = none; the last entry absorbs writes of rows that keep
-    nothing, so that the scatter never races with a real request's entry).
+    nothing, so that the scatter never races with a real request's entry); with the drift test, ``queries``
+    ``[layers, max_reqs, HK, head_dim]`` (``dtype``): the group-mean queries each kept selection was made for.
     """
 
     def __init__(self, cfg: SparseConfig, num_layers: int, max_reqs: int, num_kv_heads: int,
-                 device: torch.device | str):
+                 device: torch.device | str, head_dim: int = 128, dtype: torch.dtype = torch.bfloat16):
         self.cfg = cfg
         self.max_reqs = max_reqs
         self.kept = torch.zeros((num_layers, max_reqs, num_kv_heads, cfg.top_k_pages), dtype=torch.int32,
                                 device=device)
         self.selected_at = torch.zeros(max_reqs + 1, dtype=torch.int32, device=device)
+        self.queries = (torch.zeros((num_layers, max_reqs, num_kv_heads, head_dim), dtype=dtype, device=device)
+                        if cfg.drift_test else None)
 
     def plan(self, batch: DecodeBatch, out: torch.Tensor) -> torch.Tensor:
         """Write ``reuse_from`` ``[B]`` int32 into ``out``: the seq_len of the kept selection a row reuses, or 0
@@ -147,6 +159,14 @@ class SelectionReuse:
     def layer(self, index: int) -> torch.Tensor:
         """Kept selections of the ``index``-th sparse layer, ``[max_reqs, HK, top_k]``."""
         return self.kept[index]
+
+    def layer_queries(self, index: int) -> torch.Tensor | None:
+        """Stored queries of the ``index``-th sparse layer, ``[max_reqs, HK, head_dim]`` (None: no drift test)."""
+        return self.queries[index] if self.queries is not None else None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The device memory this state holds."""
+        return [t for t in (self.kept, self.selected_at, self.queries) if t is not None]
 
 
 def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

@@ -534,7 +534,7 @@ def _backend_class():
             """GPU bytes of this rank's side tables and kept selections."""
             tables = [*self.metadata.page_key_bounds, *self.metadata.key_int4, *self.metadata.key_scale_zero]
             if self.operator.reuse is not None:
-                tables.append(self.operator.reuse.kept)
+                tables += self.operator.reuse.tensors()
             return sum(t.numel() * t.element_size() for t in tables)
 
         def attended_fractions(self, req_pool_indices: list[int]) -> list[float | None]:

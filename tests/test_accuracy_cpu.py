@@ -46,6 +46,21 @@ def test_passkey_dense_and_quest(smollm2, depth):
     assert stats.attended and len(stats.attended) % sparse_layers == 0   # every decode step, every sparse layer
 
 
+def test_selection_reuse_with_the_drift_test_keeps_the_passkey(smollm2):
+    """quest-fast at 1/6 of a 6K-token passkey prompt: the answer holds the passkey, most planned reuses serve and
+    the drift test selected again where the query moved (on this instance, reuse without it answers '525' for
+    52558: the selection made for the first digit lacks what the fourth one attends)."""
+    model, tok = smollm2
+    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    inst = tasks.make_task("passkey", 6000, 0.1, 0, count)
+    cfg = SparseConfig.load("quest-fast").replace(token_budget=1024, min_context=1024)
+    with sparse_attention(model, cfg) as stats:
+        answer = models.greedy(model, tok, inst.prompt, 8)
+    assert inst.score(answer) == 1.0, answer
+    assert stats.planned_reuses > 0 and 0 < stats.drift_selections < 0.5 * stats.planned_reuses, \
+        (stats.planned_reuses, stats.drift_selections)
+
+
 def test_vattention_error_rate_on_real_attention(smollm2):
     """vAttention's (epsilon, delta) on the model's real q/k/v: the fraction of decode attention outputs whose
     relative error vs dense exceeds epsilon stays within delta (+3 binomial standard errors)."""

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
 
@@ -59,7 +61,6 @@ def test_faster_dense_server_is_the_baseline_and_noise_is_refused():
     assert bench_e2e.method_of("quest-fast") == "quest" and bench_e2e.method_of("dense-eager") == "dense"
     # 64 steps from the fastest of each kind (a first request held up by a compile does not count)
     assert abs(bench_e2e.step_ms([8.0, 1.0], [1.64, 1.7], 64) - 10.0) < 1e-9
-    import pytest
     with pytest.raises(bench_e2e.BenchError, match="not measurable"):
         bench_e2e.step_ms([1.0, 1.8], [0.9, 1.75], 64)
 
@@ -70,3 +71,17 @@ def test_dense_bandwidth_counts_weights_and_kv():
     assert 15.5e9 < weights < 16.5e9                      # Llama-3.1-8B: 8.03 B parameters in bf16
     kv = bench_e2e.bytes_per_step(config, 8, 32768) - weights
     assert kv == 8 * 32768 * 32 * 2 * 8 * 128 * 2        # tokens x layers x (K, V) x KV heads x head_dim x bf16
+
+
+def test_methods_take_presets_with_inline_overrides():
+    """--methods: dense, a preset, or a preset with overrides (as --sparse-config takes them); anything else is an
+    argparse error naming the presets or the invalid field."""
+    import argparse
+
+    assert bench_e2e.config_spec("quest-fast:reselect_min_cosine=-1") == "quest-fast:reselect_min_cosine=-1"
+    assert bench_e2e.method_of("quest-fast:reselect_min_cosine=-1") == "quest"
+    assert bench_e2e.file_safe("quest-fast:reselect_min_cosine=-1") == "quest-fast_reselect_min_cosine_-1"
+    with pytest.raises(argparse.ArgumentTypeError, match="not a preset"):
+        bench_e2e.config_spec("nosuch")
+    with pytest.raises(argparse.ArgumentTypeError, match="reselect_min_cosine"):
+        bench_e2e.config_spec("quest-fast:reselect_min_cosine=2")

@@ -255,15 +255,17 @@ def test_graph_captured_on_a_dummy_batch_serves_real_lengths(method):
             assert torch.equal(op.last_counts, want_counts)
 
 
+@pytest.mark.parametrize("min_cosine", [-1.0, 0.5])
 @pytest.mark.parametrize("method", METHODS)
-def test_selection_reuse_eager_equals_graph_and_reference(method):
+def test_selection_reuse_eager_equals_graph_and_reference(method, min_cosine):
     """reselect_every=3 over 7 steps (select, reuse, reuse, select, ...): a captured graph gives the eager
-    operator's outputs bit for bit, both follow the reference given the same kept selections, and what the
-    selecting steps keep equals the reference's selection."""
+    operator's outputs bit for bit, both follow the reference given the same kept selections (and, with the drift
+    test, stored queries; request 1's query turns around on a reusing step, so its layers select again there),
+    and what the selecting steps keep equals the reference's selection."""
     lens = [7000, 4100, 9001]
     B = len(lens)
     config, pool, q, meta, eager = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
-                                          dense_layers=1, layers=3, reselect_every=3)
+                                          dense_layers=1, layers=3, reselect_every=3, reselect_min_cosine=min_cosine)
     HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
     graphed = SparseDecodeOperator(config, num_qo_heads=q.shape[1], num_kv_heads=HK, head_dim=D, num_layers=3,
                                    max_batch=B, max_context=max(lens) + 64, dtype=q.dtype, device=DEV)
@@ -278,11 +280,13 @@ def test_selection_reuse_eager_equals_graph_and_reference(method):
     def run(op):
         return [op.run(layer, q_static, pool.k_cache, pool.v_cache, meta) for layer in range(3)]
 
-    def advance():
+    def advance(turn=False):
         pool.append_token(new_slots)
         for layer in range(3):
             meta.update(layer, pool.k_cache, new_slots)
         q_static.copy_((q.float() + 0.3 * torch.randn_like(q.float())).to(q.dtype))
+        if turn:
+            q_static[1] = -q_static[1]
 
     advance()
     plan(graphed)
@@ -291,11 +295,12 @@ def test_selection_reuse_eager_equals_graph_and_reference(method):
         op.forget(pool.req_pool_indices)
     reused_steps = 0
     for step in range(7):
-        advance()
+        advance(turn=step == 4)
         plan(graphed)
         graph.replay()
         plan(eager)
         kept_before = eager.reuse.kept.clone()
+        queries_before = eager.reuse.queries.clone() if eager.reuse.queries is not None else None
         got = run(eager)
         torch.cuda.synchronize()
         reusing = eager.batch.reuse_from.tolist()
@@ -310,12 +315,21 @@ def test_selection_reuse_eager_equals_graph_and_reference(method):
         for layer in (1, 2):
             seeds = policies.vattention_seeds(config.seed, eager.step.clone(), layer, B)
             kept = kept_before[layer - 1].clone()
+            queries = queries_before[layer - 1].clone() if queries_before is not None else None
             want, _ = reference_decode(config, layer, q_static, pool.k_cache, pool.v_cache, eager.batch, meta, sm,
-                                       seeds, kept_selection=kept)
+                                       seeds, kept_selection=kept, kept_query=queries)
             err = relative_l2(got[layer], want)
             assert err.median().item() < 1e-2 and err.max().item() < 0.1, (step, layer, err.max().item())
             same = (kept == eager.reuse.kept[layer - 1]).all(-1)
             assert same.float().mean() >= 0.95, (step, layer)
+            if queries is not None:
+                torch.testing.assert_close(eager.reuse.queries[layer - 1].float(), queries.float(), rtol=1e-2,
+                                           atol=1e-3)
+            if queries is not None and step == 4:      # request 1 turned: selected again here, its query stored
+                s0, s1 = (int(i) for i in pool.req_pool_indices[:2])
+                now = q_static[1].float().view(HK, -1, D).mean(1)
+                torch.testing.assert_close(eager.reuse.queries[layer - 1, s1].float(), now, rtol=1e-2, atol=1e-2)
+                assert torch.equal(eager.reuse.queries[layer - 1, s0], queries_before[layer - 1, s0])  # reused
     assert reused_steps == 4
 
 

@@ -202,6 +202,8 @@ def test_topk_pages_reuse_and_scores_skip_rows():
     top_k, extra, fit = 64, 2, 200
     max_reqs = int(pool.req_to_token.shape[0])
     kept = torch.sort(torch.randint(0, 1200, (max_reqs, HK, top_k), generator=gen), -1).values.int().to(DEV)
+    # heads 0-3 of row 2's slot selected again (drift test) at page 1251: they append only what follows it
+    kept[int(pool.req_pool_indices[2]), :4, -1] = 1250
     reuse_from = torch.tensor([0, 0, 20000, 33330, 0, 0], dtype=torch.int32, device=DEV)
     rpi = pool.req_pool_indices.to(torch.int32)
     args = (q, bounds, pool.req_to_token, rpi, pool.seq_lens, P, pool.max_pages())
@@ -220,7 +222,41 @@ def test_topk_pages_reuse_and_scores_skip_rows():
     assert torch.equal(cnt, rcnt) and torch.equal(kept, rkept)
     mask = torch.arange(sel.shape[-1], device=DEV)[None, None] < rcnt[..., None]
     assert torch.equal(sel[mask], rsel[mask])
-    assert cnt[2].tolist() == [top_k + 2] * HK and cnt[3].tolist() == [top_k] * HK
+    assert cnt[2].tolist() == [top_k + 1] * 4 + [top_k + 2] * (HK - 4) and cnt[3].tolist() == [top_k] * HK
+
+
+@pytest.mark.parametrize("dtype,D,HK,G", [(torch.bfloat16, 128, 8, 4), (torch.float16, 64, 2, 7),
+                                          (torch.bfloat16, 128, 3, 1), (torch.bfloat16, 256, 1, 8)])
+def test_reuse_drift(dtype, D, HK, G):
+    """The drift test per row as the reference: the same reuse decisions (cosines spread around the threshold,
+    none within 1e-3 of it), the same queries stored for the selecting rows, rows within the budget (a padding row
+    on slot 0, another request's) untouched."""
+    import cupy_kernels as ck
+    gen = _gen(31)
+    B, max_reqs = 9, 12
+    q = torch.randn((B, HK * G, D), generator=gen).to(dtype)
+    mean = q.float().view(B, HK, G, D).mean(2)
+    noise = torch.randn((B, HK, D), generator=gen)
+    noise -= (noise * mean).sum(-1, keepdim=True) / (mean * mean).sum(-1, keepdim=True) * mean   # orthogonal
+    # stored = cos * mean/|mean| + sin * noise/|noise|: cosine `cos` per (row, head)
+    cos = torch.tensor([0.9, 0.2, 0.55, 0.45, 0.99, -0.3, 0.8, 0.7, 0.1]).view(B, 1).expand(B, HK).clone()
+    cos[2, -1] = 0.3                                           # one head below: the row selects
+    unit = lambda x: x / x.norm(dim=-1, keepdim=True)         # noqa: E731
+    stored = cos[..., None] * unit(mean) + (1 - cos[..., None] ** 2).sqrt() * unit(noise)
+    rpi = torch.tensor([3, 0, 5, 7, 1, 2, 11, 4, 0], dtype=torch.int32)
+    kept = torch.randn((max_reqs, HK, D), generator=gen).to(dtype)
+    kept[rpi[:-1].long()] = (stored[:-1] * 3).to(dtype)
+    fits = torch.tensor([False] * 8 + [True])                  # row 8: padding on slot 0 (row 1's slot)
+    reuse_from = torch.tensor([40, 41, 42, 43, 0, 45, 46, 47, 0], dtype=torch.int32)
+    rkept = kept.clone()
+    want = ref.reuse_drift(q, rpi, fits, reuse_from, rkept, 0.5)
+    assert want.tolist() == [40, 0, 0, 0, 0, 0, 46, 47, 0]
+    dkept = kept.to(DEV)
+    got = ck.reuse_drift(q.to(DEV), rpi.to(DEV), fits.to(DEV), reuse_from.to(DEV), dkept, 0.5)
+    assert got.tolist() == want.tolist()
+    torch.testing.assert_close(dkept.cpu().float(), rkept.float(), rtol=1e-2, atol=1e-3)
+    assert torch.equal(dkept.cpu()[[3, 11, 4]], kept[[3, 11, 4]])          # reused: unchanged
+    assert not torch.equal(dkept.cpu()[0], kept[0])                        # row 1 (slot 0) selected: stored
 
 
 @pytest.mark.parametrize("R,cap", [(1, 1), (7, 33), (512, 4096), (4096, 64)])

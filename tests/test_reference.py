@@ -404,6 +404,51 @@ def test_topk_pages_all_equal_and_k_equals_forced():
     assert sel[0, 1].tolist() == [0, 1, 17, 18, 19]         # k == n_sink + n_local: exactly sinks + locals
 
 
+def test_topk_pages_reuse_appends_after_the_later_of_plan_and_kept():
+    """A layer that selected again since the step's plan (the drift test) kept later pages: a reusing row appends
+    only the pages after its last kept page, per KV head, so no page is attended twice."""
+    P, HK, top_k = 4, 2, 3
+    lens = torch.tensor([46])                                  # 12 pages
+    rpi = torch.tensor([1], dtype=torch.int32)
+    kept = torch.zeros((2, HK, top_k), dtype=torch.int32)
+    kept[1] = torch.tensor([[0, 4, 8], [0, 5, 10]])            # head 1 selected again at 41 tokens (11 pages)
+    sel, cnt = ref.topk_pages(torch.randn((1, HK, 12)), lens, P, top_k, 1, 1,
+                              reuse=(rpi, torch.tensor([33], dtype=torch.int32), kept, 3))
+    assert sel[0, 0].tolist() == [0, 4, 8, 9, 10, 11] and cnt[0, 0] == 6
+    assert sel[0, 1, :4].tolist() == [0, 5, 10, 11] and cnt[0, 1] == 4
+
+
+def test_reuse_drift_decides_per_row_and_stores_the_selecting_queries():
+    """A planned reuse serves while every KV head's group-mean query keeps a cosine similarity >= min_cosine
+    with the stored one; a moved query, a planned selection or an empty store selects and stores the query;
+    rows within the budget neither read nor write (a padding row's slot 0 belongs to another request)."""
+    HK, G, D = 2, 3, 8
+    gen = _gen(5)
+    q = torch.randn((5, HK * G, D), generator=gen)
+    mean = q.view(5, HK, G, D).mean(2)
+    kept = torch.randn((6, HK, D), generator=gen)
+    rpi = torch.tensor([0, 1, 2, 3, 0])
+    kept[0] = mean[0]                                          # cos 1: reuse
+    kept[1] = mean[1]
+    kept[1, 1] = -mean[1, 1]                                   # head 1 turned around: select
+    kept[2] = mean[2] + 0.1 * torch.randn((HK, D), generator=gen)   # a planned selection anyway
+    kept[3] = 0.0                                              # nothing stored: similarity 0 < 0.5
+    before = kept.clone()
+    fits = torch.tensor([False, False, False, False, True])
+    reuse_from = torch.tensor([100, 200, 0, 300, 0], dtype=torch.int32)
+    out = ref.reuse_drift(q, rpi, fits, reuse_from, kept, 0.5)
+    assert out.tolist() == [100, 0, 0, 0, 0]
+    assert torch.equal(kept[0], before[0])                     # reused: unchanged (row 4 fits: no write either)
+    for b in (1, 2, 3):
+        assert torch.allclose(kept[b], mean[b], atol=1e-6)     # selected: the query now stored
+    assert torch.equal(kept[4:], before[4:])
+    # the queries just stored serve the next planned reuse (row 3), a turned-around one does not (row 1);
+    # -1 keeps every planned reuse whatever the query
+    kept[1] = -mean[1]
+    assert ref.reuse_drift(q, rpi, fits, reuse_from, kept.clone(), 0.99).tolist() == [100, 0, 0, 300, 0]
+    assert ref.reuse_drift(q, rpi, fits, reuse_from, kept.clone(), -1.0).tolist() == [100, 200, 0, 300, 0]
+
+
 def test_topk_pages_reuse_reads_and_keeps_per_request_slot():
     """Selecting rows keep their top-k in their request slot's row; reusing rows read it back and append the pages
     written since; rows within the budget touch nothing; scores of reusing rows are never read."""
@@ -423,6 +468,7 @@ def test_topk_pages_reuse_reads_and_keeps_per_request_slot():
     assert sel[2, :, :3].tolist() == [[0, 1, 2]] * HK and cnt[2].tolist() == [3, 3]
     assert (kept[2] == -5).all() and (kept[1] == -5).all() and (kept[4] == -5).all()
     assert torch.equal(kept[0], torch.tensor([[0, 4, 8], [0, 2, 8]], dtype=torch.int32))
+    kept[3] = kept[0]                                           # slot 3: also kept at seq_len 33 (9 pages)
     with pytest.raises(ValueError, match="extra_pages"):    # 15 - 9 pages written since: more than 2
         ref.topk_pages(scores, lens, P, top_k, 1, 1,
                        reuse=(rpi, torch.tensor([0, 0, 0, 33], dtype=torch.int32), kept, 2))

@@ -66,8 +66,7 @@ def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
         small = dict(token_budget=SMALL_BUDGET, min_context=1024)
         specs[f"{m}_small"] = ("sgl_sparse", _config(tmp, f"{m}_small", m, **small), [])
     specs["quest_eager"] = ("sgl_sparse", specs["quest_small"][1], ["--disable-cuda-graph"])
-    specs["quest_reuse"] = ("sgl_sparse", _config(tmp, "quest_reuse", "quest", reselect_every=4, **small),
-                            ["--enable-metrics"])
+    specs["quest_reuse"] = ("sgl_sparse", _config(tmp, "quest_reuse", "quest-fast", **small), ["--enable-metrics"])
     # selection per 8 tokens inside SGLang's 16-token pages
     specs["quest_p8"] = ("sgl_sparse", _config(tmp, "quest_p8", "quest", page_size=8, **small), ["--page-size", "16"])
     # a pool that holds one ~3.6K-token shared prefix with its requests, not two: the radix cache must evict
@@ -297,21 +296,25 @@ def test_small_budget_retrieves_passkey(servers, method):
 
 
 def test_eager_equals_cuda_graph(servers):
-    """The same config with --disable-cuda-graph gives the same tokens (one request at a time)."""
+    """The same config with --disable-cuda-graph gives the same tokens (one request at a time), up to a bf16
+    near-tie: the sparse operator's graph replay equals its eager run bit for bit (tests/test_decode_gpu.py), but
+    SGLang's own layers are not bit-identical between eager mode and their captured graphs, and a logit that moves
+    by a bf16 step can flip a near-tied greedy token."""
     for inst in passkey_prompts(depths=(0.2, 0.7)):
         g = generate(servers["quest_small"], [inst.prompt], max_new_tokens=16, logprobs=True)[0]
         e = generate(servers["quest_eager"], [inst.prompt], max_new_tokens=16, logprobs=True)[0]
-        assert output_ids(g) == output_ids(e)
-        assert inst.score(e["text"]) == 1
+        assert_same_greedy(g, output_ids(e), f"eager vs graph, depth {inst.depth}")
+        assert inst.score(g["text"]) == 1 and inst.score(e["text"]) == 1
 
 
 def test_selection_reuse_retrieves_passkeys(servers):
-    """reselect_every=4: passkeys retrieved with the selection scored on one step in four; sent again in reverse
+    """The quest-fast preset (reselect_every=4 with the drift test; without it the depth-0.1 passkey is lost at
+    this budget, through the server and the CPU path alike): passkeys retrieved; sent again in reverse
     order (request slots now held by other requests, prompts from the radix cache) every answer still holds its
     own passkey: a slot's kept selection never serves the next request. (Graph replay equals the eager operator
     bit for bit: tests/test_decode_gpu.py.)"""
     insts = passkey_prompts()
-    assert_passkeys_retrieved(servers["dense"], servers["quest_reuse"], insts, "quest reselect_every=4")
+    assert_passkeys_retrieved(servers["dense"], servers["quest_reuse"], insts, "quest-fast")
     again = generate(servers["quest_reuse"], [i.prompt for i in reversed(insts)], max_new_tokens=10)
     for inst, a in zip(reversed(insts), again):
         assert inst.score(a["text"]) == 1, f"depth {inst.depth}, sent again: {a['text']!r}"

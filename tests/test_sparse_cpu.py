@@ -316,6 +316,39 @@ def test_selection_reuse_per_request_slot():
     assert reuse.selected_at[0].item() == 4000
 
 
+def test_drift_test_selects_again_where_the_query_moved():
+    """reselect_min_cosine: a reusing step serves the plan's kept selection while the query stays; a request whose
+    query turned around selects again in that layer at once (a fresh top-k), and the steps after reuse that newer
+    selection, appending only the pages after it (no page attended twice). The other request is unaffected."""
+    config, pool, q, meta, batch = _setup("quest", [3000, 2200], token_budget=512, min_context=0, dense_layers=0,
+                                          reselect_every=64, reselect_min_cosine=0.5)
+    assert config.drift_test
+    reuse = policies.SelectionReuse(config, 1, pool.req_to_token.shape[0], 2, "cpu", q.shape[-1], q.dtype)
+    reuse_from = torch.empty(2, dtype=torch.int32)
+    lens0 = pool.seq_lens.clone()
+    P, top_k = config.page_size, config.top_k_pages
+    moved = q.clone()
+    moved[0] = -q[0]
+    n0 = -(-(lens0 - 63) // P)                                  # pages at the planned selection
+    pages_at = [None, None]
+    for step, (grow, query) in enumerate([(0, q), (20, q), (40, moved), (63, moved)]):
+        batch.seq_lens = lens0 - 63 + grow
+        batch.reuse_from = reuse.plan(batch, out=reuse_from)
+        _, counts = reference_decode(config, 0, query, pool.k_cache, pool.v_cache, batch, meta,
+                                     kept_selection=reuse.layer(0), kept_query=reuse.layer_queries(0))
+        n = -(-batch.seq_lens // P)
+        last = batch.seq_lens - (n - 1) * P
+        if step == 2:
+            pages_at[0] = int(n[0])                             # request 0 selects again here
+        if step == 0:                                           # both select: top_k pages
+            first_new = n.tolist()
+        else:                                                   # both reuse: the pages after their selection
+            first_new = [int(n0[0]) if step == 1 else pages_at[0], int(n0[1])]
+        want = [(top_k + int(n[b]) - first_new[b] - 1) * P + int(last[b]) for b in range(2)]
+        assert counts.tolist() == [[w] * 2 for w in want], step
+    assert pages_at[0] > n0[0]
+
+
 def test_selection_reuse_attends_kept_pages_and_every_new_one():
     """Reference decode over steps: a reusing step attends the pages kept at the selecting step plus every page
     written since, so the newest token is always attended; a budget covering the context stays exact."""
