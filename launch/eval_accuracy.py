@@ -169,6 +169,9 @@ def main() -> int:
     ap.add_argument("--measure-error", action="store_true",
                     help="cpu path: compare every sparse decode attention with dense on the same q/k/v (mean "
                          "relative error per method and task; always on for vAttention)")
+    ap.add_argument("--parallel", type=int, default=1, metavar="N",
+                    help="sglang path: N servers at a time side by side on the GPU (configs in groups of N; start-up "
+                         "paid once per group; request latencies then include the other servers' load)")
     ap.add_argument("--no-dense", action="store_true",
                     help="skip the dense baseline (when another run of the same session provides it; --combine)")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge these result files instead of running")
@@ -192,6 +195,8 @@ def main() -> int:
         configs = configs[1:]
     if not configs:
         raise SystemExit("nothing to run: no --methods and --no-dense")
+    if args.parallel < 1:
+        ap.error(f"--parallel must be >= 1, got {args.parallel}")
     specs = accuracy.instance_specs(args.tasks, args.lengths, args.depths, args.seeds, args.seed)
     per = len(args.depths) * args.seeds
     print(f"{len(configs)} configs x {len(specs)} instances ({len(args.tasks)} tasks x {len(args.lengths)} lengths "
@@ -240,7 +245,8 @@ def main() -> int:
     try:
         if args.path == "sglang":
             accuracy.evaluate_server(args.model_dir, args.model, args.tasks, args.lengths, args.depths, configs,
-                                     args.seed, progress, log_dir=args.log_dir, seeds=args.seeds, timings=timings)
+                                     args.seed, progress, log_dir=args.log_dir, seeds=args.seeds, timings=timings,
+                                     parallel=args.parallel)
         else:
             accuracy.evaluate(args.model, args.tasks, args.lengths, args.depths, configs, args.seed, progress,
                               measure_error=args.measure_error, seeds=args.seeds)

@@ -26,9 +26,12 @@ follow better than their chat template.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -422,18 +425,24 @@ def config_name(cfg: SparseConfig, label: str | None = None) -> str:
 def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: list[str], lengths: list[int],
                     depths: list[float], configs: list, seed: int = 0, progress=None,
                     log_dir: str | os.PathLike | None = None, concurrency: int = CONCURRENCY, seeds: int = 1,
-                    timings: list | None = None) -> list[Result]:
+                    timings: list | None = None, parallel: int = 1) -> list[Result]:
     """sglang path (GPU host). ``configs``: ``SparseConfig`` or ``(label, SparseConfig)``. The instances
     (:func:`instance_specs`) are generated once (tokenizer of ``model_dir``) and the same ones go to every config;
-    per config one server is started, sent every instance in one frontend ``run_batch`` (``concurrency`` at a
-    time) and stopped before the next starts; its server start-up and batch times are printed and appended to
-    ``timings`` (dicts). ``seconds`` is the server's end-to-end latency of the request (batched with the others);
-    ``attended_fraction`` comes from the meta info (1 where the key is missing: dense server, or a request that
-    ended before its first sparse decode step; NaN, with a warning, when a sparse server reports it for no request
-    at all)."""
+    per config one server is sent every instance in one frontend ``run_batch`` (``concurrency`` at a time). With
+    ``parallel`` = 1 each server is started, used and stopped before the next; with ``parallel`` = N > 1, N
+    servers at a time share the GPU (sparse kernels compiled first by ``python -m sgl_sparse.warmup``; each
+    server's KV pool capped at what ``concurrency`` requests need, with ``--mem-fraction-static`` 0.9 so that
+    SGLang's memory profile, which sees the other servers' memory, stays positive) and their batches run side by
+    side: start-up is paid once per group, and a request's ``seconds`` then includes the other servers' load.
+    Start-up and batch times are printed and appended to ``timings`` (dicts). ``seconds`` is the server's
+    end-to-end latency of the request (batched with the others); ``attended_fraction`` comes from the meta info
+    (1 where the key is missing: dense server, or a request that ended before its first sparse decode step; NaN,
+    with a warning, when a sparse server reports it for no request at all)."""
     import sglang as sgl
     from transformers import AutoTokenizer
 
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
     t_gen = time.time()
@@ -445,37 +454,85 @@ def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: l
     needed = max(count(i.prompt) + MAX_NEW_TOKENS.get(i.task, 24) for i in insts) + 8
     context, env = context_length_for(model_dir, needed)
     extra = [*SERVER_ARGS, "--context-length", str(context)]
+    if parallel > 1:
+        extra += ["--mem-fraction-static", "0.9", "--max-total-tokens", str(concurrency * context + 8 * 1024)]
+    labelled = list(enumerate(_labelled(configs)))
+    if parallel > 1:
+        warm_up(model_dir, [cfg for _, (_, cfg) in labelled], log_dir, env)
     results = []
     with tempfile.TemporaryDirectory() as config_dir:
-        for k, (label, cfg) in enumerate(_labelled(configs)):
-            name = f"{k:02d}_{config_name(cfg, label)}"
-            server = server_for(model_dir, cfg, name=name, extra_args=extra, config_dir=config_dir, log_dir=log_dir,
-                                env=env)
+        for first in range(0, len(labelled), parallel):
+            group = labelled[first:first + parallel]
+            servers = [server_for(model_dir, cfg, name=f"{k:02d}_{config_name(cfg, label)}", extra_args=extra,
+                                  config_dir=config_dir, log_dir=log_dir, env=env) for k, (label, cfg) in group]
             t_start = time.time()
-            with server:
+            with contextlib.ExitStack() as stack:
+                for server in servers:
+                    stack.callback(server.stop)
+                    server.start()
+                for server in servers:
+                    server.wait_ready(SERVER_START_TIMEOUT_S)
                 t0 = time.time()
-                outs = run_frontend(sgl.RuntimeEndpoint(server.url), insts, concurrency)
-                wall = time.time() - t0
-            budget = cfg.token_budget if cfg.is_sparse else None
-            print(f"config {label} budget {budget}: {len(insts)} requests in one run_batch in {wall:.1f} s "
-                  f"(server up in {t0 - t_start:.1f} s; {time.time() - t_start:.1f} s in all)",
-                  file=sys.stderr, flush=True)
-            if timings is not None:
-                timings.append(dict(config=label, method=cfg.method, budget=budget, requests=len(insts),
-                                    prompt_tokens=prompt_tokens, batch_s=wall, startup_s=t0 - t_start,
-                                    total_s=time.time() - t_start))
-            # A request without the key attended densely (dense server, or no decode step); a sparse server that
-            # reports it for no request at all does not report it: NaN, not a made-up 1.
-            reported = any(META_KEY in meta for _, meta in outs)
-            if cfg.is_sparse and not reported:
-                print(f"WARNING: {label} {budget}: no {META_KEY!r} in any response's meta info; attended "
-                      f"fraction = NaN (server log {server.log_path})", file=sys.stderr)
-            for (_, _, _, inst_seed), inst, (text, meta) in zip(specs, insts, outs):
-                frac = attended_fraction_from_meta(meta, 1.0 if reported or not cfg.is_sparse else float("nan"))
-                r = Result("sglang", model_name, cfg.method, cfg.token_budget if cfg.is_sparse else inst.length,
-                           inst.task, inst.length, inst.depth, inst.score(text), frac, text,
-                           float(meta.get("e2e_latency", wall)), seed=inst_seed, config=label)
-                results.append(r)
-                if progress:
-                    progress(r)
+                with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
+                    runs = [pool.submit(_timed_batch, sgl.RuntimeEndpoint(s.url), insts, concurrency)
+                            for s in servers]
+                    outs = [r.result() for r in runs]
+            for (k, (label, cfg)), server, (out, wall) in zip(group, servers, outs):
+                budget = cfg.token_budget if cfg.is_sparse else None
+                side = f"; {len(servers)} servers side by side" if len(servers) > 1 else ""
+                print(f"config {label} budget {budget}: {len(insts)} requests in one run_batch in {wall:.1f} s "
+                      f"(server up in {t0 - t_start:.1f} s; {time.time() - t_start:.1f} s in all{side})",
+                      file=sys.stderr, flush=True)
+                if timings is not None:
+                    timings.append(dict(config=label, method=cfg.method, budget=budget, requests=len(insts),
+                                        prompt_tokens=prompt_tokens, batch_s=wall, startup_s=t0 - t_start,
+                                        total_s=time.time() - t_start, servers_side_by_side=len(servers)))
+                results += _results(model_name, cfg, label, specs, insts, out, wall, server, progress)
     return results
+
+
+SERVER_START_TIMEOUT_S = 900.0
+
+
+def _timed_batch(backend, insts, concurrency):
+    t0 = time.time()
+    out = run_frontend(backend, insts, concurrency)
+    return out, time.time() - t0
+
+
+def _results(model_name, cfg, label, specs, insts, outs, wall, server, progress) -> list[Result]:
+    # A request without the key attended densely (dense server, or no decode step); a sparse server that reports it
+    # for no request at all does not report it: NaN, not a made-up 1.
+    reported = any(META_KEY in meta for _, meta in outs)
+    if cfg.is_sparse and not reported:
+        print(f"WARNING: {label} {cfg.token_budget}: no {META_KEY!r} in any response's meta info; attended "
+              f"fraction = NaN (server log {server.log_path})", file=sys.stderr)
+    results = []
+    for (_, _, _, inst_seed), inst, (text, meta) in zip(specs, insts, outs):
+        frac = attended_fraction_from_meta(meta, 1.0 if reported or not cfg.is_sparse else float("nan"))
+        r = Result("sglang", model_name, cfg.method, cfg.token_budget if cfg.is_sparse else inst.length,
+                   inst.task, inst.length, inst.depth, inst.score(text), frac, text,
+                   float(meta.get("e2e_latency", wall)), seed=inst_seed, config=label)
+        results.append(r)
+        if progress:
+            progress(r)
+    return results
+
+
+def warm_up(model_dir, configs: list[SparseConfig], log_dir, env) -> None:
+    """``python -m sgl_sparse.warmup`` for the sparse configs among ``configs`` (servers started side by side
+    would otherwise compile the same kernels at once)."""
+    sparse = [c for c in configs if c.is_sparse]
+    if not sparse:
+        return
+    with tempfile.TemporaryDirectory() as d:
+        paths = [str(c.save(Path(d) / f"warm_{i}.yaml")) for i, c in enumerate(sparse)]
+        log = Path(log_dir or d) / "warmup.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            p = subprocess.run([sys.executable, "-m", "sgl_sparse.warmup", "--model-path", str(model_dir),
+                                "--sparse-config", *paths], stdout=f, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, **(env or {})), timeout=900)
+        if p.returncode != 0:
+            raise RuntimeError(f"kernel warm-up failed (exit {p.returncode}); log {log}:\n"
+                               + log.read_text(errors="replace")[-4000:])

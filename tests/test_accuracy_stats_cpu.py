@@ -264,11 +264,15 @@ def test_evaluate_server_sends_every_instance_once_per_config(tmp_path, monkeypa
             started.append((name, cfg))
             servers[name] = self
 
-        def __enter__(self):
+        def start(self):
             self.up = True
             return self
 
-        def __exit__(self, *exc):
+        def wait_ready(self, timeout):
+            assert self.up
+            return self
+
+        def stop(self):
             self.up = False
 
     monkeypatch.setattr(accuracy, "server_for", FakeServer)
@@ -302,3 +306,68 @@ def test_evaluate_server_sends_every_instance_once_per_config(tmp_path, monkeypa
     assert all(r["n"] == 12 for r in rows if r["scope"] == "length")      # 2 tasks x 2 depths x 3 seeds
     assert all(r["n"] == 24 for r in rows if r["scope"] == "overall")
     assert all(r["n_paired"] == r["n"] for r in rows)
+
+
+def test_evaluate_server_runs_configs_side_by_side(tmp_path, monkeypatch):
+    """parallel=2: one kernel warm-up of the sparse configs, then servers start in groups of two, both of a
+    group are up while their batches run, each pool is capped at what the requests in flight need, and the results
+    are those of the same configs run one at a time."""
+    pytest.importorskip("sglang")
+    import sglang
+    import transformers
+
+    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
+
+    class Tok:
+        def __call__(self, s, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": s.split()})()
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: Tok()))
+    monkeypatch.setattr(sglang, "RuntimeEndpoint", lambda url: url)
+    servers, events = {}, []
+
+    class FakeServer:
+        def __init__(self, model_dir, cfg, *, name, extra_args, **kw):
+            self.url, self.log_path, self.up, self.extra = name, tmp_path / f"{name}.log", False, extra_args
+            servers[name] = self
+
+        def start(self):
+            events.append(("start", self.url))
+            self.up = True
+            return self
+
+        def wait_ready(self, timeout):
+            return self
+
+        def stop(self):
+            events.append(("stop", self.url))
+            self.up = False
+
+    monkeypatch.setattr(accuracy, "server_for", FakeServer)
+    monkeypatch.setattr(accuracy, "warm_up", lambda model_dir, cfgs, log_dir, env: events.append(
+        ("warm_up", tuple(c.token_budget for c in cfgs if c.is_sparse))))
+    up_together = []
+
+    def fake_frontend(url, insts, concurrency):
+        up_together.append(sorted(n for n, s in servers.items() if s.up))
+        return [(" ".join(i.answers), {accuracy.META_KEY: [0.25]} if "quest" in url else {}) for i in insts]
+
+    monkeypatch.setattr(accuracy, "run_frontend", fake_frontend)
+    configs = accuracy.named_configs(["quest"], [256, 512])
+    timings = []
+    res = accuracy.evaluate_server(tmp_path, "qwen05b", ["passkey"], [300], [0.2, 0.8], configs, seeds=2,
+                                   timings=timings, parallel=2, concurrency=4)
+    assert events[0] == ("warm_up", (256, 512))                    # every sparse config, once, before any server
+    assert [e[1] for e in events if e[0] == "start"] == ["00_dense", "01_quest_256", "02_quest_512"]
+    assert events.index(("stop", "00_dense")) > events.index(("start", "01_quest_256"))
+    assert events.index(("start", "02_quest_512")) > events.index(("stop", "01_quest_256"))
+    assert up_together[:2] == [["00_dense", "01_quest_256"]] * 2 and up_together[2] == ["02_quest_512"]
+    extra = servers["00_dense"].extra
+    context = int(extra[extra.index("--context-length") + 1])
+    assert extra[extra.index("--max-total-tokens") + 1] == str(4 * context + 8 * 1024)
+    assert extra[extra.index("--mem-fraction-static") + 1] == "0.9"
+    assert [t["servers_side_by_side"] for t in timings] == [2, 2, 1]
+    assert len(res) == 12 and all(r.score == 1.0 for r in res)
+    assert {r.attended_fraction for r in res if r.method == "quest"} == {0.25}
+    with pytest.raises(ValueError, match="parallel"):
+        accuracy.evaluate_server(tmp_path, "qwen05b", ["passkey"], [300], [0.2], configs, parallel=0)
