@@ -51,9 +51,8 @@ extern "C" __global__ void reuse_drift(
     kk = warp_sum(kk);
     if (lane == 0) head_cosine[h] = dot / sqrtf(fmaxf(qq * kk, 1e-30f));
     __syncthreads();
-    float worst = 1.f;
-    for (int i = 0; i < num_kv_heads; ++i) worst = fminf(worst, head_cosine[i]);
-    const bool reuse = from > 0 && worst >= min_cosine;
+    bool reuse = from > 0;                    // a NaN similarity fails the test, as in the reference
+    for (int i = 0; i < num_kv_heads; ++i) reuse &= head_cosine[i] >= min_cosine;
     if (threadIdx.x == 0) layer_reuse_from[b] = reuse ? from : 0;
     if (!reuse) {
 #pragma unroll

@@ -66,7 +66,7 @@ class SparseConfig:
             where the group-mean query of some KV head has moved since the selection was made (cosine
             similarity below this), the request selects again in that layer at once. -1 (the default) turns the
             test off. Costs one small kernel per sparse layer and keeps the stored queries: sparse layers x max
-            running requests x HK x head_dim x 2 bytes.
+            running requests x HK x head_dim x 2 bytes. Supports up to 32 KV heads per rank.
     """
 
     method: str = "quest"

@@ -218,6 +218,9 @@ class SparseDecodeOperator:
         self.group = num_qo_heads // num_kv_heads
         if config.is_sparse:
             ck._cuda.check_group(num_qo_heads, num_kv_heads)
+        if config.is_sparse and config.drift_test and num_kv_heads > 32:
+            raise ValueError(f"the drift test (reselect_min_cosine) supports up to 32 KV heads per rank, the model "
+                             f"has {num_kv_heads}: set reselect_min_cosine: -1, or split the heads with --tp")
         self.num_layers = num_layers
         self.max_batch, self.max_context = max_batch, max_context
         self.dtype = dtype

@@ -130,7 +130,9 @@ class SelectionReuse:
     """
 
     def __init__(self, cfg: SparseConfig, num_layers: int, max_reqs: int, num_kv_heads: int,
-                 device: torch.device | str, head_dim: int = 128, dtype: torch.dtype = torch.bfloat16):
+                 device: torch.device | str, head_dim: int | None = None, dtype: torch.dtype | None = None):
+        if cfg.drift_test and (head_dim is None or dtype is None):
+            raise ValueError("the drift test stores queries: give head_dim and dtype")
         self.cfg = cfg
         self.max_reqs = max_reqs
         self.kept = torch.zeros((num_layers, max_reqs, num_kv_heads, cfg.top_k_pages), dtype=torch.int32,

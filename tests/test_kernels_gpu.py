@@ -243,11 +243,12 @@ def test_reuse_drift(dtype, D, HK, G):
     cos[2, -1] = 0.3                                           # one head below: the row selects
     unit = lambda x: x / x.norm(dim=-1, keepdim=True)         # noqa: E731
     stored = cos[..., None] * unit(mean) + (1 - cos[..., None] ** 2).sqrt() * unit(noise)
-    rpi = torch.tensor([3, 0, 5, 7, 1, 2, 11, 4, 0], dtype=torch.int32)
+    rpi = torch.tensor([3, 0, 5, 7, 1, 2, 11, 4, 3], dtype=torch.int32)
     kept = torch.randn((max_reqs, HK, D), generator=gen).to(dtype)
     kept[rpi[:-1].long()] = (stored[:-1] * 3).to(dtype)
-    fits = torch.tensor([False] * 8 + [True])                  # row 8: padding on slot 0 (row 1's slot)
-    reuse_from = torch.tensor([40, 41, 42, 43, 0, 45, 46, 47, 0], dtype=torch.int32)
+    # row 8 fits its budget, on the slot of row 0 (which reuses): it must neither reuse nor store there
+    fits = torch.tensor([False] * 8 + [True])
+    reuse_from = torch.tensor([40, 41, 42, 43, 0, 45, 46, 47, 48], dtype=torch.int32)
     rkept = kept.clone()
     want = ref.reuse_drift(q, rpi, fits, reuse_from, rkept, 0.5)
     assert want.tolist() == [40, 0, 0, 0, 0, 0, 46, 47, 0]
@@ -255,7 +256,7 @@ def test_reuse_drift(dtype, D, HK, G):
     got = ck.reuse_drift(q.to(DEV), rpi.to(DEV), fits.to(DEV), reuse_from.to(DEV), dkept, 0.5)
     assert got.tolist() == want.tolist()
     torch.testing.assert_close(dkept.cpu().float(), rkept.float(), rtol=1e-2, atol=1e-3)
-    assert torch.equal(dkept.cpu()[[3, 11, 4]], kept[[3, 11, 4]])          # reused: unchanged
+    assert torch.equal(dkept.cpu()[[3, 11, 4]], kept[[3, 11, 4]])          # reused (slot 3 also row 8's): unchanged
     assert not torch.equal(dkept.cpu()[0], kept[0])                        # row 1 (slot 0) selected: stored
 
 

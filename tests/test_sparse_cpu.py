@@ -392,3 +392,16 @@ def test_pool_append_token_follows_the_paged_allocator():
     assert new[0] == last[0] + 1 and new[2] == last[2] + 1                 # within the request's last page
     assert new[1] % 16 == 0 and int(new[1]) // 16 == free[-1]              # a page boundary: a free page
     assert pool.free_pages == free[:-1]
+
+
+def test_drift_test_refuses_more_than_32_kv_heads_per_rank():
+    """The drift kernel runs a warp per KV head in one block: more than 32 KV heads per rank is refused when the
+    operator is built, naming the fix (the plain reuse and the other methods have no such limit)."""
+    from sgl_sparse.decode import SparseDecodeOperator
+
+    cfg = SparseConfig.load("quest-fast")
+    with pytest.raises(ValueError, match="up to 32 KV heads per rank.*reselect_min_cosine: -1"):
+        SparseDecodeOperator(cfg, num_qo_heads=40, num_kv_heads=40, head_dim=128, num_layers=4, max_batch=2,
+                             max_context=8192, device="cpu")
+    with pytest.raises(ValueError, match="head_dim and dtype"):
+        policies.SelectionReuse(cfg, 2, 4, 2, "cpu")
