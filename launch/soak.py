@@ -36,6 +36,11 @@ answered 400), ``server_errors`` (5xx, server-side abort, connection failure or 
 answer), ``leaked_tokens``, ``probe_mismatches``, GPU memory (nvidia-smi, MiB) at ready, after the warm-up (start) and
 after the load (end), retractions, and ``checks``/``passed``; server logs in ``<out>_logs/``. Per config: start-up
 ~1-4 min (FlashInfer JIT on a fresh host), warm-up + duration, ~1 min of probes and idle checks.
+
+The memory figures are the server's own processes' (``gpu_memory_scope``: ``server processes``) where nvidia-smi
+lists them, so several soaks can share one GPU (one config per process, each with a small
+``--mem-fraction-static``, then ``--combine``); where it does not (a container whose pids it does not see), they are
+the whole GPU's (``whole GPU``), which is the server's own only when it runs there alone.
 """
 
 from __future__ import annotations
@@ -345,8 +350,23 @@ def log_counts(text: str) -> dict:
                 idle_check_warnings=len(IDLE_CHECK.findall(text)), tracebacks=text.count("Traceback"))
 
 
-def gpu_memory_mib() -> int | None:
-    """Memory used on the (first visible) GPU, MiB: one server runs on it at a time."""
+def gpu_memory_mib(pgid: int | None = None) -> int | None:
+    """GPU memory in MiB of the processes of a server's process group ``pgid`` (its scheduler and the others),
+    so that servers soaked side by side on one GPU are told apart; None where nvidia-smi lists none of them (e.g.
+    a container whose pids nvidia-smi does not see) or with no ``pgid``. :func:`gpu_memory_used_mib` is the
+    whole GPU's."""
+    if pgid is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=60)
+        return apps_memory_mib(out.stdout, process_group_pids(pgid)) if out.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
+def gpu_memory_used_mib() -> int | None:
+    """Memory used on the (first visible) GPU, MiB: a server's own when it runs alone there."""
     index = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", index],
@@ -354,6 +374,37 @@ def gpu_memory_mib() -> int | None:
         return int(out.stdout.split()[0]) if out.returncode == 0 else None
     except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
         return None
+
+
+def server_memory(pgid: int) -> tuple[int | None, str]:
+    """(MiB, scope): the server's own processes' GPU memory where nvidia-smi shows them, else the whole GPU's."""
+    own = gpu_memory_mib(pgid)
+    return (own, "server processes") if own is not None else (gpu_memory_used_mib(), "whole GPU")
+
+
+def apps_memory_mib(query_compute_apps: str, pids: set[int]) -> int | None:
+    """Sum of ``used_memory`` over the lines of ``nvidia-smi --query-compute-apps=pid,used_memory`` (csv, no
+    header, no units) whose pid is in ``pids``; None when no line is."""
+    total, seen = 0, False
+    for line in query_compute_apps.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0].isdigit() and int(fields[0]) in pids:
+            total, seen = total + int(fields[1]), True
+    return total if seen else None
+
+
+def process_group_pids(pgid: int, proc: Path = Path("/proc")) -> set[int]:
+    """Pids of the live processes in process group ``pgid`` (from ``/proc/<pid>/stat``)."""
+    pids = set()
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()      # after "pid (comm) ": state ppid pgrp ...
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            pids.add(int(stat.parent.name))
+    return pids
 
 
 def soak_config(preset: str, min_budget: int, path: Path) -> Path:
@@ -400,7 +451,8 @@ def run_config(config: str, args, mix: Mix, prefixes, log_dir: Path, reference: 
     print(f"[{config}] starting server (log {server.log_path})", flush=True)
     try:
         server.start().wait_ready(timeout=args.start_timeout)
-        row.update(ready_s=time.time() - started, gpu_memory_ready_mib=gpu_memory_mib())
+        mib, scope = server_memory(server.proc.pid)
+        row.update(ready_s=time.time() - started, gpu_memory_ready_mib=mib, gpu_memory_scope=scope)
         stage = "probes before"
         before = run_probes(server.url, prompts, args.probe_tokens)
         reference = reference or (before if config == "dense" else None)
@@ -410,7 +462,7 @@ def run_config(config: str, args, mix: Mix, prefixes, log_dir: Path, reference: 
               f"{args.duration:.0f} s", flush=True)
         warm, next_index = asyncio.run(drive(server.url, mix, prefixes, 0, args.warmup, args.clients,
                                              args.request_timeout, server.alive))
-        row["gpu_memory_start_mib"] = gpu_memory_mib()
+        row["gpu_memory_start_mib"] = server_memory(server.proc.pid)[0]
         main_start = time.time()
         main, _ = asyncio.run(drive(server.url, mix, prefixes, next_index, args.duration, args.clients,
                                     args.request_timeout, server.alive))
@@ -418,7 +470,7 @@ def run_config(config: str, args, mix: Mix, prefixes, log_dir: Path, reference: 
         stage = "idle check"
         idle = idle_load(server.url)
         row.update(leaked_tokens=idle["num_used_tokens"], pool_tokens=idle["max_total_num_tokens"],
-                   gpu_memory_end_mib=gpu_memory_mib())
+                   gpu_memory_end_mib=server_memory(server.proc.pid)[0])
         stage = "probes after"
         after = run_probes(server.url, prompts, args.probe_tokens)
         counts = [probe_counts(reference, outs) for outs in (before, after)] if reference else []

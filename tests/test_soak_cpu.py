@@ -349,7 +349,7 @@ class FakeServerProcess:
 
     def start(self):
         self.fake = FakeSGLang(**self.options)
-        self.url, self.proc = self.fake.url, Namespace(poll=lambda: None)
+        self.url, self.proc = self.fake.url, Namespace(poll=lambda: None, pid=4242)
         self.log_path.write_text("KV cache pool is full. Retract requests. #retracted_reqs: 2, #new_tokens_gained: 9\n")
         return self
 
@@ -377,7 +377,8 @@ def run_args(**kw):
 def test_run_config_end_to_end(tmp_path, monkeypatch, wrong_probe):
     pytest.importorskip("aiohttp")
     memory = iter([1000, 1100, 1200])
-    monkeypatch.setattr(soak, "gpu_memory_mib", lambda: next(memory))
+    monkeypatch.setattr(soak, "server_memory", lambda pgid: (next(memory), "server processes") if pgid == 4242
+                        else (None, "whole GPU"))
     monkeypatch.setattr(soak, "ServerProcess", lambda *a, **kw: FakeServerProcess(*a, wrong_probe=wrong_probe, **kw))
     args = run_args()
     prompts = soak.probe_prompts(args.probe_lengths, args.seed)
@@ -399,7 +400,7 @@ def test_run_config_end_to_end(tmp_path, monkeypatch, wrong_probe):
 
 def test_dense_run_makes_the_reference_and_results_combine(tmp_path, monkeypatch):
     pytest.importorskip("aiohttp")
-    monkeypatch.setattr(soak, "gpu_memory_mib", lambda: 5)
+    monkeypatch.setattr(soak, "server_memory", lambda pgid: (5, "whole GPU"))
     monkeypatch.setattr(soak, "ServerProcess", FakeServerProcess)
     row = soak.run_config("dense", run_args(), SMALL, soak.shared_prefixes(SMALL), tmp_path, None)
     assert row["probe_mismatches"] == 0 and row["probe_outputs_before"] and row["passed"], row.get("checks")
@@ -415,3 +416,21 @@ def test_dense_run_makes_the_reference_and_results_combine(tmp_path, monkeypatch
     assert [(r["config"], r["commit"], r["passed"]) for r in merged["rows"]] == [("dense", "abc", True),
                                                                                   ("quest", "def", True)]
     assert merged["passed"] is True and merged["probe_reference"] == row["probe_outputs_before"]
+
+
+def test_gpu_memory_of_a_server_is_its_process_group(tmp_path, monkeypatch):
+    """Servers soaked side by side on one GPU: each row's memory is the sum over nvidia-smi's compute apps of that
+    server's process group (read from /proc); where nvidia-smi shows none of them, the whole GPU's, labelled so."""
+    for pid, pgrp in ((100, 100), (101, 100), (200, 200), (300, 100)):
+        d = tmp_path / str(pid)
+        d.mkdir()
+        (d / "stat").write_text(f"{pid} (python3 (x)) S 1 {pgrp} {pgrp} 0 -1 4194560 0 0\n")
+    assert soak.process_group_pids(100, tmp_path) == {100, 101, 300}
+    apps = "101, 5000\n200, 7000\n300, 1200\n"
+    assert soak.apps_memory_mib(apps, {100, 101, 300}) == 6200
+    assert soak.apps_memory_mib(apps, {999}) is None
+    monkeypatch.setattr(soak, "gpu_memory_mib", lambda pgid: None)
+    monkeypatch.setattr(soak, "gpu_memory_used_mib", lambda: 81000)
+    assert soak.server_memory(100) == (81000, "whole GPU")
+    monkeypatch.setattr(soak, "gpu_memory_mib", lambda pgid: 6200)
+    assert soak.server_memory(100) == (6200, "server processes")
