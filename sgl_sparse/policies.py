@@ -38,6 +38,7 @@ class DecodeBatch:
     max_pages: int                   # score columns: >= ceil(max seq_len / P), fixed per captured batch size
     fits_budget: torch.Tensor | None = None   # [B] bool, fits_in_budget() for the config the batch was planned for
     reuse_from: torch.Tensor | None = None    # [B] int32, SelectionReuse.plan(): > 0 where a kept selection serves
+    row_top_k: torch.Tensor | None = None     # [B] int32, each request's own budget in pages (None: the config's)
 
     @property
     def batch_size(self) -> int:
@@ -84,11 +85,13 @@ def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, b
         reuse = (batch.req_pool_indices, reuse_from, tables.kept_selection, cfg.reuse_extra_pages)
     # Requests that keep every page (within the budget or below min_context) or reuse a kept selection are not
     # scored.
+    # Requests of at most this many pages keep them all (with per-request budgets: whatever budget they ask for)
+    skip = cfg.dense_pages if batch.row_top_k is None else cfg.least_dense_pages
     scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
-                                   batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
+                                   batch.seq_lens, P, batch.max_pages, skip_pages_upto=skip,
                                    skip_rows=reuse[1] if reuse else None)
     return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
-                          select_all_upto=cfg.dense_pages, reuse=reuse)
+                          select_all_upto=cfg.min_context_pages, reuse=reuse, row_top_k=batch.row_top_k)
 
 
 def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
@@ -97,7 +100,8 @@ def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
                                    cfg.page_size, sel.shape[-1] * cfg.page_size)
 
 
-def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor) -> torch.Tensor:
+def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor, row_pages: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """``[B]`` int64 tokens :func:`select_pages` keeps per KV head, from the lengths alone (host or device):
     every page of a request within ``dense_pages``, else ``top_k`` pages, the request's last (partial) page
     always among them. With selection reuse, an upper bound: a reused selection adds up to
@@ -105,7 +109,8 @@ def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor) -> torch.Tensor:
     P = cfg.page_size
     lens = seq_lens.long()
     n = (lens + P - 1) // P
-    pages = torch.where(within_budget(cfg, lens), n, torch.full_like(n, cfg.top_k_pages + cfg.reuse_extra_pages))
+    k = torch.full_like(n, cfg.top_k_pages) if row_pages is None else row_pages.long()
+    pages = torch.where(within_budget(cfg, lens, row_pages=row_pages), n, k + cfg.reuse_extra_pages)
     return (torch.minimum(pages, n) - 1) * P + (lens - (n - 1) * P)
 
 
@@ -171,15 +176,22 @@ class SelectionReuse:
         return [t for t in (self.kept, self.selected_at, self.queries) if t is not None]
 
 
-def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B]`` bool (host or device, into ``out`` if given): requests with at most ``dense_pages`` pages, attended
+def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor | None = None,
+                  row_pages: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` bool (host or device, into ``out`` if given): requests with at most ``dense_pages`` pages (with
+    ``row_pages``, each request's own budget in pages: at most ``max(row_pages, min_context_pages)``), attended
     densely (they fit in the budget or are below min_context); the others need a selection."""
-    return torch.le((seq_lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=out)
+    pages = (seq_lens + (cfg.page_size - 1)) // cfg.page_size
+    if row_pages is None:
+        return torch.le(pages, cfg.dense_pages, out=out)
+    return torch.le(pages, torch.clamp(row_pages, min=cfg.min_context_pages), out=out)
 
 
 def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
     """:func:`within_budget` of the batch (the operator computes it once per step, in ``plan()``)."""
-    return batch.fits_budget if batch.fits_budget is not None else within_budget(cfg, batch.seq_lens)
+    if batch.fits_budget is not None:
+        return batch.fits_budget
+    return within_budget(cfg, batch.seq_lens, row_pages=batch.row_top_k)
 
 
 def quest(ops, cfg, q, tables, batch, attend: Attention):
