@@ -172,8 +172,8 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
     Returns:
         selected_pages ``[B, HK, W]`` int32 with ``W = fit`` (``max(fit, top_k + extra_pages)`` with reuse):
         logical page indices in ascending order, ``-1`` past the count;
-        num_selected ``[B, HK]`` int32: ``n`` if ``n <= fit``, else ``top_k`` (plus the pages written since, for
-        a reused selection). Among equal scores the lower page index wins.
+        num_selected ``[B, HK]`` int32: ``n`` if ``n <= fit``, else ``top_k`` or the row's own ``k`` (plus the
+        pages written since, for a reused selection). Among equal scores the lower page index wins.
     """
     if top_k < n_sink + n_local:
         raise ValueError(f"top_k ({top_k}) must be >= n_sink + n_local ({n_sink} + {n_local})")

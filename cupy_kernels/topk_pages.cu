@@ -9,7 +9,7 @@
 // Request b selects k = row_top_k[b] pages (its own budget; top_k when row_top_k is nullptr) and keeps all its
 // pages when it has at most max(k, select_all_upto).
 //
-// Selection reuse (kept != nullptr): a row with reuse_from[b] > 0 is not selected again: it copies the top_k
+// Selection reuse (kept != nullptr): a row with reuse_from[b] > 0 is not selected again: it copies the k
 // pages kept for its request slot (kept[req_pool_indices[b], h]) and appends every page after both the planned
 // selection's last page (ceil(reuse_from / P)) and the last kept page (a layer that selected again since, on
 // the drift test, kept later pages) up to the request's last page. Rows that select write their selection into

@@ -179,11 +179,6 @@ class SparseConfig:
         """The smallest budget a request may ask for, in pages: its sink and local pages."""
         return self.sink_pages + self.local_pages
 
-    @property
-    def least_dense_pages(self) -> int:
-        """Requests with at most this many pages are attended densely whatever budget they ask for."""
-        return max(self.least_budget_pages, self.min_context_pages)
-
     def request_budget_problem(self, token_budget) -> str | None:
         """Why ``token_budget`` cannot be a request's own budget under this config (None: it can)."""
         if not isinstance(token_budget, int) or isinstance(token_budget, bool):

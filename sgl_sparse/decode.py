@@ -314,7 +314,8 @@ class SparseDecodeOperator:
         budget, or None for the config's) gives requests their own budgets, each a multiple of the page size
         between the sink + local pages and the config's ``token_budget``
         (:meth:`SparseConfig.request_budget_problem`); they are written to a device buffer the step reads, so a
-        captured graph serves them too.
+        captured graph serves them too. A budget applies to a request past ``dense_pages`` (the config's budget
+        or ``min_context``); shorter requests are attended densely whatever budget they ask for.
 
         The path: a step in which no request needs a selection (every one within its budget or below
         ``min_context``, decided here from ``seq_lens_cpu``) is ``"dense"``: every layer runs the dense FlashInfer
@@ -341,7 +342,7 @@ class SparseDecodeOperator:
         else:
             pages_dev.copy_(row_pages, non_blocking=True)
         fits = self.fits_budget[:B]
-        policies.within_budget(cfg, lens, out=fits, row_pages=pages_dev)
+        policies.within_budget(cfg, lens, out=fits)
         self.batch = DecodeBatch(req_to_token, rpi, lens, self.max_pages, fits_budget=fits, row_top_k=pages_dev)
         if self.reuse is None and self._reuses:
             self._make_reuse(req_to_token.shape[0])
@@ -352,8 +353,8 @@ class SparseDecodeOperator:
             self.batch.reuse_from = self.reuse_from[:B]
         bufs = self._buffers(B)
         if path is None:
-            dense_all = bool(policies.within_budget(cfg, seq_lens_cpu, row_pages=row_pages).all()) if B else True
-            path = "sparse" if cfg.is_sparse and not dense_all else "dense"
+            longest_pages = -(-int(seq_lens_cpu.max()) // cfg.page_size) if B else 0
+            path = "sparse" if cfg.is_sparse and longest_pages > cfg.dense_pages else "dense"
         elif path not in ("sparse", "dense") or (path == "sparse" and not cfg.is_sparse):
             raise ValueError(f"path must be 'dense' or (for a sparse config) 'sparse', got {path!r}")
         self.path = path

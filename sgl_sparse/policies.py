@@ -74,7 +74,8 @@ class LayerTables:
 
 
 def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch):
-    """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages."""
+    """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages (or
+    more with reuse); a request past ``dense_pages`` selects ``batch.row_top_k`` pages (its own budget) if set."""
     P = cfg.page_size
     reuse = None
     if tables.kept_selection is not None:
@@ -85,13 +86,12 @@ def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, b
         reuse = (batch.req_pool_indices, reuse_from, tables.kept_selection, cfg.reuse_extra_pages)
     # Requests that keep every page (within the budget or below min_context) or reuse a kept selection are not
     # scored.
-    # Requests of at most this many pages keep them all (with per-request budgets: whatever budget they ask for)
-    skip = cfg.dense_pages if batch.row_top_k is None else cfg.least_dense_pages
     scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
-                                   batch.seq_lens, P, batch.max_pages, skip_pages_upto=skip,
+                                   batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
                                    skip_rows=reuse[1] if reuse else None)
+    # a request's own budget (row_top_k) applies past dense_pages: shorter requests keep every page whatever it is
     return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
-                          select_all_upto=cfg.min_context_pages, reuse=reuse, row_top_k=batch.row_top_k)
+                          select_all_upto=cfg.dense_pages, reuse=reuse, row_top_k=batch.row_top_k)
 
 
 def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
@@ -110,7 +110,7 @@ def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor, row_pages: torch.
     lens = seq_lens.long()
     n = (lens + P - 1) // P
     k = torch.full_like(n, cfg.top_k_pages) if row_pages is None else row_pages.long()
-    pages = torch.where(within_budget(cfg, lens, row_pages=row_pages), n, k + cfg.reuse_extra_pages)
+    pages = torch.where(within_budget(cfg, lens), n, k + cfg.reuse_extra_pages)
     return (torch.minimum(pages, n) - 1) * P + (lens - (n - 1) * P)
 
 
@@ -176,22 +176,16 @@ class SelectionReuse:
         return [t for t in (self.kept, self.selected_at, self.queries) if t is not None]
 
 
-def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor | None = None,
-                  row_pages: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B]`` bool (host or device, into ``out`` if given): requests with at most ``dense_pages`` pages (with
-    ``row_pages``, each request's own budget in pages: at most ``max(row_pages, min_context_pages)``), attended
-    densely (they fit in the budget or are below min_context); the others need a selection."""
-    pages = (seq_lens + (cfg.page_size - 1)) // cfg.page_size
-    if row_pages is None:
-        return torch.le(pages, cfg.dense_pages, out=out)
-    return torch.le(pages, torch.clamp(row_pages, min=cfg.min_context_pages), out=out)
+def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B]`` bool (host or device, into ``out`` if given): requests with at most ``dense_pages`` pages, attended
+    densely (they fit in the config's budget or are below min_context; whatever budget they ask for themselves);
+    the others need a selection."""
+    return torch.le((seq_lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=out)
 
 
 def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
     """:func:`within_budget` of the batch (the operator computes it once per step, in ``plan()``)."""
-    if batch.fits_budget is not None:
-        return batch.fits_budget
-    return within_budget(cfg, batch.seq_lens, row_pages=batch.row_top_k)
+    return batch.fits_budget if batch.fits_budget is not None else within_budget(cfg, batch.seq_lens)
 
 
 def quest(ops, cfg, q, tables, batch, attend: Attention):

@@ -210,8 +210,14 @@ def test_topk_pages_per_request_budgets(select_all_upto):
     assert torch.equal(sel[mask], rsel[mask])
     assert cnt[0].tolist() == [64] * HK and cnt[2].tolist() == [5] * HK and cnt[4].tolist() == [5] * HK
     grown = seq + P
-    reuse_from = torch.where(cnt[:, 0] == row_k, seq, 0).to(torch.int32)       # the rows that selected
-    reuse_from[4] = 0                                                           # 5 pages: it kept them all
+    # the rows that selected (not row 4: 5 pages, it kept them all), planned two pages before their kept pages
+    # end (a drift re-selection since), with stale entries past each row's k: only the own k-th page counts
+    reuse_from = torch.where(cnt[:, 0] == row_k, seq - 2 * P, 0).to(torch.int32)
+    reuse_from[4] = 0
+    for b in (2, 3):
+        slot, k = int(rpi[b]), int(row_k[b])
+        kept[slot, :, k:] = 10
+        rkept[slot, :, k:] = 10
     sel2, cnt2 = ck.topk_pages(scores, grown, P, top_k, 2, 3, select_all_upto, row_top_k=row_k,
                                reuse=(rpi, reuse_from, kept, 2))
     rsel2, rcnt2 = ref.topk_pages(scores, grown, P, top_k, 2, 3, select_all_upto, row_top_k=row_k,

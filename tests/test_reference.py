@@ -446,6 +446,12 @@ def test_topk_pages_per_request_budgets():
                                 reuse=(rpi, torch.tensor([900, 900, 0, 900], dtype=torch.int32), kept, 1))
     assert cnt2[1].tolist() == [7, 7] and torch.equal(sel2[1, :, :6], sel[1, :, :6]) and sel2[1, 0, 6] == 57
     assert cnt2[3].tolist() == [17, 17] and cnt2[2].tolist() == [8, 8]
+    # a kept row re-selected after the plan (drift test), with stale entries past its k: the pages after its own
+    # k-th kept page are appended, not those after the plan's or a stale entry's
+    kept[1, :, 6:] = 40
+    sel3, cnt3 = ref.topk_pages(scores, grown, P, 16, 1, 2, row_top_k=row_k,
+                                reuse=(rpi, torch.tensor([0, 870, 0, 0], dtype=torch.int32), kept, 1))
+    assert cnt3[1].tolist() == [7, 7] and sel3[1, 0, 6] == 57
     with pytest.raises(ValueError, match="row_top_k"):
         ref.topk_pages(scores, lens, P, 16, 1, 2, row_top_k=torch.tensor([16, 2, 8, 16], dtype=torch.int32))
 

@@ -475,8 +475,8 @@ def test_request_opts_out_of_sparsity(servers):
 
 def test_request_budgets(servers):
     """custom_params {"sparse": {"token_budget": N}}: in one batch (CUDA graphs on), each request attends exactly
-    what its own budget gives and the meta info reports the budget applied; the passkey is still found at 512; a
-    budget the server cannot give is rejected with HTTP 400 naming the limits."""
+    what its own budget gives and the meta info reports the budget applied, beside a request at the server's budget
+    that still finds its passkey; a budget the server cannot give is rejected with HTTP 400 naming the limits."""
     import requests
 
     insts = passkey_prompts(depths=(0.3, 0.5, 0.7))
@@ -493,7 +493,7 @@ def test_request_budgets(servers):
         got, n_out = meta["sparse_attended_fraction"][-1], meta["completion_tokens"]
         want = [_expected_fraction(applied, meta["prompt_tokens"], s) for s in (n_out - 1, n_out)]
         assert min(abs(got - w) / w for w in want) < 1e-6, (budget, got, want)
-        if applied >= 512:
+        if budget is None:                             # the server's budget, as test_small_budget_retrieves_passkey
             assert inst.score(out["text"]) == 1, (budget, out["text"])
     for bad, msg in ((1000, "multiple of 16"), (4096, str(SMALL_BUDGET)), ("x", "integer")):
         r = requests.post(servers["quest_small"].url + "/generate", timeout=60, json={
