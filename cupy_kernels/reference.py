@@ -141,8 +141,8 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
 
 def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
                n_local: int, select_all_upto: int = 0, *,
-               reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               reuse: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int] | None = None,
+               row_top_k: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``top_k`` best pages per (request, KV head), always including sinks and the local window; or a kept
     selection reused.
 
@@ -165,11 +165,15 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
             - ``reuse_from[b] == 0``: selected from the scores as without reuse, and written to
               ``kept[req_pool_indices[b], h]`` (in place).
 
+        row_top_k: optional ``[B]`` int32, request b's own ``k_b <= top_k`` pages (``>= n_sink + n_local``) in place
+            of ``top_k``: it keeps every page when it has at most ``max(k_b, select_all_upto)``, otherwise its
+            ``k_b`` best; a kept selection holds ``k_b`` pages (the first ``k_b`` of its kept row).
+
     Returns:
         selected_pages ``[B, HK, W]`` int32 with ``W = fit`` (``max(fit, top_k + extra_pages)`` with reuse):
         logical page indices in ascending order, ``-1`` past the count;
-        num_selected ``[B, HK]`` int32: ``n`` if ``n <= fit``, else ``top_k`` (plus the pages written since, for
-        a reused selection). Among equal scores the lower page index wins.
+        num_selected ``[B, HK]`` int32: ``n`` if ``n <= fit``, else ``top_k`` or the row's own ``k`` (plus the
+        pages written since, for a reused selection). Among equal scores the lower page index wins.
     """
     if top_k < n_sink + n_local:
         raise ValueError(f"top_k ({top_k}) must be >= n_sink + n_local ({n_sink} + {n_local})")
@@ -182,31 +186,33 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
     cnt = torch.zeros((B, HK), dtype=torch.int32, device=page_scores.device)
     for b in range(B):
         n = int(npg[b])
-        if n <= fit:
+        k = top_k if row_top_k is None else int(row_top_k[b])
+        if not n_sink + n_local <= k <= top_k:
+            raise ValueError(f"request {b}: row_top_k {k} outside {n_sink + n_local}..{top_k}")
+        if n <= max(k, select_all_upto):
             sel[b, :, :n] = torch.arange(n, dtype=torch.int32, device=sel.device)
             cnt[b] = n
             continue
         if reuse is not None and int(reuse[1][b]) > 0:
             rpi, reuse_from, kept, extra = reuse
             for h in range(HK):
-                row = kept[int(rpi[b]), h]
+                row = kept[int(rpi[b]), h, :k]
                 first_new = max(-(-int(reuse_from[b]) // page_size), int(row[-1]) + 1)
                 if not 0 <= n - first_new <= extra:
                     raise ValueError(f"request {b}: {n - first_new} pages written since its kept selection, more "
                                      f"than extra_pages={extra}")
-                sel[b, h, :top_k] = row
-                sel[b, h, top_k: top_k + n - first_new] = torch.arange(first_new, n, dtype=torch.int32,
-                                                                       device=sel.device)
-                cnt[b, h] = top_k + n - first_new
+                sel[b, h, :k] = row
+                sel[b, h, k: k + n - first_new] = torch.arange(first_new, n, dtype=torch.int32, device=sel.device)
+                cnt[b, h] = k + n - first_new
             continue
         key = page_scores[b, :, :n].clone()
         key[:, :n_sink] = float("inf")
         key[:, n - n_local:] = float("inf")
-        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :top_k]
-        sel[b, :, :top_k] = order.sort(-1).values.to(torch.int32)
-        cnt[b] = top_k
+        order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
+        sel[b, :, :k] = order.sort(-1).values.to(torch.int32)
+        cnt[b] = k
         if reuse is not None:
-            reuse[2][int(reuse[0][b])] = sel[b, :, :top_k]
+            reuse[2][int(reuse[0][b]), :, :k] = sel[b, :, :k]
     return sel, cnt
 
 

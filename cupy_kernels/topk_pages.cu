@@ -6,9 +6,10 @@
 // page with key > T and the first needed pages with key == T, in ascending page order. Reads of the score
 // row hit L2 after the first pass; no sort, no dynamic shared memory, any page count.
 //
-// Requests with at most `fit` pages (fit = max(top_k, select_all_upto)) keep all their pages.
+// Request b selects k = row_top_k[b] pages (its own budget; top_k when row_top_k is nullptr) and keeps all its
+// pages when it has at most max(k, select_all_upto).
 //
-// Selection reuse (kept != nullptr): a row with reuse_from[b] > 0 is not selected again: it copies the top_k
+// Selection reuse (kept != nullptr): a row with reuse_from[b] > 0 is not selected again: it copies the k
 // pages kept for its request slot (kept[req_pool_indices[b], h]) and appends every page after both the planned
 // selection's last page (ceil(reuse_from / P)) and the last kept page (a layer that selected again since, on
 // the drift test, kept later pages) up to the request's last page. Rows that select write their selection into
@@ -30,8 +31,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
     int* __restrict__ num_selected,         // [B, HK]
     const int* __restrict__ req_pool_indices, // [B] (reuse only)
     const int* __restrict__ reuse_from,     // [B]: seq_len at the kept selection, 0 = select (reuse only)
-    int* __restrict__ kept,                 // [max_reqs, HK, top_k] or nullptr (no reuse)
-    int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local, int fit, int width)
+    int* __restrict__ kept,                 // [max_reqs, HK, top_k] or nullptr (no reuse): first k valid
+    const int* __restrict__ row_top_k,      // [B] pages each request selects, or nullptr: top_k for all
+    int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local, int select_all_upto, int width)
 {
     __shared__ int hist[256];
     __shared__ int bin_warp_totals[8];
@@ -45,8 +47,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
     int* out = selected_pages + (long long)row_id * width;
     const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
     const int tid = threadIdx.x;
+    const int k_b = row_top_k != nullptr ? row_top_k[b] : top_k;
 
-    if (n <= fit) {     // short request: every page (dense fallback)
+    if (n <= max(k_b, select_all_upto)) {     // short request: every page (dense fallback)
         for (int j = tid; j < n; j += THREADS) out[j] = j;
         if (tid == 0) num_selected[row_id] = n;
         return;
@@ -56,17 +59,17 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
         keep = kept + ((long long)req_pool_indices[b] * num_kv_heads + h) * top_k;
         const int from = reuse_from[b];
         if (from > 0) {   // reuse: the kept pages, then every page written since
-            const int first_new = max((from + PAGE_SIZE - 1) / PAGE_SIZE, keep[top_k - 1] + 1);
-            for (int j = tid; j < top_k; j += THREADS) out[j] = keep[j];
-            for (int j = first_new + tid; j < n; j += THREADS) out[top_k + j - first_new] = j;
-            if (tid == 0) num_selected[row_id] = top_k + n - first_new;
+            const int first_new = max((from + PAGE_SIZE - 1) / PAGE_SIZE, keep[k_b - 1] + 1);
+            for (int j = tid; j < k_b; j += THREADS) out[j] = keep[j];
+            for (int j = first_new + tid; j < n; j += THREADS) out[k_b + j - first_new] = j;
+            if (tid == 0) num_selected[row_id] = k_b + n - first_new;
             return;
         }
     }
     const int local_begin = n - n_local;
 #define KEY(j) (((j) < n_sink || (j) >= local_begin) ? 0xffffffffu : order_key(scores[j]))
 
-    if (tid == 0) { s_prefix = 0u; s_remaining = top_k; }
+    if (tid == 0) { s_prefix = 0u; s_remaining = k_b; }
     u32 mask = 0u;
     for (int shift = 24; shift >= 0; shift -= 8) {
         for (int i = tid; i < 256; i += THREADS) hist[i] = 0;
@@ -132,5 +135,5 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
         written += take_total;
     }
 #undef KEY
-    if (tid == 0) num_selected[row_id] = top_k;
+    if (tid == 0) num_selected[row_id] = k_b;
 }

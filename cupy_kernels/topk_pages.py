@@ -14,7 +14,8 @@ Reuse = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
 
 def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
                n_local: int, select_all_upto: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-               *, reuse: Reuse | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               *, reuse: Reuse | None = None, row_top_k: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the ``top_k`` best pages of each (request, KV head), or reuse a kept selection.
 
     Args:
@@ -27,6 +28,8 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
             ``W = max(top_k, select_all_upto)`` (``max(.., top_k + extra_pages)`` with ``reuse``).
         reuse: optional ``(req_pool_indices [B], reuse_from [B] int32, kept [max_reqs, HK, top_k] int32,
             extra_pages)``: see :func:`cupy_kernels.reference.topk_pages`.
+        row_top_k: optional ``[B]`` int32, each request's own number of pages (``n_sink + n_local .. top_k``;
+            not checked on the device): see the reference.
 
     Returns:
         selected_pages ``[B, HK, W]`` int32 in ascending page order (entries past the count are not
@@ -51,6 +54,9 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         check(rpi.shape[0] == B and reuse_from.shape[0] == B, f"req_pool_indices and reuse_from need {B} entries")
         check(tuple(kept.shape[1:]) == (HK, top_k), f"kept must be [max_reqs, {HK}, {top_k}], got {tuple(kept.shape)}")
         W = max(fit, top_k + extra)
+    if row_top_k is not None:
+        check_tensor(row_top_k, "row_top_k", dtypes=[torch.int32], ndim=1, device=dev)
+        check(row_top_k.shape[0] == B, f"row_top_k has {row_top_k.shape[0]} entries for a batch of {B}")
     if out is None:
         out = (torch.empty((B, HK, W), dtype=torch.int32, device=dev),
                torch.empty((B, HK), dtype=torch.int32, device=dev))
@@ -62,6 +68,7 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
     if B == 0:
         return sel, cnt
     fn = kernel("topk_pages.cu", "topk_pages", dev, PAGE_SIZE=page_size)
-    launch(fn, (HK, B), (512,), (page_scores, as_int32(seq_lens), sel, cnt, rpi, reuse_from, kept, i32(HK), i32(M),
-                                 i32(top_k), i32(n_sink), i32(n_local), i32(fit), i32(W)), dev)
+    per_row = row_top_k if row_top_k is not None else u64(0)
+    launch(fn, (HK, B), (512,), (page_scores, as_int32(seq_lens), sel, cnt, rpi, reuse_from, kept, per_row, i32(HK),
+                                 i32(M), i32(top_k), i32(n_sink), i32(n_local), i32(select_all_upto), i32(W)), dev)
     return sel, cnt

@@ -165,10 +165,29 @@ class SparseConfig:
         return max(1, -(-self.local_tokens // self.page_size))
 
     @property
+    def min_context_pages(self) -> int:
+        """Requests with at most this many pages are below ``min_context`` (attended densely)."""
+        return -(-(self.min_context - 1) // self.page_size) if self.min_context > 1 else 0
+
+    @property
     def dense_pages(self) -> int:
         """Requests with at most this many pages are attended densely (budget or min_context)."""
-        below = -(-(self.min_context - 1) // self.page_size) if self.min_context > 1 else 0
-        return max(self.top_k_pages, below)
+        return max(self.top_k_pages, self.min_context_pages)
+
+    @property
+    def least_budget_pages(self) -> int:
+        """The smallest budget a request may ask for, in pages: its sink and local pages."""
+        return self.sink_pages + self.local_pages
+
+    def request_budget_problem(self, token_budget) -> str | None:
+        """Why ``token_budget`` cannot be a request's own budget under this config (None: it can)."""
+        if not isinstance(token_budget, int) or isinstance(token_budget, bool):
+            return f"token_budget must be an integer, got {token_budget!r}"
+        least = self.least_budget_pages * self.page_size
+        if not least <= token_budget <= self.token_budget or token_budget % self.page_size:
+            return (f"token_budget={token_budget} must be a multiple of {self.page_size} between {least} (the sink "
+                    f"and local pages) and the server's token_budget {self.token_budget}")
+        return None
 
     @property
     def reuse_extra_pages(self) -> int:

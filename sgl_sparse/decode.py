@@ -247,6 +247,7 @@ class SparseDecodeOperator:
         self.fits_budget = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
         self.seed_base = torch.zeros(max_batch, dtype=torch.int64, device=self.device)
         self.reuse_from = torch.zeros(max_batch, dtype=torch.int32, device=self.device)
+        self.row_top_k = torch.zeros(max_batch, dtype=torch.int32, device=self.device)   # pages per request
         # kept selections per request slot (config.reselect_every > 1; see SelectionReuse)
         self.reuse: policies.SelectionReuse | None = None
         self._reuses = config.is_sparse and config.reselect_every > 1 and num_layers > config.dense_layers
@@ -300,7 +301,8 @@ class SparseDecodeOperator:
         return bufs
 
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
-             seq_lens_cpu: torch.Tensor, dense_rows: list[bool] | None = None, path: str | None = None) -> str:
+             seq_lens_cpu: torch.Tensor, dense_rows: list[bool] | None = None, path: str | None = None,
+             row_budgets: list[int | None] | None = None) -> str:
         """Prepare a decode step (host work, outside any CUDA graph); returns the step's path.
 
         ``seq_lens_cpu`` is the host copy of ``seq_lens`` (SGLang keeps one). ``req_pool_indices`` and ``seq_lens``
@@ -308,7 +310,12 @@ class SparseDecodeOperator:
         every replay of a captured graph; ``req_to_token`` is read by the step itself and must stay the same object
         (updated in place). ``dense_rows`` (host, one bool per request) marks requests that opted out of sparsity:
         they are attended densely in every layer. A sparse step with such rows must run eagerly (not replayed from
-        a CUDA graph): the dense pass it adds is not captured.
+        a CUDA graph): the dense pass it adds is not captured. ``row_budgets`` (host, one per request: a token
+        budget, or None for the config's) gives requests their own budgets, each a multiple of the page size
+        between the sink + local pages and the config's ``token_budget``
+        (:meth:`SparseConfig.request_budget_problem`); they are written to a device buffer the step reads, so a
+        captured graph serves them too. A budget applies to a request past ``dense_pages`` (the config's budget
+        or ``min_context``); shorter requests are attended densely whatever budget they ask for.
 
         The path: a step in which no request needs a selection (every one within its budget or below
         ``min_context``, decided here from ``seq_lens_cpu``) is ``"dense"``: every layer runs the dense FlashInfer
@@ -328,9 +335,15 @@ class SparseDecodeOperator:
         rpi, lens = self.req_pool_indices_i32[:B], self.seq_lens_i32[:B]
         rpi.copy_(req_pool_indices)
         lens.copy_(seq_lens)
+        row_pages = self._row_pages(row_budgets, B)
+        pages_dev = self.row_top_k[:B]
+        if row_pages is None:
+            pages_dev.fill_(cfg.top_k_pages)
+        else:
+            pages_dev.copy_(row_pages, non_blocking=True)
         fits = self.fits_budget[:B]
         policies.within_budget(cfg, lens, out=fits)
-        self.batch = DecodeBatch(req_to_token, rpi, lens, self.max_pages, fits_budget=fits)
+        self.batch = DecodeBatch(req_to_token, rpi, lens, self.max_pages, fits_budget=fits, row_top_k=pages_dev)
         if self.reuse is None and self._reuses:
             self._make_reuse(req_to_token.shape[0])
         if self.reuse is not None:
@@ -359,7 +372,7 @@ class SparseDecodeOperator:
             # FlashInfer splits each row's tokens over its CTAs by the lengths planned here: Quest's selection
             # attends a number of tokens known from the lengths alone (the last page is always selected);
             # top-p keeps at most those. vAttention's sample is planned at its capacity (data-dependent).
-            row_tokens = policies.selected_tokens(cfg, seq_lens_cpu).repeat_interleave(self.num_kv_heads)
+            row_tokens = policies.selected_tokens(cfg, seq_lens_cpu, row_pages).repeat_interleave(self.num_kv_heads)
             for name in ("pages", "main"):
                 if name in bufs:
                     bufs[name].plan(row_tokens)
@@ -368,6 +381,20 @@ class SparseDecodeOperator:
             if self.collect_stats:
                 self.layer_counts[:, :B].zero_()
         return path
+
+    def _row_pages(self, row_budgets: list[int | None] | None, B: int) -> torch.Tensor | None:
+        """Host ``[B]`` int32 pages per request from their token budgets (None where every one is the config's)."""
+        if row_budgets is None or all(b is None for b in row_budgets):
+            return None
+        cfg = self.config
+        if len(row_budgets) != B:
+            raise ValueError(f"row_budgets has {len(row_budgets)} entries for a batch of {B}")
+        for b in row_budgets:
+            problem = None if b is None else cfg.request_budget_problem(b)
+            if problem:
+                raise ValueError(f"a request's budget: {problem}")
+        return torch.tensor([cfg.top_k_pages if b is None else b // cfg.page_size for b in row_budgets],
+                            dtype=torch.int32)
 
     def _make_reuse(self, max_requests: int) -> None:
         self.reuse = policies.SelectionReuse(self.config, self.num_layers - self.config.dense_layers, max_requests,

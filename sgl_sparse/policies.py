@@ -38,6 +38,7 @@ class DecodeBatch:
     max_pages: int                   # score columns: >= ceil(max seq_len / P), fixed per captured batch size
     fits_budget: torch.Tensor | None = None   # [B] bool, fits_in_budget() for the config the batch was planned for
     reuse_from: torch.Tensor | None = None    # [B] int32, SelectionReuse.plan(): > 0 where a kept selection serves
+    row_top_k: torch.Tensor | None = None     # [B] int32, each request's own budget in pages (None: the config's)
 
     @property
     def batch_size(self) -> int:
@@ -73,7 +74,8 @@ class LayerTables:
 
 
 def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch):
-    """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages."""
+    """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages (or
+    more with reuse); a request past ``dense_pages`` selects ``batch.row_top_k`` pages (its own budget) if set."""
     P = cfg.page_size
     reuse = None
     if tables.kept_selection is not None:
@@ -87,8 +89,9 @@ def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, b
     scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
                                    batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
                                    skip_rows=reuse[1] if reuse else None)
+    # a request's own budget (row_top_k) applies past dense_pages: shorter requests keep every page whatever it is
     return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
-                          select_all_upto=cfg.dense_pages, reuse=reuse)
+                          select_all_upto=cfg.dense_pages, reuse=reuse, row_top_k=batch.row_top_k)
 
 
 def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
@@ -97,7 +100,8 @@ def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):
                                    cfg.page_size, sel.shape[-1] * cfg.page_size)
 
 
-def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor) -> torch.Tensor:
+def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor, row_pages: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """``[B]`` int64 tokens :func:`select_pages` keeps per KV head, from the lengths alone (host or device):
     every page of a request within ``dense_pages``, else ``top_k`` pages, the request's last (partial) page
     always among them. With selection reuse, an upper bound: a reused selection adds up to
@@ -105,7 +109,8 @@ def selected_tokens(cfg: SparseConfig, seq_lens: torch.Tensor) -> torch.Tensor:
     P = cfg.page_size
     lens = seq_lens.long()
     n = (lens + P - 1) // P
-    pages = torch.where(within_budget(cfg, lens), n, torch.full_like(n, cfg.top_k_pages + cfg.reuse_extra_pages))
+    k = torch.full_like(n, cfg.top_k_pages) if row_pages is None else row_pages.long()
+    pages = torch.where(within_budget(cfg, lens), n, k + cfg.reuse_extra_pages)
     return (torch.minimum(pages, n) - 1) * P + (lens - (n - 1) * P)
 
 
@@ -173,7 +178,8 @@ class SelectionReuse:
 
 def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``[B]`` bool (host or device, into ``out`` if given): requests with at most ``dense_pages`` pages, attended
-    densely (they fit in the budget or are below min_context); the others need a selection."""
+    densely (they fit in the config's budget or are below min_context; whatever budget they ask for themselves);
+    the others need a selection."""
     return torch.le((seq_lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=out)
 
 

@@ -245,7 +245,12 @@ def _account_metadata(cell_size, configurator, kvc, num_layers):
 
 # A request opts out of sparsity with ``sampling_params={"custom_params": {"sparse": False}}``: it is attended
 # densely in every layer. Steps whose batch holds such a request run eagerly (no CUDA-graph replay).
+# A request asks for its own budget with ``{"sparse": {"token_budget": N}}`` (a multiple of the page size between
+# the sink + local pages and the server's budget): a per-row value the step reads on the device, so CUDA graphs
+# serve it. Each response's meta info then reports ``sparse_token_budget`` (the budget applied, tokens).
 OPT_OUT_PARAM = "sparse"
+REQUEST_OPTIONS = ("token_budget",)
+BUDGET_KEY = "sparse_token_budget"
 # Each response's meta info gets ``sparse_attended_fraction``: one entry per generated token, the request's mean
 # attended fraction (tokens attended / tokens in context, over the sparse layers and the KV heads of TP rank 0)
 # over its decode steps so far (``None`` for the first token, which prefill produces); the last element is the
@@ -273,13 +278,39 @@ def wants_dense(custom_params) -> bool:
     return isinstance(custom_params, dict) and custom_params.get(OPT_OUT_PARAM) is False
 
 
+def request_budget(custom_params) -> int | None:
+    """A request's own token budget from its ``custom_params`` (validated on arrival), or None."""
+    value = custom_params.get(OPT_OUT_PARAM) if isinstance(custom_params, dict) else None
+    return value.get("token_budget") if isinstance(value, dict) else None
+
+
+def request_options_problem(options: dict) -> str | None:
+    """What is wrong with a request's ``{"sparse": {...}}`` options on this server (None: nothing)."""
+    unknown = sorted(str(k) for k in options if k not in REQUEST_OPTIONS)
+    if unknown:
+        return f"unknown option(s) {', '.join(unknown)} (known: {', '.join(REQUEST_OPTIONS)})"
+    if not os.environ.get(ENV_CONFIG):
+        return f"this server does not run --attention-backend {BACKEND_NAME}"
+    config = config_from_env()
+    if not config.is_sparse:
+        return "this server's sparse config is dense"
+    return config.request_budget_problem(options.get("token_budget"))
+
+
 def _check_opt_out(sampling_params, *args, **kwargs):
-    """Before ``SamplingParams.verify`` (tokenizer manager, on arrival): reject a malformed opt-out with a 400."""
+    """Before ``SamplingParams.verify`` (tokenizer manager, on arrival): reject a malformed opt-out or budget
+    with a 400."""
     params = sampling_params.custom_params
-    if isinstance(params, dict) and OPT_OUT_PARAM in params and not isinstance(params[OPT_OUT_PARAM], bool):
-        raise ValueError(f"sgl-sparse: custom_params[{OPT_OUT_PARAM!r}] must be true or false, got "
-                         f"{params[OPT_OUT_PARAM]!r}; pass {{\"{OPT_OUT_PARAM}\": false}} to attend densely")
-    return None
+    if not isinstance(params, dict) or OPT_OUT_PARAM not in params or isinstance(params[OPT_OUT_PARAM], bool):
+        return None
+    value = params[OPT_OUT_PARAM]
+    if isinstance(value, dict):
+        problem = request_options_problem(value)
+        if problem:
+            raise ValueError(f"sgl-sparse: custom_params[{OPT_OUT_PARAM!r}]: {problem}")
+        return None
+    raise ValueError(f"sgl-sparse: custom_params[{OPT_OUT_PARAM!r}] must be true, false or {{\"token_budget\": N}}, "
+                     f"got {value!r}; pass {{\"{OPT_OUT_PARAM}\": false}} to attend densely")
 
 
 def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
@@ -291,10 +322,12 @@ def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
     if _ACTIVE.get("backend") is None:
         return forward_batch
     reqs = getattr(batch, "reqs", None)
-    rows = None
+    rows = budgets = None
     if reqs is not None and forward_batch.forward_mode.is_decode():
         rows = [wants_dense(r.sampling_params.custom_params) for r in reqs]
+        budgets = [request_budget(r.sampling_params.custom_params) for r in reqs]
     _ACTIVE["dense_rows"] = rows if rows and any(rows) else None
+    _ACTIVE["row_budgets"] = budgets if budgets and any(b is not None for b in budgets) else None
     return forward_batch
 
 
@@ -373,12 +406,15 @@ def _attach_fraction(result, processor, i, req, *args, **kwargs):
     """After SGLang collects a request's per-token customized info: append its attended fraction, so the list
     has one entry per output token."""
     entry = _ACTIVE.get("fractions", {}).get(id(req))
-    if entry is not None and entry[0] is req:
+    backend = _ACTIVE.get("backend")
+    if entry is not None and entry[0] is req and backend is not None:
         if req.customized_info is None:
             req.customized_info = {}
         req.customized_info.setdefault(STATS_KEY, []).append(entry[1])
-        backend = _ACTIVE.get("backend")
-        if backend is not None and backend.metrics is not None and entry[1] is not None and req.finished():
+        params = req.sampling_params.custom_params
+        applied = None if wants_dense(params) else request_budget(params) or backend.config.token_budget
+        req.customized_info.setdefault(BUDGET_KEY, []).append(applied)
+        if backend.metrics is not None and entry[1] is not None and req.finished():
             backend.metrics.attended_fraction.observe(entry[1])
     return result
 
@@ -483,9 +519,14 @@ def _backend_class():
                 real = seq_cpu[seq_cpu > 1]                     # CUDA-graph padding rows have seq_len 1
                 dense = int(within_budget(self.config, real).sum())
                 self.metrics.count_rows(len(real) - dense, dense)
+            budgets = None if in_capture else _ACTIVE.get("row_budgets")
+            if budgets is not None:                            # CUDA-graph padding rows: the config's budget
+                if len(budgets) > bs:
+                    raise RuntimeError(f"sgl-sparse: {len(budgets)} request budgets for a decode batch of {bs}")
+                budgets = budgets + [None] * (bs - len(budgets))
             self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],
                                forward_batch.seq_lens[:bs], seq_cpu, dense_rows=dense_rows,
-                               path=self.capture_path if in_capture else None)
+                               path=self.capture_path if in_capture else None, row_budgets=budgets)
 
         def init_forward_metadata(self, forward_batch):
             if forward_batch.forward_mode.is_decode_or_idle():

@@ -255,6 +255,51 @@ def test_graph_captured_on_a_dummy_batch_serves_real_lengths(method):
             assert torch.equal(op.last_counts, want_counts)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_per_request_budgets_replay_from_the_graph(method):
+    """Request budgets (row_budgets) planned before a replay of a graph captured without them: each request
+    attends what its own budget gives (Quest: exactly), a request within its own budget densely, as the eager
+    operator and the reference (with the same per-row pages)."""
+    lens = [30000, 9000, 3000, 5000]
+    B = len(lens)
+    config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=4096,
+                                       dense_layers=0, layers=1)
+    HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
+    eager = SparseDecodeOperator(config, num_qo_heads=q.shape[1], num_kv_heads=HK, head_dim=D, num_layers=1,
+                                 max_batch=B, max_context=max(lens) + 64, dtype=q.dtype, device=DEV)
+    sm = 1 / math.sqrt(D)
+    outs = {}
+
+    def step_fn():
+        outs[0] = op.run(0, q, pool.k_cache, pool.v_cache, meta)
+
+    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(), path="sparse")
+    graph = _capture(step_fn)
+    budgets = [256, None, 512, 80]
+    for _ in range(2):        # the same step count as op (planned at set-up and for the capture): vAttention's seeds
+        eager.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+    for o in (op, eager):
+        assert o.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                      row_budgets=budgets) == "sparse"
+    graph.replay()
+    got = eager.run(0, q, pool.k_cache, pool.v_cache, meta)
+    torch.cuda.synchronize()
+    assert torch.equal(outs[0], got)
+    assert op.batch.row_top_k.tolist() == [16, 64, 32, 5]
+    seeds = policies.vattention_seeds(config.seed, op.step.clone(), 0, B)
+    want, want_counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, op.batch, meta, sm, seeds)
+    err = relative_l2(outs[0], want)
+    assert err.median().item() < 1e-2 and err.max().item() < 0.1, err.max().item()
+    if method == "quest":
+        pages = torch.tensor([16, 64, 32, 5], dtype=torch.int32)
+        tokens = policies.selected_tokens(config, pool.seq_lens.cpu(), pages)
+        assert torch.equal(op.last_counts.cpu(), tokens[:, None].expand(B, HK).to(torch.int32))
+        assert torch.equal(op.last_counts, want_counts)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                row_budgets=[1000, None, None, None])
+
+
 @pytest.mark.parametrize("min_cosine", [-1.0, 0.5])
 @pytest.mark.parametrize("method", METHODS)
 def test_selection_reuse_eager_equals_graph_and_reference(method, min_cosine):

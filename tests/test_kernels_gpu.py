@@ -187,6 +187,46 @@ def test_topk_dense_fallback_for_short_requests(select_all_upto):
     assert torch.equal(cnt[:, 0].long(), torch.where(n_pages <= W, n_pages, top_k))
 
 
+@pytest.mark.parametrize("select_all_upto", [0, 100])
+def test_topk_pages_per_request_budgets(select_all_upto):
+    """row_top_k: every request its own k (ties, long and short rows, one within its own k), then a reusing step
+    reading back k kept pages per row, all as the reference."""
+    import cupy_kernels as ck
+    gen = _gen(23)
+    P, top_k, HK = 16, 64, 3
+    seq = torch.tensor([3000 * P, 40 * P + 3, 900 * P, 120 * P, 5 * P], device=DEV)
+    scores = (torch.randint(-4, 4, (5, HK, 3000), generator=gen).float() * 0.25).to(DEV)
+    row_k = torch.tensor([64, 48, 5, 17, 5], dtype=torch.int32, device=DEV)
+    kept = torch.full((8, HK, top_k), -1, dtype=torch.int32, device=DEV)
+    rkept = kept.clone()
+    rpi = torch.tensor([7, 0, 3, 5, 1], dtype=torch.int32, device=DEV)
+    zero = torch.zeros(5, dtype=torch.int32, device=DEV)
+    sel, cnt = ck.topk_pages(scores, seq, P, top_k, 2, 3, select_all_upto, row_top_k=row_k,
+                             reuse=(rpi, zero, kept, 2))
+    rsel, rcnt = ref.topk_pages(scores, seq, P, top_k, 2, 3, select_all_upto, row_top_k=row_k,
+                                reuse=(rpi, zero, rkept, 2))
+    assert torch.equal(cnt, rcnt) and torch.equal(kept, rkept)
+    mask = torch.arange(sel.shape[-1], device=DEV)[None, None] < rcnt[..., None]
+    assert torch.equal(sel[mask], rsel[mask])
+    assert cnt[0].tolist() == [64] * HK and cnt[2].tolist() == [5] * HK and cnt[4].tolist() == [5] * HK
+    grown = seq + P
+    # the rows that selected (not row 4: 5 pages, it kept them all), planned two pages before their kept pages
+    # end (a drift re-selection since), with stale entries past each row's k: only the own k-th page counts
+    reuse_from = torch.where(cnt[:, 0] == row_k, seq - 2 * P, 0).to(torch.int32)
+    reuse_from[4] = 0
+    for b in (2, 3):
+        slot, k = int(rpi[b]), int(row_k[b])
+        kept[slot, :, k:] = 10
+        rkept[slot, :, k:] = 10
+    sel2, cnt2 = ck.topk_pages(scores, grown, P, top_k, 2, 3, select_all_upto, row_top_k=row_k,
+                               reuse=(rpi, reuse_from, kept, 2))
+    rsel2, rcnt2 = ref.topk_pages(scores, grown, P, top_k, 2, 3, select_all_upto, row_top_k=row_k,
+                                  reuse=(rpi, reuse_from, rkept, 2))
+    assert torch.equal(cnt2, rcnt2)
+    mask = torch.arange(sel2.shape[-1], device=DEV)[None, None] < rcnt2[..., None]
+    assert torch.equal(sel2[mask], rsel2[mask])
+
+
 def test_topk_pages_reuse_and_scores_skip_rows():
     """Rows reusing a kept selection: not scored, their kept pages plus every page written since; selecting rows
     keep their selection in their request slot (as the reference)."""

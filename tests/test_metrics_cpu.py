@@ -21,9 +21,10 @@ def _value(name, **labels):
 def test_finished_requests_feed_the_histogram_and_rows_the_counter(monkeypatch):
     metrics = SparseMetrics.get()
     assert SparseMetrics.get() is metrics                      # one set per process
-    backend = SimpleNamespace(metrics=metrics, config=SimpleNamespace(is_sparse=True))
-    running = SimpleNamespace(customized_info=None, finished=lambda: False)
-    done = SimpleNamespace(customized_info=None, finished=lambda: True)
+    backend = SimpleNamespace(metrics=metrics, config=SimpleNamespace(is_sparse=True, token_budget=2048))
+    plain = SimpleNamespace(custom_params=None)
+    running = SimpleNamespace(customized_info=None, finished=lambda: False, sampling_params=plain)
+    done = SimpleNamespace(customized_info=None, finished=lambda: True, sampling_params=plain)
     monkeypatch.setitem(sglang_backend._ACTIVE, "backend", backend)
     monkeypatch.setitem(sglang_backend._ACTIVE, "fractions", {id(running): (running, 0.5), id(done): (done, 0.125)})
     count0 = _value("sglang:sparse_attended_fraction_count")
@@ -31,8 +32,8 @@ def test_finished_requests_feed_the_histogram_and_rows_the_counter(monkeypatch):
     low0 = _value("sglang:sparse_attended_fraction_bucket", le="0.2")
     for req in (running, done):
         sglang_backend._attach_fraction("result", None, 0, req)
-    assert running.customized_info == {sglang_backend.STATS_KEY: [0.5]}
-    assert done.customized_info == {sglang_backend.STATS_KEY: [0.125]}
+    assert running.customized_info == {sglang_backend.STATS_KEY: [0.5], sglang_backend.BUDGET_KEY: [2048]}
+    assert done.customized_info == {sglang_backend.STATS_KEY: [0.125], sglang_backend.BUDGET_KEY: [2048]}
     assert _value("sglang:sparse_attended_fraction_count") == count0 + 1          # the finished one only
     assert _value("sglang:sparse_attended_fraction_sum") == sum0 + 0.125
     assert _value("sglang:sparse_attended_fraction_bucket", le="0.2") == low0 + 1

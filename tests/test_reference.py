@@ -418,6 +418,44 @@ def test_topk_pages_reuse_appends_after_the_later_of_plan_and_kept():
     assert sel[0, 1, :4].tolist() == [0, 5, 10, 11] and cnt[0, 1] == 4
 
 
+def test_topk_pages_per_request_budgets():
+    """row_top_k: each request selects its own number of pages, exactly as top_k = that number would; a request
+    within its own budget (or below select_all_upto) keeps every page; a kept selection holds its own k pages and a
+    reusing row reads back that many."""
+    P, HK = 16, 2
+    lens = torch.tensor([900, 900, 200, 900])                   # 57, 57, 13, 57 pages
+    scores = torch.randn((4, HK, 57), generator=_gen(8))
+    row_k = torch.tensor([16, 6, 8, 16], dtype=torch.int32)
+    sel, cnt = ref.topk_pages(scores, lens, P, 16, 1, 2, row_top_k=row_k)
+    for b, k in enumerate(row_k.tolist()):
+        n = -(-int(lens[b]) // P)
+        want, want_cnt = ref.topk_pages(scores[[b]], lens[[b]], P, max(k, 3), 1, 2, select_all_upto=0)
+        if n <= k:
+            assert cnt[b].tolist() == [n, n]
+        else:
+            assert cnt[b].tolist() == [k, k] and torch.equal(sel[b, :, :k], want[0, :, :k])
+    assert cnt[2].tolist() == [8, 8]                            # 13 pages > 8: its own 8 best
+    _, cnt_all = ref.topk_pages(scores, lens, P, 16, 1, 2, 13, row_top_k=row_k)
+    assert cnt_all[2].tolist() == [13, 13]                      # below select_all_upto: every page
+    kept = torch.full((4, HK, 16), -1, dtype=torch.int32)
+    rpi = torch.arange(4, dtype=torch.int32)
+    ref.topk_pages(scores, lens, P, 16, 1, 2, row_top_k=row_k, reuse=(rpi, torch.zeros(4, dtype=torch.int32), kept, 1))
+    assert torch.equal(kept[1, :, :6], sel[1, :, :6]) and (kept[1, :, 6:] == -1).all()
+    grown = lens + 16                                            # one page more: reuse appends it
+    sel2, cnt2 = ref.topk_pages(scores, grown, P, 16, 1, 2, row_top_k=row_k,
+                                reuse=(rpi, torch.tensor([900, 900, 0, 900], dtype=torch.int32), kept, 1))
+    assert cnt2[1].tolist() == [7, 7] and torch.equal(sel2[1, :, :6], sel[1, :, :6]) and sel2[1, 0, 6] == 57
+    assert cnt2[3].tolist() == [17, 17] and cnt2[2].tolist() == [8, 8]
+    # a kept row re-selected after the plan (drift test), with stale entries past its k: the pages after its own
+    # k-th kept page are appended, not those after the plan's or a stale entry's
+    kept[1, :, 6:] = 40
+    sel3, cnt3 = ref.topk_pages(scores, grown, P, 16, 1, 2, row_top_k=row_k,
+                                reuse=(rpi, torch.tensor([0, 870, 0, 0], dtype=torch.int32), kept, 1))
+    assert cnt3[1].tolist() == [7, 7] and sel3[1, 0, 6] == 57
+    with pytest.raises(ValueError, match="row_top_k"):
+        ref.topk_pages(scores, lens, P, 16, 1, 2, row_top_k=torch.tensor([16, 2, 8, 16], dtype=torch.int32))
+
+
 def test_reuse_drift_decides_per_row_and_stores_the_selecting_queries():
     """A planned reuse serves while every KV head's group-mean query keeps a cosine similarity >= min_cosine
     with the stored one; a moved query, a planned selection or an empty store selects and stores the query;

@@ -470,4 +470,33 @@ def test_request_opts_out_of_sparsity(servers):
     assert_same_greedy(dense, output_ids(opted), "opted-out request vs dense backend")
     bad = requests.post(servers["quest_small"].url + "/generate", timeout=60, json={
         "text": "hello", "sampling_params": {"max_new_tokens": 2, "custom_params": {"sparse": "no"}}})
-    assert bad.status_code == 400 and "must be true or false" in bad.text, (bad.status_code, bad.text)
+    assert bad.status_code == 400 and "must be true, false or" in bad.text, (bad.status_code, bad.text)
+
+
+def test_request_budgets(servers):
+    """custom_params {"sparse": {"token_budget": N}}: in one batch (CUDA graphs on), each request attends exactly
+    what its own budget gives and the meta info reports the budget applied, beside a request at the server's budget
+    that still finds its passkey; a budget the server cannot give is rejected with HTTP 400 naming the limits."""
+    import requests
+
+    insts = passkey_prompts(depths=(0.3, 0.5, 0.7))
+    budgets = [256, 512, None]
+    params = [{"temperature": 0.0, "max_new_tokens": 12,
+               **({"custom_params": {"sparse": {"token_budget": b}}} if b else {})} for b in budgets]
+    r = requests.post(servers["quest_small"].url + "/generate", timeout=600,
+                      json={"text": [i.prompt for i in insts], "sampling_params": params})
+    assert r.status_code == 200, r.text
+    for inst, budget, out in zip(insts, budgets, r.json()):
+        meta = out["meta_info"]
+        applied = budget or SMALL_BUDGET
+        assert meta["sparse_token_budget"][-1] == applied
+        got, n_out = meta["sparse_attended_fraction"][-1], meta["completion_tokens"]
+        want = [_expected_fraction(applied, meta["prompt_tokens"], s) for s in (n_out - 1, n_out)]
+        assert min(abs(got - w) / w for w in want) < 1e-6, (budget, got, want)
+        if budget is None:                             # the server's budget, as test_small_budget_retrieves_passkey
+            assert inst.score(out["text"]) == 1, (budget, out["text"])
+    for bad, msg in ((1000, "multiple of 16"), (4096, str(SMALL_BUDGET)), ("x", "integer")):
+        r = requests.post(servers["quest_small"].url + "/generate", timeout=60, json={
+            "text": "hello", "sampling_params": {"max_new_tokens": 2,
+                                                 "custom_params": {"sparse": {"token_budget": bad}}}})
+        assert r.status_code == 400 and msg in r.text, (bad, r.status_code, r.text)

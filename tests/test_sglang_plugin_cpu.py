@@ -241,8 +241,32 @@ def test_opt_out_parameter_is_validated_on_arrival():
     assert sglang_backend.wants_dense({"sparse": False})
     assert not sglang_backend.wants_dense({"sparse": True}) and not sglang_backend.wants_dense(None)
     assert sglang_backend._check_opt_out(SamplingParams(custom_params={"sparse": False})) is None
-    with pytest.raises(ValueError, match="must be true or false"):
+    with pytest.raises(ValueError, match="must be true, false or"):
         sglang_backend._check_opt_out(SamplingParams(custom_params={"sparse": "no"}))
+
+
+def test_request_budget_is_validated_on_arrival(monkeypatch):
+    """{"sparse": {"token_budget": N}}: accepted within the server's config (page multiple, sink + local pages up
+    to the server's budget), else a ValueError (SGLang answers 400) naming the limits; refused on a server that
+    does not run the sparse backend."""
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from sgl_sparse import sglang_backend as sb
+    from sgl_sparse.config import SparseConfig
+
+    def check(options):
+        return sb._check_opt_out(SamplingParams(custom_params={"sparse": options}))
+
+    monkeypatch.delenv(sb.ENV_CONFIG, raising=False)
+    with pytest.raises(ValueError, match="does not run --attention-backend sgl_sparse"):
+        check({"token_budget": 1024})
+    monkeypatch.setenv(sb.ENV_CONFIG, json.dumps(SparseConfig.load("quest").to_dict()))
+    assert check({"token_budget": 1024}) is None and check({"token_budget": 80}) is None
+    assert sb.request_budget({"sparse": {"token_budget": 1024}}) == 1024 and sb.request_budget({"sparse": True}) is None
+    for bad, msg in (({"token_budget": 1000}, "multiple of 16 between 80"), ({"token_budget": 4096}, "2048"),
+                     ({"token_budget": "512"}, "integer"), ({}, "integer"), ({"budget": 512}, "unknown option")):
+        with pytest.raises(ValueError, match=msg):
+            check(bad)
 
 
 @pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense"])
@@ -278,14 +302,22 @@ def test_opt_out_and_fraction_hooks_on_real_requests():
     assert sb.wants_dense(opted.sampling_params.custom_params)
     assert not sb.wants_dense(plain.sampling_params.custom_params)
 
+    from types import SimpleNamespace
+
+    from sgl_sparse.config import SparseConfig
+
+    own = Req("c", "z", [6], SamplingParams(custom_params={"sparse": {"token_budget": 512}}))
     saved = dict(sb._ACTIVE)
     try:
+        sb._ACTIVE["backend"] = SimpleNamespace(config=SparseConfig.load("quest"), metrics=None)
         sb._ACTIVE["fractions"] = {id(opted): (opted, None)}       # prefill result: first token has no value
         sb._attach_fraction(None, None, 0, opted, None)
-        sb._ACTIVE["fractions"] = {id(opted): (opted, 0.25)}
+        sb._ACTIVE["fractions"] = {id(opted): (opted, 0.25), id(own): (own, 0.1)}
         sb._attach_fraction(None, None, 0, opted, None)
         sb._attach_fraction(None, None, 1, plain, None)            # not in this result: nothing attached
-        assert opted.customized_info == {sb.STATS_KEY: [None, 0.25]}
+        sb._attach_fraction(None, None, 2, own, None)
+        assert opted.customized_info == {sb.STATS_KEY: [None, 0.25], sb.BUDGET_KEY: [None, None]}   # dense
+        assert own.customized_info == {sb.STATS_KEY: [0.1], sb.BUDGET_KEY: [512]}
         assert plain.customized_info is None
     finally:
         sb._ACTIVE.clear()

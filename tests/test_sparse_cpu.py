@@ -405,3 +405,41 @@ def test_drift_test_refuses_more_than_32_kv_heads_per_rank():
                              max_context=8192, device="cpu")
     with pytest.raises(ValueError, match="head_dim and dtype"):
         policies.SelectionReuse(cfg, 2, 4, 2, "cpu")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_per_request_budgets_in_the_reference_step(method):
+    """DecodeBatch.row_top_k: each request attends what its own budget gives (Quest: exactly selected_tokens with
+    its pages; Twilight and vAttention: their candidates / exact part from that many pages), a request within its
+    own budget is attended densely, and with every budget at the config's the step is the config's."""
+    config, pool, q, meta, batch = _setup(method, [3000, 3000, 700, 900], token_budget=1024, min_context=0,
+                                          dense_layers=0)
+    sm = 1 / math.sqrt(q.shape[-1])
+    P = config.page_size
+    _, base = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta, sm)
+    batch.row_top_k = torch.tensor([config.top_k_pages] * 4, dtype=torch.int32)
+    _, same = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta, sm)
+    assert torch.equal(same, base)
+    pages = torch.tensor([16, config.top_k_pages, 48, 16], dtype=torch.int32)   # 256, 1024, 768, 256 tokens
+    batch.row_top_k = pages
+    out, counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta, sm)
+    want = policies.selected_tokens(config, pool.seq_lens, pages)
+    # 3000 = 187.5 pages; 700 and 900 tokens are within the server's 64 pages: dense whatever they ask for
+    assert want.tolist() == [16 * P - 8, 64 * P - 8, 700, 900]
+    if method == "quest":
+        assert counts.tolist() == [[int(w)] * 2 for w in want]
+    elif method == "twilight":                                                  # top-p keeps part of them
+        assert (counts[:2] <= want[:2, None]).all()
+    else:                                                                       # the exact pages + a sample
+        assert (counts[:2] >= want[:2, None]).all()
+    assert counts[2:].tolist() == [[700] * 2, [900] * 2]
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, batch, sm)
+    assert relative_l2(out[2:], dense[2:]).max() < 1e-2                        # within the server's budget: dense
+
+
+def test_request_budget_problems():
+    cfg = SparseConfig.load("quest")                                            # 2048 tokens, page 16, 1 + 4 pages
+    assert cfg.request_budget_problem(1024) is None and cfg.request_budget_problem(80) is None
+    for bad in (64, 2064, 1000, 4096, "512", True, 512.0):
+        assert cfg.request_budget_problem(bad), bad
+    assert "multiple of 16 between 80" in cfg.request_budget_problem(1000)
