@@ -105,9 +105,6 @@ def check_server_args(server_args, config: SparseConfig) -> None:
     if getattr(server_args, "speculative_algorithm", None):
         raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support speculative decoding: "
                                     "remove --speculative-algorithm")
-    if getattr(server_args, "enable_hierarchical_cache", False):
-        raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support the hierarchical cache: "
-                                    "remove --enable-hierarchical-cache")
     if getattr(server_args, "disaggregation_mode", "null") not in (None, "null"):
         raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support PD disaggregation: "
                                     "remove --disaggregation-mode")
@@ -338,6 +335,24 @@ def _no_graph_for_dense_rows(can_run, runner, forward_batch, *args, **kwargs):
     return can_run
 
 
+# ----------------------------------------------------------------------------- hierarchical cache load-back
+
+# With --enable-hierarchical-cache, KV evicted to host memory comes back through the host pool's per-layer copy on
+# the cache controller's load stream, not through the backend's extend. The side tables of those slots are refreshed
+# right after each layer's copy, on the same stream and before the controller marks the layer loaded, so the
+# forward that waits for the layer reads tables of the KV the slots now hold.
+LOAD_BACK_TARGETS = ("sglang.srt.mem_cache.pool_host.mha.MHATokenToKVPoolHost.load_to_device_per_layer",
+                     "sglang.srt.mem_cache.pool_host.mha.AsymmetricMHATokenToKVPoolHost.load_to_device_per_layer")
+
+
+def _refresh_loaded_kv(result, host_pool, device_pool, host_indices, device_indices, layer_id, *args, **kwargs):
+    """After ``MHATokenToKVPoolHost.load_to_device_per_layer``: refresh the side tables of the loaded slots."""
+    backend = _ACTIVE.get("backend")
+    if backend is not None and backend.config.is_sparse:
+        backend.refresh_slots(layer_id, device_pool.get_key_buffer(layer_id), device_indices)
+    return result
+
+
 # ----------------------------------------------------------------------------- one decode graph per path
 
 # A decode step in which no request needs a selection runs the dense path (SparseDecodeOperator.plan), which
@@ -480,6 +495,11 @@ def _backend_class():
             # decode graphs: one per batch size and path (see _capture_both_paths); the path being captured
             self.plans_two_paths = config.is_sparse
             self.capture_path: str | None = None
+            if config.is_sparse and runner.server_args.enable_hierarchical_cache:
+                missing = [t for t in LOAD_BACK_TARGETS if t not in HookRegistry._patched]
+                if missing:
+                    raise RuntimeError(f"sgl-sparse: SGLang hooks not applied: {missing}; the side tables would not "
+                                       "follow hierarchical-cache load-backs (check the SGLang version)")
             if config.is_sparse and not runner.server_args.disable_cuda_graph:
                 missing = [t for t in (CAN_RUN_GRAPH_TARGET, FORWARD_BATCH_TARGET, CAPTURE_SHAPE_TARGET,
                                        GRAPH_VARIANT_TARGET) if t not in HookRegistry._patched]
@@ -541,6 +561,13 @@ def _backend_class():
         def _refresh_metadata(self, layer, forward_batch):
             self.metadata.update(layer.layer_id, self.token_to_kv_pool.get_key_buffer(layer.layer_id),
                                  forward_batch.out_cache_loc)
+
+        def refresh_slots(self, layer_id: int, key_buffer, slots) -> None:
+            """Side tables of ``slots`` (``[n]`` int64, device or host) of one layer, from ``key_buffer`` (KV that
+            entered the pool without this backend's extend: a hierarchical-cache load-back), on the current
+            stream."""
+            if slots.numel():
+                self.metadata.update(layer_id, key_buffer, slots.to(key_buffer.device, non_blocking=True))
 
         def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             o = super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
@@ -616,3 +643,5 @@ def register() -> None:
     HookRegistry.register(DECODE_RESULT_TARGET, _snapshot_fractions, HookType.BEFORE)
     HookRegistry.register(PREFILL_RESULT_TARGET, _snapshot_prefill, HookType.BEFORE)
     HookRegistry.register(COLLECT_INFO_TARGET, _attach_fraction, HookType.AFTER)
+    for target in LOAD_BACK_TARGETS:
+        HookRegistry.register(target, _refresh_loaded_kv, HookType.AFTER)

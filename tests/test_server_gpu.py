@@ -71,6 +71,11 @@ def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
     specs["quest_p8"] = ("sgl_sparse", _config(tmp, "quest_p8", "quest", page_size=8, **small), ["--page-size", "16"])
     # a pool that holds one ~3.6K-token shared prefix with its requests, not two: the radix cache must evict
     specs["quest_evict"] = ("sgl_sparse", specs["quest_small"][1], ["--max-total-tokens", "6144"])
+    # the hierarchical cache with a device pool that holds one ~3K-token prompt at a time: the other goes to host
+    # memory and comes back through the load-back path
+    hicache = ["--max-total-tokens", "4096", "--enable-hierarchical-cache", "--hicache-ratio", "4"]
+    specs["quest_hicache"] = ("sgl_sparse", specs["quest_small"][1], hicache)
+    specs["full_hicache"] = ("sgl_sparse", specs["quest_full"][1], hicache)
     return specs
 
 
@@ -347,6 +352,27 @@ def test_selection_finer_than_sglang_pages(servers):
         got, n_out = meta["sparse_attended_fraction"][-1], meta["completion_tokens"]
         want = [_expected_fraction(SMALL_BUDGET, meta["prompt_tokens"], s, page=8) for s in (n_out - 1, n_out)]
         assert min(abs(got - w) / w for w in want) < 1e-6, (got, want)
+
+
+def test_hierarchical_cache_load_back(servers):
+    """--enable-hierarchical-cache: a prompt evicted to host memory and loaded back (its meta info counts host-cached
+    tokens) decodes exactly as on a server without the hierarchical cache: with a budget >= the context as the
+    dense backend, with the small budget as quest_small (the same tokens up to a bf16 near-tie and the same
+    attended fraction), so the side tables follow the KV that the load-back wrote."""
+    a, b = passkey_prompts(length=3000, depths=(0.3, 0.7))
+    for name, reference in (("full_hicache", "dense"), ("quest_hicache", "quest_small")):
+        server = servers[name]
+        generate(server, [a.prompt], max_new_tokens=12)      # A in the pool (and, write-through, in host memory)
+        generate(server, [b.prompt], max_new_tokens=12)      # B needs the pool: A's pages are left on the host
+        again = generate(server, [a.prompt], max_new_tokens=12, logprobs=True)[0]
+        details = again["meta_info"].get("cached_tokens_details") or {}
+        assert details.get("host", 0) > 0, (name, again["meta_info"].get("cached_tokens"), details)
+        want = generate(servers[reference], [a.prompt], max_new_tokens=12, logprobs=True)[0]
+        assert_same_greedy(want, output_ids(again), f"{name} after a load-back vs {reference}")
+        if reference != "dense":
+            got = again["meta_info"]["sparse_attended_fraction"][-1]
+            ref_fraction = want["meta_info"]["sparse_attended_fraction"][-1]
+            assert 0 < got < 0.5 and abs(got - ref_fraction) / ref_fraction < 1e-6, (got, ref_fraction)
 
 
 def test_cpu_path_agrees_with_the_server(servers):

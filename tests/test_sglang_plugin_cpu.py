@@ -99,7 +99,8 @@ def test_startup_errors_name_the_flag(tmp_path):
     assert out["yaml"][0] == "SparseConfigError" and "token_budget" in out["yaml"][1]
     assert "remove --enable-dp-attention" in out["dp"][1]
     assert "remove --speculative-algorithm" in out["spec"][1]
-    assert "remove --enable-hierarchical-cache" in out["hicache"][1]
+    # the hierarchical cache is served (its load-backs refresh the side tables): our checks pass it
+    assert "Sparse" not in out["hicache"][0] and json.loads(out["hicache"][2])["method"] == "quest"
     assert "remove --disaggregation-mode" in out["pd"][1]
     assert "needs a --page-size that is a multiple of it, e.g. --page-size 32" in out["page32"][1]
     assert "Sparse" not in out["page8"][0] and json.loads(out["page8"][2])["page_size"] == 8
@@ -116,6 +117,39 @@ def test_startup_errors_name_the_flag(tmp_path):
     # may then stop on this CPU machine: no accelerator, no such model).
     assert "Sparse" not in out["ok"][0]
     assert json.loads(out["ok"][2])["method"] == "twilight"
+
+
+def test_load_back_hook_refreshes_the_loaded_slots():
+    """The hierarchical cache's per-layer copy from host memory is followed by a refresh of exactly those slots'
+    side tables, for that layer (host-side indices moved to the device); nothing without a sparse backend."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from sgl_sparse import sglang_backend as sb
+
+    calls = []
+    backend = SimpleNamespace(config=SimpleNamespace(is_sparse=True),
+                              refresh_slots=lambda layer, keys, slots: calls.append((layer, keys, slots.tolist())))
+    device_pool = SimpleNamespace(get_key_buffer=lambda layer: f"K{layer}")
+    saved = dict(sb._ACTIVE)
+    try:
+        sb._ACTIVE.clear()
+        assert sb._refresh_loaded_kv(None, "host", device_pool, None, torch.tensor([16, 17]), 3, "kernel") is None
+        assert calls == []
+        sb._ACTIVE["backend"] = backend
+        sb._refresh_loaded_kv(None, "host", device_pool, torch.tensor([0, 1]), torch.tensor([32, 33, 34]), 5, "direct")
+        assert calls == [(5, "K5", [32, 33, 34])]
+    finally:
+        sb._ACTIVE.clear()
+        sb._ACTIVE.update(saved)
+    for target in sb.LOAD_BACK_TARGETS:                 # the SGLang symbols exist with the signature used
+        import inspect
+        import pkgutil
+
+        cls_path, method = target.rsplit(".", 1)
+        params = list(inspect.signature(getattr(pkgutil.resolve_name(cls_path), method)).parameters)
+        assert params[:5] == ["self", "device_pool", "host_indices", "device_indices", "layer_id"], (target, params)
 
 
 def test_python_api_checks_like_the_cli():
