@@ -346,10 +346,17 @@ LOAD_BACK_TARGETS = ("sglang.srt.mem_cache.pool_host.mha.MHATokenToKVPoolHost.lo
 
 
 def _refresh_loaded_kv(result, host_pool, device_pool, host_indices, device_indices, layer_id, *args, **kwargs):
-    """After ``MHATokenToKVPoolHost.load_to_device_per_layer``: refresh the side tables of the loaded slots."""
+    """After ``MHATokenToKVPoolHost.load_to_device_per_layer``: refresh the side tables of the loaded slots.
+
+    The key buffer is read with the pool's plain accessor (``_get_key_buffer``: ``get_key_buffer`` is the attention
+    layers' and waits for layer loads), and only when it is one of this backend's own layers (not a draft model's
+    pool, nor a pool whose layer ids are local to a group)."""
     backend = _ACTIVE.get("backend")
-    if backend is not None and backend.config.is_sparse:
-        backend.refresh_slots(layer_id, device_pool.get_key_buffer(layer_id), device_indices)
+    if backend is None or not backend.config.is_sparse:
+        return result
+    keys = device_pool._get_key_buffer(layer_id)
+    if layer_id < len(backend.key_buffers) and keys.data_ptr() == backend.key_buffers[layer_id].data_ptr():
+        backend.refresh_slots(layer_id, keys, device_indices)
     return result
 
 

@@ -357,8 +357,10 @@ def test_selection_finer_than_sglang_pages(servers):
 def test_hierarchical_cache_load_back(servers):
     """--enable-hierarchical-cache: a prompt evicted to host memory and loaded back (its meta info counts host-cached
     tokens) decodes exactly as on a server without the hierarchical cache: with a budget >= the context as the
-    dense backend, with the small budget as quest_small (the same tokens up to a bf16 near-tie and the same
-    attended fraction), so the side tables follow the KV that the load-back wrote."""
+    dense backend, with the small budget as quest_small (the same tokens up to a bf16 near-tie; Quest's exact
+    attended count), so the side tables follow the KV that the load-back wrote (stale bounds of the reloaded
+    needle pages would most likely change the selection and the answer; a direct check of the tables after a
+    controller load is open work)."""
     a, b = passkey_prompts(length=3000, depths=(0.3, 0.7))
     for name, reference in (("full_hicache", "dense"), ("quest_hicache", "quest_small")):
         server = servers[name]
@@ -369,10 +371,11 @@ def test_hierarchical_cache_load_back(servers):
         assert details.get("host", 0) > 0, (name, again["meta_info"].get("cached_tokens"), details)
         want = generate(servers[reference], [a.prompt], max_new_tokens=12, logprobs=True)[0]
         assert_same_greedy(want, output_ids(again), f"{name} after a load-back vs {reference}")
-        if reference != "dense":
-            got = again["meta_info"]["sparse_attended_fraction"][-1]
-            ref_fraction = want["meta_info"]["sparse_attended_fraction"][-1]
-            assert 0 < got < 0.5 and abs(got - ref_fraction) / ref_fraction < 1e-6, (got, ref_fraction)
+        if reference != "dense":                       # and sparse: Quest's exact count at this budget
+            meta = again["meta_info"]
+            got, n_out = meta["sparse_attended_fraction"][-1], meta["completion_tokens"]
+            counts = [_expected_fraction(SMALL_BUDGET, meta["prompt_tokens"], s) for s in (n_out - 1, n_out)]
+            assert min(abs(got - c) / c for c in counts) < 1e-6, (got, counts)
 
 
 def test_cpu_path_agrees_with_the_server(servers):

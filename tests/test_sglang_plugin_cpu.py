@@ -129,9 +129,11 @@ def test_load_back_hook_refreshes_the_loaded_slots():
     from sgl_sparse import sglang_backend as sb
 
     calls = []
-    backend = SimpleNamespace(config=SimpleNamespace(is_sparse=True),
+    ours = [torch.zeros(4) for _ in range(6)]
+    backend = SimpleNamespace(config=SimpleNamespace(is_sparse=True), key_buffers=ours,
                               refresh_slots=lambda layer, keys, slots: calls.append((layer, keys, slots.tolist())))
-    device_pool = SimpleNamespace(get_key_buffer=lambda layer: f"K{layer}")
+    device_pool = SimpleNamespace(_get_key_buffer=lambda layer: ours[layer])
+    draft_pool = SimpleNamespace(_get_key_buffer=lambda layer: torch.zeros(4))     # another pool's layers
     saved = dict(sb._ACTIVE)
     try:
         sb._ACTIVE.clear()
@@ -139,7 +141,8 @@ def test_load_back_hook_refreshes_the_loaded_slots():
         assert calls == []
         sb._ACTIVE["backend"] = backend
         sb._refresh_loaded_kv(None, "host", device_pool, torch.tensor([0, 1]), torch.tensor([32, 33, 34]), 5, "direct")
-        assert calls == [(5, "K5", [32, 33, 34])]
+        sb._refresh_loaded_kv(None, "host", draft_pool, torch.tensor([0]), torch.tensor([48]), 1, "kernel")
+        assert calls == [(5, ours[5], [32, 33, 34])]
     finally:
         sb._ACTIVE.clear()
         sb._ACTIVE.update(saved)
@@ -150,6 +153,9 @@ def test_load_back_hook_refreshes_the_loaded_slots():
         cls_path, method = target.rsplit(".", 1)
         params = list(inspect.signature(getattr(pkgutil.resolve_name(cls_path), method)).parameters)
         assert params[:5] == ["self", "device_pool", "host_indices", "device_indices", "layer_id"], (target, params)
+    from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
+
+    assert callable(MHATokenToKVPool._get_key_buffer)
 
 
 def test_python_api_checks_like_the_cli():
