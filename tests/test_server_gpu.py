@@ -359,8 +359,8 @@ def test_hierarchical_cache_load_back(servers):
     tokens) decodes exactly as on a server without the hierarchical cache: with a budget >= the context as the
     dense backend, with the small budget as quest_small (the same tokens up to a bf16 near-tie; Quest's exact
     attended count), so the side tables follow the KV that the load-back wrote (stale bounds of the reloaded
-    needle pages would most likely change the selection and the answer; a direct check of the tables after a
-    controller load is open work)."""
+    needle pages would most likely change the selection and the answer; tests/test_hicache_gpu.py checks the
+    tables themselves after SGLang's copy)."""
     a, b = passkey_prompts(length=3000, depths=(0.3, 0.7))
     for name, reference in (("full_hicache", "dense"), ("quest_hicache", "quest_small")):
         server = servers[name]
