@@ -143,6 +143,7 @@ class SelectionReuse:
         self.kept = torch.zeros((num_layers, max_reqs, num_kv_heads, cfg.top_k_pages), dtype=torch.int32,
                                 device=device)
         self.selected_at = torch.zeros(max_reqs + 1, dtype=torch.int32, device=device)
+        self.kept_pages = torch.zeros(max_reqs + 1, dtype=torch.int32, device=device)   # k of each kept selection
         self.queries = (torch.zeros((num_layers, max_reqs, num_kv_heads, head_dim), dtype=dtype, device=device)
                         if cfg.drift_test else None)
 
@@ -153,10 +154,14 @@ class SelectionReuse:
         lens = batch.seq_lens.to(torch.int32)
         at = self.selected_at[idx]
         sparse = ~fits_in_budget(self.cfg, batch)
-        # lens > at: a step never reuses the selection it makes itself (plan() twice for one step selects twice)
-        reuse = sparse & (at > 0) & (lens > at) & (lens - at < self.cfg.reselect_every)
+        k = batch.row_top_k if batch.row_top_k is not None else torch.full_like(lens, self.cfg.top_k_pages)
+        # lens > at: a step never reuses the selection it makes itself (plan() twice for one step selects twice);
+        # a kept selection of another size (the slot's request asked for another budget) is never reused
+        reuse = sparse & (at > 0) & (lens > at) & (lens - at < self.cfg.reselect_every) & (self.kept_pages[idx] == k)
         torch.mul(at, reuse, out=out)
-        self.selected_at[torch.where(sparse & ~reuse, idx, self.max_reqs)] = lens
+        selects = torch.where(sparse & ~reuse, idx, self.max_reqs)
+        self.selected_at[selects] = lens
+        self.kept_pages[selects] = k.to(torch.int32)
         return out
 
     def forget(self, req_pool_indices: torch.Tensor) -> None:
@@ -173,7 +178,7 @@ class SelectionReuse:
 
     def tensors(self) -> list[torch.Tensor]:
         """The device memory this state holds."""
-        return [t for t in (self.kept, self.selected_at, self.queries) if t is not None]
+        return [t for t in (self.kept, self.selected_at, self.kept_pages, self.queries) if t is not None]
 
 
 def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

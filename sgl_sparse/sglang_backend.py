@@ -16,8 +16,9 @@ write (read back at ``out_cache_loc``).
 The side tables' bytes per token are added to SGLang's per-token KV cost (``_compute_cell_size``) so the pool is
 sized for both.
 
-Per-request opt-out (``custom_params={"sparse": False}``) and the attended-fraction statistics in each response's
-meta info (``sparse_attended_fraction``) are hooks on SGLang's scheduler, registered here too.
+Per-request opt-out (``custom_params={"sparse": False}``), per-request budgets (``{"sparse": {"token_budget": N}}``)
+and the statistics in each response's meta info (``sparse_attended_fraction``, ``sparse_token_budget``) are hooks
+on SGLang's scheduler, registered here too.
 
 Tested: CPU (plugin, CLI, start-up checks, hook targets) against the real SGLang 0.5.17; GPU
 (``tests/test_server_gpu.py``: real servers on SmolLM2-135M, CUDA graphs and eager, eviction, opt-out, stats).
@@ -120,8 +121,8 @@ def vattention_cap_warning(config: SparseConfig, context_len: int) -> str | None
         return None
     return (f"sgl-sparse: vAttention's (epsilon={config.epsilon}, delta={config.delta}) bound holds only while the "
             f"required sample fits sample_capacity={config.sample_capacity}; requests longer than "
-            f"{config.token_budget + config.sample_capacity} tokens (context length {context_len}) can need more, "
-            f"and their sample is then capped. Set sample_capacity: {context_len} in the sparse config to keep the "
+            f"{config.token_budget + config.sample_capacity} tokens (context length {context_len}; fewer for a "
+            f"request that asks for a smaller budget) can need more, and their sample is then capped. Set sample_capacity: {context_len} in the sparse config to keep the "
             f"bound at every length (a larger sample, slower).")
 
 
@@ -266,6 +267,7 @@ PREFILL_RESULT_TARGET = _RESULTS + ".process_batch_result_prefill"
 COLLECT_INFO_TARGET = _RESULTS + "._maybe_collect_customized_info"
 
 # Per process: "backend" (the SparseAttnBackend), "dense_rows" (opt-out flags of the decode step being run),
+# "row_budgets" (the requests' own token budgets of that step, None where a request asked for none),
 # "fractions" ({id(req): (req, value)} of the result being processed).
 _ACTIVE: dict = {}
 
@@ -322,10 +324,22 @@ def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
     rows = budgets = None
     if reqs is not None and forward_batch.forward_mode.is_decode():
         rows = [wants_dense(r.sampling_params.custom_params) for r in reqs]
-        budgets = [request_budget(r.sampling_params.custom_params) for r in reqs]
+        budgets = [_checked_budget(r, _ACTIVE["backend"].config) for r in reqs]
     _ACTIVE["dense_rows"] = rows if rows and any(rows) else None
     _ACTIVE["row_budgets"] = budgets if budgets and any(b is not None for b in budgets) else None
     return forward_batch
+
+
+def _checked_budget(req, config: SparseConfig) -> int | None:
+    """A request's own budget, checked again in the scheduler (arrival checks run in another process, and a
+    request could reach the scheduler without them): an invalid one is logged once and the config's used."""
+    budget = request_budget(req.sampling_params.custom_params)
+    problem = None if budget is None else config.request_budget_problem(budget)
+    if problem:
+        req.sampling_params.custom_params[OPT_OUT_PARAM] = True     # drop it, so the warning is logged once
+        logger.warning("sgl-sparse: request %s: %s; the server's budget is used", getattr(req, "rid", "?"), problem)
+        return None
+    return budget
 
 
 def _no_graph_for_dense_rows(can_run, runner, forward_batch, *args, **kwargs):
@@ -548,7 +562,7 @@ def _backend_class():
                 self.metrics.count_rows(len(real) - dense, dense)
             budgets = None if in_capture else _ACTIVE.get("row_budgets")
             if budgets is not None:                            # CUDA-graph padding rows: the config's budget
-                if len(budgets) > bs:
+                if len(budgets) > bs or (self._eager and len(budgets) != bs):
                     raise RuntimeError(f"sgl-sparse: {len(budgets)} request budgets for a decode batch of {bs}")
                 budgets = budgets + [None] * (bs - len(budgets))
             self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],

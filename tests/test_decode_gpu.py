@@ -300,9 +300,10 @@ def test_per_request_budgets_replay_from_the_graph(method):
                 row_budgets=[1000, None, None, None])
 
 
+@pytest.mark.parametrize("budgets", [None, [512, None, 256]])
 @pytest.mark.parametrize("min_cosine", [-1.0, 0.5])
 @pytest.mark.parametrize("method", METHODS)
-def test_selection_reuse_eager_equals_graph_and_reference(method, min_cosine):
+def test_selection_reuse_eager_equals_graph_and_reference(method, min_cosine, budgets):
     """reselect_every=3 over 7 steps (select, reuse, reuse, select, ...): a captured graph gives the eager
     operator's outputs bit for bit, both follow the reference given the same kept selections (and, with the drift
     test, stored queries; request 1's query turns around on a reusing step, so its layers select again there),
@@ -320,7 +321,8 @@ def test_selection_reuse_eager_equals_graph_and_reference(method, min_cosine):
     sm = 1 / math.sqrt(D)
 
     def plan(op):
-        return op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+        return op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                       row_budgets=budgets)
 
     def run(op):
         return [op.run(layer, q_static, pool.k_cache, pool.v_cache, meta) for layer in range(3)]

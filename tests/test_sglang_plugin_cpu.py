@@ -307,6 +307,14 @@ def test_request_budget_is_validated_on_arrival(monkeypatch):
                      ({"token_budget": "512"}, "integer"), ({}, "integer"), ({"budget": 512}, "unknown option")):
         with pytest.raises(ValueError, match=msg):
             check(bad)
+    # checked again in the scheduler: an invalid budget that got there is dropped (once), the server's is used
+    from types import SimpleNamespace
+
+    cfg = SparseConfig.load("quest")
+    good = SimpleNamespace(rid="a", sampling_params=SimpleNamespace(custom_params={"sparse": {"token_budget": 512}}))
+    bad = SimpleNamespace(rid="b", sampling_params=SimpleNamespace(custom_params={"sparse": {"token_budget": 1000}}))
+    assert sb._checked_budget(good, cfg) == 512
+    assert sb._checked_budget(bad, cfg) is None and sb.request_budget(bad.sampling_params.custom_params) is None
 
 
 @pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense"])

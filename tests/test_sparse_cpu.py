@@ -349,6 +349,26 @@ def test_drift_test_selects_again_where_the_query_moved():
     assert pages_at[0] > n0[0]
 
 
+def test_a_kept_selection_serves_only_its_own_budget():
+    """A slot's kept selection holds its request's k pages: a step planning another k for that slot (a new request
+    with another budget in a slot not forgotten, or any caller mixing budgets) selects instead of reusing."""
+    cfg = SparseConfig(token_budget=256, page_size=16, min_context=0, reselect_every=4)
+    reuse = policies.SelectionReuse(cfg, num_layers=1, max_reqs=4, num_kv_heads=2, device="cpu")
+    out = torch.empty(2, dtype=torch.int32)
+
+    def plan(lens, pages):
+        batch = DecodeBatch(torch.zeros((1, 1), dtype=torch.int32), torch.tensor([1, 2]),
+                            torch.tensor(lens, dtype=torch.int32), 1,
+                            row_top_k=torch.tensor(pages, dtype=torch.int32))
+        return reuse.plan(batch, out=out).tolist()
+
+    assert plan([5000, 6000], [8, 16]) == [0, 0]
+    assert reuse.kept_pages[[1, 2]].tolist() == [8, 16]
+    assert plan([5001, 6001], [8, 16]) == [5000, 6000]              # the same budgets: reuse
+    assert plan([5002, 6002], [16, 16]) == [0, 6000]                # slot 1 now asks for 16 pages: select
+    assert reuse.kept_pages[[1, 2]].tolist() == [16, 16]
+
+
 def test_selection_reuse_attends_kept_pages_and_every_new_one():
     """Reference decode over steps: a reusing step attends the pages kept at the selecting step plus every page
     written since, so the newest token is always attended; a budget covering the context stays exact."""
