@@ -240,10 +240,9 @@ def test_named_configs_labels_and_budget_valued_overrides():
 
 # ----------------------------------------------------------------------------- sglang path with a stand-in server
 
-def test_evaluate_server_sends_every_instance_once_per_config(tmp_path, monkeypatch):
-    """evaluate_server with the server, tokenizer and frontend stood in: one run_batch per config carrying every
-    instance (tasks x lengths x depths x seeds), results labelled with the config and the instance's seed, the
-    attended fraction from the meta info, and one timing per config."""
+@pytest.fixture
+def stand_ins(tmp_path, monkeypatch):
+    """A model directory with a config.json, a whitespace tokenizer and RuntimeEndpoint(url) = url."""
     pytest.importorskip("sglang")
     import sglang
     import transformers
@@ -256,6 +255,11 @@ def test_evaluate_server_sends_every_instance_once_per_config(tmp_path, monkeypa
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: Tok()))
     monkeypatch.setattr(sglang, "RuntimeEndpoint", lambda url: url)
+
+def test_evaluate_server_sends_every_instance_once_per_config(tmp_path, monkeypatch, stand_ins):
+    """evaluate_server with the server, tokenizer and frontend stood in: one run_batch per config carrying every
+    instance (tasks x lengths x depths x seeds), results labelled with the config and the instance's seed, the
+    attended fraction from the meta info, and one timing per config."""
     started, servers = [], {}
 
     class FakeServer:
@@ -308,22 +312,10 @@ def test_evaluate_server_sends_every_instance_once_per_config(tmp_path, monkeypa
     assert all(r["n_paired"] == r["n"] for r in rows)
 
 
-def test_evaluate_server_runs_configs_side_by_side(tmp_path, monkeypatch):
+def test_evaluate_server_runs_configs_side_by_side(tmp_path, monkeypatch, stand_ins):
     """parallel=2: one kernel warm-up of the sparse configs, then servers start in groups of two, both of a
     group are up while their batches run, each pool is capped at what the requests in flight need, and the results
     are those of the same configs run one at a time."""
-    pytest.importorskip("sglang")
-    import sglang
-    import transformers
-
-    (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": 32768}))
-
-    class Tok:
-        def __call__(self, s, add_special_tokens=False):
-            return type("Enc", (), {"input_ids": s.split()})()
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", staticmethod(lambda *a, **k: Tok()))
-    monkeypatch.setattr(sglang, "RuntimeEndpoint", lambda url: url)
     servers, events = {}, []
 
     class FakeServer:
