@@ -261,7 +261,7 @@ def test_per_request_budgets_replay_from_the_graph(method):
         outs[0] = op.run(0, q, pool.k_cache, pool.v_cache, meta)
 
     op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(), path="sparse")
-    graph = _capture(step_fn)
+    graph = capture_graph(step_fn)
     budgets = [256, None, 512, 80]
     for _ in range(2):        # the same step count as op (planned at set-up and for the capture): vAttention's seeds
         eager.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
