@@ -41,7 +41,7 @@ from sgl_sparse.config import SparseConfig, presets  # noqa: E402
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.fidelity import dense_attention, relative_l2  # noqa: E402
 from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
-from sgl_sparse.synthetic import make_pool, shape_attention  # noqa: E402
+from sgl_sparse.synthetic import capture_graph, make_pool, shape_attention  # noqa: E402
 
 HQ, HK, D, P = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -83,15 +83,8 @@ def time_fn(fn, reps: int) -> float:
 
 
 def graphed(fn):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+    """``fn`` captured in a CUDA graph: its replay."""
+    return capture_graph(fn).replay
 
 
 def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor, op: SparseDecodeOperator,

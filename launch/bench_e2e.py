@@ -51,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sgl_sparse.config import METHODS, SparseConfig, SparseConfigError, presets  # noqa: E402
-from sgl_sparse.serving import (Progress, ServerError, ServerProcess, server_command,  # noqa: E402
+from sgl_sparse.serving import (Progress, ServerError, ServerProcess, file_safe, server_command,  # noqa: E402
                                  stop_servers_on_sigterm)
 
 MODEL_DIR = ROOT / "launch" / "models" / "llama-3.1-8b"
@@ -111,11 +111,6 @@ def config_spec(text: str) -> str:
     return text
 
 
-def file_safe(config: str) -> str:
-    """A config spec as a file name part: ``quest-fast:reselect_min_cosine=-1`` -> ``quest-fast_reselect_min_cosine_-1``."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in config)
-
-
 def method_of(config: str) -> str:
     """The method a server config runs (a preset name: ``quest-fast`` runs ``quest``)."""
     if config in ("dense", DENSE_EAGER):
@@ -134,6 +129,16 @@ def bytes_per_step(model_config: dict, batch: int, context: int) -> int:
     weights = 2 * (layers * per_layer + embeddings)
     kv = batch * context * layers * 2 * kv_heads * head_dim * 2
     return weights + kv
+
+
+def server_commands(model: str, specs: dict[str, tuple[str, str | None, list[str]]]) -> dict[str, list[str]]:
+    """The ``launch_server`` command line of each server spec (name -> (backend, sparse config, extra flags)),
+    printed; the port is a placeholder (each server gets a free one when it starts)."""
+    commands = {name: server_command(model, backend=b, sparse_config=s, port=0, extra_args=e)
+                for name, (b, s, e) in specs.items()}
+    for name, cmd in commands.items():
+        print(f"{name}: {shlex.join(cmd)}  (--port: a free one)", flush=True)
+    return commands
 
 
 def check_flags(commands: dict[str, list[str]]) -> None:
@@ -449,11 +454,8 @@ def main() -> int:
     prompt_lens = {c: prompt_length(c, config["max_position_embeddings"], new_tokens) for _, c in points}
     servers = list(args.methods) + ([DENSE_EAGER] if args.dense_eager else [])
     specs = {m: server_spec(m, args, points, prompt_lens, new_tokens) for m in servers}
-    commands = {m: server_command(str(args.model), backend=b, sparse_config=s, port=0, extra_args=e)
-                for m, (b, s, e) in specs.items()}
     print("points: " + ", ".join(f"{b}x{label(c)} (prompt {prompt_lens[c]})" for b, c in points), flush=True)
-    for method, cmd in commands.items():
-        print(f"{method}: {shlex.join(cmd)}  (--port: a free one)", flush=True)
+    commands = server_commands(str(args.model), specs)
     if args.dry_run:
         check_flags(commands)
         return 0

@@ -53,9 +53,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
-from bench_e2e import MODEL_DIR, PAGE_SIZE, check_flags, git_commit, gpu_name, method_of, versions  # noqa: E402
+from bench_e2e import (MODEL_DIR, PAGE_SIZE, check_flags, git_commit, gpu_name, method_of,  # noqa: E402
+                       server_commands, versions)
 from sgl_sparse.config import presets  # noqa: E402
-from sgl_sparse.serving import ServerError, ServerProcess, server_command, stop_servers_on_sigterm  # noqa: E402
+from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm  # noqa: E402
 
 WORKLOADS = {"32k": dict(input_len=32768, output_len=2048, range_ratio=1.0),
              "mixed": dict(input_len=32768, output_len=2048, range_ratio=1 / 32)}
@@ -378,12 +379,9 @@ def main() -> int:
 
     vocab_size = json.loads((args.model / "config.json").read_text())["vocab_size"]
     tokenizer = args.tokenizer or TOKENIZER_DIR
-    commands = {c: server_command(str(args.model), backend=b, sparse_config=s, port=0, extra_args=e)
-                for c, (b, s, e) in ((c, server_spec(c, args, tokenizer)) for c in args.configs)}
+    commands = server_commands(str(args.model), {c: server_spec(c, args, tokenizer) for c in args.configs})
     out_path = Path(args.out)
     log_dir = out_path.with_name(out_path.stem + "_logs")
-    for config, cmd in commands.items():
-        print(f"{config}: {shlex.join(cmd)}  (--port: a free one)", flush=True)
     for workload in args.workloads:
         for c in args.concurrency:
             n = num_prompts(c, args.rounds if workload == "32k" else args.mixed_rounds)

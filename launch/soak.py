@@ -65,9 +65,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
-from bench_e2e import BenchError, check_flags, git_commit, gpu_name, post_json, versions  # noqa: E402
+from bench_e2e import (BenchError, check_flags, git_commit, gpu_name, post_json, server_commands,  # noqa: E402
+                       versions)
 from sgl_sparse.config import SparseConfig, presets  # noqa: E402
-from sgl_sparse.serving import ServerError, ServerProcess, server_command, stop_servers_on_sigterm  # noqa: E402
+from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm  # noqa: E402
 
 DEFAULT_CONFIGS = ["dense", "quest", "quest-fast", "twilight", "vattention"]
 PAGE_SIZE = SparseConfig.load("dense").page_size
@@ -569,10 +570,7 @@ def main() -> int:
     sample = tally_specs(mix, 2000)
     print(f"mix (first 2000 requests): {sample}", flush=True)
     specs = {c: server_spec(c, args, log_dir) for c in args.configs}
-    commands = {c: server_command(str(args.model_dir), backend=b, sparse_config=s, port=0, extra_args=e)
-                for c, (b, s, e) in specs.items()}
-    for config, cmd in commands.items():
-        print(f"{config}: {shlex.join(cmd)}  (--port: a free one)", flush=True)
+    commands = server_commands(str(args.model_dir), specs)
     if args.dry_run:
         check_flags(commands)
         return 0

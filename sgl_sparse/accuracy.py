@@ -44,6 +44,7 @@ import torch
 from . import models, tasks
 from .config import SparseConfig
 from .hf_sparse import sparse_attention
+from .serving import file_safe
 
 # Generated tokens per task (default 24): room for the whole answer in the tokenizers here (Qwen2 spells digits
 # one token each, so a UUID takes ~30 tokens); tests/test_accuracy_cpu.py checks it per task and tokenizer.
@@ -418,7 +419,7 @@ def config_name(cfg: SparseConfig, label: str | None = None) -> str:
     """A file-safe name for a config's server and files: its label (default: the method), then its budget."""
     if label is None and not cfg.is_sparse:
         return "dense"
-    base = "".join(c if c.isalnum() or c in "-_" else "_" for c in (label or cfg.method))
+    base = file_safe(label or cfg.method)
     return f"{base}_{cfg.token_budget}" if cfg.is_sparse else base
 
 

@@ -396,7 +396,7 @@ class SparseDecodeOperator:
         if batch is None:
             raise RuntimeError("call plan() before run()")
         bufs = self._per_batch[batch.batch_size]
-        if torch.cuda.is_current_stream_capturing():           # a graph now holds this size's wrappers
+        if layer == 0 and torch.cuda.is_current_stream_capturing():   # a graph now holds this size's wrappers
             self._captured_sizes.add(batch.batch_size)
         cfg = self.config
         if self.path == "dense" or layer < cfg.dense_layers:

@@ -66,6 +66,12 @@ def server_command(model: str, *, backend: str, sparse_config: str | None = None
     return cmd + list(extra_args)
 
 
+def file_safe(text: str) -> str:
+    """``text`` as a file-name part: letters, digits, ``-`` and ``_`` kept, anything else ``_``
+    (``quest-fast:reselect_min_cosine=-1`` -> ``quest-fast_reselect_min_cosine_-1``)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
 class ServerError(RuntimeError):
     pass
 

@@ -124,3 +124,17 @@ def shape_attention(pool: Pool, q: torch.Tensor, kind: str, gen: torch.Generator
             k += (t * per_logit[b][None]).to(k.device)[..., None] * u[b][None]
         pool.k_cache[slots] = k.to(pool.k_cache.dtype)
     return q
+
+
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """``fn`` run once on a side stream (compiling and JIT-ing outside the capture), then captured in a CUDA
+    graph (replay it with ``.replay()``)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

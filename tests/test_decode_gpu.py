@@ -15,7 +15,7 @@ from sgl_sparse.config import SparseConfig
 from sgl_sparse.decode import SparseDecodeOperator, reference_decode
 from sgl_sparse.fidelity import attention_fidelity, dense_attention, relative_l2
 from sgl_sparse.metadata import SparseKVMetadata
-from sgl_sparse.synthetic import make_pool, shape_attention
+from sgl_sparse.synthetic import capture_graph, make_pool, shape_attention
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -45,19 +45,6 @@ def _setup(method, lens, *, HK=8, G=4, D=128, dtype=torch.bfloat16, seed=0, kind
 
 def _batch(op):
     return op.batch
-
-
-def _capture(fn) -> torch.cuda.CUDAGraph:
-    """``fn`` run once on a side stream (compiling and JIT-ing outside the capture), then captured."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 @pytest.mark.parametrize("method", METHODS + ("dense",))
@@ -141,7 +128,7 @@ def test_cuda_graph_capture_and_replay(method):
         op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
 
     advance()
-    graph = _capture(step_fn)
+    graph = capture_graph(step_fn)
     sm = 1 / math.sqrt(D)
     for _ in range(3):
         advance()
@@ -200,7 +187,7 @@ def test_one_graph_per_path(method):
     for path in ("sparse", "dense"):
         assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
                        path=path) == path
-        graphs[path] = _capture(lambda: step_fn(path))
+        graphs[path] = capture_graph(lambda: step_fn(path))
 
     # a long request in the batch: the sparse path, as the reference selects
     assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu()) == "sparse"
@@ -241,7 +228,7 @@ def test_graph_captured_on_a_dummy_batch_serves_real_lengths(method):
 
     pool.seq_lens.fill_(1)
     op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(), path="sparse")
-    graph = _capture(step_fn)
+    graph = capture_graph(step_fn)
     for lens_now in ([9000, 9000, 2500, 5000], [30000, 4000, 2500, 3000], real.tolist()):   # within the pool
         pool.seq_lens.copy_(torch.tensor(lens_now))
         assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu()) == "sparse"
@@ -290,7 +277,7 @@ def test_selection_reuse_eager_equals_graph_and_reference(method, min_cosine):
 
     advance()
     plan(graphed)
-    graph = _capture(lambda: outs.__setitem__("graph", run(graphed)))
+    graph = capture_graph(lambda: outs.__setitem__("graph", run(graphed)))
     for op in (graphed, eager):      # the warm-up and capture runs kept selections; _setup planned eager's step
         op.forget(pool.req_pool_indices)
     reused_steps = 0
@@ -343,7 +330,7 @@ def test_eager_batch_sizes_keep_memory_bounded():
     sm = 1 / math.sqrt(q.shape[-1])
     outs = {}
     # size 12 is captured: its wrappers stay
-    graph = _capture(lambda: outs.__setitem__(12, op.run(0, q, pool.k_cache, pool.v_cache, meta)))
+    graph = capture_graph(lambda: outs.__setitem__(12, op.run(0, q, pool.k_cache, pool.v_cache, meta)))
 
     def eager(B):
         op.plan(pool.req_to_token, pool.req_pool_indices[:B], pool.seq_lens[:B], pool.seq_lens[:B].cpu())
