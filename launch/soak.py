@@ -345,6 +345,13 @@ def probe_counts(reference: list[dict], outputs: list[dict]) -> dict:
     return dict(mismatches=verdicts.count("mismatch"), near_ties=verdicts.count("near_tie"), verdicts=verdicts)
 
 
+def judge_probes(row: dict, reference: list[dict]) -> dict:
+    """A row's probe figures against the dense ``reference``, from its probe outputs before and after the load."""
+    counts = [probe_counts(reference, row[k]) for k in ("probe_outputs_before", "probe_outputs_after")]
+    return dict(probe_mismatches=sum(c["mismatches"] for c in counts),
+                probe_near_ties=sum(c["near_ties"] for c in counts), probe_verdicts=[c["verdicts"] for c in counts])
+
+
 def log_counts(text: str) -> dict:
     retractions = [int(n) for n in RETRACT.findall(text)]
     return dict(retractions=len(retractions), retracted_reqs=sum(retractions),
@@ -474,10 +481,9 @@ def run_config(config: str, args, mix: Mix, prefixes, log_dir: Path, reference: 
                    gpu_memory_end_mib=server_memory(server.proc.pid)[0])
         stage = "probes after"
         after = run_probes(server.url, prompts, args.probe_tokens)
-        counts = [probe_counts(reference, outs) for outs in (before, after)] if reference else []
-        row.update(probe_mismatches=sum(c["mismatches"] for c in counts) if reference else None,
-                   probe_near_ties=sum(c["near_ties"] for c in counts) if reference else None,
-                   probe_verdicts=[c["verdicts"] for c in counts])
+        row["probe_outputs_after"] = after
+        if reference:
+            row.update(judge_probes(row, reference))
     except (ServerError, SoakError, BenchError, OSError, ValueError, KeyError) as e:
         row["error"] = f"{stage}: {type(e).__name__}: {e}"[:3000]
         print(f"[{config}] FAILED at {row['error']}\n(server log: {server.log_path})", flush=True)
@@ -512,15 +518,23 @@ def dense_reference(args, log_dir: Path) -> list[dict]:
 
 
 def combine(paths: list[str], out: Path) -> int:
-    """Rows of several runs (e.g. one config per GPU) -> one result file; the first run's row of a config wins."""
+    """Rows of several runs (e.g. one config per GPU) -> one result file; the first run's row of a config wins. A
+    row that ran without a probe reference (``--skip-reference``) is judged here against the dense run's probes,
+    with its own run's settings."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
+    reference = next((run["probe_reference"] for run in runs if run.get("probe_reference")), None)
     rows, seen = [], set()
     for run in runs:
         for r in run["rows"]:
-            if r["config"] not in seen:
-                seen.add(r["config"])
-                rows.append(dict(r, commit=run.get("commit")))
-    reference = next((run["probe_reference"] for run in runs if run.get("probe_reference")), None)
+            if r["config"] in seen:
+                continue
+            seen.add(r["config"])
+            r = dict(r, commit=run.get("commit"))
+            if r.get("probe_mismatches") is None and reference and r.get("probe_outputs_after"):
+                r.update(judge_probes(r, reference))
+                r["checks"] = checks(r, argparse.Namespace(**run["settings"]))
+                r["passed"] = "error" not in r and all(v is True for v in r["checks"].values())
+            rows.append(r)
     gpu = " / ".join(sorted({r["gpu"] for r in runs if r.get("gpu")}))
     runs_meta = [{k: r.get(k) for k in ("commit", "versions", "settings")} for r in runs]
     write(out, dict(gpu=gpu, combined=[Path(p).name for p in paths], runs=runs_meta, probe_reference=reference), rows)
@@ -547,6 +561,9 @@ def main() -> int:
     ap.add_argument("--probe-lengths", type=int, nargs="+", default=[128, 512, 1024, 1792])
     ap.add_argument("--probe-tokens", type=int, default=32)
     ap.add_argument("--probe-reference", help="a soak result JSON whose dense probe outputs to compare against")
+    ap.add_argument("--skip-reference", action="store_true",
+                    help="without dense in --configs and no --probe-reference: start no dense server for the "
+                         "reference; --combine with a dense run of the same commit judges the probes")
     ap.add_argument("--memory-tolerance-mib", type=int, default=512, help="allowed growth start -> end")
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds; a request past it is an error")
     ap.add_argument("--start-timeout", type=float, default=900.0)
@@ -578,7 +595,7 @@ def main() -> int:
 
     reference = probe_reference_from(args.probe_reference) if args.probe_reference else None
     configs = sorted(args.configs, key=lambda c: c != "dense")          # dense first: its probes are the reference
-    if reference is None and "dense" not in configs:
+    if reference is None and "dense" not in configs and not args.skip_reference:
         print("no probe reference: starting a dense server for it", flush=True)
         reference = dense_reference(args, log_dir)
     started, gpu, prefixes, rows = time.time(), gpu_name(), shared_prefixes(mix), []

@@ -434,3 +434,29 @@ def test_gpu_memory_of_a_server_is_its_process_group(tmp_path, monkeypatch):
     assert soak.server_memory(100) == (81000, "whole GPU")
     monkeypatch.setattr(soak, "gpu_memory_mib", lambda pgid: 6200)
     assert soak.server_memory(100) == (6200, "server processes")
+
+
+def test_combine_judges_probes_of_a_run_without_reference(tmp_path, monkeypatch):
+    """A sparse config soaked beside the dense one (``--skip-reference``) has no probe figures of its own; combining
+    the two runs compares its probes before and after the load with the dense run's, under its own settings."""
+    pytest.importorskip("aiohttp")
+    monkeypatch.setattr(soak, "server_memory", lambda pgid: (5, "whole GPU"))
+    monkeypatch.setattr(soak, "ServerProcess", FakeServerProcess)
+    dense = soak.run_config("dense", run_args(), SMALL, soak.shared_prefixes(SMALL), tmp_path, None)
+    sparse = soak.run_config("quest", run_args(), SMALL, soak.shared_prefixes(SMALL), tmp_path, None)
+    assert sparse.get("probe_mismatches") is None and not sparse["passed"]
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(run_args()).items()}
+    runs = {"dense": (dense, dense["probe_outputs_before"]), "right": (sparse, None)}
+    wrong = dict(sparse, config="twilight", probe_outputs_after=[dict(o, ids=[t + 1 for t in o["ids"]])
+                                                                 for o in sparse["probe_outputs_after"]])
+    runs["wrong"] = (wrong, None)
+    paths = []
+    for name, (row, reference) in runs.items():
+        paths.append(str(tmp_path / f"{name}.json"))
+        soak.write(Path(paths[-1]), dict(gpu="H200", commit="abc", settings=settings, probe_reference=reference), [row])
+    out = tmp_path / "all.json"
+    soak.combine(paths, out)
+    rows = {r["config"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["quest"]["probe_mismatches"] == 0 and rows["quest"]["passed"], rows["quest"]["checks"]
+    assert rows["twilight"]["probe_mismatches"] == len(wrong["probe_outputs_after"])
+    assert rows["twilight"]["checks"]["probe_mismatches"] is False and not rows["twilight"]["passed"]
