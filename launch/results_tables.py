@@ -67,7 +67,61 @@ def bench_e2e_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table}
+def _ci(low_high) -> str:
+    return f"[{low_high[0]:.2f}, {low_high[1]:.2f}]" if low_high else ""
+
+
+def accuracy_table(data: dict) -> str:
+    """Per config, budget and length: score with its 95 % interval, relative to dense with its interval, the
+    attended fraction, the instances behind the row; then the per-task scores."""
+    rows = sorted((r for r in data["rows"] if r.get("scope") in ("length", "overall")),
+                  key=lambda r: (r["config"] != "dense", r["config"], r["budget"], r["length"] is None, r["length"] or 0))
+    lines = [f"{data['gpu']}, commit {_commit(data.get('commit'))}, {data['args']['model']}, "
+             f"{data['instances_per_task_length']} instances per task and length, 95 % bootstrap intervals over "
+             "instances.", "",
+             "| config | budget | length | score | 95 % CI | relative to dense | 95 % CI | attended | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        budget = "—" if r["method"] == "dense" else str(r["budget"])
+        rel = "1.00" if r["method"] == "dense" else f"**{r['relative']:.3f}**"
+        lines.append(f"| {r['config']} | {budget} | {r['length'] or 'all'} | "
+                     f"{r['score']:.3f} | {_ci(r['score_ci'])} | {rel} | "
+                     f"{_ci(r['relative_ci']) if r['method'] != 'dense' else ''} | {r['attended_fraction']:.4f} | "
+                     f"{r['n']} |")
+    tasks = sorted({r["task"] for r in data["rows"] if r.get("scope") == "task_length"})
+    if tasks:
+        lines += ["", "| config | budget | length | " + " | ".join(tasks) + " |", "|---|---|---|" + "---|" * len(tasks)]
+        cells: dict = {}
+        for r in data["rows"]:
+            if r.get("scope") == "task_length":
+                cells.setdefault((r["config"], r["budget"], r["length"]), {})[r["task"]] = r["score"]
+        for (config, budget, length), by_task in sorted(cells.items(), key=lambda c: (c[0][0] != "dense", c[0])):
+            lines.append(f"| {config} | {budget if config != 'dense' else '—'} | {length} | "
+                         + " | ".join(f"{by_task[t]:.2f}" if t in by_task else "" for t in tasks) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def soak_table(data: dict) -> str:
+    """One row per config: what the soak sent, what came back, and the issue's checks."""
+    lines = [f"{data['gpu']}, commit {_commit(data.get('commit') or (data.get('runs') or [{}])[0].get('commit'))}; "
+             "memory in MiB of the server's processes, after the warm-up and at the end.", "",
+             "| config | load (s) | requests | completed | client hang-ups | rejected (400) | server errors | "
+             "leaked tokens | probe mismatches | retracted | memory start → end | passed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if "requests" not in r:
+            lines.append(f"| {r['config']} | failed: {r.get('error', '?').splitlines()[0]} |||||||||||")
+            continue
+        lines.append(f"| {r['config']} | {r['duration_s']:.0f} | {r['requests']} | {r['completed']} | {r['aborted']} | "
+                     f"{r['rejected']} | {r['server_errors']} | {r.get('leaked_tokens')} | "
+                     f"{r.get('probe_mismatches')} | {r.get('retracted_reqs', 0)} | "
+                     f"{r.get('gpu_memory_start_mib')} → {r.get('gpu_memory_end_mib')} | "
+                     f"{'yes' if r['passed'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table, "accuracy": accuracy_table,
+             "soak": soak_table}
 
 
 def render(name: str) -> str:

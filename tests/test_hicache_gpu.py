@@ -19,7 +19,7 @@ pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("method", ["quest", "twilight"])
-def test_load_back_refreshes_the_side_tables(method):
+def test_load_back_refreshes_the_side_tables(method, request):
     """Two pages of one layer come back from host memory into slots whose tables describe other KV: after SGLang's
     per-layer copy the page bounds (and Twilight's int4 keys) of those slots equal the reference on the KV now in
     the pool, and nothing else changed. Before the copy they differ (the test can fail)."""
@@ -38,6 +38,9 @@ def test_load_back_refreshes_the_side_tables(method):
     P, HK, D, layers = cfg.page_size, 2, 64, 2
     device_pool = MHATokenToKVPool(64 * P, P, torch.bfloat16, HK, D, layers, "cuda", False)
     host_pool = MHATokenToKVPoolHost(device_pool, 2.0, 0, P, "layer_first", pin_memory=True)
+    # SGLang pins the host buffer (cudaHostRegister): unpin it, or the next case's buffer, allocated at the same
+    # address, cannot be pinned
+    request.addfinalizer(host_pool.destroy)
     keys = [device_pool._get_key_buffer(i) for i in range(layers)]
     gen = torch.Generator(device="cuda").manual_seed(0)
     for k in keys:

@@ -34,3 +34,28 @@ def test_every_result_file_named_by_a_marker_exists_and_renders(tmp_path, monkey
     assert results_tables.update(new) == new
     with pytest.raises(SystemExit, match="does not exist"):
         results_tables.update("<!-- table: bench_e2e_missing -->\n<!-- /table -->\n")
+
+
+def test_accuracy_and_soak_tables_show_their_figures(tmp_path, monkeypatch):
+    accuracy = dict(gpu="NVIDIA H200", commit="abcdef0123", args=dict(model="qwen05b"), instances_per_task_length=10,
+                    rows=[dict(method="dense", config="dense", budget=0, length=32000, scope="length", score=0.8,
+                               score_ci=[0.7, 0.9], relative=1.0, relative_ci=[1, 1], attended_fraction=1.0, n=90),
+                          dict(method="quest", config="quest", budget=2048, length=32000, scope="length", score=0.72,
+                               score_ci=[0.6, 0.8], relative=0.9, relative_ci=[0.85, 0.95], attended_fraction=0.0638,
+                               n=90),
+                          dict(method="quest", config="quest", budget=2048, length=32000, scope="task_length",
+                               task="cwe", score=0.29)])
+    soak = dict(gpu="NVIDIA H200", runs=[dict(commit="abcdef0123")], rows=[
+        dict(config="quest", duration_s=301.2, requests=1769, completed=1537, aborted=185, rejected=47,
+             server_errors=0, leaked_tokens=0, probe_mismatches=0, retracted_reqs=1, gpu_memory_start_mib=4552,
+             gpu_memory_end_mib=4564, passed=True),
+        dict(config="twilight", error="start-up: ServerError: died\nmore", passed=False)])
+    (tmp_path / "accuracy_x.json").write_text(json.dumps(accuracy))
+    (tmp_path / "soak_x.json").write_text(json.dumps(soak))
+    monkeypatch.setattr(results_tables, "RESULTS", tmp_path)
+    acc = results_tables.render("accuracy_x")
+    assert "| quest | 2048 | 32000 | 0.720 | [0.60, 0.80] | **0.900** | [0.85, 0.95] | 0.0638 | 90 |" in acc
+    assert "| quest | 2048 | 32000 | 0.29 |" in acc and "commit abcdef0" in acc
+    table = results_tables.render("soak_x")
+    assert "| quest | 301 | 1769 | 1537 | 185 | 47 | 0 | 0 | 0 | 1 | 4552 → 4564 | yes |" in table
+    assert "| twilight | failed: start-up: ServerError: died |" in table and "commit abcdef0" in table
