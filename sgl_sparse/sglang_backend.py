@@ -313,7 +313,8 @@ def _check_opt_out(sampling_params, *args, **kwargs):
 
 
 def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
-    """After ``ForwardBatch.init_new``: which rows of this step's decode batch opted out (host list, or None).
+    """After ``ForwardBatch.init_new``: which rows of this step's decode batch opted out and are longer than what
+    the config attends in full (host list, or None: the step can replay its CUDA graph).
 
     Kept beside the backend rather than on the ForwardBatch: SGLang's eager runner copies the batch into a new
     ForwardBatch (dataclass fields only) before the backend plans it. ``init_new`` and that forward run back to
@@ -323,8 +324,14 @@ def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
     reqs = getattr(batch, "reqs", None)
     rows = budgets = None
     if reqs is not None and forward_batch.forward_mode.is_decode():
+        config = _ACTIVE["backend"].config
         rows = [wants_dense(r.sampling_params.custom_params) for r in reqs]
-        budgets = [_checked_budget(r, _ACTIVE["backend"].config) for r in reqs]
+        if any(rows) and forward_batch.seq_lens_cpu is not None:
+            # An opted-out request that the config attends in full anyway (within its budget or below min_context)
+            # needs no dense pass: only the longer ones send the step to eager mode.
+            fits = within_budget(config, forward_batch.seq_lens_cpu[:len(rows)]).tolist()
+            rows = [dense and not fit for dense, fit in zip(rows, fits)]
+        budgets = [_checked_budget(r, config) for r in reqs]
     _ACTIVE["dense_rows"] = rows if rows and any(rows) else None
     _ACTIVE["row_budgets"] = budgets if budgets and any(b is not None for b in budgets) else None
     return forward_batch
@@ -343,7 +350,8 @@ def _checked_budget(req, config: SparseConfig) -> int | None:
 
 
 def _no_graph_for_dense_rows(can_run, runner, forward_batch, *args, **kwargs):
-    """After ``DecodeCudaGraphRunner.can_run_graph``: batches with opted-out requests run eagerly."""
+    """After ``DecodeCudaGraphRunner.can_run_graph``: batches with opted-out requests longer than the config attends
+    in full run eagerly (their dense pass is not captured)."""
     if can_run and _ACTIVE.get("dense_rows"):
         return False
     return can_run

@@ -502,6 +502,16 @@ def test_request_opts_out_of_sparsity(servers):
     assert sparse["meta_info"]["sparse_attended_fraction"][-1] < 0.25
     dense = generate(servers["dense"], [insts[0].prompt], max_new_tokens=12, logprobs=True)[0]
     assert_same_greedy(dense, output_ids(opted), "opted-out request vs dense backend")
+    # a short opted-out request (attended in full anyway: its step keeps the CUDA graph) beside a long sparse one
+    short = "Count from one to ten in words: one, two,"
+    body["text"] = [short, insts[1].prompt]
+    r = requests.post(servers["quest_small"].url + "/generate", json=body, timeout=600)
+    assert r.status_code == 200, r.text
+    opted, sparse = r.json()
+    assert opted["meta_info"]["sparse_attended_fraction"][-1] == 1.0
+    assert sparse["meta_info"]["sparse_attended_fraction"][-1] < 0.25
+    dense = generate(servers["dense"], [short], max_new_tokens=12, logprobs=True)[0]
+    assert_same_greedy(dense, output_ids(opted), "short opted-out request (graph step) vs dense backend")
     bad = requests.post(servers["quest_small"].url + "/generate", timeout=60, json={
         "text": "hello", "sampling_params": {"max_new_tokens": 2, "custom_params": {"sparse": "no"}}})
     assert bad.status_code == 400 and "must be true, false or" in bad.text, (bad.status_code, bad.text)

@@ -372,6 +372,41 @@ def test_opt_out_and_fraction_hooks_on_real_requests():
         sb._ACTIVE.update(saved)
 
 
+def test_only_long_opted_out_requests_leave_the_cuda_graph():
+    """A decode step's opted-out rows that the config attends in full anyway (within budget or below min_context)
+    need no dense pass: the step keeps its CUDA graph. One longer opted-out row sends the step to eager mode."""
+    import torch
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.model_executor.forward_batch_info import ForwardMode
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    from types import SimpleNamespace
+
+    from sgl_sparse import sglang_backend as sb
+    from sgl_sparse.config import SparseConfig
+
+    config = SparseConfig.load("quest")                            # attends in full up to 4096 tokens (min_context)
+    full = config.dense_pages * config.page_size
+    reqs = [Req(str(i), "x", [1], SamplingParams(custom_params={"sparse": False} if i < 2 else None))
+            for i in range(3)]
+    saved = dict(sb._ACTIVE)
+    try:
+        sb._ACTIVE["backend"] = SimpleNamespace(config=config, metrics=None)
+        runs_graph = []
+        for lens in ([full, 100, 9000], [full + 1, 100, 9000]):
+            step = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens_cpu=torch.tensor(lens))
+            sb._mark_dense_rows(step, None, SimpleNamespace(reqs=reqs))
+            runs_graph.append(sb._no_graph_for_dense_rows(True, None, step))
+            if runs_graph[-1]:
+                assert sb._ACTIVE["dense_rows"] is None
+            else:
+                assert sb._ACTIVE["dense_rows"] == [True, False, False]
+        assert runs_graph == [True, False]
+    finally:
+        sb._ACTIVE.clear()
+        sb._ACTIVE.update(saved)
+
+
 def test_vattention_cap_warning_names_the_fix():
     from sgl_sparse.config import SparseConfig
     from sgl_sparse.sglang_backend import vattention_cap_warning
