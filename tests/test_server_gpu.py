@@ -152,7 +152,14 @@ def servers(tmp_path_factory):
         pytest.skip(reason)
     tmp = tmp_path_factory.mktemp("server_configs")
     log_dir = Path(os.environ.get("SGL_SPARSE_LOG_DIR") or tmp)
-    with launch_servers(MODEL, _server_specs(tmp), COMMON, log_dir) as ready:
+    specs = _server_specs(tmp)
+    only = [n for n in os.environ.get("SGL_SPARSE_SERVERS", "").split(",") if n]
+    if only:                     # a -k subset of the tests: start only the servers it uses (the others fail)
+        unknown = sorted(set(only) - set(specs))
+        if unknown:
+            pytest.fail(f"SGL_SPARSE_SERVERS names unknown servers {unknown}; choose from {sorted(specs)}")
+        specs = {n: specs[n] for n in only}
+    with launch_servers(MODEL, specs, COMMON, log_dir) as ready:
         yield ready
 
 
