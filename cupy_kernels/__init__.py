@@ -12,6 +12,7 @@ kernel                     what it computes
 page_bounds_update         per page and KV head, channel-wise min/max of K (Quest metadata)
 page_bounds_update_layers  the same for every layer in one launch (once per decode step)
 quest_page_scores          upper-bound page scores, max over the GQA group
+quest_refine_scores        the same for the pages inside kept coarse pages (coarse-to-fine)
 topk_pages                 k best pages per (request, KV head), sinks and local window forced
 reuse_drift                per (layer, request): reuse a kept selection while the query has not moved
 pages_to_kv_indices        selected pages -> FlashInfer kv indices of their tokens
@@ -32,6 +33,7 @@ from .int4_scores import int4_candidate_scores
 from .page_bounds import LayerTables, page_bounds_update, page_bounds_update_layers
 from .page_rows import page_rows
 from .pages_to_kv import pages_to_kv_indices
+from .quest_refine import quest_refine_scores
 from .quest_scores import quest_page_scores
 from .reuse_drift import reuse_drift
 from .top_p import top_p_select
@@ -45,6 +47,7 @@ __all__ = [
     "page_bounds_update_layers",
     "LayerTables",
     "quest_page_scores",
+    "quest_refine_scores",
     "topk_pages",
     "reuse_drift",
     "pages_to_kv_indices",

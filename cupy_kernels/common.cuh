@@ -64,6 +64,62 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
     f[4] = kv_lo(v.z); f[5] = kv_hi(v.z); f[6] = kv_lo(v.w); f[7] = kv_hi(v.w);
 }
 
+// Quest's bound of q.k over one page for the Heads query heads of one KV head, on a row of Lanes lanes that
+// each hold 8 channels of the page's min (vmin) and max (vmax): max_g sum_d max(q_gd * min_d, q_gd * max_d),
+// computed as (q/2)(min+max) + |q/2|(max-min), two FMAs per channel and head, from qh = q/2 (the lane's 8
+// channels per head). Every lane of the warp must call it (the row sums by shuffles); each lane gets the bound.
+template <int Heads, int Lanes>
+__device__ __forceinline__ float quest_bound(const float (&qh)[Heads][8], const uint4 vmin, const uint4 vmax) {
+    float mn[8], mx[8], mid[8], rad[8];
+    unpack8(vmin, mn);
+    unpack8(vmax, mx);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) { mid[i] = mn[i] + mx[i]; rad[i] = mx[i] - mn[i]; }
+    float best = NEG_INF;
+#pragma unroll
+    for (int g = 0; g < Heads; ++g) {
+        float acc = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            acc = fmaf(qh[g][i], mid[i], acc);
+            acc = fmaf(fabsf(qh[g][i]), rad[i], acc);
+        }
+#pragma unroll
+        for (int o = Lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        best = fmaxf(best, acc);
+    }
+    return best;
+}
+
+// This lane's 16-byte vectors of the min and max of KV head h of physical page `page` in a bounds table
+// [pages, KvHeads, 2, Dim]; zeros for page < 0 (no page: the lane still joins quest_bound's shuffles).
+template <int KvHeads, int Dim>
+__device__ __forceinline__ void load_page_bounds(const u16* __restrict__ bounds, int page, int h, int d0,
+                                                 uint4& vmin, uint4& vmax) {
+    if (page >= 0) {
+        const u16* bnd = bounds + (((long long)page * KvHeads + h) * 2) * Dim + d0;
+        vmin = *reinterpret_cast<const uint4*>(bnd);
+        vmax = *reinterpret_cast<const uint4*>(bnd + Dim);
+    } else {
+        vmin = make_uint4(0, 0, 0, 0);
+        vmax = make_uint4(0, 0, 0, 0);
+    }
+}
+
+// This lane's 8 channels (from d0) of the Group query heads of KV head h of request b (KvHeads KV heads, Dim
+// channels), halved (for quest_bound).
+template <int Group, int KvHeads, int Dim>
+__device__ __forceinline__ void load_half_query(const u16* __restrict__ q, int b, int h, int d0,
+                                                float (&qh)[Group][8]) {
+#pragma unroll
+    for (int g = 0; g < Group; ++g) {
+        const uint4 v = *reinterpret_cast<const uint4*>(q + ((long long)b * KvHeads * Group + h * Group + g) * Dim + d0);
+        unpack8(v, qh[g]);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) qh[g][i] *= 0.5f;
+    }
+}
+
 // Offsets of the warps' totals over the block: every thread gets the sum of the totals of the warps before its own
 // and *total, the block's sum. The thread `writer` of each warp passes its warp's total. warp_totals: NWARPS ints
 // of shared memory (free again when this returns).

@@ -2,9 +2,8 @@
 // KV head h, for logical page j of request b (see reference.quest_page_scores).
 //
 // Memory bound: every (page, head) reads its 2*D bounds (512 bytes for D=128 bf16) once. A "row" of
-// ROW_LANES = D/8 lanes owns one (page, head) at a time, each lane one 16-byte vector of min and one of max.
-// The max(q*min, q*max) is computed as (q/2)(min+max) + |q/2|(max-min): two FMAs per (channel, query head),
-// the |.| being a free operand modifier. Each row keeps UNROLL pages in flight.
+// ROW_LANES = D/8 lanes owns one (page, head) at a time, each lane one 16-byte vector of min and one of max
+// (quest_bound in common.cuh: two FMAs per channel and query head). Each row keeps UNROLL pages in flight.
 //
 // Work comes from the pages present, not from the capacity: a tile is TILE = ROWS * UNROLL consecutive pages
 // of one request. Every block first counts the tiles of the batch (a block-wide scan of ceil(pages / TILE)
@@ -92,51 +91,19 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
     float qh[GROUP][8];                        // half of this lane's 8 query channels, per query head
     for (int t = t_begin; t < t_end; ++t) {
         if (b != q_of) {
-#pragma unroll
-            for (int g = 0; g < GROUP; ++g) {
-                const uint4 v = *reinterpret_cast<const uint4*>(
-                    q + ((long long)b * NUM_KV_HEADS * GROUP + h * GROUP + g) * HEAD_DIM + d0);
-                unpack8(v, qh[g]);
-#pragma unroll
-                for (int i = 0; i < 8; ++i) qh[g][i] *= 0.5f;
-            }
+            load_half_query<GROUP, NUM_KV_HEADS, HEAD_DIM>(q, b, h, d0, qh);
             q_of = b;
         }
         uint4 vmin[UNROLL], vmax[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            if (page[u] >= 0) {
-                const u16* bnd = page_key_bounds + (((long long)page[u] * NUM_KV_HEADS + h) * 2) * HEAD_DIM + d0;
-                vmin[u] = *reinterpret_cast<const uint4*>(bnd);
-                vmax[u] = *reinterpret_cast<const uint4*>(bnd + HEAD_DIM);
-            } else {
-                vmin[u] = make_uint4(0, 0, 0, 0);
-                vmax[u] = make_uint4(0, 0, 0, 0);
-            }
-        }
+        for (int u = 0; u < UNROLL; ++u)
+            load_page_bounds<NUM_KV_HEADS, HEAD_DIM>(page_key_bounds, page[u], h, d0, vmin[u], vmax[u]);
         float* out = scores + ((long long)b * NUM_KV_HEADS + h) * max_pages;
         const int cur_begin = begin, cur_end = end;
         if (t + 1 < t_end) locate(t + 1, b, begin, end, r2t, page);     // next tile's pages, loads in flight
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            float mn[8], mx[8], mid[8], rad[8];
-            unpack8(vmin[u], mn);
-            unpack8(vmax[u], mx);
-#pragma unroll
-            for (int i = 0; i < 8; ++i) { mid[i] = mn[i] + mx[i]; rad[i] = mx[i] - mn[i]; }
-            float best = NEG_INF;
-#pragma unroll
-            for (int g = 0; g < GROUP; ++g) {
-                float acc = 0.f;
-#pragma unroll
-                for (int i = 0; i < 8; ++i) {
-                    acc = fmaf(qh[g][i], mid[i], acc);
-                    acc = fmaf(fabsf(qh[g][i]), rad[i], acc);
-                }
-#pragma unroll
-                for (int o = ROW_LANES / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-                best = fmaxf(best, acc);
-            }
+            const float best = quest_bound<GROUP, ROW_LANES>(qh, vmin[u], vmax[u]);
             const int j = cur_begin + u * ROWS + row;
             if (lane_in_row == 0 && j < cur_end) out[j] = best;
         }

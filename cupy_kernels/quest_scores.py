@@ -19,6 +19,29 @@ def tile_pages(head_dim: int) -> int:
     return (THREADS // (head_dim // 8)) * UNROLL
 
 
+def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
+                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, skip_pages_upto: int,
+                       skip_rows: torch.Tensor | None) -> tuple:
+    """Validate the inputs every page-score kernel takes; returns ``(B, D, HK, G, req_to_token, req_pool_indices,
+    seq_lens)``, the index tensors as int32."""
+    check_tensor(q, "q", dtypes=list(KV_DTYPES), ndim=3)
+    dev = q.device
+    B, HQ, D = q.shape
+    check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype], ndim=4, device=dev)
+    HK = page_key_bounds.shape[1]
+    check(tuple(page_key_bounds.shape[2:]) == (2, D),
+          f"page_key_bounds must be [pages, HK, 2, {D}], got {tuple(page_key_bounds.shape)}")
+    G = check_group(HQ, HK)
+    check(D in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {D}")
+    r2t, rpi, sl = check_batch(req_to_token, req_pool_indices, seq_lens, dev)
+    check(seq_lens.shape[0] == B, f"seq_lens has {seq_lens.shape[0]} entries for a batch of {B}")
+    check(skip_pages_upto >= 0, f"skip_pages_upto must be >= 0, got {skip_pages_upto}")
+    if skip_rows is not None:
+        check_tensor(skip_rows, "skip_rows", dtypes=[torch.int32], ndim=1, device=dev)
+        check(skip_rows.shape[0] == B, f"skip_rows has {skip_rows.shape[0]} entries for a batch of {B}")
+    return B, D, HK, G, r2t, rpi, sl
+
+
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int, max_pages: int,
                       out: torch.Tensor | None = None, skip_pages_upto: int = 0,
@@ -42,21 +65,9 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         ``[B, HK, max_pages]`` float32 scores. Only columns below each scored request's page count are
         written; the rest of ``out`` keeps what it held (uninitialised for a fresh tensor).
     """
-    check_tensor(q, "q", dtypes=list(KV_DTYPES), ndim=3)
+    B, D, HK, G, r2t, rpi, sl = check_score_inputs(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens,
+                                                   skip_pages_upto, skip_rows)
     dev = q.device
-    B, HQ, D = q.shape
-    check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype], ndim=4, device=dev)
-    HK = page_key_bounds.shape[1]
-    check(tuple(page_key_bounds.shape[2:]) == (2, D),
-          f"page_key_bounds must be [pages, HK, 2, {D}], got {tuple(page_key_bounds.shape)}")
-    G = check_group(HQ, HK)
-    check(D in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {D}")
-    r2t, rpi, sl = check_batch(req_to_token, req_pool_indices, seq_lens, dev)
-    check(seq_lens.shape[0] == B, f"seq_lens has {seq_lens.shape[0]} entries for a batch of {B}")
-    check(skip_pages_upto >= 0, f"skip_pages_upto must be >= 0, got {skip_pages_upto}")
-    if skip_rows is not None:
-        check_tensor(skip_rows, "skip_rows", dtypes=[torch.int32], ndim=1, device=dev)
-        check(skip_rows.shape[0] == B, f"skip_rows has {skip_rows.shape[0]} entries for a batch of {B}")
     if out is None:
         out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
     check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)

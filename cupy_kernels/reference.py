@@ -115,24 +115,74 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         ``[B, HK, max_pages]`` float32. Defined: the columns below the page count of each scored request. The
         kernel leaves the other entries unwritten; here they are ``-inf``.
     """
-    HK = page_key_bounds.shape[1]
-    B, HQ, D, G = _gqa(q, HK)
     P = page_size
-    out = torch.full((B, HK, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
-    npg = num_pages(seq_lens, P)
-    qg = q.float().view(B, HK, G, D)
-    for b in range(B):
-        n = int(npg[b])
-        if n == 0 or n <= skip_pages_upto or (skip_rows is not None and int(skip_rows[b]) != 0):
-            continue
-        row = req_to_token[int(req_pool_indices[b])]
+    out, qg, rows = _scored_rows(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens, P, max_pages,
+                                 skip_pages_upto, skip_rows)
+    for b, n, row in rows:
         phys = row[torch.arange(n, device=row.device) * P].long() // P                     # [n]
         for c0 in range(0, n, 1024):
             bounds = page_key_bounds[phys[c0:c0 + 1024]].float()                             # [c, HK, 2, D]
-            kmin, kmax = bounds[:, None, :, 0], bounds[:, None, :, 1]                        # [c, 1, HK, D]
-            qq = qg[b][None].permute(0, 2, 1, 3)                                             # [1, G, HK, D]
-            u = torch.maximum(qq * kmin, qq * kmax).sum(-1)                                  # [c, G, HK]
-            out[b, :, c0:c0 + bounds.shape[0]] = u.amax(1).transpose(0, 1)
+            out[b, :, c0:c0 + bounds.shape[0]] = _bound_scores(qg[b], bounds).transpose(0, 1)
+    return out
+
+
+def _scored_rows(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens, page_size: int, max_pages: int,
+                 skip_pages_upto: int, skip_rows):
+    """The ``-inf`` output ``[B, HK, max_pages]``, the float32 queries ``[B, HK, G, D]`` and the requests to score:
+    ``(b, pages, req_to_token row)`` for each request with pages, more than ``skip_pages_upto`` of them and no
+    nonzero ``skip_rows`` entry."""
+    HK = page_key_bounds.shape[1]
+    B, HQ, D, G = _gqa(q, HK)
+    out = torch.full((B, HK, max_pages), float("-inf"), dtype=torch.float32, device=q.device)
+    npg = num_pages(seq_lens, page_size)
+    rows = [(b, int(npg[b]), req_to_token[int(req_pool_indices[b])]) for b in range(B)
+            if 0 < int(npg[b]) and int(npg[b]) > skip_pages_upto
+            and (skip_rows is None or int(skip_rows[b]) == 0)]
+    return out, q.float().view(B, HK, G, D), rows
+
+
+def _bound_scores(qg: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Quest's bound per page and KV head, ``max_g sum_d max(q_gd * min_d, q_gd * max_d)``: ``qg`` ``[HK, G, D]``
+    and ``bounds`` ``[c, HK, 2, D]`` float32 -> ``[c, HK]``."""
+    kmin, kmax = bounds[:, None, :, 0], bounds[:, None, :, 1]                                # [c, 1, HK, D]
+    qq = qg.permute(1, 0, 2)[None]                                                           # [1, G, HK, D]
+    return torch.maximum(qq * kmin, qq * kmax).sum(-1).amax(1)                               # [c, HK]
+
+
+def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
+                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, coarse_pages: torch.Tensor,
+                        coarse_count: torch.Tensor, page_size: int, ratio: int, max_pages: int,
+                        skip_pages_upto: int = 0, skip_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Coarse-to-fine scoring's second pass: :func:`quest_page_scores` of the pages inside the coarse pages each
+    (request, KV head) kept, ``-inf`` for every other page.
+
+    A coarse page of ``ratio`` pages has the channel-wise min/max of their bounds as its bounds, so its Quest score
+    is at least the score of each of its pages (which bounds every logit inside): a page outside the kept coarse
+    pages scores at most its coarse page's score, below the kept ones'.
+
+    Args:
+        q, page_key_bounds, req_to_token, req_pool_indices, seq_lens, page_size: as :func:`quest_page_scores`.
+        coarse_pages: ``[B, HK, Wc]`` int, kept coarse pages (logical coarse page c holds pages
+            ``c * ratio .. c * ratio + ratio - 1``); ``coarse_count`` ``[B, HK]`` of them are valid.
+        ratio: pages per coarse page. max_pages: output columns.
+        skip_pages_upto, skip_rows: requests not scored, as :func:`quest_page_scores`.
+
+    Returns:
+        ``[B, HK, max_pages]`` float32: the score of page j of (b, h) if j is inside a kept coarse page and below
+        the request's page count, else ``-inf``.
+    """
+    P = page_size
+    out, qg, rows = _scored_rows(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens, P, max_pages,
+                                 skip_pages_upto, skip_rows)
+    for b, n, row in rows:
+        for h in range(page_key_bounds.shape[1]):
+            kept = coarse_pages[b, h, :int(coarse_count[b, h])].long()
+            pages = (kept[:, None] * ratio + torch.arange(ratio, device=kept.device)).reshape(-1)
+            pages = pages[(pages < n) & (pages < max_pages)]
+            if pages.numel() == 0:
+                continue
+            bounds = page_key_bounds[row[pages * P].long() // P, h:h + 1].float()            # [c, 1, 2, D]
+            out[b, h, pages] = _bound_scores(qg[b, h:h + 1], bounds)[:, 0]
     return out
 
 

@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sgl_sparse.config import SparseConfig, presets  # noqa: E402
+from sgl_sparse.config import SparseConfig, SparseConfigError, presets  # noqa: E402
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.fidelity import dense_attention, relative_l2  # noqa: E402
 from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
@@ -93,7 +93,10 @@ def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor,
     kv_tok = HK * D * 2 * 2 / HK                         # K+V bytes per token per KV head
     if method == "dense":
         return B * L * HK * kv_tok
-    meta = B * HK * math.ceil(L / P) * 2 * D * 2 / cfg.reselect_every  # page bounds, read on one step in R
+    pages = math.ceil(L / P)
+    if cfg.coarse:                                        # coarse pages, then the pages inside the kept ones
+        pages = math.ceil(L / cfg.coarse_page_tokens) + min(pages, cfg.coarse_top_k * cfg.coarse_ratio)
+    meta = B * HK * pages * 2 * D * 2 / cfg.reselect_every   # page bounds, read on one step in R
     attended = float(counts.sum())                        # (request, head, token) triples attended
     total = meta + attended * kv_tok
     if method == "twilight":
@@ -104,10 +107,29 @@ def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor,
     return total
 
 
+def pool_page(configs) -> int:
+    """SGLang's page of the synthetic pool: 16, or a coarse page of a config (coarse pages are whole SGLang
+    pages)."""
+    return max([P] + [SparseConfig.load(c).coarse_page_tokens for c in configs])
+
+
+def config_spec(text: str) -> str:
+    """argparse type of ``--configs``: a preset, optionally with inline overrides (``quest:coarse_page_tokens=64``)."""
+    if text.partition(":")[0] not in presets():
+        raise argparse.ArgumentTypeError(f"{text.partition(':')[0]!r} is not a preset (choose from "
+                                         f"{', '.join(presets())})")
+    try:
+        SparseConfig.load(text)
+    except SparseConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, rows: list, progress,
                capacity: int = 0, configs=METHODS):
     gen = torch.Generator().manual_seed(B * 1000003 + L)
-    pool = make_pool([L] * B, HK, D, P, DTYPE, "cuda", gen, spare_pages=B + 8, max_ctx=L + 2 * P)
+    page = pool_page(configs)
+    pool = make_pool([L] * B, HK, D, page, DTYPE, "cuda", gen, spare_pages=B + 8, max_ctx=L + 2 * page)
     # Start each request at L-1 tokens and decode one: the new token's slot is written every step.
     q = torch.randn((B, HQ, D), generator=gen).to(DTYPE).to("cuda")
     q = shape_attention(pool, q, "heavy_tailed", gen)
@@ -244,8 +266,9 @@ def main() -> int:
     ap.add_argument("--max-context", type=int, default=131072,
                     help="the operator's capacity (a server builds it for the model's context length; kernels must "
                          "cost what the context present costs, not the capacity)")
-    ap.add_argument("--configs", nargs="+", default=list(METHODS), choices=presets(), metavar="CONFIG",
-                    help=f"sparse presets (configs/*.yaml) beside dense; default: {' '.join(METHODS)}")
+    ap.add_argument("--configs", nargs="+", default=list(METHODS), type=config_spec, metavar="CONFIG",
+                    help=f"sparse presets (configs/*.yaml: {', '.join(presets())}) beside dense, optionally with "
+                         f"inline overrides (quest:coarse_page_tokens=64); default: {' '.join(METHODS)}")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--cold-l2", action="store_true", help="empty the L2 before every timed call (see above)")
     ap.add_argument("--quick", action="store_true", help="one small case per method")

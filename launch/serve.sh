@@ -10,6 +10,6 @@ if [ $# -lt 2 ]; then
 fi
 preset=$1 model=$2
 shift 2
-page=$(python3 -c "from sgl_sparse.config import SparseConfig; print(SparseConfig.load('$preset').page_size)")
+page=$(python3 -c "from sgl_sparse.config import SparseConfig; print(SparseConfig.load('$preset').sglang_page_size)")
 exec python3 -m sglang.launch_server --model-path "$model" --attention-backend sgl_sparse \
     --sparse-config "$preset" --page-size "$page" "$@"

@@ -67,6 +67,15 @@ class SparseConfig:
             similarity below this), the request selects again in that layer at once. -1 (the default) turns the
             test off. Costs one small kernel per sparse layer and keeps the stored queries: sparse layers x max
             running requests x HK x head_dim x 2 bytes. Supports up to 32 KV heads per rank.
+        coarse_page_tokens: coarse-to-fine scoring (0 = off): key bounds are also kept per ``coarse_page_tokens``
+            (a multiple of ``page_size`` that divides SGLang's ``--page-size``, so a coarse page is contiguous in
+            the pool). Each selecting step scores the coarse pages (1/coarse_page_tokens of the context's K bytes
+            instead of 1/page_size), keeps the best ``coarse_token_budget`` tokens' worth of them, and scores only
+            the pages inside those; the top-k is then taken as without it. A coarse bound bounds every page inside
+            it, so a page outside the kept coarse pages can only be one whose bound is below the kept ones'.
+            Costs a second bounds table: 2/coarse_page_tokens of the K cache's bytes per layer.
+        coarse_token_budget: tokens covered by the coarse pages kept for refinement, per (request, KV head): a
+            multiple of ``coarse_page_tokens`` >= ``token_budget`` (0 = 4 x ``token_budget``).
     """
 
     method: str = "quest"
@@ -85,6 +94,8 @@ class SparseConfig:
     seed: int = 0
     reselect_every: int = 1
     reselect_min_cosine: float = -1.0
+    coarse_page_tokens: int = 0
+    coarse_token_budget: int = 0
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -101,7 +112,8 @@ class SparseConfig:
         if self.method not in METHODS:
             bad("method", f"choose one of {', '.join(METHODS)}")
         ints = ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
-                "int4_group", "sample_capacity", "seed", "reselect_every")
+                "int4_group", "sample_capacity", "seed", "reselect_every", "coarse_page_tokens",
+                "coarse_token_budget")
         not_int = {f for f in ints if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool)}
         for f in sorted(not_int, key=ints.index):
             bad(f, "must be an integer")
@@ -148,9 +160,48 @@ class SparseConfig:
             bad("reselect_every", "must be in 1..64 (1 = select every decode step)")
         if "reselect_min_cosine" not in not_number and not -1 <= self.reselect_min_cosine <= 1:
             bad("reselect_min_cosine", "must be a cosine similarity in [-1, 1] (-1 = no drift test)")
+        if not {"coarse_page_tokens", "coarse_token_budget"} & not_int and budget_ok:
+            self._coarse_problems(bad, not_int)
         return out
 
+    def _coarse_problems(self, bad, not_int) -> None:
+        C, P = self.coarse_page_tokens, self.page_size
+        if C == 0:
+            if self.coarse_token_budget != 0:
+                bad("coarse_token_budget", "needs coarse_page_tokens > 0 (coarse-to-fine scoring is off)")
+            return
+        if C <= P or C % P or C & (C - 1):
+            bad("coarse_page_tokens", f"must be 0 (off) or a power of two above page_size ({P}) that divides "
+                                      "SGLang's --page-size")
+            return
+        budget = self.coarse_token_budget
+        if budget != 0 and (budget < self.token_budget or budget % C):
+            bad("coarse_token_budget", f"must be 0 (= 4 x token_budget) or a multiple of coarse_page_tokens ({C}) "
+                                       f">= token_budget ({self.token_budget})")
+
     # ------------------------------------------------------------------ derived sizes (pages)
+
+    @property
+    def sglang_page_size(self) -> int:
+        """The smallest ``--page-size`` that serves this config: its page, or its coarse page."""
+        return max(self.page_size, self.coarse_page_tokens)
+
+    @property
+    def coarse(self) -> bool:
+        """Coarse-to-fine scoring is on."""
+        return self.coarse_page_tokens > 0
+
+    @property
+    def coarse_ratio(self) -> int:
+        """Selection pages per coarse page (R)."""
+        return self.coarse_page_tokens // self.page_size if self.coarse else 1
+
+    @property
+    def coarse_top_k(self) -> int:
+        """Coarse pages kept for refinement per (request, KV head)."""
+        if not self.coarse:
+            return 0
+        return (self.coarse_token_budget or 4 * self.token_budget) // self.coarse_page_tokens
 
     @property
     def top_k_pages(self) -> int:

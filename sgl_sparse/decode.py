@@ -435,7 +435,9 @@ class SparseDecodeOperator:
         tables = LayerTables(metadata.page_key_bounds[layer],
                              metadata.key_int4[layer] if metadata.key_int4 else None,
                              metadata.key_scale_zero[layer] if metadata.key_scale_zero else None,
-                             *self._kept(layer))
+                             *self._kept(layer),
+                             coarse_key_bounds=metadata.coarse_key_bounds[layer] if metadata.coarse_key_bounds
+                             else None)
         if cfg.method == "quest":
             out, counts = policies.quest(ck, cfg, q, tables, batch, attend)
         elif cfg.method == "twilight":
@@ -562,7 +564,8 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
     tables = LayerTables(metadata.page_key_bounds[layer],
                          metadata.key_int4[layer] if metadata.key_int4 else None,
                          metadata.key_scale_zero[layer] if metadata.key_scale_zero else None, kept_selection,
-                         kept_query)
+                         kept_query,
+                         coarse_key_bounds=metadata.coarse_key_bounds[layer] if metadata.coarse_key_bounds else None)
     if config.method == "quest":
         return policies.quest(ref, config, q, tables, batch, attend)
     if config.method == "twilight":

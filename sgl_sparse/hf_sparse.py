@@ -78,7 +78,8 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
     _, HQ, _, D = query.shape
     HK, L = key.shape[1], key.shape[2]
     P = cfg.page_size
-    slots = -(-L // P) * P
+    page = max(P, cfg.coarse_page_tokens)                       # whole coarse pages in the pool
+    slots = -(-L // page) * page
     k_cache = torch.zeros((slots, HK, D), dtype=key.dtype)
     v_cache = torch.zeros((slots, HK, D), dtype=value.dtype)
     k_cache[:L] = key[0].transpose(0, 1)

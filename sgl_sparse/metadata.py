@@ -21,6 +21,8 @@ class SparseKVMetadata:
                             of the keys of each physical page (Quest, Twilight's candidates, vAttention's top-k).
         key_int4[l]         ``[num_slots, HK, D // 2]`` uint8, Twilight only: packed int4 keys.
         key_scale_zero[l]   ``[num_slots, HK, D // group, 2]`` float32, Twilight only: (scale, zero) per group.
+        coarse_key_bounds[l] ``[num_slots // C, HK, 2, D]``, with coarse-to-fine scoring (``coarse_page_tokens``
+                            C): the same bounds per C-token physical page.
 
     Prefill/extend: call :meth:`update` after each layer's new keys are in the pool. Decode: call
     :meth:`update_keys_int4` per layer (Twilight scores the new token with the rest of the layer's candidates) and
@@ -32,17 +34,25 @@ class SparseKVMetadata:
     def __init__(self, config: SparseConfig, *, num_layers: int, num_slots: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         P = config.page_size
-        if num_slots % P:
-            raise ValueError(f"KV pool size ({num_slots} slots) must be a multiple of page_size ({P})")
+        C = config.coarse_page_tokens
+        if num_slots % max(P, C):
+            raise ValueError(f"KV pool size ({num_slots} slots) must be a multiple of page_size ({P}) and "
+                             f"coarse_page_tokens ({C})")
         self.config = config
         self.page_size = P
+        self.coarse_page_size = C
         self.num_layers = num_layers
         self.int4_group = config.int4_group or head_dim
         if config.method == "twilight":
             ck.int4_keys.check_group_size(self.int4_group, head_dim)
         self._layer_tables = None             # cupy_kernels.LayerTables, built on the first all-layer update
+        self._coarse_layer_tables = None
         shape = (num_slots // P, num_kv_heads, 2, head_dim)
         self.page_key_bounds = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.coarse_key_bounds: list[torch.Tensor] = []
+        if C:
+            coarse = (num_slots // C, num_kv_heads, 2, head_dim)
+            self.coarse_key_bounds = [torch.zeros(coarse, dtype=dtype, device=device) for _ in range(num_layers)]
         self.key_int4: list[torch.Tensor] = []
         self.key_scale_zero: list[torch.Tensor] = []
         if config.method == "twilight":
@@ -59,6 +69,8 @@ class SparseKVMetadata:
             return 0
         elt = torch.empty((), dtype=dtype).element_size()
         n = 2 * num_kv_heads * head_dim * elt / config.page_size
+        if config.coarse:
+            n += 2 * num_kv_heads * head_dim * elt / config.coarse_page_tokens
         if config.method == "twilight":
             group = config.int4_group or head_dim
             n += num_kv_heads * (head_dim // 2 + (head_dim // group) * 8)
@@ -67,6 +79,8 @@ class SparseKVMetadata:
     def update(self, layer: int, k_cache: torch.Tensor, written_slots: torch.Tensor) -> None:
         """Refresh the side tables of ``layer`` for ``written_slots`` (read back from ``k_cache``)."""
         ck.page_bounds_update(k_cache, written_slots, self.page_key_bounds[layer], self.page_size)
+        if self.coarse_key_bounds:
+            ck.page_bounds_update(k_cache, written_slots, self.coarse_key_bounds[layer], self.coarse_page_size)
         if self.key_int4:
             ck.quantize_keys_int4(k_cache, written_slots, self.key_int4[layer], self.key_scale_zero[layer],
                                   self.int4_group)
@@ -84,10 +98,19 @@ class SparseKVMetadata:
         if tables is None or any(a is not b for a, b in zip(tables.k_caches, k_caches)):
             tables = self._layer_tables = ck.LayerTables(k_caches, self.page_key_bounds, self.page_size)
         ck.page_bounds_update_layers(tables, written_slots)
+        if self.coarse_key_bounds:
+            coarse = self._coarse_layer_tables
+            if coarse is None or any(a is not b for a, b in zip(coarse.k_caches, k_caches)):
+                coarse = self._coarse_layer_tables = ck.LayerTables(k_caches, self.coarse_key_bounds,
+                                                                    self.coarse_page_size)
+            ck.page_bounds_update_layers(coarse, written_slots)
 
     def update_reference(self, layer: int, k_cache: torch.Tensor, written_slots: torch.Tensor) -> None:
         """Same as :meth:`update` through the torch references (CPU or GPU)."""
         ck.reference.page_bounds_update(k_cache, written_slots, self.page_key_bounds[layer], self.page_size)
+        if self.coarse_key_bounds:
+            ck.reference.page_bounds_update(k_cache, written_slots, self.coarse_key_bounds[layer],
+                                            self.coarse_page_size)
         if self.key_int4:
             ck.reference.quantize_keys_int4(k_cache, written_slots, self.key_int4[layer],
                                             self.key_scale_zero[layer], self.int4_group)

@@ -71,6 +71,7 @@ class LayerTables:
     key_scale_zero: torch.Tensor | None = None
     kept_selection: torch.Tensor | None = None   # [max_reqs, HK, top_k] int32: SelectionReuse.layer(layer)
     kept_query: torch.Tensor | None = None       # [max_reqs, HK, D]: SelectionReuse.layer_queries(layer)
+    coarse_key_bounds: torch.Tensor | None = None   # [num_slots // C, HK, 2, D]: coarse-to-fine scoring
 
 
 def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch):
@@ -86,12 +87,35 @@ def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, b
         reuse = (batch.req_pool_indices, reuse_from, tables.kept_selection, cfg.reuse_extra_pages)
     # Requests that keep every page (within the budget or below min_context) or reuse a kept selection are not
     # scored.
-    scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
-                                   batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
-                                   skip_rows=reuse[1] if reuse else None)
+    skip_rows = reuse[1] if reuse else None
+    if cfg.coarse:
+        scores = coarse_to_fine_scores(ops, cfg, q, tables, batch, skip_rows)
+    else:
+        scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
+                                       batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
+                                       skip_rows=skip_rows)
     # a request's own budget (row_top_k) applies past dense_pages: shorter requests keep every page whatever it is
     return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
                           select_all_upto=cfg.dense_pages, reuse=reuse, row_top_k=batch.row_top_k)
+
+
+def coarse_to_fine_scores(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch,
+                          skip_rows: torch.Tensor | None) -> torch.Tensor:
+    """``[B, HK, max_pages]`` page scores by coarse-to-fine scoring: the coarse pages (``coarse_page_tokens``) of
+    every request are scored, the ``coarse_top_k`` best kept per KV head, and only the pages inside them scored
+    (the others ``-inf``); top-k then ranks them as it ranks :func:`quest_page_scores`' (sinks and the local
+    window are forced there whatever their score). A request that fits in ``coarse_top_k`` coarse pages gets
+    every page scored: the same scores as without the coarse pass."""
+    C, R = cfg.coarse_page_tokens, cfg.coarse_ratio
+    max_coarse = -(-batch.max_pages // R)
+    skip_coarse = cfg.dense_pages // R               # rows this short fit the budget (a few longer ones that also
+    coarse = ops.quest_page_scores(q, tables.coarse_key_bounds, batch.req_to_token,   # fit are scored for nothing)
+                                   batch.req_pool_indices, batch.seq_lens, C, max_coarse,
+                                   skip_pages_upto=skip_coarse, skip_rows=skip_rows)
+    kept, count = ops.topk_pages(coarse, batch.seq_lens, C, cfg.coarse_top_k, 0, 0)
+    return ops.quest_refine_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
+                                   batch.seq_lens, kept, count, cfg.page_size, R, batch.max_pages,
+                                   skip_pages_upto=cfg.dense_pages, skip_rows=skip_rows)
 
 
 def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):

@@ -60,7 +60,7 @@ def server_command(model: str, *, backend: str, sparse_config: str | None = None
         config = SparseConfig.load(sparse_config or "quest")
         cmd += ["--sparse-config", str(sparse_config or "quest")]
         if "--page-size" not in extra_args:
-            cmd += ["--page-size", str(config.page_size)]
+            cmd += ["--page-size", str(config.sglang_page_size)]
     elif sparse_config is not None:
         raise ValueError(f"sparse_config={sparse_config!r} needs backend='sgl_sparse'")
     return cmd + list(extra_args)

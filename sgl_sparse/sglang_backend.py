@@ -103,6 +103,11 @@ def check_server_args(server_args, config: SparseConfig) -> None:
         raise SparseServerArgsError(
             f"--attention-backend {BACKEND_NAME} with sparse config page_size={config.page_size} needs a --page-size "
             f"that is a multiple of it, e.g. --page-size {max(config.page_size, 16)} (got --page-size {page_size})")
+    if config.coarse and page_size % config.coarse_page_tokens:    # coarse pages must be contiguous too
+        raise SparseServerArgsError(
+            f"--attention-backend {BACKEND_NAME} with sparse config coarse_page_tokens={config.coarse_page_tokens} "
+            f"needs a --page-size that is a multiple of it, e.g. --page-size {config.coarse_page_tokens} (got "
+            f"--page-size {page_size})")
     if getattr(server_args, "speculative_algorithm", None):
         raise SparseServerArgsError(f"--attention-backend {BACKEND_NAME} does not support speculative decoding: "
                                     "remove --speculative-algorithm")
@@ -629,7 +634,8 @@ def _backend_class():
 
         def side_table_bytes(self) -> int:
             """GPU bytes of this rank's side tables and kept selections."""
-            tables = [*self.metadata.page_key_bounds, *self.metadata.key_int4, *self.metadata.key_scale_zero]
+            tables = [*self.metadata.page_key_bounds, *self.metadata.coarse_key_bounds, *self.metadata.key_int4,
+                      *self.metadata.key_scale_zero]
             if self.operator.reuse is not None:
                 tables += self.operator.reuse.tensors()
             return sum(t.numel() * t.element_size() for t in tables)

@@ -30,7 +30,8 @@ def _need_flashinfer():
 def _setup(method, lens, *, HK=8, G=4, D=128, dtype=torch.bfloat16, seed=0, kind="peaked", layers=3, **cfg):
     config = SparseConfig.load(method).replace(**cfg)
     gen = torch.Generator().manual_seed(seed)
-    pool = make_pool(lens, HK, D, config.page_size, dtype, DEV, gen, spare_pages=64, max_ctx=max(lens) + 64)
+    page = max(config.page_size, config.coarse_page_tokens)     # SGLang's page: coarse pages are whole pages
+    pool = make_pool(lens, HK, D, page, dtype, DEV, gen, spare_pages=64, max_ctx=max(lens) + 2 * page)
     q = torch.randn((len(lens), HK * G, D), generator=gen).to(dtype).to(DEV)
     q = shape_attention(pool, q, kind, gen)
     meta = SparseKVMetadata(config, num_layers=layers, num_slots=pool.k_cache.shape[0], num_kv_heads=HK,
@@ -102,6 +103,48 @@ def test_operator_matches_reference(method, kind):
     # The short request (3000 < min_context) is attended densely in a sparse layer too.
     assert relative_l2(out[2], dense[2]).max().item() < 1e-2
     assert torch.equal(op.last_counts[2], torch.full_like(op.last_counts[2], 3000))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("page,coarse", [(16, 64), (8, 16)])
+def test_coarse_to_fine_matches_reference_and_plain_quest(method, page, coarse):
+    """Coarse-to-fine scoring through the kernels equals the reference's; with a coarse budget that covers every
+    context it selects exactly what plain Quest selects (every page is scored), eager and from a CUDA graph."""
+    lens = [9000, 5000, 3000, 12345]
+    common = dict(kind="heavy_tailed", token_budget=1024, min_context=4000, dense_layers=0, page_size=page,
+                  coarse_page_tokens=coarse)
+    config, pool, q, meta, op = _setup(method, lens, coarse_token_budget=2048, **common)
+    sm = 1 / math.sqrt(q.shape[-1])
+    out = op.run(1, q, pool.k_cache, pool.v_cache, meta)
+    seeds = policies.vattention_seeds(config.seed, op.step.clone(), 1, len(lens))
+    want, want_counts = reference_decode(config, 1, q, pool.k_cache, pool.v_cache, _batch(op), meta, sm, seeds)
+    err = relative_l2(out, want)
+    if method == "vattention":
+        got_n, want_n = op.last_counts.double(), want_counts.double()
+        assert ((got_n - want_n).abs() <= 5e-3 * want_n + 4).all(), (got_n, want_n)
+        assert err.median().item() < 1e-2 and err.max().item() < 5e-2, err
+    else:
+        assert torch.equal(op.last_counts, want_counts)
+        assert err.max().item() < 2e-2, err.max().item()
+    replayed = {}
+    graph = capture_graph(lambda: replayed.__setitem__("o", op.run(1, q, pool.k_cache, pool.v_cache, meta)))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed["o"], out)                    # the same kernels on the same step
+
+    # coarse budget >= every context: the same selection as without the coarse pass
+    whole = -(-max(lens) // coarse) * coarse
+    c_all, pool2, q2, meta2, op2 = _setup(method, lens, coarse_token_budget=whole, **common)
+    plain = c_all.replace(coarse_page_tokens=0, coarse_token_budget=0)
+    plain_meta = SparseKVMetadata(plain, num_layers=3, num_slots=pool2.k_cache.shape[0], num_kv_heads=8,
+                                  head_dim=q2.shape[-1], dtype=q2.dtype, device=DEV)
+    plain_meta.update(1, pool2.k_cache, pool2.written_slots)
+    seeds = policies.vattention_seeds(c_all.seed, op2.step.clone(), 1, len(lens))
+    got, got_counts = reference_decode(c_all, 1, q2, pool2.k_cache, pool2.v_cache, _batch(op2), meta2, sm, seeds)
+    want, want_counts = reference_decode(plain, 1, q2, pool2.k_cache, pool2.v_cache, _batch(op2), plain_meta, sm,
+                                         seeds)
+    assert torch.equal(got_counts, want_counts)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("method", METHODS)

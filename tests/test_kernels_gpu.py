@@ -674,3 +674,46 @@ def test_graph_capture_replay_on_new_data():
         assert same.float().mean() >= 0.9
         for b, h in torch.nonzero(same).tolist():
             assert torch.equal(vkv[b, h, : int(vn[b, h])], rvkv[b, h, : int(vn[b, h])])
+
+
+REFINE_CASES = [(torch.bfloat16, 128, 8, 4, 16, 4, [9000, 1, 15, 33000, 4096]),
+                (torch.float16, 64, 3, 3, 8, 2, [5000, 17, 12000]),
+                (torch.bfloat16, 128, 2, 7, 16, 8, [131072 - 5, 70000]),
+                (torch.float16, 256, 1, 1, 16, 4, [3000, 2999])]
+
+
+@pytest.mark.parametrize("case", REFINE_CASES, ids=lambda c: f"{str(c[0])[6:]}-D{c[1]}-HK{c[2]}-G{c[3]}-P{c[4]}-R{c[5]}")
+def test_quest_refine_scores(case):
+    """The scores inside the kept coarse pages equal quest_page_scores' there (the same float32 tolerance as its
+    test), -inf everywhere else; skipped rows are -inf; the coarse pages come from a real coarse pass."""
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, R, lens = case
+    C = P * R
+    gen = _gen(21)
+    pool = make_pool(lens, HK, D, C, dtype, DEV, gen)           # SGLang pages of C tokens: coarse pages contiguous
+    S = pool.k_cache.shape[0]
+    fine = torch.zeros((S // P, HK, 2, D), dtype=dtype, device=DEV)
+    coarse = torch.zeros((S // C, HK, 2, D), dtype=dtype, device=DEV)
+    ref.page_bounds_update(pool.k_cache, pool.written_slots, fine, P)
+    ref.page_bounds_update(pool.k_cache, pool.written_slots, coarse, C)
+    q = _query(len(lens), HK, G, D, dtype, gen)
+    B = len(lens)
+    max_pages = -(-max(lens) // P) + 5
+    args = (q, fine, pool.req_to_token, pool.req_pool_indices, pool.seq_lens)
+    cscores = ref.quest_page_scores(q, coarse, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, C,
+                                    -(-max_pages // R))
+    kept, count = ck.topk_pages(cscores.contiguous(), pool.seq_lens, C, 37, 0, 0)
+    full = ref.quest_page_scores(*args, P, max_pages)
+    for skip_upto, skip_rows in [(0, None), (-(-4096 // P), None),
+                                 (0, torch.tensor([i % 2 for i in range(B)], dtype=torch.int32, device=DEV))]:
+        got = ck.quest_refine_scores(*args, kept, count, P, R, max_pages,
+                                     out=torch.full((B, HK, max_pages), 7.0, device=DEV),
+                                     skip_pages_upto=skip_upto, skip_rows=skip_rows)
+        want = ref.quest_refine_scores(*args, kept, count, P, R, max_pages, skip_pages_upto=skip_upto,
+                                       skip_rows=skip_rows)
+        finite = torch.isfinite(want)
+        assert torch.equal(torch.isfinite(got), finite)
+        assert finite.any()
+        scale = (q.float().abs().sum(-1).amax(-1).max() * fine.float().abs().amax()).item()
+        assert (got[finite] - full[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
+        assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6

@@ -319,6 +319,60 @@ def test_quest_page_scores_brute_force_and_guarantee(dtype, G):
                 assert abs(float(scores[b, h, n - 1]) - max(dots)) <= D * U * mag
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=_dtype_id)
+@pytest.mark.parametrize("G", [1, 3])
+def test_coarse_scores_bound_fine_scores_and_logits_and_refinement_scores_kept_pages(dtype, G):
+    """Coarse-to-fine scoring's guarantee, by brute force: the score of a coarse page (bounds per C = R * P tokens)
+    is >= the score of each of its R pages and >= every logit q_g . k inside it, up to float32 rounding; the
+    refinement scores exactly the pages inside the kept coarse pages (the full scores there), -inf elsewhere."""
+    P, R, HK, D = 4, 4, 2, 16
+    C = P * R
+    pool = make_pool([1, 37, 100, 64, 9, 17], C, HK, D, dtype, seed=700 + G)
+    slots = torch.tensor([s for b in range(pool.B) for s in pool.slots(b)], dtype=torch.int64)
+    S = pool.k.shape[0]
+    fine = torch.zeros((S // P, HK, 2, D), dtype=dtype)
+    coarse = torch.zeros((S // C, HK, 2, D), dtype=dtype)
+    ref.page_bounds_update(pool.k, slots, fine, P)
+    ref.page_bounds_update(pool.k, slots, coarse, C)
+    q = (torch.randn((pool.B, HK * G, D), generator=_gen(800 + G)) * 2).to(dtype)
+    batch = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens)
+    max_pages = max(_ceil_div(pool.length(b), P) for b in range(pool.B)) + 2
+    fine_s = ref.quest_page_scores(q, fine, *batch, P, max_pages)
+    coarse_s = ref.quest_page_scores(q, coarse, *batch, C, _ceil_div(max_pages, R))
+    ql, kl = q.double().tolist(), pool.k.double().tolist()
+    for b in range(pool.B):
+        n, slot_of = _ceil_div(pool.length(b), P), pool.slots(b)
+        for h in range(HK):
+            mag = max(math.fsum(abs(v) for v in ql[b][h * G + g]) for g in range(G)) * float(pool.k.abs().max())
+            tol = 2 * D * U * mag
+            for j in range(n):
+                cs = float(coarse_s[b, h, j // R])
+                assert float(fine_s[b, h, j]) <= cs + tol, (b, h, j)
+                for s in slot_of[j * P:(j + 1) * P]:
+                    for g in range(G):
+                        dot = math.fsum(ql[b][h * G + g][d] * kl[s][h][d] for d in range(D))
+                        assert dot <= cs + tol, (b, h, j, s, g)
+    kept, count = ref.topk_pages(coarse_s, pool.seq_lens, C, 2, 0, 0)
+    got = ref.quest_refine_scores(q, fine, *batch, kept, count, P, R, max_pages)
+    for b in range(pool.B):
+        n = _ceil_div(pool.length(b), P)
+        for h in range(HK):
+            inside = {int(c) * R + s for c in kept[b, h, :int(count[b, h])] for s in range(R)}
+            for j in range(max_pages):
+                if j < n and j in inside:
+                    assert abs(float(got[b, h, j]) - float(fine_s[b, h, j])) <= 1e-6 * abs(float(fine_s[b, h, j])) \
+                        + 1e-6, (b, h, j)
+                else:
+                    assert float(got[b, h, j]) == NEG_INF, (b, h, j)
+    skipped = ref.quest_refine_scores(q, fine, *batch, kept, count, P, R, max_pages, skip_pages_upto=n_max(pool, P),
+                                      skip_rows=None)
+    assert torch.isinf(skipped).all() and (skipped < 0).all()
+
+
+def n_max(pool, P: int) -> int:
+    return max(_ceil_div(pool.length(b), P) for b in range(pool.B))
+
+
 def test_quest_page_scores_rejects_bad_group():
     q = torch.zeros((1, 6, 8), dtype=torch.float16)
     table = torch.zeros((4, 4, 2, 8), dtype=torch.float16)

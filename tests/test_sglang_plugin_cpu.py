@@ -78,6 +78,8 @@ def test_startup_errors_name_the_flag(tmp_path):
         "pd": ["--page-size", "16", "--disaggregation-mode", "prefill"],
         "page32": ["--page-size", "16", "--sparse-config", str(tmp_path / "p32.yaml")],
         "page8": ["--page-size", "16", "--sparse-config", "quest:page_size=8"],
+        "coarse64": ["--page-size", "16", "--sparse-config", "quest:coarse_page_tokens=64"],
+        "coarse64_ok": ["--page-size", "64", "--sparse-config", "quest:coarse_page_tokens=64"],
         "no_backend": ["--sparse-config", "quest"],
         "split_decode": ["--page-size", "16", "--decode-attention-backend", "triton"],
         "split_prefill": ["--page-size", "16", "--prefill-attention-backend", "triton"],
@@ -104,6 +106,9 @@ def test_startup_errors_name_the_flag(tmp_path):
     assert "remove --disaggregation-mode" in out["pd"][1]
     assert "needs a --page-size that is a multiple of it, e.g. --page-size 32" in out["page32"][1]
     assert "Sparse" not in out["page8"][0] and json.loads(out["page8"][2])["page_size"] == 8
+    assert "coarse_page_tokens=64 needs a --page-size that is a multiple of it, e.g. --page-size 64" in \
+        out["coarse64"][1]
+    assert "Sparse" not in out["coarse64_ok"][0] and json.loads(out["coarse64_ok"][2])["coarse_page_tokens"] == 64
     assert out["no_backend"][0] == "SparseConfigError" and "no effect" in out["no_backend"][1]
     assert "remove --decode-attention-backend triton" in out["split_decode"][1]
     assert "remove --prefill-attention-backend triton" in out["split_prefill"][1]

@@ -44,11 +44,25 @@ def test_presets_load_and_validate():
     ("sample_capacity", 1, ">= 2"),
     ("dense_layers", -1, ">= 0"),
     ("page_size", "16", "integer"),
+    ("coarse_page_tokens", 24, "power of two above page_size"),
+    ("coarse_page_tokens", 16, "power of two above page_size"),
+    ("coarse_token_budget", 4096, "needs coarse_page_tokens > 0"),
 ])
 def test_invalid_values_name_field_and_fix(field, value, needle):
     with pytest.raises(SparseConfigError) as e:
         SparseConfig(**{field: value})
     assert field in str(e.value) and needle in str(e.value)
+
+
+def test_coarse_to_fine_fields():
+    cfg = SparseConfig(coarse_page_tokens=64)
+    assert cfg.coarse and cfg.coarse_ratio == 4 and cfg.coarse_top_k == 4 * 2048 // 64
+    assert SparseConfig(page_size=8, coarse_page_tokens=16, coarse_token_budget=4096).coarse_top_k == 256
+    assert not SparseConfig().coarse and SparseConfig().coarse_ratio == 1
+    with pytest.raises(SparseConfigError, match="coarse_token_budget=1024 is invalid: must be 0"):
+        SparseConfig(coarse_page_tokens=64, coarse_token_budget=1024)     # below token_budget
+    with pytest.raises(SparseConfigError, match="coarse_token_budget=2080 is invalid"):
+        SparseConfig(coarse_page_tokens=64, coarse_token_budget=2080)     # not whole coarse pages
 
 
 def test_yaml_unknown_field_and_bad_path(tmp_path):
@@ -112,12 +126,13 @@ def test_dense_pages_rounds_min_context_to_pages():
 def _setup(method, lens, kind="peaked", seed=0, HK=2, G=3, D=64, **cfg):
     config = SparseConfig.load(method).replace(**cfg)
     gen = torch.Generator().manual_seed(seed)
-    pool = make_pool(lens, HK, D, config.page_size, torch.bfloat16, "cpu", gen)
+    pool = make_pool(lens, HK, D, max(config.page_size, config.coarse_page_tokens), torch.bfloat16, "cpu", gen)
     q = shape_attention(pool, torch.randn((len(lens), HK * G, D), generator=gen).to(torch.bfloat16), kind, gen)
     meta = SparseKVMetadata(config, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
                             dtype=torch.bfloat16, device="cpu")
     meta.update_reference(0, pool.k_cache, pool.written_slots)
-    batch = DecodeBatch(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.max_pages())
+    batch = DecodeBatch(pool.req_to_token, pool.req_pool_indices, pool.seq_lens,
+                        -(-max(lens) // config.page_size) + 1)
     return config, pool, q, meta, batch
 
 
@@ -463,3 +478,97 @@ def test_request_budget_problems():
     for bad in (64, 2064, 1000, 4096, "512", True, 512.0):
         assert cfg.request_budget_problem(bad), bad
     assert "multiple of 16 between 80" in cfg.request_budget_problem(1000)
+
+
+# ----------------------------------------------------------------------------- coarse-to-fine scoring
+
+def _coarse_case(lens, coarse_budget, *, P=8, C=32, seed=3, kind="heavy_tailed"):
+    """A pool of C-token SGLang pages, q, a config with coarse-to-fine scoring and the same config without it,
+    each with its tables and the batch."""
+    config = SparseConfig.load("quest").replace(page_size=P, token_budget=8 * P, sink_tokens=P, local_tokens=2 * P,
+                                                min_context=0, dense_layers=0, coarse_page_tokens=C,
+                                                coarse_token_budget=coarse_budget)
+    plain = config.replace(coarse_page_tokens=0, coarse_token_budget=0)
+    gen = torch.Generator().manual_seed(seed)
+    HK, G, D = 2, 3, 64
+    pool = make_pool(lens, HK, D, C, torch.bfloat16, "cpu", gen)
+    q = shape_attention(pool, torch.randn((len(lens), HK * G, D), generator=gen).to(torch.bfloat16), kind, gen)
+    tables = {}
+    for cfg in (config, plain):
+        meta = SparseKVMetadata(cfg, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
+                                dtype=torch.bfloat16, device="cpu")
+        meta.update_reference(0, pool.k_cache, pool.written_slots)
+        tables[cfg.coarse] = policies.LayerTables(meta.page_key_bounds[0], coarse_key_bounds=(
+            meta.coarse_key_bounds[0] if meta.coarse_key_bounds else None))
+    batch = DecodeBatch(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, -(-max(lens) // P) + 2)
+    return config, plain, tables, q, batch
+
+
+def test_coarse_to_fine_selects_like_quest_when_every_coarse_page_is_kept():
+    import cupy_kernels.reference as ref
+
+    lens = [1000, 70, 513, 2047]
+    whole = -(-max(lens) // 32) * 32
+    config, plain, tables, q, batch = _coarse_case(lens, whole)
+    got = policies.select_pages(ref, config, q, tables[True], batch)
+    want = policies.select_pages(ref, plain, q, tables[False], batch)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_coarse_to_fine_selects_inside_the_kept_coarse_pages():
+    """With a small coarse budget: the same number of pages as Quest, each a sink, local page or a page inside
+    one of the coarse pages with the best coarse scores, and among those the best by fine score."""
+    import cupy_kernels.reference as ref
+
+    lens = [1000, 2047, 1500]
+    config, plain, tables, q, batch = _coarse_case(lens, 16 * 32)
+    P, C, R = config.page_size, config.coarse_page_tokens, config.coarse_ratio
+    sel, cnt = policies.select_pages(ref, config, q, tables[True], batch)
+    _, want_cnt = policies.select_pages(ref, plain, q, tables[False], batch)
+    assert torch.equal(cnt, want_cnt)
+    fine = ref.quest_page_scores(q, tables[True].page_key_bounds, batch.req_to_token, batch.req_pool_indices,
+                                 batch.seq_lens, P, batch.max_pages)
+    coarse = ref.quest_page_scores(q, tables[True].coarse_key_bounds, batch.req_to_token, batch.req_pool_indices,
+                                   batch.seq_lens, C, -(-batch.max_pages // R))
+    for b, n_tokens in enumerate(lens):
+        n = -(-n_tokens // P)
+        for h in range(cnt.shape[1]):
+            n_coarse = -(-n // R)
+            bound = coarse[b, h, :n_coarse].repeat_interleave(R)[:n]
+            kept = set(torch.sort(coarse[b, h, :n_coarse], descending=True, stable=True).indices[
+                :config.coarse_top_k].tolist())
+            forced = set(range(config.sink_pages)) | set(range(n - config.local_pages, n))
+            chosen = set(sel[b, h, :int(cnt[b, h])].tolist())
+            free = chosen - forced
+            assert all(j // R in kept for j in free), (b, h)
+            candidates = [j for j in range(n) if j // R in kept and j not in forced]
+            best = sorted(candidates, key=lambda j: (-float(fine[b, h, j]), j))[:len(free)]
+            assert free == set(best), (b, h)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_reference_with_coarse_to_fine_is_exact_when_budget_covers_context(method):
+    config, pool, q, meta, batch = _setup(method, [700, 333], token_budget=1024, min_context=0, dense_layers=0,
+                                          page_size=8, coarse_page_tokens=16)
+    sm = 1 / math.sqrt(q.shape[-1])
+    out, counts = reference_decode(config, 0, q, pool.k_cache, pool.v_cache, batch, meta, sm)
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, batch, sm)
+    assert relative_l2(out, dense).max() < 1e-2
+    assert torch.equal(counts, pool.seq_lens[:, None].expand_as(counts).to(torch.int32))
+
+
+def test_coarse_tables_are_counted_and_refreshed():
+    cfg = SparseConfig.load("quest").replace(coarse_page_tokens=64)
+    plain = SparseKVMetadata.bytes_per_token(SparseConfig.load("quest"), 8, 128, torch.bfloat16)
+    assert SparseKVMetadata.bytes_per_token(cfg, 8, 128, torch.bfloat16) == plain + 2 * 8 * 128 * 2 // 64
+    meta = SparseKVMetadata(cfg, num_layers=2, num_slots=256, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                            device="cpu")
+    assert [tuple(t.shape) for t in meta.coarse_key_bounds] == [(4, 2, 2, 64)] * 2
+    k = torch.randn((256, 2, 64)).to(torch.bfloat16)
+    meta.update_reference(1, k, torch.arange(64, 128))
+    assert torch.equal(meta.coarse_key_bounds[1][1, :, 0], k[64:128].amin(0))
+    assert torch.equal(meta.coarse_key_bounds[1][1, :, 1], k[64:128].amax(0))
+    assert not meta.coarse_key_bounds[0].any()
+    with pytest.raises(ValueError, match="multiple of page_size"):
+        SparseKVMetadata(cfg, num_layers=1, num_slots=96, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
+                         device="cpu")

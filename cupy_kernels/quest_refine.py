@@ -1,0 +1,58 @@
+"""Quest refinement: page scores inside the coarse pages a request kept (coarse-to-fine scoring).
+
+Spec: :func:`cupy_kernels.reference.quest_refine_scores`. Kernel: ``quest_refine.cu``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._cuda import KV_DTYPES, check, check_tensor, i32, kernel, launch, u64
+from .quest_scores import check_score_inputs
+
+THREADS = 256
+
+
+def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
+                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, coarse_pages: torch.Tensor,
+                        coarse_count: torch.Tensor, page_size: int, ratio: int, max_pages: int,
+                        out: torch.Tensor | None = None, skip_pages_upto: int = 0,
+                        skip_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Score the pages inside each (request, KV head)'s kept coarse pages; every other column is ``-inf``.
+
+    Args:
+        q: ``[B, HQ, D]`` fp16/bf16 decode queries.
+        page_key_bounds: ``[num_pages_total, HK, 2, D]`` (pages of ``page_size`` tokens), dtype of ``q``.
+        req_to_token: ``[max_reqs, max_ctx]`` int32; req_pool_indices, seq_lens: ``[B]`` int32/int64.
+        coarse_pages: ``[B, HK, Wc]`` int32, kept coarse pages (logical, ``ratio`` pages each; as from
+            :func:`topk_pages` over coarse scores), ``coarse_count`` ``[B, HK]`` int32 of them valid.
+        page_size: P. ratio: pages per coarse page (R). max_pages: output columns.
+        out: optional ``[B, HK, max_pages]`` float32 buffer (overwritten).
+        skip_pages_upto / skip_rows: requests not scored, as in :func:`quest_page_scores` (their rows are
+            ``-inf``).
+
+    Returns:
+        ``[B, HK, max_pages]`` float32.
+    """
+    B, D, HK, G, r2t, rpi, sl = check_score_inputs(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens,
+                                                   skip_pages_upto, skip_rows)
+    dev = q.device
+    check_tensor(coarse_pages, "coarse_pages", dtypes=[torch.int32], ndim=3, device=dev)
+    check_tensor(coarse_count, "coarse_count", dtypes=[torch.int32], ndim=2, device=dev)
+    check(tuple(coarse_pages.shape[:2]) == (B, HK) and tuple(coarse_count.shape) == (B, HK),
+          f"coarse_pages must be [{B}, {HK}, W] and coarse_count [{B}, {HK}]")
+    check(ratio >= 1, f"ratio must be >= 1, got {ratio}")
+    if out is None:
+        out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
+    check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)
+    check(tuple(out.shape) == (B, HK, max_pages), f"out must be {(B, HK, max_pages)}, got {tuple(out.shape)}")
+    out.fill_(float("-inf"))
+    if B == 0 or max_pages == 0 or coarse_pages.shape[2] == 0:
+        return out
+    fn = kernel("quest_refine.cu", "quest_refine_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
+                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size, RATIO=ratio)
+    skip = skip_rows if skip_rows is not None else u64(0)
+    launch(fn, (B, HK), (THREADS,), (q, page_key_bounds, r2t, rpi, sl, coarse_pages, coarse_count, skip, out,
+                                      i32(r2t.shape[1]), i32(coarse_pages.shape[2]), i32(max_pages),
+                                      i32(skip_pages_upto)), dev)
+    return out
