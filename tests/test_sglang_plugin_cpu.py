@@ -322,7 +322,8 @@ def test_request_budget_is_validated_on_arrival(monkeypatch):
     assert sb._checked_budget(bad, cfg) is None and sb.request_budget(bad.sampling_params.custom_params) is None
 
 
-@pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense"])
+@pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense", "quest:coarse_page_tokens=64",
+                                    "twilight:page_size=8,coarse_page_tokens=16"])
 def test_metadata_bytes_per_token_match_the_tables(method):
     """The per-token cost added to SGLang's pool sizing is what SparseKVMetadata really allocates."""
     import torch
@@ -331,13 +332,15 @@ def test_metadata_bytes_per_token_match_the_tables(method):
     from sgl_sparse.metadata import SparseKVMetadata
 
     cfg = SparseConfig.load(method)
-    slots, hk, d, layers = 64 * cfg.page_size, 2, 64, 3
+    slots, hk, d, layers = 64 * cfg.sglang_page_size, 2, 64, 3
     if not cfg.is_sparse:
         assert SparseKVMetadata.bytes_per_token(cfg, hk, d, torch.bfloat16) == 0
         return
     meta = SparseKVMetadata(cfg, num_layers=layers, num_slots=slots, num_kv_heads=hk, head_dim=d,
                             dtype=torch.bfloat16, device="cpu")
-    allocated = sum(t.numel() * t.element_size() for t in meta.page_key_bounds + meta.key_int4 + meta.key_scale_zero)
+    tables = meta.page_key_bounds + meta.coarse_key_bounds + meta.key_int4 + meta.key_scale_zero
+    assert bool(meta.coarse_key_bounds) == cfg.coarse
+    allocated = sum(t.numel() * t.element_size() for t in tables)
     assert SparseKVMetadata.bytes_per_token(cfg, hk, d, torch.bfloat16) * slots * layers == allocated
 
 
