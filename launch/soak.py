@@ -270,10 +270,15 @@ def tally(outcomes: list[dict]) -> dict:
         if category in ("server_errors", "unexpected") and len(examples.setdefault(category, [])) < 5:
             examples[category].append({k: v for k, v in o.items() if v not in (None, False)})
     invalid = [o for o in outcomes if o["invalid"] is not None]
+    done = [o for o in outcomes if classify(o) == "completed"]
+    seconds = sorted(o["seconds"] for o in done if o.get("seconds") is not None)
     return dict(requests=len(outcomes), **counts, invalid_sent=len(invalid),
                 invalid_rejected=sum(classify(o) == "rejected" for o in invalid),
                 opt_out_sent=sum(o["opt_out"] for o in outcomes),
                 opt_out_completed=sum(o["opt_out"] and classify(o) == "completed" for o in outcomes),
+                output_tokens=sum(o["tokens"] or 0 for o in done),
+                latency_p50_s=seconds[len(seconds) // 2] if seconds else None,
+                latency_p99_s=seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))] if seconds else None,
                 examples=examples)
 
 
@@ -575,6 +580,9 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds; a request past it is an error")
     ap.add_argument("--start-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--opt-out-fraction", type=float, default=0.1,
+                    help="share of requests with custom_params {\"sparse\": false}; the soak's checks need some (0: a "
+                         "diagnostic run, e.g. to time the sparse server without the eager steps they cause)")
     ap.add_argument("--out", default="launch/results/soak_h200.json")
     ap.add_argument("--dry-run", action="store_true", help="print the mix and commands, check flags, start nothing")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge these result files into --out; runs nothing")
@@ -590,7 +598,7 @@ def main() -> int:
         args.model_dir = Path(os.environ.get("GPU_HOST_MODELS", "/nonexistent")) / "qwen05b"
     model_config = args.model_dir / "config.json"
     context = json.loads(model_config.read_text())["max_position_embeddings"] if model_config.exists() else 32768
-    mix = Mix(context_len=context, seed=args.seed)
+    mix = Mix(context_len=context, seed=args.seed, opt_out_fraction=args.opt_out_fraction)
     sample = tally_specs(mix, 2000)
     print(f"mix (first 2000 requests): {sample}", flush=True)
     specs = {c: server_spec(c, args, log_dir) for c in args.configs}

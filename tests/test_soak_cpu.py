@@ -29,6 +29,15 @@ SMALL = soak.Mix(context_len=2048, max_prompt=1500, min_new=4, max_new=24, prefi
 
 # ----------------------------------------------------------------------------- the mix
 
+def test_a_mix_without_opt_outs_sends_the_same_requests_otherwise():
+    mix = soak.Mix()
+    plain = dataclasses.replace(mix, opt_out_fraction=0.0)
+    specs = [soak.request_spec(mix, i) for i in range(2000)]
+    others = [soak.request_spec(plain, i) for i in range(2000)]
+    assert any(s.opt_out for s in specs) and not any(s.opt_out for s in others)
+    assert [dataclasses.replace(s, opt_out=False) for s in specs] == others
+
+
 def test_mix_is_seeded_and_has_the_issue_proportions():
     mix = soak.Mix()
     specs = [soak.request_spec(mix, i) for i in range(6000)]
@@ -124,6 +133,11 @@ def test_tally_counts_each_category_and_keeps_examples():
         (7, 2, 1, 1, 1, 2)
     assert (t["invalid_sent"], t["invalid_rejected"], t["opt_out_sent"], t["opt_out_completed"]) == (2, 1, 2, 1)
     assert len(t["examples"]["unexpected"]) == 2 and t["examples"]["server_errors"][0]["status"] == 500
+    # output tokens and latency of the completed requests only
+    timed = [outcome(seconds=s, tokens=8) for s in (0.5, 2.0, 1.0)] + [outcome(seconds=9.0, tokens=2)]
+    t = soak.tally(timed)
+    assert (t["output_tokens"], t["latency_p50_s"], t["latency_p99_s"]) == (24, 1.0, 2.0)
+    assert soak.tally([outcome(status=500)])["latency_p50_s"] is None
 
 
 def test_compare_greedy_allows_only_near_ties():
