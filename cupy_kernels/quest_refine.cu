@@ -1,7 +1,8 @@
 // Quest refinement: the scores of the pages inside the coarse pages a request kept (coarse-to-fine scoring).
 // score[b, h, c * R + s] = max_g sum_d max(q_gd * min_d, q_gd * max_d) for every kept coarse page c of (b, h)
-// and its R pages s (see reference.quest_refine_scores); the other columns are not written (the wrapper fills
-// them with -inf first, so that top-k ranks them last).
+// and its R pages s (see reference.quest_refine_scores); the request's other pages get -inf (top-k ranks them
+// last). Columns past the request's pages, and the rows of requests not scored, are not written: top-k reads
+// neither, so the work is the pages present, whatever the capacity (max_pages).
 //
 // One block per (request, KV head): its kept coarse pages give it count * R pages, at most a few hundred. A "row"
 // of ROW_LANES = D/8 lanes owns one page at a time (one 16-byte vector of min and one of max per lane, as in
@@ -37,6 +38,9 @@ extern "C" __global__ void __launch_bounds__(256) quest_refine_scores(
     const int candidates = min(coarse_count[b * NUM_KV_HEADS + h], coarse_width) * RATIO;
     float* out = scores + ((long long)b * NUM_KV_HEADS + h) * max_pages;
 
+    for (int j = threadIdx.x; j < min(n, max_pages); j += blockDim.x) out[j] = NEG_INF;
+    __syncthreads();                           // the scores below overwrite some of these
+
     float qh[GROUP][8];                        // half of this lane's 8 query channels, per query head
     load_half_query<GROUP, NUM_KV_HEADS, HEAD_DIM>(q, b, h, d0, qh);
 
@@ -47,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(256) quest_refine_scores(
         for (int u = 0; u < UNROLL; ++u) {
             const int i = base + u * ROWS + row;
             j[u] = i < candidates ? kept[i / RATIO] * RATIO + i % RATIO : n;
-            page[u] = j[u] < n ? r2t[(long long)j[u] * PAGE_SIZE] / PAGE_SIZE : -1;
+            page[u] = j[u] >= 0 && j[u] < n ? r2t[(long long)j[u] * PAGE_SIZE] / PAGE_SIZE : -1;
         }
         uint4 vmin[UNROLL], vmax[UNROLL];
 #pragma unroll

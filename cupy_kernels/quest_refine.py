@@ -18,7 +18,7 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
                         coarse_count: torch.Tensor, page_size: int, ratio: int, max_pages: int,
                         out: torch.Tensor | None = None, skip_pages_upto: int = 0,
                         skip_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """Score the pages inside each (request, KV head)'s kept coarse pages; every other column is ``-inf``.
+    """Score the pages inside each (request, KV head)'s kept coarse pages; the request's other pages ``-inf``.
 
     Args:
         q: ``[B, HQ, D]`` fp16/bf16 decode queries.
@@ -27,12 +27,12 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
         coarse_pages: ``[B, HK, Wc]`` int32, kept coarse pages (logical, ``ratio`` pages each; as from
             :func:`topk_pages` over coarse scores), ``coarse_count`` ``[B, HK]`` int32 of them valid.
         page_size: P. ratio: pages per coarse page (R). max_pages: output columns.
-        out: optional ``[B, HK, max_pages]`` float32 buffer (overwritten).
-        skip_pages_upto / skip_rows: requests not scored, as in :func:`quest_page_scores` (their rows are
-            ``-inf``).
+        out: optional ``[B, HK, max_pages]`` float32 buffer.
+        skip_pages_upto / skip_rows: requests not scored, as in :func:`quest_page_scores`.
 
     Returns:
-        ``[B, HK, max_pages]`` float32.
+        ``[B, HK, max_pages]`` float32. Only the columns below each scored request's page count are written
+        (as :func:`quest_page_scores`: what top-k reads); the rest of ``out`` keeps what it held.
     """
     B, D, HK, G, r2t, rpi, sl = check_score_inputs(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens,
                                                    skip_pages_upto, skip_rows)
@@ -46,7 +46,6 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
         out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
     check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)
     check(tuple(out.shape) == (B, HK, max_pages), f"out must be {(B, HK, max_pages)}, got {tuple(out.shape)}")
-    out.fill_(float("-inf"))
     if B == 0 or max_pages == 0 or coarse_pages.shape[2] == 0:
         return out
     fn = kernel("quest_refine.cu", "quest_refine_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,

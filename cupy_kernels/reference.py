@@ -169,7 +169,8 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
 
     Returns:
         ``[B, HK, max_pages]`` float32: the score of page j of (b, h) if j is inside a kept coarse page and below
-        the request's page count, else ``-inf``.
+        the request's page count, else ``-inf``. Defined: the columns below the page count of each scored
+        request (the kernel leaves the other entries unwritten).
     """
     P = page_size
     out, qg, rows = _scored_rows(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens, P, max_pages,

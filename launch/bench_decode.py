@@ -109,7 +109,8 @@ def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor,
 
 def pool_page(configs) -> int:
     """SGLang's page of the synthetic pool: 16, or a coarse page of a config (coarse pages are whole SGLang
-    pages)."""
+    pages); one pool per case serves every config, so a run with a coarse config lays every config (dense too) out
+    in pages of that size."""
     return max([P] + [SparseConfig.load(c).coarse_page_tokens for c in configs])
 
 
@@ -164,7 +165,11 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
         if budget >= L:
             continue
         for name in configs:
-            cfg = SparseConfig.load(name).replace(token_budget=budget, dense_layers=0, min_context=0)
+            try:
+                cfg = SparseConfig.load(name).replace(token_budget=budget, dense_layers=0, min_context=0)
+            except SparseConfigError as e:         # e.g. a coarse_token_budget below this budget
+                print(f"skip {name} at budget {budget}: {e}", file=sys.stderr)
+                continue
             method = cfg.method
             meta = SparseKVMetadata(cfg, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK,
                                     head_dim=D, dtype=DTYPE, device="cuda")

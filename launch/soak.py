@@ -435,9 +435,10 @@ def soak_config(preset: str, min_budget: int, path: Path) -> Path:
 
 
 def server_spec(config: str, args, log_dir: Path) -> tuple[str, str | None, list[str]]:
+    page = PAGE_SIZE if config == "dense" else max(PAGE_SIZE, SparseConfig.load(config).sglang_page_size)
     extra = ["--max-total-tokens", str(args.max_total_tokens), "--max-running-requests", str(args.max_running),
              "--mem-fraction-static", str(args.mem_fraction_static), "--schedule-policy", "fcfs",
-             "--cuda-graph-backend-prefill", "disabled", "--page-size", str(PAGE_SIZE)]
+             "--cuda-graph-backend-prefill", "disabled", "--page-size", str(page)]
     if config == "dense":
         return "flashinfer", None, extra
     min_budget = max(args.probe_lengths) + args.probe_tokens

@@ -75,7 +75,8 @@ class SparseConfig:
             it, so a page outside the kept coarse pages can only be one whose bound is below the kept ones'.
             Costs a second bounds table: 2/coarse_page_tokens of the K cache's bytes per layer.
         coarse_token_budget: tokens covered by the coarse pages kept for refinement, per (request, KV head): a
-            multiple of ``coarse_page_tokens`` >= ``token_budget`` (0 = 4 x ``token_budget``).
+            multiple of ``coarse_page_tokens`` of at least ``token_budget + coarse_page_tokens`` (0: 4 x
+            ``token_budget`` in whole coarse pages, at least one coarse page more than the budget).
     """
 
     method: str = "quest"
@@ -175,9 +176,11 @@ class SparseConfig:
                                       "SGLang's --page-size")
             return
         budget = self.coarse_token_budget
-        if budget != 0 and (budget < self.token_budget or budget % C):
-            bad("coarse_token_budget", f"must be 0 (= 4 x token_budget) or a multiple of coarse_page_tokens ({C}) "
-                                       f">= token_budget ({self.token_budget})")
+        least = self.token_budget + C
+        if budget != 0 and (budget < least or budget % C):
+            bad("coarse_token_budget", f"must be 0 (4 x token_budget) or a multiple of coarse_page_tokens ({C}) of at "
+                                       f"least token_budget + coarse_page_tokens ({least}): the kept coarse pages "
+                                       "must hold more pages than the top-k takes")
 
     # ------------------------------------------------------------------ derived sizes (pages)
 
@@ -201,7 +204,9 @@ class SparseConfig:
         """Coarse pages kept for refinement per (request, KV head)."""
         if not self.coarse:
             return 0
-        return (self.coarse_token_budget or 4 * self.token_budget) // self.coarse_page_tokens
+        C = self.coarse_page_tokens
+        default = max(-(-4 * self.token_budget // C), self.token_budget // C + 1 + (self.token_budget % C > 0))
+        return self.coarse_token_budget // C if self.coarse_token_budget else default
 
     @property
     def top_k_pages(self) -> int:

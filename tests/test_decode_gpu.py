@@ -488,3 +488,37 @@ def test_bounds_of_every_layer_in_one_launch():
     for g, w in zip(got, want):
         assert torch.equal(g, w)
         assert torch.equal(g[free_page, :, 0], g[free_page, :, 1])      # one token: min == max
+
+
+def test_metadata_decode_update_keeps_the_coarse_table():
+    """SparseKVMetadata with coarse-to-fine scoring: the once-per-step update of every layer refreshes the coarse
+    table like the fine one (page_bounds_update_layers at the coarse page size), for decode tokens inside a coarse
+    page and for one that opens a new coarse page (the previous occupant's bounds are reset)."""
+    from cupy_kernels import reference as ref
+
+    gen = torch.Generator().manual_seed(9)
+    HK, D, C, L = 8, 128, 64, 3
+    config = SparseConfig.load("quest").replace(coarse_page_tokens=C)
+    lens = [700, 63, 4096, 1601]                      # requests 1 and 2 open a new coarse page while decoding
+    pool = make_pool(lens, HK, D, C, torch.bfloat16, DEV, gen, spare_pages=8)
+    k_caches = [pool.k_cache] + [torch.randn_like(pool.k_cache.float()).to(torch.bfloat16) for _ in range(L - 1)]
+    meta = SparseKVMetadata(config, num_layers=L, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
+                            dtype=torch.bfloat16, device=DEV)
+    stale = torch.randn_like(meta.coarse_key_bounds[0].float()).to(torch.bfloat16)
+    for k, fine, coarse in zip(k_caches, meta.page_key_bounds, meta.coarse_key_bounds):
+        coarse.copy_(stale)                           # a previous occupant's bounds everywhere
+        ref.page_bounds_update(k, pool.written_slots, fine, config.page_size)
+        ref.page_bounds_update(k, pool.written_slots, coarse, C)
+    want_fine = [t.clone() for t in meta.page_key_bounds]
+    want_coarse = [t.clone() for t in meta.coarse_key_bounds]
+    for _ in range(3):                                # decode steps: request 1 crosses into its second coarse page
+        pool.append_token(torch.zeros(len(lens), dtype=torch.int64, device=DEV))
+        slots = pool.last_slots
+        for k in k_caches:
+            k[slots] = torch.randn((len(lens), HK, D), device=DEV).to(torch.bfloat16)
+        meta.update_bounds_all_layers(k_caches, slots)
+        ref.page_bounds_update_layers(k_caches, slots, want_fine, config.page_size)
+        ref.page_bounds_update_layers(k_caches, slots, want_coarse, C)
+    assert int(pool.seq_lens[1]) == 66                # the step that wrote position 64 opened a coarse page
+    for got, want in zip(meta.page_key_bounds + meta.coarse_key_bounds, want_fine + want_coarse):
+        assert torch.equal(got, want)

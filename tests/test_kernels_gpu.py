@@ -685,7 +685,8 @@ REFINE_CASES = [(torch.bfloat16, 128, 8, 4, 16, 4, [9000, 1, 15, 33000, 4096]),
 @pytest.mark.parametrize("case", REFINE_CASES, ids=lambda c: f"{str(c[0])[6:]}-D{c[1]}-HK{c[2]}-G{c[3]}-P{c[4]}-R{c[5]}")
 def test_quest_refine_scores(case):
     """The scores inside the kept coarse pages equal quest_page_scores' there (the same float32 tolerance as its
-    test), -inf everywhere else; skipped rows are -inf; the coarse pages come from a real coarse pass."""
+    test), -inf on the request's other pages; columns past a request's pages and the rows of skipped requests are
+    not written; the coarse pages come from a real coarse pass."""
     import cupy_kernels as ck
     dtype, D, HK, G, P, R, lens = case
     C = P * R
@@ -704,16 +705,25 @@ def test_quest_refine_scores(case):
                                     -(-max_pages // R))
     kept, count = ck.topk_pages(cscores.contiguous(), pool.seq_lens, C, 37, 0, 0)
     full = ref.quest_page_scores(*args, P, max_pages)
+    npg = (pool.seq_lens.long() + P - 1) // P
+    columns = torch.arange(max_pages, device=DEV)
+    poison = 7.0
     for skip_upto, skip_rows in [(0, None), (-(-4096 // P), None),
                                  (0, torch.tensor([i % 2 for i in range(B)], dtype=torch.int32, device=DEV))]:
         got = ck.quest_refine_scores(*args, kept, count, P, R, max_pages,
-                                     out=torch.full((B, HK, max_pages), 7.0, device=DEV),
+                                     out=torch.full((B, HK, max_pages), poison, device=DEV),
                                      skip_pages_upto=skip_upto, skip_rows=skip_rows)
         want = ref.quest_refine_scores(*args, kept, count, P, R, max_pages, skip_pages_upto=skip_upto,
                                        skip_rows=skip_rows)
-        finite = torch.isfinite(want)
-        assert torch.equal(torch.isfinite(got), finite)
-        assert finite.any()
-        scale = (q.float().abs().sum(-1).amax(-1).max() * fine.float().abs().amax()).item()
-        assert (got[finite] - full[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
-        assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
+        scored = npg > skip_upto
+        if skip_rows is not None:
+            scored &= skip_rows == 0
+        written = (scored[:, None] & (columns[None] < npg[:, None]))[:, None, :].expand_as(got)
+        assert (got[~written] == poison).all()                    # nothing past the pages present
+        assert torch.equal(torch.isneginf(got[written]), torch.isneginf(want[written]))
+        finite = torch.isfinite(want) & written
+        assert finite.any() == written.any()                      # every scored row has kept pages
+        if finite.any():
+            scale = (q.float().abs().sum(-1).amax(-1).max() * fine.float().abs().amax()).item()
+            assert (got[finite] - full[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
+            assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
