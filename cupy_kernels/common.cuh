@@ -68,14 +68,15 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
 // each hold 8 channels of the page's min (vmin) and max (vmax): max_g sum_d max(q_gd * min_d, q_gd * max_d),
 // computed as (q/2)(min+max) + |q/2|(max-min), two FMAs per channel and head, from qh = q/2 (the lane's 8
 // channels per head). Every lane of the warp must call it (the row sums by shuffles); each lane gets the bound.
-template <int Heads, int Lanes>
+// Mean: the mean over the heads instead of the max (sparse config group_score "mean").
+template <int Heads, int Lanes, bool Mean>
 __device__ __forceinline__ float quest_bound(const float (&qh)[Heads][8], const uint4 vmin, const uint4 vmax) {
     float mn[8], mx[8], mid[8], rad[8];
     unpack8(vmin, mn);
     unpack8(vmax, mx);
 #pragma unroll
     for (int i = 0; i < 8; ++i) { mid[i] = mn[i] + mx[i]; rad[i] = mx[i] - mn[i]; }
-    float best = NEG_INF;
+    float best = Mean ? 0.f : NEG_INF;
 #pragma unroll
     for (int g = 0; g < Heads; ++g) {
         float acc = 0.f;
@@ -86,9 +87,9 @@ __device__ __forceinline__ float quest_bound(const float (&qh)[Heads][8], const 
         }
 #pragma unroll
         for (int o = Lanes / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        best = fmaxf(best, acc);
+        best = Mean ? best + acc : fmaxf(best, acc);
     }
-    return best;
+    return Mean ? best / Heads : best;
 }
 
 // This lane's 16-byte vectors of the min and max of KV head h of physical page `page` in a bounds table

@@ -9,8 +9,12 @@
 // quest_page_scores), UNROLL pages in flight per row. Requests with at most skip_pages_upto pages, and rows with
 // skip_rows[b] != 0 (a reused selection), are not scored.
 //
-// Grid: (B, HK); block: 256 threads. Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE, RATIO (R).
+// Grid: (B, HK); block: 256 threads. Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE, RATIO (R),
+// GROUP_MEAN (as quest_page_scores).
 
+#ifndef GROUP_MEAN
+#define GROUP_MEAN 0
+#endif
 #define ROW_LANES (HEAD_DIM / 8)
 #define ROWS (256 / ROW_LANES)
 #define UNROLL 4
@@ -59,7 +63,7 @@ extern "C" __global__ void __launch_bounds__(256) quest_refine_scores(
             load_page_bounds<NUM_KV_HEADS, HEAD_DIM>(page_key_bounds, page[u], h, d0, vmin[u], vmax[u]);
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const float best = quest_bound<GROUP, ROW_LANES>(qh, vmin[u], vmax[u]);
+            const float best = quest_bound<GROUP, ROW_LANES, GROUP_MEAN>(qh, vmin[u], vmax[u]);
             if (lane_in_row == 0 && page[u] >= 0 && j[u] < max_pages) out[j[u]] = best;
         }
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._cuda import KV_DTYPES, check, check_tensor, i32, kernel, launch, u64
-from .quest_scores import check_score_inputs
+from .quest_scores import check_score_inputs, group_mean
 
 THREADS = 256
 
@@ -17,7 +17,7 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
                         req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, coarse_pages: torch.Tensor,
                         coarse_count: torch.Tensor, page_size: int, ratio: int, max_pages: int,
                         out: torch.Tensor | None = None, skip_pages_upto: int = 0,
-                        skip_rows: torch.Tensor | None = None) -> torch.Tensor:
+                        skip_rows: torch.Tensor | None = None, group_score: str = "max") -> torch.Tensor:
     """Score the pages inside each (request, KV head)'s kept coarse pages; the request's other pages ``-inf``.
 
     Args:
@@ -28,7 +28,7 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
             :func:`topk_pages` over coarse scores), ``coarse_count`` ``[B, HK]`` int32 of them valid.
         page_size: P. ratio: pages per coarse page (R). max_pages: output columns.
         out: optional ``[B, HK, max_pages]`` float32 buffer.
-        skip_pages_upto / skip_rows: requests not scored, as in :func:`quest_page_scores`.
+        skip_pages_upto / skip_rows / group_score: as in :func:`quest_page_scores`.
 
     Returns:
         ``[B, HK, max_pages]`` float32. Only the columns below each scored request's page count are written
@@ -49,7 +49,7 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
     if B == 0 or max_pages == 0 or coarse_pages.shape[2] == 0:
         return out
     fn = kernel("quest_refine.cu", "quest_refine_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
-                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size, RATIO=ratio)
+                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size, RATIO=ratio, GROUP_MEAN=group_mean(group_score))
     skip = skip_rows if skip_rows is not None else u64(0)
     launch(fn, (B, HK), (THREADS,), (q, page_key_bounds, r2t, rpi, sl, coarse_pages, coarse_count, skip, out,
                                       i32(r2t.shape[1]), i32(coarse_pages.shape[2]), i32(max_pages),

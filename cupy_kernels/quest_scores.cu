@@ -14,8 +14,11 @@
 // Columns past a request's pages are not written.
 //
 // Grid: (blocks, HK); block: 256 threads = ROWS rows; dynamic shared memory: (batch + 1) ints.
-// Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE.
+// Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE, GROUP_MEAN (0: max over the group, 1: mean).
 
+#ifndef GROUP_MEAN
+#define GROUP_MEAN 0
+#endif
 #define ROW_LANES (HEAD_DIM / 8)
 #define ROWS (256 / ROW_LANES)
 #define UNROLL 4
@@ -103,7 +106,7 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
         if (t + 1 < t_end) locate(t + 1, b, begin, end, r2t, page);     // next tile's pages, loads in flight
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
-            const float best = quest_bound<GROUP, ROW_LANES>(qh, vmin[u], vmax[u]);
+            const float best = quest_bound<GROUP, ROW_LANES, GROUP_MEAN>(qh, vmin[u], vmax[u]);
             const int j = cur_begin + u * ROWS + row;
             if (lane_in_row == 0 && j < cur_end) out[j] = best;
         }

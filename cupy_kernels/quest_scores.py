@@ -19,6 +19,12 @@ def tile_pages(head_dim: int) -> int:
     return (THREADS // (head_dim // 8)) * UNROLL
 
 
+def group_mean(group_score: str) -> int:
+    """The GROUP_MEAN define of the score kernels: 0 for ``max``, 1 for ``mean``."""
+    check(group_score in ("max", "mean"), f"group_score must be 'max' or 'mean', got {group_score!r}")
+    return int(group_score == "mean")
+
+
 def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, skip_pages_upto: int,
                        skip_rows: torch.Tensor | None) -> tuple:
@@ -45,7 +51,7 @@ def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_to
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int, max_pages: int,
                       out: torch.Tensor | None = None, skip_pages_upto: int = 0,
-                      skip_rows: torch.Tensor | None = None) -> torch.Tensor:
+                      skip_rows: torch.Tensor | None = None, group_score: str = "max") -> torch.Tensor:
     """Score every page of every request per KV head.
 
     The launch shape depends on the batch size only: the blocks walk the pages present (see the kernel), so
@@ -60,6 +66,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         skip_pages_upto: requests with at most this many pages are not scored (their rows are not written).
         skip_rows: optional ``[B]`` int32; requests with a nonzero entry are not scored either (a reused
             selection: ``reuse_from`` of :func:`topk_pages`).
+        group_score: ``max`` or ``mean`` over the GQA group (see the reference).
 
     Returns:
         ``[B, HK, max_pages]`` float32 scores. Only columns below each scored request's page count are
@@ -75,7 +82,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     if B == 0 or max_pages == 0:
         return out
     fn = kernel("quest_scores.cu", "quest_page_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
-                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size)
+                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size, GROUP_MEAN=group_mean(group_score))
     # As many blocks per KV head as the GPU holds at once (no more tiles than the capacity can have).
     most_tiles = B * -(-max_pages // tile_pages(D))
     blocks = max(1, min(most_tiles, resident_blocks(fn, THREADS, dev) // HK))

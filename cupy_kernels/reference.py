@@ -92,8 +92,8 @@ def page_bounds_update_layers(k_caches: list[torch.Tensor], written_slots: torch
 
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-                      max_pages: int, skip_pages_upto: int = 0, skip_rows: torch.Tensor | None = None
-                      ) -> torch.Tensor:
+                      max_pages: int, skip_pages_upto: int = 0, skip_rows: torch.Tensor | None = None,
+                      group_score: str = "max") -> torch.Tensor:
     """Quest's upper-bound score of every page of every request, per KV head.
 
     For query head g and page bounds (min_d, max_d): ``u_g = sum_d max(q_gd * min_d, q_gd * max_d)``, an upper
@@ -110,6 +110,8 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         max_pages: columns of the output (>= the pages of the longest request).
         skip_pages_upto: requests with at most this many pages are not scored (top-k keeps all their pages).
         skip_rows: optional ``[B]``; requests with a nonzero entry are not scored (their selection is reused).
+        group_score: ``max`` (above) or ``mean``: the mean of the G heads' bounds, which ranks pages by what the
+            group needs on average and bounds no single head's logits.
 
     Returns:
         ``[B, HK, max_pages]`` float32. Defined: the columns below the page count of each scored request. The
@@ -122,7 +124,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         phys = row[torch.arange(n, device=row.device) * P].long() // P                     # [n]
         for c0 in range(0, n, 1024):
             bounds = page_key_bounds[phys[c0:c0 + 1024]].float()                             # [c, HK, 2, D]
-            out[b, :, c0:c0 + bounds.shape[0]] = _bound_scores(qg[b], bounds).transpose(0, 1)
+            out[b, :, c0:c0 + bounds.shape[0]] = _bound_scores(qg[b], bounds, group_score).transpose(0, 1)
     return out
 
 
@@ -141,18 +143,20 @@ def _scored_rows(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens, p
     return out, q.float().view(B, HK, G, D), rows
 
 
-def _bound_scores(qg: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """Quest's bound per page and KV head, ``max_g sum_d max(q_gd * min_d, q_gd * max_d)``: ``qg`` ``[HK, G, D]``
-    and ``bounds`` ``[c, HK, 2, D]`` float32 -> ``[c, HK]``."""
+def _bound_scores(qg: torch.Tensor, bounds: torch.Tensor, group_score: str = "max") -> torch.Tensor:
+    """Quest's bound per page and KV head, ``max_g sum_d max(q_gd * min_d, q_gd * max_d)`` (``group_score`` "mean":
+    the mean over g): ``qg`` ``[HK, G, D]`` and ``bounds`` ``[c, HK, 2, D]`` float32 -> ``[c, HK]``."""
     kmin, kmax = bounds[:, None, :, 0], bounds[:, None, :, 1]                                # [c, 1, HK, D]
     qq = qg.permute(1, 0, 2)[None]                                                           # [1, G, HK, D]
-    return torch.maximum(qq * kmin, qq * kmax).sum(-1).amax(1)                               # [c, HK]
+    u = torch.maximum(qq * kmin, qq * kmax).sum(-1)                                          # [c, G, HK]
+    return u.mean(1) if group_score == "mean" else u.amax(1)
 
 
 def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                         req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, coarse_pages: torch.Tensor,
                         coarse_count: torch.Tensor, page_size: int, ratio: int, max_pages: int,
-                        skip_pages_upto: int = 0, skip_rows: torch.Tensor | None = None) -> torch.Tensor:
+                        skip_pages_upto: int = 0, skip_rows: torch.Tensor | None = None,
+                        group_score: str = "max") -> torch.Tensor:
     """Coarse-to-fine scoring's second pass: :func:`quest_page_scores` of the pages inside the coarse pages each
     (request, KV head) kept, ``-inf`` for every other page.
 
@@ -165,7 +169,7 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
         coarse_pages: ``[B, HK, Wc]`` int, kept coarse pages (logical coarse page c holds pages
             ``c * ratio .. c * ratio + ratio - 1``); ``coarse_count`` ``[B, HK]`` of them are valid.
         ratio: pages per coarse page. max_pages: output columns.
-        skip_pages_upto, skip_rows: requests not scored, as :func:`quest_page_scores`.
+        skip_pages_upto, skip_rows, group_score: as :func:`quest_page_scores`.
 
     Returns:
         ``[B, HK, max_pages]`` float32: the score of page j of (b, h) if j is inside a kept coarse page and below
@@ -183,7 +187,7 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
             if pages.numel() == 0:
                 continue
             bounds = page_key_bounds[row[pages * P].long() // P, h:h + 1].float()            # [c, 1, 2, D]
-            out[b, h, pages] = _bound_scores(qg[b, h:h + 1], bounds)[:, 0]
+            out[b, h, pages] = _bound_scores(qg[b, h:h + 1], bounds, group_score)[:, 0]
     return out
 
 

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 METHODS = ("dense", "quest", "twilight", "vattention")
+GROUP_SCORES = ("max", "mean")
 
 
 def _config_dir() -> pathlib.Path:
@@ -74,6 +75,9 @@ class SparseConfig:
             the pages inside those; the top-k is then taken as without it. A coarse bound bounds every page inside
             it, so a page outside the kept coarse pages can only be one whose bound is below the kept ones'.
             Costs a second bounds table: 2/coarse_page_tokens of the K cache's bytes per layer.
+        group_score: how the query heads of a KV head (a GQA group) combine into its page score: ``max`` (Quest's:
+            an upper bound of every head's logits, so a page that any head needs ranks as that head ranks it) or
+            ``mean`` (the pages the group needs most on average; no per-head guarantee).
         coarse_token_budget: tokens covered by the coarse pages kept for refinement, per (request, KV head): a
             multiple of ``coarse_page_tokens`` of at least ``token_budget + coarse_page_tokens`` (0: 4 x
             ``token_budget`` in whole coarse pages, at least one coarse page more than the budget).
@@ -97,6 +101,7 @@ class SparseConfig:
     reselect_min_cosine: float = -1.0
     coarse_page_tokens: int = 0
     coarse_token_budget: int = 0
+    group_score: str = "max"
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -112,6 +117,8 @@ class SparseConfig:
 
         if self.method not in METHODS:
             bad("method", f"choose one of {', '.join(METHODS)}")
+        if self.group_score not in GROUP_SCORES:
+            bad("group_score", f"choose one of {', '.join(GROUP_SCORES)}")
         ints = ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
                 "int4_group", "sample_capacity", "seed", "reselect_every", "coarse_page_tokens",
                 "coarse_token_budget")

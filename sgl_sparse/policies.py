@@ -93,7 +93,7 @@ def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, b
     else:
         scores = ops.quest_page_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
                                        batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
-                                       skip_rows=skip_rows)
+                                       skip_rows=skip_rows, group_score=cfg.group_score)
     # a request's own budget (row_top_k) applies past dense_pages: shorter requests keep every page whatever it is
     return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
                           select_all_upto=cfg.dense_pages, reuse=reuse, row_top_k=batch.row_top_k)
@@ -111,11 +111,12 @@ def coarse_to_fine_scores(ops, cfg: SparseConfig, q: torch.Tensor, tables: Layer
     skip_coarse = cfg.dense_pages // R               # rows this short fit the budget (a few longer ones that also
     coarse = ops.quest_page_scores(q, tables.coarse_key_bounds, batch.req_to_token,   # fit are scored for nothing)
                                    batch.req_pool_indices, batch.seq_lens, C, max_coarse,
-                                   skip_pages_upto=skip_coarse, skip_rows=skip_rows)
+                                   skip_pages_upto=skip_coarse, skip_rows=skip_rows, group_score=cfg.group_score)
     kept, count = ops.topk_pages(coarse, batch.seq_lens, C, cfg.coarse_top_k, 0, 0)
     return ops.quest_refine_scores(q, tables.page_key_bounds, batch.req_to_token, batch.req_pool_indices,
                                    batch.seq_lens, kept, count, cfg.page_size, R, batch.max_pages,
-                                   skip_pages_upto=cfg.dense_pages, skip_rows=skip_rows)
+                                   skip_pages_upto=cfg.dense_pages, skip_rows=skip_rows,
+                                   group_score=cfg.group_score)
 
 
 def pages_to_tokens(ops, cfg: SparseConfig, selected, batch: DecodeBatch):

@@ -727,3 +727,33 @@ def test_quest_refine_scores(case):
             scale = (q.float().abs().sum(-1).amax(-1).max() * fine.float().abs().amax()).item()
             assert (got[finite] - full[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
             assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
+
+
+@pytest.mark.parametrize("G", [1, 4, 7])
+def test_group_score_mean_kernels(G):
+    """group_score "mean" in both score kernels equals the reference (float32 tolerance of the max tests)."""
+    import cupy_kernels as ck
+    dtype, D, HK, P, R = torch.bfloat16, 128, 2, 16, 4
+    lens = [5000, 300, 12000]
+    gen = _gen(31 + G)
+    pool = make_pool(lens, HK, D, P * R, dtype, DEV, gen)
+    bounds = torch.zeros((pool.k_cache.shape[0] // P, HK, 2, D), dtype=dtype, device=DEV)
+    ref.page_bounds_update(pool.k_cache, pool.written_slots, bounds, P)
+    q = _query(len(lens), HK, G, D, dtype, gen)
+    max_pages = -(-max(lens) // P) + 2
+    args = (q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens)
+    got = ck.quest_page_scores(*args, P, max_pages, out=torch.full((len(lens), HK, max_pages), float("-inf"),
+                                                                      device=DEV), group_score="mean")
+    want = ref.quest_page_scores(*args, P, max_pages, group_score="mean")
+    finite = torch.isfinite(want)
+    scale = (q.float().abs().sum(-1).amax(-1).max() * bounds.float().abs().amax()).item()
+    assert torch.equal(torch.isfinite(got), finite)
+    assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
+    assert not torch.equal(want, ref.quest_page_scores(*args, P, max_pages)) or G == 1     # mean != max
+    kept = torch.arange(5, dtype=torch.int32, device=DEV).expand(len(lens), HK, 5).contiguous()
+    count = torch.full((len(lens), HK), 5, dtype=torch.int32, device=DEV)
+    refined = ck.quest_refine_scores(*args, kept, count, P, R, max_pages, group_score="mean")
+    inside = torch.zeros_like(finite)
+    inside[..., :5 * R] = True
+    inside &= finite
+    assert (refined[inside] - want[inside]).abs().max().item() <= 1e-5 * scale + 1e-6

@@ -373,6 +373,35 @@ def n_max(pool, P: int) -> int:
     return max(_ceil_div(pool.length(b), P) for b in range(pool.B))
 
 
+@pytest.mark.parametrize("G", [2, 7])
+def test_group_score_mean_is_the_mean_of_the_heads_bounds(G):
+    """group_score "mean": each page's score is the mean over the group's query heads of their bounds (brute force),
+    in the page scores and in the refinement; "max" is their max."""
+    P, HK, D = 8, 2, 16
+    pool = make_pool([40, 17, 64], P, HK, D, torch.bfloat16, seed=900 + G)
+    table = brute_bounds_table(pool, seed=910 + G)
+    q = (torch.randn((pool.B, HK * G, D), generator=_gen(920 + G)) * 2).to(torch.bfloat16)
+    batch = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens)
+    max_pages = 9
+    mean = ref.quest_page_scores(q, table, *batch, P, max_pages, group_score="mean")
+    top = ref.quest_page_scores(q, table, *batch, P, max_pages)
+    ql, tl = q.double().tolist(), table.double().tolist()
+    for b in range(pool.B):
+        for h in range(HK):
+            for j in range(pool.n_pages(b)):
+                mn, mx = tl[pool.pages[b][j]][h]
+                bounds = [math.fsum(max(ql[b][h * G + g][d] * mn[d], ql[b][h * G + g][d] * mx[d]) for d in range(D))
+                          for g in range(G)]
+                mag = max(math.fsum(abs(ql[b][h * G + g][d]) * max(abs(mn[d]), abs(mx[d])) for d in range(D))
+                          for g in range(G))
+                assert abs(float(mean[b, h, j]) - math.fsum(bounds) / G) <= 2 * D * U * mag, (b, h, j)
+                assert abs(float(top[b, h, j]) - max(bounds)) <= 2 * D * U * mag, (b, h, j)
+    kept = torch.arange(3, dtype=torch.int32).expand(pool.B, HK, 3).contiguous()
+    count = torch.full((pool.B, HK), 3, dtype=torch.int32)
+    refined = ref.quest_refine_scores(q, table, *batch, kept, count, P, 1, max_pages, group_score="mean")
+    assert torch.equal(refined[..., :3], mean[..., :3])
+
+
 def test_quest_page_scores_rejects_bad_group():
     q = torch.zeros((1, 6, 8), dtype=torch.float16)
     table = torch.zeros((4, 4, 2, 8), dtype=torch.float16)

@@ -47,6 +47,7 @@ def test_presets_load_and_validate():
     ("coarse_page_tokens", 24, "power of two above page_size"),
     ("coarse_page_tokens", 16, "power of two above page_size"),
     ("coarse_token_budget", 4096, "needs coarse_page_tokens > 0"),
+    ("group_score", "min", "choose one of max, mean"),
 ])
 def test_invalid_values_name_field_and_fix(field, value, needle):
     with pytest.raises(SparseConfigError) as e:
@@ -588,3 +589,25 @@ def test_coarse_tables_are_counted_and_refreshed():
     with pytest.raises(ValueError, match="multiple of page_size"):
         SparseKVMetadata(cfg, num_layers=1, num_slots=96, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
                          device="cpu")
+
+
+@pytest.mark.parametrize("coarse", [0, 32])
+def test_group_score_reaches_the_selection(coarse):
+    """group_score "mean" ranks pages by the mean of the group's bounds, with or without the coarse pass: the
+    selection is the top-k of those scores, and differs from the max's on this data."""
+    import cupy_kernels.reference as ref
+
+    lens = [1000, 2047]
+    config, plain, tables, q, batch = _coarse_case(lens, -(-max(lens) // 32) * 32)
+    if not coarse:
+        config = plain
+    mean_cfg = config.replace(group_score="mean")
+    got = policies.select_pages(ref, mean_cfg, q, tables[bool(coarse)], batch)
+    scores = ref.quest_page_scores(q, tables[bool(coarse)].page_key_bounds, batch.req_to_token,
+                                   batch.req_pool_indices, batch.seq_lens, config.page_size, batch.max_pages,
+                                   group_score="mean")
+    want = ref.topk_pages(scores, batch.seq_lens, config.page_size, config.top_k_pages, config.sink_pages,
+                          config.local_pages, select_all_upto=config.dense_pages)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    by_max = policies.select_pages(ref, config, q, tables[bool(coarse)], batch)
+    assert not torch.equal(got[0], by_max[0])
