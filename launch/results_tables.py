@@ -104,18 +104,22 @@ def accuracy_table(data: dict) -> str:
 def soak_table(data: dict) -> str:
     """One row per config: what the soak sent, what came back, and the issue's checks."""
     lines = [f"{data['gpu']}, commit {_commit(data.get('commit') or (data.get('runs') or [{}])[0].get('commit'))}; "
-             "memory in MiB of the server's processes, after the warm-up and at the end.", "",
+             "memory in MiB of the server's processes, after the warm-up and at the end; decode steps from a graph: "
+             "share of SGLang's logged decode batches (one in 40) that replayed a CUDA graph.", "",
              "| config | load (s) | requests | completed | client hang-ups | rejected (400) | server errors | "
-             "leaked tokens | probe mismatches | retracted | memory start → end | passed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "leaked tokens | probe mismatches | retracted | memory start → end | decode steps from a graph | "
+             "passed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "requests" not in r:
-            lines.append(f"| {r['config']} | failed: {r.get('error', '?').splitlines()[0]} |||||||||||")
+            lines.append(f"| {r['config']} | failed: {r.get('error', '?').splitlines()[0]} ||||||||||||")
             continue
+        share = r.get("decode_graph_share")
+        graph = "—" if share is None else f"{100 * share:.0f} %"
         lines.append(f"| {r['config']} | {r['duration_s']:.0f} | {r['requests']} | {r['completed']} | {r['aborted']} | "
                      f"{r['rejected']} | {r['server_errors']} | {r.get('leaked_tokens')} | "
                      f"{r.get('probe_mismatches')} | {r.get('retracted_reqs', 0)} | "
-                     f"{r.get('gpu_memory_start_mib')} → {r.get('gpu_memory_end_mib')} | "
+                     f"{r.get('gpu_memory_start_mib')} → {r.get('gpu_memory_end_mib')} | {graph} | "
                      f"{'yes' if r['passed'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 

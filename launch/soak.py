@@ -77,6 +77,9 @@ INVALID = {"sparse_string": {"sparse": "no"}, "sparse_int": {"sparse": 1}, "too_
 CATEGORIES = ("completed", "aborted", "rejected", "server_errors", "unexpected")
 RETRACT = re.compile(r"KV cache pool is full\. Retract requests\. #retracted_reqs: (\d+)")
 IDLE_CHECK = re.compile(r"memory leak detected|KV double free|use-after-free")
+# SGLang's decode log line (every --decode-log-interval batches): whether the batch ran from a CUDA graph, and the
+# generation throughput
+DECODE_LOG = re.compile(r"Decode batch.*?cuda graph: (True|False), gen throughput \(token/s\): ([\d.]+)")
 
 
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -354,8 +357,12 @@ def judge_probes(row: dict, reference: list[dict]) -> dict:
 
 def log_counts(text: str) -> dict:
     retractions = [int(n) for n in RETRACT.findall(text)]
+    decode = DECODE_LOG.findall(text)
     return dict(retractions=len(retractions), retracted_reqs=sum(retractions),
-                idle_check_warnings=len(IDLE_CHECK.findall(text)), tracebacks=text.count("Traceback"))
+                idle_check_warnings=len(IDLE_CHECK.findall(text)), tracebacks=text.count("Traceback"),
+                decode_logs=len(decode),
+                decode_graph_share=sum(g == "True" for g, _ in decode) / len(decode) if decode else None,
+                decode_tokens_per_s=sum(float(t) for _, t in decode) / len(decode) if decode else None)
 
 
 def gpu_memory_mib(pgid: int | None = None) -> int | None:

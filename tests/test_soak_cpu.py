@@ -142,7 +142,15 @@ def test_log_counts():
     text = ("[2025] KV cache pool is full. Retract requests. #retracted_reqs: 3, #new_tokens_gained: 4096\n"
             "[2025] KV cache pool is full. Retract requests. #retracted_reqs: 1, #new_tokens_gained: 512\n"
             "Decode batch. #running-req: 32\n")
-    assert soak.log_counts(text) == dict(retractions=2, retracted_reqs=4, idle_check_warnings=0, tracebacks=0)
+    assert soak.log_counts(text) == dict(retractions=2, retracted_reqs=4, idle_check_warnings=0, tracebacks=0,
+                                         decode_logs=0, decode_graph_share=None, decode_tokens_per_s=None)
+    # SGLang 0.5.17's decode log lines (metrics_reporter.report_decode_stats)
+    decode = ("[2026-11-30 08:35:58] Decode batch, #running-req: 32, #token: 40960, token usage: 0.62, "
+              "cuda graph: True, gen throughput (token/s): 2100.50, #queue-req: 3\n"
+              "[2026-11-30 08:36:01] Decode batch, #running-req: 30, #token: 39000, token usage: 0.60, "
+              "cuda graph: False, gen throughput (token/s): 700.50, #queue-req: 0\n") * 2
+    counts = soak.log_counts(decode)
+    assert (counts["decode_logs"], counts["decode_graph_share"], counts["decode_tokens_per_s"]) == (4, 0.5, 1400.5)
     leak = "pool memory leak detected! [full] total=65536, available=65520\nTraceback (most recent call last):\n"
     assert soak.log_counts(leak)["idle_check_warnings"] == 1 and soak.log_counts(leak)["tracebacks"] == 1
 
