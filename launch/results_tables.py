@@ -107,19 +107,20 @@ def soak_table(data: dict) -> str:
              "memory in MiB of the server's processes, after the warm-up and at the end; decode steps from a graph: "
              "share of SGLang's logged decode batches (one in 40) that replayed a CUDA graph.", "",
              "| config | load (s) | requests | completed | client hang-ups | rejected (400) | server errors | "
-             "leaked tokens | probe mismatches | retracted | memory start → end | decode steps from a graph | "
-             "passed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "leaked tokens | probe mismatches | retracted | memory start → end | output tokens/s | "
+             "decode steps from a graph | passed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "requests" not in r:
-            lines.append(f"| {r['config']} | failed: {r.get('error', '?').splitlines()[0]} ||||||||||||")
+            lines.append(f"| {r['config']} | failed: {r.get('error', '?').splitlines()[0]} |||||||||||||")
             continue
         share = r.get("decode_graph_share")
         graph = "—" if share is None else f"{100 * share:.0f} %"
+        rate = "—" if r.get("output_tokens") is None else f"{r['output_tokens'] / r['duration_s']:.0f}"
         lines.append(f"| {r['config']} | {r['duration_s']:.0f} | {r['requests']} | {r['completed']} | {r['aborted']} | "
                      f"{r['rejected']} | {r['server_errors']} | {r.get('leaked_tokens')} | "
                      f"{r.get('probe_mismatches')} | {r.get('retracted_reqs', 0)} | "
-                     f"{r.get('gpu_memory_start_mib')} → {r.get('gpu_memory_end_mib')} | {graph} | "
+                     f"{r.get('gpu_memory_start_mib')} → {r.get('gpu_memory_end_mib')} | {rate} | {graph} | "
                      f"{'yes' if r['passed'] else '**no**'} |")
     return "\n".join(lines) + "\n"
 

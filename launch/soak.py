@@ -270,10 +270,15 @@ def tally(outcomes: list[dict]) -> dict:
         if category in ("server_errors", "unexpected") and len(examples.setdefault(category, [])) < 5:
             examples[category].append({k: v for k, v in o.items() if v not in (None, False)})
     invalid = [o for o in outcomes if o["invalid"] is not None]
+    done = [o for o in outcomes if classify(o) == "completed"]
+    seconds = sorted(o["seconds"] for o in done if o.get("seconds") is not None)
     return dict(requests=len(outcomes), **counts, invalid_sent=len(invalid),
                 invalid_rejected=sum(classify(o) == "rejected" for o in invalid),
                 opt_out_sent=sum(o["opt_out"] for o in outcomes),
                 opt_out_completed=sum(o["opt_out"] and classify(o) == "completed" for o in outcomes),
+                output_tokens=sum(o["tokens"] or 0 for o in done),
+                latency_p50_s=seconds[len(seconds) // 2] if seconds else None,
+                latency_p99_s=seconds[min(len(seconds) - 1, int(0.99 * len(seconds)))] if seconds else None,
                 examples=examples)
 
 

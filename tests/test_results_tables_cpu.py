@@ -48,7 +48,7 @@ def test_accuracy_and_soak_tables_show_their_figures(tmp_path, monkeypatch):
     soak = dict(gpu="NVIDIA H200", runs=[dict(commit="abcdef0123")], rows=[
         dict(config="quest", duration_s=301.2, requests=1769, completed=1537, aborted=185, rejected=47,
              server_errors=0, leaked_tokens=0, probe_mismatches=0, retracted_reqs=1, gpu_memory_start_mib=4552,
-             gpu_memory_end_mib=4564, decode_graph_share=0.25, passed=True),
+             gpu_memory_end_mib=4564, decode_graph_share=0.25, output_tokens=60200, passed=True),
         dict(config="twilight", error="start-up: ServerError: died\nmore", passed=False)])
     (tmp_path / "accuracy_x.json").write_text(json.dumps(accuracy))
     (tmp_path / "soak_x.json").write_text(json.dumps(soak))
@@ -57,5 +57,5 @@ def test_accuracy_and_soak_tables_show_their_figures(tmp_path, monkeypatch):
     assert "| quest | 2048 | 32000 | 0.720 | [0.60, 0.80] | **0.900** | [0.85, 0.95] | 0.0638 | 90 |" in acc
     assert "| quest | 2048 | 32000 | 0.29 |" in acc and "commit abcdef0" in acc
     table = results_tables.render("soak_x")
-    assert "| quest | 301 | 1769 | 1537 | 185 | 47 | 0 | 0 | 0 | 1 | 4552 → 4564 | 25 % | yes |" in table
+    assert "| quest | 301 | 1769 | 1537 | 185 | 47 | 0 | 0 | 0 | 1 | 4552 → 4564 | 200 | 25 % | yes |" in table
     assert "| twilight | failed: start-up: ServerError: died |" in table and "commit abcdef0" in table

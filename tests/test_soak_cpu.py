@@ -124,6 +124,11 @@ def test_tally_counts_each_category_and_keeps_examples():
         (7, 2, 1, 1, 1, 2)
     assert (t["invalid_sent"], t["invalid_rejected"], t["opt_out_sent"], t["opt_out_completed"]) == (2, 1, 2, 1)
     assert len(t["examples"]["unexpected"]) == 2 and t["examples"]["server_errors"][0]["status"] == 500
+    # output tokens and latency of the completed requests only
+    timed = [outcome(seconds=s, tokens=8) for s in (0.5, 2.0, 1.0)] + [outcome(seconds=9.0, tokens=2)]
+    t = soak.tally(timed)
+    assert (t["output_tokens"], t["latency_p50_s"], t["latency_p99_s"]) == (24, 1.0, 2.0)
+    assert soak.tally([outcome(status=500)])["latency_p50_s"] is None
 
 
 def test_compare_greedy_allows_only_near_ties():
