@@ -580,6 +580,9 @@ def main() -> int:
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds; a request past it is an error")
     ap.add_argument("--start-timeout", type=float, default=900.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--opt-out-fraction", type=float, default=0.1,
+                    help="share of requests with custom_params {\"sparse\": false}; the soak's checks need some (0: a "
+                         "diagnostic run, e.g. to time the sparse server without the eager steps they cause)")
     ap.add_argument("--out", default="launch/results/soak_h200.json")
     ap.add_argument("--dry-run", action="store_true", help="print the mix and commands, check flags, start nothing")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge these result files into --out; runs nothing")
@@ -595,7 +598,7 @@ def main() -> int:
         args.model_dir = Path(os.environ.get("GPU_HOST_MODELS", "/nonexistent")) / "qwen05b"
     model_config = args.model_dir / "config.json"
     context = json.loads(model_config.read_text())["max_position_embeddings"] if model_config.exists() else 32768
-    mix = Mix(context_len=context, seed=args.seed)
+    mix = Mix(context_len=context, seed=args.seed, opt_out_fraction=args.opt_out_fraction)
     sample = tally_specs(mix, 2000)
     print(f"mix (first 2000 requests): {sample}", flush=True)
     specs = {c: server_spec(c, args, log_dir) for c in args.configs}

@@ -29,6 +29,15 @@ SMALL = soak.Mix(context_len=2048, max_prompt=1500, min_new=4, max_new=24, prefi
 
 # ----------------------------------------------------------------------------- the mix
 
+def test_a_mix_without_opt_outs_sends_the_same_requests_otherwise():
+    mix = soak.Mix()
+    plain = dataclasses.replace(mix, opt_out_fraction=0.0)
+    specs = [soak.request_spec(mix, i) for i in range(2000)]
+    others = [soak.request_spec(plain, i) for i in range(2000)]
+    assert any(s.opt_out for s in specs) and not any(s.opt_out for s in others)
+    assert [dataclasses.replace(s, opt_out=False) for s in specs] == others
+
+
 def test_mix_is_seeded_and_has_the_issue_proportions():
     mix = soak.Mix()
     specs = [soak.request_spec(mix, i) for i in range(6000)]
