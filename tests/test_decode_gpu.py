@@ -445,3 +445,48 @@ def test_bounds_of_every_layer_in_one_launch():
     for g, w in zip(got, want):
         assert torch.equal(g, w)
         assert torch.equal(g[free_page, :, 0], g[free_page, :, 1])      # one token: min == max
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_path_graph_attends_opted_out_rows_densely(method):
+    """A step with a long opted-out request takes the mixed path: its graph (captured with no row opted out, as
+    the SGLang backend captures it) replays the sparse selection for the other rows and a dense pass over the
+    opted-out one only, equal to the eager step; a step whose opted-out tokens exceed the mixed pass falls back to
+    the eager sparse path with a dense pass over every row."""
+    lens = [9000, 12000, 3000]
+    B = len(lens)
+    config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=4096,
+                                       dense_layers=1, layers=3)
+    sm = 1 / math.sqrt(pool.k_cache.shape[2])
+    outs = {}
+
+    def step_fn():
+        for layer in range(3):
+            outs[layer] = op.run(layer, q, pool.k_cache, pool.v_cache, meta)
+
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   path="mixed") == "mixed"
+    graph = capture_graph(step_fn)
+    opted = [False, True, False]
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   dense_rows=opted) == "mixed"
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = {layer: outs[layer].clone() for layer in range(3)}
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, op.batch, sm)
+    for layer in (1, 2):
+        assert relative_l2(replayed[layer][1], dense[1]).max().item() < 1e-2, layer          # the opted-out row
+        seeds = policies.vattention_seeds(config.seed, op.step.clone(), layer, B)
+        want, _ = reference_decode(config, layer, q, pool.k_cache, pool.v_cache, op.batch, meta, sm, seeds)
+        err = relative_l2(replayed[layer][[0, 2]], want[[0, 2]])                           # the others: sparse
+        assert err.median().item() < 1e-2 and err.max().item() < 0.1, (layer, err.max().item())
+    step_fn()                                                   # eager, same plan: the same outputs
+    for layer in range(3):
+        assert torch.equal(outs[layer], replayed[layer]), layer
+
+    # more opted-out tokens than the mixed pass holds: the eager sparse path, dense over every row
+    op.max_dense_row_tokens = lens[1] + op.max_batch - 1
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   dense_rows=opted) == "sparse"
+    step_fn()
+    assert relative_l2(outs[2][1], dense[1]).max().item() < 1e-2
