@@ -319,21 +319,24 @@ class SparseDecodeOperator:
         are read here (copied to int32 buffers of the operator, on the current stream), so plan() must run before
         every replay of a captured graph; ``req_to_token`` is read by the step itself and must stay the same object
         (updated in place). ``dense_rows`` (host, one bool per request) marks requests that opted out of sparsity:
-        they are attended densely in every layer. A sparse step with such rows must run eagerly (not replayed from
-        a CUDA graph): the dense pass it adds is not captured. ``row_budgets`` (host, one per request: a token
+        they are attended densely in every layer (see the paths below). ``row_budgets`` (host, one per request: a token
         budget, or None for the config's) gives requests their own budgets, each a multiple of the page size
         between the sink + local pages and the config's ``token_budget``
         (:meth:`SparseConfig.request_budget_problem`); they are written to a device buffer the step reads, so a
         captured graph serves them too. A budget applies to a request past ``dense_pages`` (the config's budget
         or ``min_context``); shorter requests are attended densely whatever budget they ask for.
 
-        The path: a step in which no request needs a selection (every one within its budget or below
-        ``min_context``, decided here from ``seq_lens_cpu``) is ``"dense"``: every layer runs the dense FlashInfer
-        decode, exactly what ``--attention-backend flashinfer`` runs, so short traffic pays nothing for the
-        sparse chain. Otherwise ``"sparse"``. The two paths launch different kernels, so a CUDA graph is captured
-        per path (``path`` forces one for the capture; the SGLang backend keeps one graph of each per batch size)
-        and the replay picks the graph of the path plan() returned. Rows that fit their budget inside a sparse
-        step are not scored and attend all their tokens.
+        The path: a step in which no request needs a selection (every one within its budget, below
+        ``min_context`` or opted out; decided here from ``seq_lens_cpu``) is ``"dense"``: every layer runs the
+        dense FlashInfer decode, exactly what ``--attention-backend flashinfer`` runs, so short traffic pays
+        nothing for the sparse chain. Otherwise ``"sparse"``, or ``"mixed"`` when a request that opted out is
+        longer than what the config attends in full: the sparse step plus a dense pass over the opted-out rows
+        only (one token for every other row), merged per row. Past :meth:`mixed_fits` (the opted-out rows' tokens
+        overflow the mixed pass's index buffer) such a step is ``"sparse"`` with a dense pass over every row, which
+        must run eagerly. The paths launch different kernels, so a CUDA graph is captured per path (``path``
+        forces one for the capture, ``"mixed"`` with no row opted out; the SGLang backend keeps one graph of each
+        per batch size) and the replay picks the graph of the path plan() returned. Rows that fit their budget
+        inside a sparse step are not scored and attend all their tokens.
         """
         B = seq_lens.shape[0]
         if B > self.max_batch:
@@ -362,15 +365,17 @@ class SparseDecodeOperator:
                                  f"selections for {self.reuse.max_reqs} (max_requests)")
             self.batch.reuse_from = self.reuse_from[:B]
         bufs = self._buffers(B)
-        if path is None:
-            longest_pages = -(-int(seq_lens_cpu.max()) // cfg.page_size) if B else 0
-            path = "sparse" if cfg.is_sparse and longest_pages > cfg.dense_pages else "dense"
-        elif path not in ("sparse", "mixed", "dense") or (path != "dense" and not cfg.is_sparse):
-            raise ValueError(f"path must be 'dense' or (for a sparse config) 'sparse' or 'mixed', got {path!r}")
         if dense_rows is not None and len(dense_rows) != B:
             raise ValueError(f"dense_rows has {len(dense_rows)} entries for a batch of {B}")
-        self.dense_rows = None
         opted = torch.tensor(dense_rows, dtype=torch.bool) if dense_rows is not None and any(dense_rows) else None
+        if path is None:
+            path = "sparse" if self.needs_selection(seq_lens_cpu, opted) else "dense"
+        elif path not in ("sparse", "mixed", "dense") or (path != "dense" and not cfg.is_sparse):
+            raise ValueError(f"path must be 'dense' or (for a sparse config) 'sparse' or 'mixed', got {path!r}")
+        elif path == "mixed" and opted is not None:
+            raise ValueError("plan(path='mixed') captures the mixed path with no row opted out; pass dense_rows "
+                             "without a path to plan a step")
+        self.dense_rows = None
         if path == "sparse" and opted is not None:
             path = "mixed" if self.mixed_fits(seq_lens_cpu, opted) else "sparse"
             self.dense_rows = self.dense_row_mask[:B]
@@ -402,6 +407,16 @@ class SparseDecodeOperator:
             if self.collect_stats:
                 self.layer_counts[:, :B].zero_()
         return path
+
+    def needs_selection(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor | None = None) -> bool:
+        """Some request of the step (host ``[B]`` lengths; ``opted``: host ``[B]`` bool of opted-out rows, which
+        never select) is longer than what the config attends in full: the step is not the dense path's."""
+        if not self.config.is_sparse or seq_lens_cpu.numel() == 0:
+            return False
+        lens = seq_lens_cpu.to(torch.int64)
+        if opted is not None:
+            lens = lens[~opted]
+        return lens.numel() > 0 and -(-int(lens.max()) // self.config.page_size) > self.config.dense_pages
 
     def mixed_fits(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor) -> bool:
         """The opted-out rows (host ``[B]`` bool) of a step fit the mixed path's dense pass: their tokens, with one

@@ -242,7 +242,8 @@ def _account_metadata(cell_size, configurator, kvc, num_layers):
 # ----------------------------------------------------------------------------- per-request opt-out and statistics
 
 # A request opts out of sparsity with ``sampling_params={"custom_params": {"sparse": False}}``: it is attended
-# densely in every layer. Steps whose batch holds such a request run eagerly (no CUDA-graph replay).
+# densely in every layer: a step holding a long one replays the mixed path's graph (the sparse step plus a dense
+# pass over those rows only; SparseDecodeOperator.plan), eagerly only past that pass's index buffer.
 # A request asks for its own budget with ``{"sparse": {"token_budget": N}}`` (a multiple of the page size between
 # the sink + local pages and the server's budget): a per-row value the step reads on the device, so CUDA graphs
 # serve it. Each response's meta info then reports ``sparse_token_budget`` (the budget applied, tokens).
@@ -335,8 +336,10 @@ def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
         if any(rows):
             import torch
 
-            graph_ok = seq_cpu is not None and _ACTIVE["backend"].operator.mixed_fits(
-                seq_cpu[:len(rows)], torch.tensor(rows, dtype=torch.bool))
+            operator, opted = _ACTIVE["backend"].operator, torch.tensor(rows, dtype=torch.bool)
+            # the dense path (no other row needs a selection) and the mixed path replay graphs
+            graph_ok = seq_cpu is not None and (not operator.needs_selection(seq_cpu[:len(rows)], opted)
+                                                or operator.mixed_fits(seq_cpu[:len(rows)], opted))
             _ACTIVE["dense_rows_eager"] = not graph_ok
         budgets = [_checked_budget(r, config) for r in reqs]
     _ACTIVE["dense_rows"] = rows if rows and any(rows) else None

@@ -449,10 +449,11 @@ def test_bounds_of_every_layer_in_one_launch():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_mixed_path_graph_attends_opted_out_rows_densely(method):
-    """A step with a long opted-out request takes the mixed path: its graph (captured with no row opted out, as
-    the SGLang backend captures it) replays the sparse selection for the other rows and a dense pass over the
-    opted-out one only, equal to the eager step; a step whose opted-out tokens exceed the mixed pass falls back to
-    the eager sparse path with a dense pass over every row."""
+    """A step with a long opted-out request takes the mixed path: its graph (captured with no row opted out and
+    every seq_len 1, as the SGLang backend captures it) replays the sparse selection for the other rows and a
+    dense pass over the opted-out one only, equal to the eager step; a step whose opted-out tokens exceed the
+    mixed pass falls back to the eager sparse path with a dense pass over every row; a step whose only long
+    requests opted out is the dense path's."""
     lens = [9000, 12000, 3000]
     B = len(lens)
     config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=4096,
@@ -464,15 +465,23 @@ def test_mixed_path_graph_attends_opted_out_rows_densely(method):
         for layer in range(3):
             outs[layer] = op.run(layer, q, pool.k_cache, pool.v_cache, meta)
 
+    real = pool.seq_lens.clone()
+    pool.seq_lens.fill_(1)                                      # SGLang captures with every seq_len 1
     assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
                    path="mixed") == "mixed"
     graph = capture_graph(step_fn)
+    pool.seq_lens.copy_(real)
     opted = [False, True, False]
+    with pytest.raises(ValueError, match="no row opted out"):
+        op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(), dense_rows=opted,
+                path="mixed")
     assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
                    dense_rows=opted) == "mixed"
     graph.replay()
     torch.cuda.synchronize()
     replayed = {layer: outs[layer].clone() for layer in range(3)}
+    frac = op.attended_fraction()
+    assert frac[1].item() == 1.0 and frac[0].item() < 0.5      # the opted-out row in full, the other sparse
     dense = dense_attention(q, pool.k_cache, pool.v_cache, op.batch, sm)
     for layer in (1, 2):
         assert relative_l2(replayed[layer][1], dense[1]).max().item() < 1e-2, layer          # the opted-out row
@@ -490,3 +499,6 @@ def test_mixed_path_graph_attends_opted_out_rows_densely(method):
                    dense_rows=opted) == "sparse"
     step_fn()
     assert relative_l2(outs[2][1], dense[1]).max().item() < 1e-2
+    # the only long requests opted out: nothing selects, the dense path
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   dense_rows=[True, True, False]) == "dense"

@@ -392,19 +392,24 @@ def test_only_long_opted_out_requests_beyond_the_mixed_pass_leave_the_cuda_graph
 
     config = SparseConfig.load("quest")                            # attends in full up to 4096 tokens (min_context)
     full = config.dense_pages * config.page_size
-    operator = SimpleNamespace(max_batch=8, max_dense_row_tokens=4 * 32768 + 8)
+    operator = SimpleNamespace(config=config, max_batch=8, max_dense_row_tokens=20000 + 8)
     operator.mixed_fits = lambda lens, opted: SparseDecodeOperator.mixed_fits(operator, lens, opted)
+    operator.needs_selection = lambda lens, opted: SparseDecodeOperator.needs_selection(operator, lens, opted)
     reqs = [Req(str(i), "x", [1], SamplingParams(custom_params={"sparse": False} if i < 2 else None))
             for i in range(3)]
     saved = dict(sb._ACTIVE)
     try:
         sb._ACTIVE["backend"] = SimpleNamespace(config=config, metrics=None, operator=operator)
         outcomes = []
-        for lens in ([full, 100, 9000], [full + 1, 100, 9000], [4 * 32768 + 1, 100, 9000]):
+        for lens in ([full, 100, 9000],             # the opted-out rows are short: no dense pass, the graph
+                     [full + 1, 100, 9000],         # a long one: the mixed path's graph
+                     [9000, 100, 100],              # only opted-out rows are long: the dense path's graph
+                     [full + 1, 20000, 9000]):      # more opted-out tokens than the mixed pass holds: eager
             step = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens_cpu=torch.tensor(lens))
             sb._mark_dense_rows(step, None, SimpleNamespace(reqs=reqs))
             outcomes.append((sb._ACTIVE["dense_rows"], sb._no_graph_for_dense_rows(True, None, step)))
-        assert outcomes == [(None, True), ([True, False, False], True), ([True, False, False], False)]
+        assert outcomes == [(None, True), ([True, False, False], True), ([True, False, False], True),
+                            ([True, True, False], False)]
     finally:
         sb._ACTIVE.clear()
         sb._ACTIVE.update(saved)
