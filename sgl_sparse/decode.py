@@ -238,7 +238,11 @@ class SparseDecodeOperator:
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
         self.dense_rows: torch.Tensor | None = None
-        self.path = "dense"          # of the planned step: "sparse" or "dense" (see plan())
+        self.path = "dense"          # of the planned step: "sparse", "mixed" or "dense" (see plan())
+        # the mixed path: which rows opted out (written by plan() in place), and the tokens of those rows its dense
+        # pass holds (a step with more falls back to an eager sparse step with a dense pass over every row)
+        self.dense_row_mask = torch.zeros(max_batch, dtype=torch.bool, device=self.device)
+        self.max_dense_row_tokens = 4 * max_context + max_batch
         # Written by plan() in place (a captured graph reads them at fixed addresses), read by every layer's run():
         # SGLang's int64 batch indices as int32 (otherwise each kernel wrapper casts them again, per layer), the
         # dense-fallback mask and the step's vAttention seed base.
@@ -260,13 +264,15 @@ class SparseDecodeOperator:
 
     # ------------------------------------------------------------------ host side, once per step
 
-    def _shared(self, name: str, rows: int, entries_per_row: int):
-        """int32 (indptr, indices, last_page_len) buffers shared by the wrappers of every batch size."""
+    def _shared(self, name: str, rows: int, entries_per_row: int, entries: int | None = None):
+        """int32 (indptr, indices, last_page_len) buffers shared by the wrappers of every batch size (``entries``
+        indices in all, default ``rows * entries_per_row``)."""
         bufs = self._index_buffers.get(name)
         if bufs is None:
             dev = self.device
             bufs = (torch.zeros(rows + 1, dtype=torch.int32, device=dev),
-                    torch.zeros(rows * entries_per_row, dtype=torch.int32, device=dev),
+                    torch.zeros(rows * entries_per_row if entries is None else entries, dtype=torch.int32,
+                                device=dev),
                     torch.ones(rows, dtype=torch.int32, device=dev))
             self._index_buffers[name] = bufs
         return bufs
@@ -285,6 +291,10 @@ class SparseDecodeOperator:
         bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
                                       *self._shared("dense", self.max_batch, self.max_context))}
         if cfg.is_sparse:
+            # the mixed path's dense pass: the opted-out rows' tokens, one token for every other row
+            bufs["dense_rows"] = _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
+                                              *self._shared("dense_rows", self.max_batch, 0,
+                                                            self.max_dense_row_tokens))
             # A row holds every page of a request within the budget, else top_k (+ pages written since a
             # reused selection): selection_width pages.
             P, W = cfg.page_size, cfg.selection_width
@@ -309,21 +319,24 @@ class SparseDecodeOperator:
         are read here (copied to int32 buffers of the operator, on the current stream), so plan() must run before
         every replay of a captured graph; ``req_to_token`` is read by the step itself and must stay the same object
         (updated in place). ``dense_rows`` (host, one bool per request) marks requests that opted out of sparsity:
-        they are attended densely in every layer. A sparse step with such rows must run eagerly (not replayed from
-        a CUDA graph): the dense pass it adds is not captured. ``row_budgets`` (host, one per request: a token
+        they are attended densely in every layer (see the paths below). ``row_budgets`` (host, one per request: a token
         budget, or None for the config's) gives requests their own budgets, each a multiple of the page size
         between the sink + local pages and the config's ``token_budget``
         (:meth:`SparseConfig.request_budget_problem`); they are written to a device buffer the step reads, so a
         captured graph serves them too. A budget applies to a request past ``dense_pages`` (the config's budget
         or ``min_context``); shorter requests are attended densely whatever budget they ask for.
 
-        The path: a step in which no request needs a selection (every one within its budget or below
-        ``min_context``, decided here from ``seq_lens_cpu``) is ``"dense"``: every layer runs the dense FlashInfer
-        decode, exactly what ``--attention-backend flashinfer`` runs, so short traffic pays nothing for the
-        sparse chain. Otherwise ``"sparse"``. The two paths launch different kernels, so a CUDA graph is captured
-        per path (``path`` forces one for the capture; the SGLang backend keeps one graph of each per batch size)
-        and the replay picks the graph of the path plan() returned. Rows that fit their budget inside a sparse
-        step are not scored and attend all their tokens.
+        The path: a step in which no request needs a selection (every one within its budget, below
+        ``min_context`` or opted out; decided here from ``seq_lens_cpu``) is ``"dense"``: every layer runs the
+        dense FlashInfer decode, exactly what ``--attention-backend flashinfer`` runs, so short traffic pays
+        nothing for the sparse chain. Otherwise ``"sparse"``, or ``"mixed"`` when a request that opted out is
+        longer than what the config attends in full: the sparse step plus a dense pass over the opted-out rows
+        only (one token for every other row), merged per row. Past :meth:`mixed_fits` (the opted-out rows' tokens
+        overflow the mixed pass's index buffer) such a step is ``"sparse"`` with a dense pass over every row, which
+        must run eagerly. The paths launch different kernels, so a CUDA graph is captured per path (``path``
+        forces one for the capture, ``"mixed"`` with no row opted out; the SGLang backend keeps one graph of each
+        per batch size) and the replay picks the graph of the path plan() returned. Rows that fit their budget
+        inside a sparse step are not scored and attend all their tokens.
         """
         B = seq_lens.shape[0]
         if B > self.max_batch:
@@ -352,23 +365,36 @@ class SparseDecodeOperator:
                                  f"selections for {self.reuse.max_reqs} (max_requests)")
             self.batch.reuse_from = self.reuse_from[:B]
         bufs = self._buffers(B)
-        if path is None:
-            longest_pages = -(-int(seq_lens_cpu.max()) // cfg.page_size) if B else 0
-            path = "sparse" if cfg.is_sparse and longest_pages > cfg.dense_pages else "dense"
-        elif path not in ("sparse", "dense") or (path == "sparse" and not cfg.is_sparse):
-            raise ValueError(f"path must be 'dense' or (for a sparse config) 'sparse', got {path!r}")
-        self.path = path
-        self.dense_rows = None
         if dense_rows is not None and len(dense_rows) != B:
             raise ValueError(f"dense_rows has {len(dense_rows)} entries for a batch of {B}")
-        if path == "sparse" and dense_rows is not None and any(dense_rows):
-            self.dense_rows = torch.tensor(dense_rows, dtype=torch.bool).to(self.device, non_blocking=True)
-        if path == "dense" or cfg.dense_layers > 0 or self.dense_rows is not None:
+        opted = torch.tensor(dense_rows, dtype=torch.bool) if dense_rows is not None and any(dense_rows) else None
+        if path is None:
+            path = "sparse" if self.needs_selection(seq_lens_cpu, opted) else "dense"
+        elif path not in ("sparse", "mixed", "dense") or (path != "dense" and not cfg.is_sparse):
+            raise ValueError(f"path must be 'dense' or (for a sparse config) 'sparse' or 'mixed', got {path!r}")
+        elif path == "mixed" and opted is not None:
+            raise ValueError("plan(path='mixed') captures the mixed path with no row opted out; pass dense_rows "
+                             "without a path to plan a step")
+        self.dense_rows = None
+        if path == "sparse" and opted is not None:
+            path = "mixed" if self.mixed_fits(seq_lens_cpu, opted) else "sparse"
+            self.dense_rows = self.dense_row_mask[:B]
+            self.dense_rows.copy_(opted, non_blocking=True)
+        elif path == "mixed":                  # captured with every row sparse: its dense pass over one token each
+            self.dense_rows = self.dense_row_mask[:B]
+            self.dense_rows.zero_()
+            opted = torch.zeros(B, dtype=torch.bool)
+        self.path = path
+        if path == "mixed":
+            lens_cpu = torch.where(opted, seq_lens_cpu.to(torch.int64), 1)
+            masked = DecodeBatch(req_to_token, rpi, torch.where(self.dense_rows, lens, 1), self.max_pages)
+            bufs["dense_rows"].plan(masked, lens_cpu)
+        if path == "dense" or cfg.dense_layers > 0 or (path == "sparse" and self.dense_rows is not None):
             bufs["dense"].plan(self.batch, seq_lens_cpu)
         self.step.add_(1)
-        if path == "sparse" and self.reuse is not None:
+        if path != "dense" and self.reuse is not None:
             self.reuse.plan(self.batch, out=self.batch.reuse_from)
-        if path == "sparse":
+        if path != "dense":
             # FlashInfer splits each row's tokens over its CTAs by the lengths planned here: Quest's selection
             # attends a number of tokens known from the lengths alone (the last page is always selected);
             # top-p keeps at most those. vAttention's sample is planned at its capacity (data-dependent).
@@ -381,6 +407,22 @@ class SparseDecodeOperator:
             if self.collect_stats:
                 self.layer_counts[:, :B].zero_()
         return path
+
+    def needs_selection(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor | None = None) -> bool:
+        """Some request of the step (host ``[B]`` lengths; ``opted``: host ``[B]`` bool of opted-out rows, which
+        never select) is longer than what the config attends in full: the step is not the dense path's."""
+        if not self.config.is_sparse or seq_lens_cpu.numel() == 0:
+            return False
+        lens = seq_lens_cpu.to(torch.int64)
+        if opted is not None:
+            lens = lens[~opted]
+        return lens.numel() > 0 and -(-int(lens.max()) // self.config.page_size) > self.config.dense_pages
+
+    def mixed_fits(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor) -> bool:
+        """The opted-out rows (host ``[B]`` bool) of a step fit the mixed path's dense pass: their tokens, with one
+        for each of up to ``max_batch`` other rows (so CUDA-graph padding rows never change the answer). Host
+        only."""
+        return int(seq_lens_cpu.to(torch.int64)[opted].sum()) + self.max_batch <= self.max_dense_row_tokens
 
     def _row_pages(self, row_budgets: list[int | None] | None, B: int) -> torch.Tensor | None:
         """Host ``[B]`` int32 pages per request from their token budgets (None where every one is the config's)."""
@@ -448,7 +490,10 @@ class SparseDecodeOperator:
                                               seeds)
         out = out.view(q.shape)
         if self.dense_rows is not None:                        # opted-out requests: dense attention instead
-            dense_out = bufs["dense"].run(q, k_cache, v_cache).view(q.shape)
+            # mixed path: a dense pass over those rows only (one token for the others), graph-capturable; an
+            # eager sparse step (too many opted-out tokens for it) reuses the dense plan of every row
+            dense = bufs["dense_rows"] if self.path == "mixed" else bufs["dense"]
+            dense_out = dense.run(q, k_cache, v_cache).view(q.shape)
             out = torch.where(self.dense_rows[:, None, None], dense_out, out)
             counts = torch.where(self.dense_rows[:, None], batch.seq_lens[:, None].to(counts.dtype), counts)
         if counts_out is not None and counts.data_ptr() != counts_out.data_ptr():
@@ -466,7 +511,7 @@ class SparseDecodeOperator:
         idx = batch.req_pool_indices.long()
         sparse_layers = max(0, self.num_layers - self.config.dense_layers)
         available = batch.seq_lens.double() * valid * (sparse_layers * self.num_kv_heads)
-        attended = self.layer_counts[:, :B].sum((0, 2)).double() * valid if self.path == "sparse" else available
+        attended = self.layer_counts[:, :B].sum((0, 2)).double() * valid if self.path != "dense" else available
         attended_tokens.index_add_(0, idx, attended)
         context_tokens.index_add_(0, idx, available)
 

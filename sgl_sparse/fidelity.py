@@ -71,7 +71,7 @@ def fidelity_of(config: SparseConfig, q: torch.Tensor, k_cache: torch.Tensor, v_
     elif backend == "gpu":
         out = operator.run(layer, q, k_cache, v_cache, metadata)
         # a dense step (no request needs a selection) attends every token
-        counts = operator.last_counts if operator.path == "sparse" else all_token_rows(batch, k_cache.shape[1])[1]
+        counts = operator.last_counts if operator.path != "dense" else all_token_rows(batch, k_cache.shape[1])[1]
     else:
         raise ValueError(f"backend must be 'reference' or 'gpu', got {backend!r}")
     return relative_l2(out, dense), counts

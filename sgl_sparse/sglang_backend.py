@@ -247,7 +247,8 @@ def _account_metadata(cell_size, configurator, kvc, num_layers):
 # ----------------------------------------------------------------------------- per-request opt-out and statistics
 
 # A request opts out of sparsity with ``sampling_params={"custom_params": {"sparse": False}}``: it is attended
-# densely in every layer. Steps whose batch holds such a request run eagerly (no CUDA-graph replay).
+# densely in every layer: a step holding a long one replays the mixed path's graph (the sparse step plus a dense
+# pass over those rows only; SparseDecodeOperator.plan), eagerly only past that pass's index buffer.
 # A request asks for its own budget with ``{"sparse": {"token_budget": N}}`` (a multiple of the page size between
 # the sink + local pages and the server's budget): a per-row value the step reads on the device, so CUDA graphs
 # serve it. Each response's meta info then reports ``sparse_token_budget`` (the budget applied, tokens).
@@ -331,13 +332,24 @@ def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
     if reqs is not None and forward_batch.forward_mode.is_decode():
         config = _ACTIVE["backend"].config
         rows = [wants_dense(r.sampling_params.custom_params) for r in reqs]
-        if any(rows) and forward_batch.seq_lens_cpu is not None:
+        seq_cpu = forward_batch.seq_lens_cpu
+        if any(rows) and seq_cpu is not None:
             # An opted-out request that the config attends in full anyway (within its budget or below min_context)
-            # needs no dense pass: only the longer ones send the step to eager mode.
-            fits = within_budget(config, forward_batch.seq_lens_cpu[:len(rows)]).tolist()
+            # needs no dense pass; the longer ones take the mixed path's graph while its dense pass holds them.
+            fits = within_budget(config, seq_cpu[:len(rows)]).tolist()
             rows = [dense and not fit for dense, fit in zip(rows, fits)]
+        if any(rows):
+            import torch
+
+            operator, opted = _ACTIVE["backend"].operator, torch.tensor(rows, dtype=torch.bool)
+            # the dense path (no other row needs a selection) and the mixed path replay graphs
+            graph_ok = seq_cpu is not None and (not operator.needs_selection(seq_cpu[:len(rows)], opted)
+                                                or operator.mixed_fits(seq_cpu[:len(rows)], opted))
+            _ACTIVE["dense_rows_eager"] = not graph_ok
         budgets = [_checked_budget(r, config) for r in reqs]
     _ACTIVE["dense_rows"] = rows if rows and any(rows) else None
+    if _ACTIVE["dense_rows"] is None:
+        _ACTIVE["dense_rows_eager"] = False
     _ACTIVE["row_budgets"] = budgets if budgets and any(b is not None for b in budgets) else None
     return forward_batch
 
@@ -355,9 +367,9 @@ def _checked_budget(req, config: SparseConfig) -> int | None:
 
 
 def _no_graph_for_dense_rows(can_run, runner, forward_batch, *args, **kwargs):
-    """After ``DecodeCudaGraphRunner.can_run_graph``: batches with opted-out requests longer than the config attends
-    in full run eagerly (their dense pass is not captured)."""
-    if can_run and _ACTIVE.get("dense_rows"):
+    """After ``DecodeCudaGraphRunner.can_run_graph``: a batch whose opted-out requests hold more tokens than the
+    mixed path's dense pass runs eagerly (a sparse step with a dense pass over every row)."""
+    if can_run and _ACTIVE.get("dense_rows") and _ACTIVE.get("dense_rows_eager"):
         return False
     return can_run
 
@@ -395,12 +407,20 @@ def _refresh_loaded_kv(result, host_pool, device_pool, host_indices, device_indi
 # the path that plan() chose for the step. Why not one graph whose selection kernels skip short rows on the
 # device: those kernels would still be launched in every layer, and at 8 x 1K (every request short) the sparse
 # chain made a step 14 % slower than the dense backend (6.20 vs 5.33 ms, H200), mostly in those launches.
+# A step with opted-out requests takes the mixed path (the sparse path plus a dense pass over those rows only), a
+# third graph per batch size.
 DENSE_PATH_VARIANT = "sgl_sparse_dense"
+MIXED_PATH_VARIANT = "sgl_sparse_mixed"
 
 
 def dense_path_label(label: str | None) -> str:
     """The graph variant label of the dense path, beside SGLang's own label (None, "lora", "nolora")."""
-    return DENSE_PATH_VARIANT if label is None else f"{label}+{DENSE_PATH_VARIANT}"
+    return path_label(label, DENSE_PATH_VARIANT)
+
+
+def path_label(label: str | None, variant: str) -> str:
+    """The graph variant label of a path (``DENSE_PATH_VARIANT`` or ``MIXED_PATH_VARIANT``) beside SGLang's."""
+    return variant if label is None else f"{label}+{variant}"
 
 
 def _sparse_backend_of(runner):
@@ -409,14 +429,17 @@ def _sparse_backend_of(runner):
 
 
 def _capture_both_paths(original, runner, size, forward, stream_idx=None, variant_label=None):
-    """Around ``DecodeCudaGraphRunner.capture_one_shape``: capture the sparse path's graph, then the dense
-    path's, for this batch size (the backend's plan() follows ``capture_path`` while capturing)."""
+    """Around ``DecodeCudaGraphRunner.capture_one_shape``: capture the sparse path's graph, then the mixed
+    path's and the dense path's, for this batch size (the backend's plan() follows ``capture_path`` while
+    capturing)."""
     backend = _sparse_backend_of(runner)
     if backend is None:
         return original(runner, size, forward, stream_idx, variant_label)
     try:
         backend.capture_path = "sparse"
         original(runner, size, forward, stream_idx, variant_label)
+        backend.capture_path = "mixed"
+        original(runner, size, forward, stream_idx, path_label(variant_label, MIXED_PATH_VARIANT))
         backend.capture_path = "dense"
         return original(runner, size, forward, stream_idx, dense_path_label(variant_label))
     finally:
@@ -425,10 +448,12 @@ def _capture_both_paths(original, runner, size, forward, stream_idx=None, varian
 
 def _replay_path_graph(label, runner, *args, **kwargs):
     """After ``DecodeCudaGraphRunner._resolve_lora_variant`` (called when a replay is loaded, after the
-    backend planned the step): the dense path's graph when plan() chose the dense path."""
+    backend planned the step): the graph of the path plan() chose."""
     backend = _sparse_backend_of(runner)
     if backend is not None and backend.operator.path == "dense":
         return dense_path_label(label)
+    if backend is not None and backend.operator.path == "mixed":
+        return path_label(label, MIXED_PATH_VARIANT)
     return label
 
 
@@ -562,11 +587,14 @@ def _backend_class():
             bs = forward_batch.batch_size
             if bs == 0:                                        # idle (e.g. DP padding): nothing to plan
                 return
-            dense_rows = _ACTIVE.get("dense_rows")
-            if dense_rows and not self._eager:
-                raise RuntimeError("sgl-sparse: a batch with dense (opted-out) requests reached CUDA-graph replay")
-            if dense_rows and len(dense_rows) != bs:
+            dense_rows = None if in_capture else _ACTIVE.get("dense_rows")
+            if dense_rows and not self._eager and _ACTIVE.get("dense_rows_eager"):
+                raise RuntimeError("sgl-sparse: a batch whose opted-out requests exceed the mixed path's dense pass "
+                                   "reached CUDA-graph replay")
+            if dense_rows and (len(dense_rows) > bs or (self._eager and len(dense_rows) != bs)):
                 raise RuntimeError(f"sgl-sparse: {len(dense_rows)} opt-out flags for a decode batch of {bs}")
+            if dense_rows:                                     # CUDA-graph padding rows: sparse
+                dense_rows = dense_rows + [False] * (bs - len(dense_rows))
             seq_cpu = forward_batch.seq_lens_cpu
             seq_cpu = seq_cpu[:bs] if seq_cpu is not None else forward_batch.seq_lens[:bs].cpu()
             if self.metrics is not None and not in_capture and self.config.is_sparse:
@@ -578,9 +606,12 @@ def _backend_class():
                 if len(budgets) > bs or (self._eager and len(budgets) != bs):
                     raise RuntimeError(f"sgl-sparse: {len(budgets)} request budgets for a decode batch of {bs}")
                 budgets = budgets + [None] * (bs - len(budgets))
-            self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],
-                               forward_batch.seq_lens[:bs], seq_cpu, dense_rows=dense_rows,
-                               path=self.capture_path if in_capture else None, row_budgets=budgets)
+            path = self.operator.plan(self.req_to_token_pool.req_to_token, forward_batch.req_pool_indices[:bs],
+                                      forward_batch.seq_lens[:bs], seq_cpu, dense_rows=dense_rows,
+                                      path=self.capture_path if in_capture else None, row_budgets=budgets)
+            if dense_rows and not self._eager and path == "sparse":    # never a replay without the dense pass
+                raise RuntimeError("sgl-sparse: opted-out requests planned without the mixed path's dense pass in a "
+                                   "CUDA-graph replay")
 
         def init_forward_metadata(self, forward_batch):
             if forward_batch.forward_mode.is_decode_or_idle():

@@ -522,3 +522,60 @@ def test_metadata_decode_update_keeps_the_coarse_table():
     assert int(pool.seq_lens[1]) == 66                # the step that wrote position 64 opened a coarse page
     for got, want in zip(meta.page_key_bounds + meta.coarse_key_bounds, want_fine + want_coarse):
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_mixed_path_graph_attends_opted_out_rows_densely(method):
+    """A step with a long opted-out request takes the mixed path: its graph (captured with no row opted out and
+    every seq_len 1, as the SGLang backend captures it) replays the sparse selection for the other rows and a
+    dense pass over the opted-out one only, equal to the eager step; a step whose opted-out tokens exceed the
+    mixed pass falls back to the eager sparse path with a dense pass over every row; a step whose only long
+    requests opted out is the dense path's."""
+    lens = [9000, 12000, 3000]
+    B = len(lens)
+    config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=4096,
+                                       dense_layers=1, layers=3)
+    sm = 1 / math.sqrt(pool.k_cache.shape[2])
+    outs = {}
+
+    def step_fn():
+        for layer in range(3):
+            outs[layer] = op.run(layer, q, pool.k_cache, pool.v_cache, meta)
+
+    real = pool.seq_lens.clone()
+    pool.seq_lens.fill_(1)                                      # SGLang captures with every seq_len 1
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   path="mixed") == "mixed"
+    graph = capture_graph(step_fn)
+    pool.seq_lens.copy_(real)
+    opted = [False, True, False]
+    with pytest.raises(ValueError, match="no row opted out"):
+        op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(), dense_rows=opted,
+                path="mixed")
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   dense_rows=opted) == "mixed"
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = {layer: outs[layer].clone() for layer in range(3)}
+    frac = op.attended_fraction()
+    assert frac[1].item() == 1.0 and frac[0].item() < 0.5      # the opted-out row in full, the other sparse
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, op.batch, sm)
+    for layer in (1, 2):
+        assert relative_l2(replayed[layer][1], dense[1]).max().item() < 1e-2, layer          # the opted-out row
+        seeds = policies.vattention_seeds(config.seed, op.step.clone(), layer, B)
+        want, _ = reference_decode(config, layer, q, pool.k_cache, pool.v_cache, op.batch, meta, sm, seeds)
+        err = relative_l2(replayed[layer][[0, 2]], want[[0, 2]])                           # the others: sparse
+        assert err.median().item() < 1e-2 and err.max().item() < 0.1, (layer, err.max().item())
+    step_fn()                                                   # eager, same plan: the same outputs
+    for layer in range(3):
+        assert torch.equal(outs[layer], replayed[layer]), layer
+
+    # more opted-out tokens than the mixed pass holds: the eager sparse path, dense over every row
+    op.max_dense_row_tokens = lens[1] + op.max_batch - 1
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   dense_rows=opted) == "sparse"
+    step_fn()
+    assert relative_l2(outs[2][1], dense[1]).max().item() < 1e-2
+    # the only long requests opted out: nothing selects, the dense path
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   dense_rows=[True, True, False]) == "dense"

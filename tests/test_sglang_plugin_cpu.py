@@ -241,9 +241,9 @@ def test_hook_targets_exist_in_this_sglang():
 
 
 def test_each_batch_size_gets_a_graph_per_path():
-    """capture_one_shape runs twice per batch size (sparse, then dense under its own ShapeKey variant label, beside
-    SGLang's LoRA labels), with the backend's capture_path set for each; a replay of a step that plan() made dense
-    picks the dense label."""
+    """capture_one_shape runs three times per batch size (sparse, then mixed and dense under their own ShapeKey
+    variant labels, beside SGLang's LoRA labels), with the backend's capture_path set for each; a replay picks the
+    label of the path plan() chose."""
     from types import SimpleNamespace
 
     from sglang.srt.model_executor.runner.shape_key import ShapeKey
@@ -260,16 +260,19 @@ def test_each_batch_size_gets_a_graph_per_path():
     for label in (None, "lora", "nolora"):
         sb._capture_both_paths(capture_one_shape, runner, 8, None, None, label)
         assert backend.capture_path is None
-    assert captured == [(8, None, "sparse"), (8, sb.DENSE_PATH_VARIANT, "dense"),
-                        (8, "lora", "sparse"), (8, "lora+" + sb.DENSE_PATH_VARIANT, "dense"),
-                        (8, "nolora", "sparse"), (8, "nolora+" + sb.DENSE_PATH_VARIANT, "dense")]
+    mixed, dense = sb.MIXED_PATH_VARIANT, sb.DENSE_PATH_VARIANT
+    assert captured == [(8, None, "sparse"), (8, mixed, "mixed"), (8, dense, "dense"),
+                        (8, "lora", "sparse"), (8, "lora+" + mixed, "mixed"), (8, "lora+" + dense, "dense"),
+                        (8, "nolora", "sparse"), (8, "nolora+" + mixed, "mixed"), (8, "nolora+" + dense, "dense")]
     keys = {ShapeKey(size=s, variant_label=v) for s, v, _ in captured}
-    assert len(keys) == 6
+    assert len(keys) == 9
 
     assert sb._replay_path_graph("lora", runner, None) == "lora"
+    backend.operator.path = "mixed"
+    assert sb._replay_path_graph("lora", runner, None) == "lora+" + mixed
     backend.operator.path = "dense"
-    assert sb._replay_path_graph("lora", runner, None) == "lora+" + sb.DENSE_PATH_VARIANT
-    assert sb._replay_path_graph(None, runner, None) == sb.DENSE_PATH_VARIANT
+    assert sb._replay_path_graph("lora", runner, None) == "lora+" + dense
+    assert sb._replay_path_graph(None, runner, None) == dense
     # a runner whose backend is not ours (or a dense config) is left alone
     other = SimpleNamespace(attn_backend=SimpleNamespace())
     assert sb._replay_path_graph(None, other, None) is None
@@ -380,9 +383,10 @@ def test_opt_out_and_fraction_hooks_on_real_requests():
         sb._ACTIVE.update(saved)
 
 
-def test_only_long_opted_out_requests_leave_the_cuda_graph():
+def test_only_long_opted_out_requests_beyond_the_mixed_pass_leave_the_cuda_graph():
     """A decode step's opted-out rows that the config attends in full anyway (within budget or below min_context)
-    need no dense pass: the step keeps its CUDA graph. One longer opted-out row sends the step to eager mode."""
+    need no dense pass; longer ones take the mixed path's graph while its dense pass holds their tokens; past that,
+    the step runs eagerly."""
     import torch
     from sglang.srt.managers.schedule_batch import Req
     from sglang.srt.model_executor.forward_batch_info import ForwardMode
@@ -392,24 +396,28 @@ def test_only_long_opted_out_requests_leave_the_cuda_graph():
 
     from sgl_sparse import sglang_backend as sb
     from sgl_sparse.config import SparseConfig
+    from sgl_sparse.decode import SparseDecodeOperator
 
     config = SparseConfig.load("quest")                            # attends in full up to 4096 tokens (min_context)
     full = config.dense_pages * config.page_size
+    operator = SimpleNamespace(config=config, max_batch=8, max_dense_row_tokens=20000 + 8)
+    operator.mixed_fits = lambda lens, opted: SparseDecodeOperator.mixed_fits(operator, lens, opted)
+    operator.needs_selection = lambda lens, opted: SparseDecodeOperator.needs_selection(operator, lens, opted)
     reqs = [Req(str(i), "x", [1], SamplingParams(custom_params={"sparse": False} if i < 2 else None))
             for i in range(3)]
     saved = dict(sb._ACTIVE)
     try:
-        sb._ACTIVE["backend"] = SimpleNamespace(config=config, metrics=None)
-        runs_graph = []
-        for lens in ([full, 100, 9000], [full + 1, 100, 9000]):
+        sb._ACTIVE["backend"] = SimpleNamespace(config=config, metrics=None, operator=operator)
+        outcomes = []
+        for lens in ([full, 100, 9000],             # the opted-out rows are short: no dense pass, the graph
+                     [full + 1, 100, 9000],         # a long one: the mixed path's graph
+                     [9000, 100, 100],              # only opted-out rows are long: the dense path's graph
+                     [full + 1, 20000, 9000]):      # more opted-out tokens than the mixed pass holds: eager
             step = SimpleNamespace(forward_mode=ForwardMode.DECODE, seq_lens_cpu=torch.tensor(lens))
             sb._mark_dense_rows(step, None, SimpleNamespace(reqs=reqs))
-            runs_graph.append(sb._no_graph_for_dense_rows(True, None, step))
-            if runs_graph[-1]:
-                assert sb._ACTIVE["dense_rows"] is None
-            else:
-                assert sb._ACTIVE["dense_rows"] == [True, False, False]
-        assert runs_graph == [True, False]
+            outcomes.append((sb._ACTIVE["dense_rows"], sb._no_graph_for_dense_rows(True, None, step)))
+        assert outcomes == [(None, True), ([True, False, False], True), ([True, False, False], True),
+                            ([True, True, False], False)]
     finally:
         sb._ACTIVE.clear()
         sb._ACTIVE.update(saved)
