@@ -134,19 +134,26 @@ class _PerHeadDecode:
 
 
 class _DenseDecode:
-    """FlashInfer GQA decode over every token of every request (page size 1), planned each step."""
+    """FlashInfer GQA decode over every token of every request (page size 1), planned each step.
 
-    def __init__(self, workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale, indptr_buf,
-                 indices_buf, last_buf):
+    With index buffers (shared by the batch sizes a CUDA graph may capture, sized for the largest) the wrapper is
+    FlashInfer's CUDA-graph one; without (``indptr_buf is None``: a batch larger than any captured, always eager)
+    a plain wrapper whose token indices are allocated at each plan(), as many as the step holds."""
+
+    def __init__(self, workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale,
+                 indptr_buf=None, indices_buf=None, last_buf=None):
         fi = _flashinfer()
         self.shape = (num_qo_heads, num_kv_heads, head_dim)
         self.dtype, self.sm_scale = dtype, sm_scale
-        self.indptr = indptr_buf[: batch_size + 1]
-        self.indices = indices_buf                       # shared by every batch size, sized max_batch x max_context
-        self.last = last_buf[:batch_size]
-        self.last.fill_(1)
         # host copy for plan(): FlashInfer reads last_page_len on the host, a device tensor would cost a sync
         self.last_host = torch.ones(batch_size, dtype=torch.int32)
+        self.indices = indices_buf
+        if indices_buf is None:
+            self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
+            return
+        self.indptr = indptr_buf[: batch_size + 1]
+        self.last = last_buf[:batch_size]
+        self.last.fill_(1)
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
@@ -156,17 +163,22 @@ class _DenseDecode:
         indptr_host = torch.zeros(lens.numel() + 1, dtype=torch.int32)
         indptr_host[1:] = torch.cumsum(lens, 0).to(torch.int32)
         total = int(indptr_host[-1])
-        if total > self.indices.numel():
-            raise ValueError(f"batch holds {total} tokens, more than the operator's max_batch x max_context "
-                             f"({self.indices.numel()}); raise max_context")
-        dev = self.indices.device
+        dev = batch.req_to_token.device
+        if self.indices is None:                          # eager-only size: exactly this step's tokens
+            indices = torch.empty(total, dtype=torch.int32, device=dev)
+        elif total > self.indices.numel():
+            raise ValueError(f"batch holds {total} tokens, more than the operator's index buffer "
+                             f"({self.indices.numel()}, captured batch x max_context); raise max_context")
+        else:
+            indices = self.indices[:total]
         rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), batch.seq_lens.long(),
                                        output_size=total)
         starts = indptr_host.to(dev, non_blocking=True).long()
         pos = torch.arange(total, device=dev) - starts[rows]
-        self.indices[:total] = batch.req_to_token[batch.req_pool_indices.long()[rows], pos]
+        indices.copy_(batch.req_to_token[batch.req_pool_indices.long()[rows], pos])
         HQ, HK, D = self.shape
-        self.wrapper.plan(indptr_host, self.indices[:total], self.last_host, HQ, HK, D, 1, q_data_type=self.dtype,
+        self._planned = indices                          # FlashInfer keeps reading it: keep it alive
+        self.wrapper.plan(indptr_host, indices, self.last_host, HQ, HK, D, 1, q_data_type=self.dtype,
                           kv_data_type=self.dtype, sm_scale=self.sm_scale)
 
     def run(self, q, k_cache, v_cache):
@@ -205,12 +217,16 @@ class SparseDecodeOperator:
         max_requests: rows of ``req_to_token`` (request slots), with ``config.reselect_every > 1``: the kept
             selections are allocated here for that many slots (else at the first ``plan()``, from
             ``req_to_token``; ``req_to_token`` may not change size afterwards).
+        graph_batch: the largest batch size a CUDA graph may be captured with (default ``max_batch``). The index
+            buffers that graphs read are shared by the batch sizes up to it and sized for it (as SGLang's own
+            FlashInfer backend sizes its graph buffers); a larger batch, always eager, gets buffers of its own
+            size (dropped with its wrappers) and a dense pass whose token indices are allocated per step.
     """
 
     def __init__(self, config: SparseConfig, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
                  num_layers: int, max_batch: int, max_context: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cuda", sm_scale: float | None = None, collect_stats: bool = True,
-                 max_requests: int | None = None):
+                 max_requests: int | None = None, graph_batch: int | None = None):
         if num_qo_heads % num_kv_heads:
             raise ValueError(f"num_qo_heads ({num_qo_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.config = config
@@ -223,6 +239,7 @@ class SparseDecodeOperator:
                              f"has {num_kv_heads}: set reselect_min_cosine: -1, or split the heads with --tp")
         self.num_layers = num_layers
         self.max_batch, self.max_context = max_batch, max_context
+        self.graph_batch = max_batch if graph_batch is None else min(graph_batch, max_batch)
         self.dtype = dtype
         self.device = torch.device(device)
         self.sm_scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
@@ -277,6 +294,12 @@ class SparseDecodeOperator:
             self._index_buffers[name] = bufs
         return bufs
 
+    def _new_buffers(self, rows: int, entries: int):
+        """int32 (indptr, indices, last_page_len) buffers of one batch size's own (a size no graph captures)."""
+        dev = self.device
+        return (torch.zeros(rows + 1, dtype=torch.int32, device=dev), torch.zeros(entries, dtype=torch.int32,
+                device=dev), torch.ones(rows, dtype=torch.int32, device=dev))
+
     def _buffers(self, B: int) -> dict:
         bufs = self._per_batch.pop(B, None)
         if bufs is not None:
@@ -287,26 +310,35 @@ class SparseDecodeOperator:
             del self._per_batch[b]
         cfg = self.config
         HK, G, D = self.num_kv_heads, self.group, self.head_dim
-        rows = self.max_batch * HK
+        shared = B <= self.graph_batch          # a size a graph may capture: the buffers sized for the largest
+        rows = (self.graph_batch if shared else B) * HK
+
+        def buffers(name: str, entries_per_row: int):
+            if shared:
+                return self._shared(name, rows, entries_per_row)
+            return self._new_buffers(rows, rows * entries_per_row)
+
+        dense_buffers = self._shared("dense", self.graph_batch, self.max_context) if shared else ()
         bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
-                                      *self._shared("dense", self.max_batch, self.max_context))}
+                                      *dense_buffers)}
         if cfg.is_sparse:
             # the mixed path's dense pass: the opted-out rows' tokens, one token for every other row
+            dense_rows_buffers = (self._shared("dense_rows", self.graph_batch, 0, self.max_dense_row_tokens)
+                                  if shared else ())        # an eager-only size: indices allocated per step
             bufs["dense_rows"] = _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
-                                              *self._shared("dense_rows", self.max_batch, 0,
-                                                            self.max_dense_row_tokens))
+                                              *dense_rows_buffers)
             # A row holds every page of a request within the budget, else top_k (+ pages written since a
             # reused selection): selection_width pages.
             P, W = cfg.page_size, cfg.selection_width
             if cfg.method == "twilight":     # top-p survivors: token rows
                 bufs["main"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, W * P, self.dtype, self.sm_scale,
-                                              *self._shared("main", rows, W * P))
+                                              *buffers("main", W * P))
             else:                            # Quest's selection (vAttention's deterministic part): page rows
                 bufs["pages"] = _PerHeadDecode(self.workspace, B, HK, G, D, P, W * P, self.dtype, self.sm_scale,
-                                               *self._shared("pages", rows, W))
+                                               *buffers("pages", W))
             if cfg.method == "vattention":
                 bufs["sample"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, cfg.sample_capacity, self.dtype,
-                                                self.sm_scale, *self._shared("sample", rows, cfg.sample_capacity))
+                                                self.sm_scale, *buffers("sample", cfg.sample_capacity))
         self._per_batch[B] = bufs
         return bufs
 
@@ -466,6 +498,9 @@ class SparseDecodeOperator:
             raise RuntimeError("call plan() before run()")
         bufs = self._per_batch[batch.batch_size]
         if layer == 0 and torch.cuda.is_current_stream_capturing():   # a graph now holds this size's wrappers
+            if batch.batch_size > self.graph_batch:
+                raise RuntimeError(f"a CUDA graph captures a batch of {batch.batch_size}, more than the operator's "
+                                   f"graph_batch ({self.graph_batch}): its buffers are per step, not graph-safe")
             self._captured_sizes.add(batch.batch_size)
         cfg = self.config
         if self.path == "dense" or layer < cfg.dense_layers:

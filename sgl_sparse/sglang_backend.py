@@ -223,6 +223,21 @@ def _check_engine_args(server_args, *args, **kwargs):
     return None
 
 
+def captured_decode_batch(server_args, unknown: int) -> int:
+    """The largest decode batch SGLang may replay from a CUDA graph (``server_args.cuda_graph_config.decode``; 0
+    with graphs off): the operator sizes the buffers its graphs read for it, as SGLang's FlashInfer backend does.
+    ``unknown`` where the field is missing (then every batch size shares buffers sized for it)."""
+    if getattr(server_args, "disable_cuda_graph", False) or getattr(server_args, "disable_decode_cuda_graph", False):
+        return 0
+    decode = getattr(getattr(server_args, "cuda_graph_config", None), "decode", None)
+    if decode is None:
+        return unknown
+    if getattr(decode, "backend", None) == "disabled":
+        return 0
+    sizes = getattr(decode, "bs", None)
+    return max(sizes) if sizes else (getattr(decode, "max_bs", None) or unknown)
+
+
 # ----------------------------------------------------------------------------- KV pool sizing
 
 CELL_SIZE_TARGET = "sglang.srt.model_executor.pool_configurator.DefaultPoolConfigurator._compute_cell_size"
@@ -538,14 +553,15 @@ def _backend_class():
             self.last_layer = layers - 1
             self.key_buffers = [self.token_to_kv_pool.get_key_buffer(i) for i in range(layers)]
             max_reqs = self.req_to_token_pool.size
-            graph_bs = max(getattr(runner.server_args, "cuda_graph_bs", None) or [0])
+            graph_bs = captured_decode_batch(runner.server_args, max_reqs)
             self.metadata = SparseKVMetadata(config, num_layers=layers, num_slots=k0.shape[0],
                                              num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                              dtype=k0.dtype, device=k0.device)
             self.operator = SparseDecodeOperator(
                 config, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                 num_layers=layers, max_batch=max(max_reqs, graph_bs), max_context=mc.context_len,
-                dtype=k0.dtype, device=k0.device, max_requests=self.req_to_token_pool.req_to_token.shape[0])
+                dtype=k0.dtype, device=k0.device, max_requests=self.req_to_token_pool.req_to_token.shape[0],
+                graph_batch=graph_bs)
             # per request slot (req_pool_idx): attended / available tokens over the sparse layers and KV heads
             self.attended_tokens = torch.zeros(max_reqs + 1, dtype=torch.float64, device=k0.device)
             self.context_tokens = torch.zeros(max_reqs + 1, dtype=torch.float64, device=k0.device)

@@ -579,3 +579,42 @@ def test_mixed_path_graph_attends_opted_out_rows_densely(method):
     # the only long requests opted out: nothing selects, the dense path
     assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
                    dense_rows=[True, True, False]) == "dense"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_batches_beyond_the_captured_size_get_their_own_buffers(method):
+    """graph_batch 2: a batch of 4 (eager, as SGLang runs batches larger than its captured ones) gets index buffers
+    of its own size and a dense pass whose token indices are allocated per step, and matches the reference and
+    dense like any batch; the shared graph buffers stay sized for 2; capturing the batch of 4 is refused."""
+    lens = [9000, 5000, 3000, 12345]
+    config = SparseConfig.load(method).replace(token_budget=1024, min_context=4000, dense_layers=1)
+    gen = torch.Generator().manual_seed(3)
+    HK, G, D = 8, 4, 128
+    pool = make_pool(lens, HK, D, config.page_size, torch.bfloat16, DEV, gen, spare_pages=64, max_ctx=12400)
+    q = shape_attention(pool, torch.randn((4, HK * G, D), generator=gen).to(torch.bfloat16).to(DEV), "peaked", gen)
+    meta = SparseKVMetadata(config, num_layers=2, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
+                            dtype=torch.bfloat16, device=DEV)
+    for layer in range(2):
+        meta.update(layer, pool.k_cache, pool.written_slots)
+    op = SparseDecodeOperator(config, num_qo_heads=HK * G, num_kv_heads=HK, head_dim=D, num_layers=2, max_batch=4,
+                              max_context=12400, dtype=torch.bfloat16, device=DEV, graph_batch=2)
+    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+    sm = 1 / math.sqrt(D)
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, op.batch, sm)
+    assert relative_l2(op.run(0, q, pool.k_cache, pool.v_cache, meta), dense).max().item() < 1e-2   # dense layer
+    out = op.run(1, q, pool.k_cache, pool.v_cache, meta)
+    seeds = policies.vattention_seeds(config.seed, op.step.clone(), 1, len(lens))
+    want, _ = reference_decode(config, 1, q, pool.k_cache, pool.v_cache, op.batch, meta, sm, seeds)
+    err = relative_l2(out, want)
+    assert err.median().item() < 1e-2 and err.max().item() < 5e-2, err.max().item()
+    assert not op._index_buffers                                # nothing shared was made for the batch of 4
+    op.plan(pool.req_to_token, pool.req_pool_indices[:2], pool.seq_lens[:2], pool.seq_lens[:2].cpu())
+    two = op.run(1, q[:2], pool.k_cache, pool.v_cache, meta)
+    if method != "vattention":                                  # (its sample is drawn afresh each step)
+        assert relative_l2(two, out[:2]).max().item() < 2e-2    # the same requests in a batch of 2
+    assert op._index_buffers["dense"][1].numel() == 2 * 12400   # graph buffers sized for graph_batch
+    per_head = [b for name, b in op._index_buffers.items() if name in ("pages", "main", "sample")]
+    assert per_head and all(b[0].numel() == 2 * HK + 1 for b in per_head)
+    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+    with pytest.raises(RuntimeError, match="graph_batch"):
+        capture_graph(lambda: op.run(1, q, pool.k_cache, pool.v_cache, meta))

@@ -433,3 +433,25 @@ def test_vattention_cap_warning_names_the_fix():
     assert vattention_cap_warning(preset, 6144) is None               # the cap cannot bind
     assert vattention_cap_warning(preset.replace(sample_capacity=32768), 32768) is None
     assert vattention_cap_warning(SparseConfig.load("quest"), 131072) is None
+
+
+def test_captured_decode_batch_reads_sglangs_graph_config():
+    """The operator's graph buffers are sized for the largest decode batch SGLang's CUDA-graph config captures (0
+    with graphs off; the fallback where the config is missing)."""
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.cuda_graph_config import CudaGraphConfig, PhaseConfig
+
+    from sgl_sparse.sglang_backend import captured_decode_batch
+
+    def args(**kw):
+        return SimpleNamespace(disable_cuda_graph=False, disable_decode_cuda_graph=False, **kw)
+
+    full = CudaGraphConfig(decode=PhaseConfig(backend="full", max_bs=8, bs=[1, 2, 4, 8]))
+    assert captured_decode_batch(args(cuda_graph_config=full), 256) == 8
+    assert captured_decode_batch(args(cuda_graph_config=CudaGraphConfig(decode=PhaseConfig(backend="full",
+                                                                                            max_bs=48))), 256) == 48
+    off = CudaGraphConfig(decode=PhaseConfig(backend="disabled", max_bs=8, bs=[1, 2, 4, 8]))
+    assert captured_decode_batch(args(cuda_graph_config=off), 256) == 0
+    assert captured_decode_batch(SimpleNamespace(disable_cuda_graph=True, cuda_graph_config=full), 256) == 0
+    assert captured_decode_batch(args(), 256) == 256
