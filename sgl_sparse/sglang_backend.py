@@ -223,19 +223,27 @@ def _check_engine_args(server_args, *args, **kwargs):
     return None
 
 
-def captured_decode_batch(server_args, unknown: int) -> int:
-    """The largest decode batch SGLang may replay from a CUDA graph (``server_args.cuda_graph_config.decode``; 0
-    with graphs off): the operator sizes the buffers its graphs read for it, as SGLang's FlashInfer backend does.
-    ``unknown`` where the field is missing (then every batch size shares buffers sized for it)."""
+def captured_decode_batch(server_args, max_requests: int) -> int:
+    """The largest decode batch SGLang may replay from a CUDA graph: the largest of
+    ``server_args.cuda_graph_config.decode``'s sizes, clamped as SGLang's ``get_batch_sizes_to_capture`` clamps
+    them (to the request slots, padded to the graph batch alignment); 0 with graphs off. The operator sizes the
+    buffers its graphs read for it, as SGLang's FlashInfer backend does. ``max_requests`` where the config is
+    missing (then every batch size shares buffers sized for it)."""
     if getattr(server_args, "disable_cuda_graph", False) or getattr(server_args, "disable_decode_cuda_graph", False):
         return 0
     decode = getattr(getattr(server_args, "cuda_graph_config", None), "decode", None)
     if decode is None:
-        return unknown
+        return max_requests
     if getattr(decode, "backend", None) == "disabled":
         return 0
     sizes = getattr(decode, "bs", None)
-    return max(sizes) if sizes else (getattr(decode, "max_bs", None) or unknown)
+    largest = max(sizes) if sizes else (getattr(decode, "max_bs", None) or max_requests)
+    try:
+        from sglang.srt.utils.common import get_cuda_graph_max_batch_size
+        cap = get_cuda_graph_max_batch_size(server_args, max_requests)
+    except (ImportError, AttributeError):         # no alignment known: a capture past it raises in the operator
+        cap = max_requests
+    return min(largest, cap)
 
 
 # ----------------------------------------------------------------------------- KV pool sizing

@@ -455,3 +455,4 @@ def test_captured_decode_batch_reads_sglangs_graph_config():
     assert captured_decode_batch(args(cuda_graph_config=off), 256) == 0
     assert captured_decode_batch(SimpleNamespace(disable_cuda_graph=True, cuda_graph_config=full), 256) == 0
     assert captured_decode_batch(args(), 256) == 256
+    assert captured_decode_batch(args(cuda_graph_config=full), 6) == 6          # clamped to the request slots
