@@ -219,8 +219,9 @@ class SparseDecodeOperator:
             ``req_to_token``; ``req_to_token`` may not change size afterwards).
         graph_batch: the largest batch size a CUDA graph may be captured with (default ``max_batch``). The index
             buffers that graphs read are shared by the batch sizes up to it and sized for it (as SGLang's own
-            FlashInfer backend sizes its graph buffers); a larger batch, always eager, gets buffers of its own
-            size (dropped with its wrappers) and a dense pass whose token indices are allocated per step.
+            FlashInfer backend sizes its graph buffers); larger batches, always eager, share a second set sized
+            for ``max_batch`` (made when the first such batch comes) and a dense pass whose token indices are
+            allocated per step.
     """
 
     def __init__(self, config: SparseConfig, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
@@ -294,12 +295,6 @@ class SparseDecodeOperator:
             self._index_buffers[name] = bufs
         return bufs
 
-    def _new_buffers(self, rows: int, entries: int):
-        """int32 (indptr, indices, last_page_len) buffers of one batch size's own (a size no graph captures)."""
-        dev = self.device
-        return (torch.zeros(rows + 1, dtype=torch.int32, device=dev), torch.zeros(entries, dtype=torch.int32,
-                device=dev), torch.ones(rows, dtype=torch.int32, device=dev))
-
     def _buffers(self, B: int) -> dict:
         bufs = self._per_batch.pop(B, None)
         if bufs is not None:
@@ -310,13 +305,13 @@ class SparseDecodeOperator:
             del self._per_batch[b]
         cfg = self.config
         HK, G, D = self.num_kv_heads, self.group, self.head_dim
-        shared = B <= self.graph_batch          # a size a graph may capture: the buffers sized for the largest
-        rows = (self.graph_batch if shared else B) * HK
+        # Sizes a graph may capture share buffers sized for the largest of them; larger (eager-only) sizes share a
+        # second set, sized for max_batch and made only once such a batch comes.
+        shared = B <= self.graph_batch
+        rows = (self.graph_batch if shared else self.max_batch) * HK
 
         def buffers(name: str, entries_per_row: int):
-            if shared:
-                return self._shared(name, rows, entries_per_row)
-            return self._new_buffers(rows, rows * entries_per_row)
+            return self._shared(name if shared else f"eager_{name}", rows, entries_per_row)
 
         dense_buffers = self._shared("dense", self.graph_batch, self.max_context) if shared else ()
         bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
@@ -497,10 +492,11 @@ class SparseDecodeOperator:
         if batch is None:
             raise RuntimeError("call plan() before run()")
         bufs = self._per_batch[batch.batch_size]
+        if batch.batch_size > self.graph_batch and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"a CUDA graph captures a batch of {batch.batch_size}, more than the operator's "
+                               f"graph_batch ({self.graph_batch}): its dense pass is planned per step, not "
+                               "graph-safe")
         if layer == 0 and torch.cuda.is_current_stream_capturing():   # a graph now holds this size's wrappers
-            if batch.batch_size > self.graph_batch:
-                raise RuntimeError(f"a CUDA graph captures a batch of {batch.batch_size}, more than the operator's "
-                                   f"graph_batch ({self.graph_batch}): its buffers are per step, not graph-safe")
             self._captured_sizes.add(batch.batch_size)
         cfg = self.config
         if self.path == "dense" or layer < cfg.dense_layers:

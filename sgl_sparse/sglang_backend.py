@@ -229,11 +229,11 @@ def captured_decode_batch(server_args, max_requests: int) -> int:
     them (to the request slots, padded to the graph batch alignment); 0 with graphs off. The operator sizes the
     buffers its graphs read for it, as SGLang's FlashInfer backend does. ``max_requests`` where the config is
     missing (then every batch size shares buffers sized for it)."""
-    if getattr(server_args, "disable_cuda_graph", False) or getattr(server_args, "disable_decode_cuda_graph", False):
-        return 0
     decode = getattr(getattr(server_args, "cuda_graph_config", None), "decode", None)
-    if decode is None:
-        return max_requests
+    if decode is None:                            # (SGLang 0.5.17 decides from the config alone when it has one)
+        legacy_off = getattr(server_args, "disable_cuda_graph", False) or \
+            getattr(server_args, "disable_decode_cuda_graph", False)
+        return 0 if legacy_off else max_requests
     if getattr(decode, "backend", None) == "disabled":
         return 0
     sizes = getattr(decode, "bs", None)

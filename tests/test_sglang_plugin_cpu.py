@@ -453,6 +453,6 @@ def test_captured_decode_batch_reads_sglangs_graph_config():
                                                                                             max_bs=48))), 256) == 48
     off = CudaGraphConfig(decode=PhaseConfig(backend="disabled", max_bs=8, bs=[1, 2, 4, 8]))
     assert captured_decode_batch(args(cuda_graph_config=off), 256) == 0
-    assert captured_decode_batch(SimpleNamespace(disable_cuda_graph=True, cuda_graph_config=full), 256) == 0
+    assert captured_decode_batch(SimpleNamespace(disable_cuda_graph=True), 256) == 0     # no config: legacy flags
     assert captured_decode_batch(args(), 256) == 256
     assert captured_decode_batch(args(cuda_graph_config=full), 6) == 6          # clamped to the request slots
