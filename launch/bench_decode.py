@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench_e2e import config_spec  # noqa: E402  (argparse type: a preset with optional inline overrides)
 from sgl_sparse.config import SparseConfig, SparseConfigError, presets  # noqa: E402
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.fidelity import dense_attention, relative_l2  # noqa: E402
@@ -111,19 +112,7 @@ def pool_page(configs) -> int:
     """SGLang's page of the synthetic pool: 16, or a coarse page of a config (coarse pages are whole SGLang
     pages); one pool per case serves every config, so a run with a coarse config lays every config (dense too) out
     in pages of that size."""
-    return max([P] + [SparseConfig.load(c).coarse_page_tokens for c in configs])
-
-
-def config_spec(text: str) -> str:
-    """argparse type of ``--configs``: a preset, optionally with inline overrides (``quest:coarse_page_tokens=64``)."""
-    if text.partition(":")[0] not in presets():
-        raise argparse.ArgumentTypeError(f"{text.partition(':')[0]!r} is not a preset (choose from "
-                                         f"{', '.join(presets())})")
-    try:
-        SparseConfig.load(text)
-    except SparseConfigError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    return max([P] + [SparseConfig.load(c).sglang_page_size for c in configs])
 
 
 def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, rows: list, progress,

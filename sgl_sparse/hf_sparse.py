@@ -78,7 +78,7 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
     _, HQ, _, D = query.shape
     HK, L = key.shape[1], key.shape[2]
     P = cfg.page_size
-    page = max(P, cfg.coarse_page_tokens)                       # whole coarse pages in the pool
+    page = cfg.sglang_page_size                                 # whole coarse pages in the pool
     slots = -(-L // page) * page
     k_cache = torch.zeros((slots, HK, D), dtype=key.dtype)
     v_cache = torch.zeros((slots, HK, D), dtype=value.dtype)

@@ -52,7 +52,7 @@ def warm(config: SparseConfig, *, num_qo_heads: int, num_kv_heads: int, head_dim
     from .synthetic import make_pool
 
     cfg = config.replace(dense_layers=1 if config.is_sparse else 0, min_context=0)
-    P = max(cfg.page_size, cfg.coarse_page_tokens)                # SGLang's page: coarse pages are whole pages
+    P = cfg.sglang_page_size                                      # SGLang's page: coarse pages are whole pages
     lens = [max(4 * cfg.token_budget, 64 * P) + 3, P + 1]          # one sparse request, one dense fallback
     gen = torch.Generator().manual_seed(0)
     pool = make_pool(lens, num_kv_heads, head_dim, P, dtype, device, gen)

@@ -30,7 +30,7 @@ def _need_flashinfer():
 def _setup(method, lens, *, HK=8, G=4, D=128, dtype=torch.bfloat16, seed=0, kind="peaked", layers=3, **cfg):
     config = SparseConfig.load(method).replace(**cfg)
     gen = torch.Generator().manual_seed(seed)
-    page = max(config.page_size, config.coarse_page_tokens)     # SGLang's page: coarse pages are whole pages
+    page = config.sglang_page_size                              # SGLang's page: coarse pages are whole pages
     pool = make_pool(lens, HK, D, page, dtype, DEV, gen, spare_pages=64, max_ctx=max(lens) + 2 * page)
     q = torch.randn((len(lens), HK * G, D), generator=gen).to(dtype).to(DEV)
     q = shape_attention(pool, q, kind, gen)

@@ -127,7 +127,7 @@ def test_dense_pages_rounds_min_context_to_pages():
 def _setup(method, lens, kind="peaked", seed=0, HK=2, G=3, D=64, **cfg):
     config = SparseConfig.load(method).replace(**cfg)
     gen = torch.Generator().manual_seed(seed)
-    pool = make_pool(lens, HK, D, max(config.page_size, config.coarse_page_tokens), torch.bfloat16, "cpu", gen)
+    pool = make_pool(lens, HK, D, config.sglang_page_size, torch.bfloat16, "cpu", gen)
     q = shape_attention(pool, torch.randn((len(lens), HK * G, D), generator=gen).to(torch.bfloat16), kind, gen)
     meta = SparseKVMetadata(config, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
                             dtype=torch.bfloat16, device="cpu")
