@@ -177,7 +177,6 @@ class _DenseDecode:
         pos = torch.arange(total, device=dev) - starts[rows]
         indices.copy_(batch.req_to_token[batch.req_pool_indices.long()[rows], pos])
         HQ, HK, D = self.shape
-        self._planned = indices                          # FlashInfer keeps reading it: keep it alive
         self.wrapper.plan(indptr_host, indices, self.last_host, HQ, HK, D, 1, q_data_type=self.dtype,
                           kv_data_type=self.dtype, sm_scale=self.sm_scale)
 
