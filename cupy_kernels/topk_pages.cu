@@ -1,8 +1,7 @@
 // Top-k page selection per (request, KV head), sinks and local window forced in (see reference.topk_pages).
 //
 // One block per (b, h). Scores become order-preserving 32-bit keys (forced pages get the largest key); a
-// 4-pass radix select (8 bits a pass, shared-memory histogram with warp-aggregated atomics, warp-shuffle suffix
-// sums) finds the k-th largest key T and how many
+// 4-pass radix select (8 bits a pass, shared-memory histogram, warp-shuffle suffix sums) finds the k-th largest key T and how many
 // keys equal to T are needed; a final ordered compaction (ballot scans over tiles of the block) writes every
 // page with key > T and the first needed pages with key == T, in ascending page order. Reads of the score
 // row hit L2 after the first pass; no sort, no dynamic shared memory, any page count.
@@ -77,15 +76,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages(
         __syncthreads();
         const u32 prefix = s_prefix;
         const int remaining = s_remaining;
-        // Warp-aggregated: the lanes of a warp whose keys share a digit add to its bin once. Scores cluster (the
-        // first pass sees few distinct exponents), where per-lane atomics would contend on a few bins.
-        for (int base = 0; base < n; base += THREADS) {     // the same trip count in every lane (match_any)
-            const int j = base + tid;
-            const u32 k = j < n ? KEY(j) : 0u;
-            const bool match = j < n && (k & mask) == prefix;
-            const int bin = match ? (int)((k >> shift) & 255u) : 256 + (tid & 31);   // misses: a bin of their own
-            const unsigned peers = __match_any_sync(0xffffffffu, bin);
-            if (match && (tid & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], __popc(peers));
+        for (int j = tid; j < n; j += THREADS) {
+            const u32 k = KEY(j);
+            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1);
         }
         __syncthreads();
         // Suffix sums: hist[d] <- number of matching keys with digit >= d. Warps 0..7 own 32 bins each: a shuffle
