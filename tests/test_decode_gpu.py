@@ -558,7 +558,8 @@ def test_mixed_path_graph_attends_opted_out_rows_densely(method):
     torch.cuda.synchronize()
     replayed = {layer: outs[layer].clone() for layer in range(3)}
     frac = op.attended_fraction()
-    assert frac[1].item() == 1.0 and frac[0].item() < 0.5      # the opted-out row in full, the other sparse
+    # the opted-out row in full, the long one sparse (vAttention's sample adds to its budget: below 1, not 1/8)
+    assert frac[1].item() == 1.0 and frac[0].item() < 1.0
     dense = dense_attention(q, pool.k_cache, pool.v_cache, op.batch, sm)
     for layer in (1, 2):
         assert relative_l2(replayed[layer][1], dense[1]).max().item() < 1e-2, layer          # the opted-out row

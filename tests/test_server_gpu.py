@@ -178,7 +178,8 @@ def generate(server, prompts, max_new_tokens=32, logprobs=False, **extra) -> lis
 
 
 def output_ids(result: dict) -> list[int]:
-    return [t[1] for t in result["meta_info"]["output_token_logprobs"]]
+    """Greedy token ids of a /generate result (or of its ``meta_info``, as the frontend's get_meta_info returns)."""
+    return [t[1] for t in result.get("meta_info", result)["output_token_logprobs"]]
 
 
 def assert_same_greedy(reference: dict, other_ids: list[int], label: str) -> bool:
