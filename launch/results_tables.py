@@ -103,21 +103,22 @@ def accuracy_table(data: dict) -> str:
 
 def soak_table(data: dict) -> str:
     """One row per config: what the soak sent, what came back, and the issue's checks."""
-    lines = [f"{data['gpu']}, commit {_commit(data.get('commit') or (data.get('runs') or [{}])[0].get('commit'))}; "
+    lines = [f"{data['gpu']}, commit per row; "
              "memory in MiB of the server's processes, after the warm-up and at the end; decode steps from a graph: "
              "share of SGLang's logged decode batches (one in 40) that replayed a CUDA graph.", "",
-             "| config | load (s) | requests | completed | client hang-ups | rejected (400) | server errors | "
+             "| config | commit | load (s) | requests | completed | client hang-ups | rejected (400) | server errors | "
              "leaked tokens | probe mismatches | retracted | memory start → end | output tokens/s | "
              "decode steps from a graph | passed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "requests" not in r:
-            lines.append(f"| {r['config']} | failed: {r.get('error', '?').splitlines()[0]} |||||||||||||")
+            lines.append(f"| {r['config']} | {_commit(r.get('commit'))} | failed: {r.get('error', '?').splitlines()[0]} "
+                         "|||||||||||||")
             continue
         share = r.get("decode_graph_share")
         graph = "—" if share is None else f"{100 * share:.0f} %"
         rate = "—" if r.get("output_tokens") is None else f"{r['output_tokens'] / r['duration_s']:.0f}"
-        lines.append(f"| {r['config']} | {r['duration_s']:.0f} | {r['requests']} | {r['completed']} | {r['aborted']} | "
+        lines.append(f"| {r['config']} | {_commit(r.get('commit'))} | {r['duration_s']:.0f} | {r['requests']} | {r['completed']} | {r['aborted']} | "
                      f"{r['rejected']} | {r['server_errors']} | {r.get('leaked_tokens')} | "
                      f"{r.get('probe_mismatches')} | {r.get('retracted_reqs', 0)} | "
                      f"{r.get('gpu_memory_start_mib')} → {r.get('gpu_memory_end_mib')} | {rate} | {graph} | "
@@ -125,8 +126,37 @@ def soak_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table, "accuracy": accuracy_table,
-             "soak": soak_table}
+def bench_serving_table(data: dict) -> str:
+    """One row per config, workload and concurrency, with the ratios to dense of the same workload and concurrency
+    (same run) and the estimated decode share of the dense run; then the targets."""
+    rows = [r for r in data["rows"] if "output_throughput" in r and "error" not in r]
+    dense = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense"}
+    commits = sorted({_commit(r.get("commit") or data.get("commit")) for r in rows})
+    lines = [f"{data['gpu']}, commit {', '.join(commits)}; ratios against the dense server of the same workload and "
+             "concurrency; decode: estimated share of the dense run spent in decode.", "",
+             "| config | workload | concurrency | output tok/s | median TPOT (ms) | p99 TPOT (ms) | median TTFT (ms) | "
+             "TPOT speedup | throughput ratio | decode |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], r["config"] != "dense", r["config"])):
+        base = dense.get((r["workload"], r["concurrency"]))
+        rel = ("| | |" if r["config"] == "dense" or base is None else
+               f"| **{base['median_tpot_ms'] / r['median_tpot_ms']:.2f}** | "
+               f"**{r['output_throughput'] / base['output_throughput']:.2f}** |")
+        share = f"{100 * r['decode_share']:.0f} %" if r["config"] == "dense" and r.get("decode_share") else ""
+        lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | {r['output_throughput']:.1f} | "
+                     f"{r['median_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['median_ttft_ms']:.0f} {rel} {share} |")
+    targets = [t for t in data.get("targets", []) if t.get("binding")]
+    if targets:
+        lines += ["", "| target (`quest`) | required | measured |", "|---|---|---|"]
+        for t in targets:
+            got = "not measured" if t["met"] is None else f"{t['value']:.2f} ({'met' if t['met'] else 'not met'})"
+            lines.append(f"| {t['workload']}, concurrency {t['concurrency']}: {t['metric']} | {t['op']} "
+                         f"{t['required']} | {got} |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table,
+             "accuracy": accuracy_table, "soak": soak_table}
 
 
 def render(name: str) -> str:

@@ -542,7 +542,7 @@ def combine(paths: list[str], out: Path) -> int:
             if r["config"] in seen:
                 continue
             seen.add(r["config"])
-            r = dict(r, commit=run.get("commit"))
+            r = dict(r, commit=run.get("commit") or r.get("commit"))     # a combined file keeps its rows' commits
             if r.get("probe_mismatches") is None and reference and r.get("probe_outputs_after"):
                 r.update(judge_probes(r, reference))
                 r["checks"] = checks(r, argparse.Namespace(**run["settings"]))

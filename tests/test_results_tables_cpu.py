@@ -46,10 +46,10 @@ def test_accuracy_and_soak_tables_show_their_figures(tmp_path, monkeypatch):
                           dict(method="quest", config="quest", budget=2048, length=32000, scope="task_length",
                                task="cwe", score=0.29)])
     soak = dict(gpu="NVIDIA H200", runs=[dict(commit="abcdef0123")], rows=[
-        dict(config="quest", duration_s=301.2, requests=1769, completed=1537, aborted=185, rejected=47,
+        dict(config="quest", commit="abcdef0123", duration_s=301.2, requests=1769, completed=1537, aborted=185, rejected=47,
              server_errors=0, leaked_tokens=0, probe_mismatches=0, retracted_reqs=1, gpu_memory_start_mib=4552,
              gpu_memory_end_mib=4564, decode_graph_share=0.25, output_tokens=60200, passed=True),
-        dict(config="twilight", error="start-up: ServerError: died\nmore", passed=False)])
+        dict(config="twilight", commit="1234567890", error="start-up: ServerError: died\nmore", passed=False)])
     (tmp_path / "accuracy_x.json").write_text(json.dumps(accuracy))
     (tmp_path / "soak_x.json").write_text(json.dumps(soak))
     monkeypatch.setattr(results_tables, "RESULTS", tmp_path)
@@ -57,5 +57,31 @@ def test_accuracy_and_soak_tables_show_their_figures(tmp_path, monkeypatch):
     assert "| quest | 2048 | 32000 | 0.720 | [0.60, 0.80] | **0.900** | [0.85, 0.95] | 0.0638 | 90 |" in acc
     assert "| quest | 2048 | 32000 | 0.29 |" in acc and "commit abcdef0" in acc
     table = results_tables.render("soak_x")
-    assert "| quest | 301 | 1769 | 1537 | 185 | 47 | 0 | 0 | 0 | 1 | 4552 → 4564 | 200 | 25 % | yes |" in table
-    assert "| twilight | failed: start-up: ServerError: died |" in table and "commit abcdef0" in table
+    assert ("| quest | abcdef0 | 301 | 1769 | 1537 | 185 | 47 | 0 | 0 | 0 | 1 | 4552 → 4564 | 200 | 25 % | yes |"
+            in table)
+    assert "| twilight | 1234567 | failed: start-up: ServerError: died |" in table
+
+
+def test_bench_serving_table_gives_ratios_to_dense_and_the_targets(tmp_path, monkeypatch):
+    def row(config, c, tps, tpot, ttft, **extra):
+        return dict(config=config, workload="32k", concurrency=c, output_throughput=tps, median_tpot_ms=tpot,
+                    p99_tpot_ms=tpot * 1.2, median_ttft_ms=ttft, commit="abcdef0123", **extra)
+
+    data = dict(gpu="NVIDIA H200", rows=[
+        row("dense", 4, 342.7, 9.92, 3573, decode_share=0.76), row("quest", 4, 423.1, 7.70, 3591),
+        row("quest", 16, 1.0, 1.0, 1.0, error="3 of 16 requests completed")],
+        targets=[dict(config="quest", workload="32k", concurrency=16, metric="median_tpot_speedup", op=">=",
+                      required=1.9, value=None, met=None, binding=True),
+                 dict(config="quest", workload="32k", concurrency=16, metric="output_throughput_ratio", op=">=",
+                      required=1.4, value=1.52, met=True, binding=True),
+                 dict(config="twilight", workload="32k", concurrency=16, metric="output_throughput_ratio", op=">=",
+                      required=1.4, value=1.1, met=False, binding=False)])
+    (tmp_path / "bench_serving_x.json").write_text(json.dumps(data))
+    monkeypatch.setattr(results_tables, "RESULTS", tmp_path)
+    table = results_tables.render("bench_serving_x")
+    assert "| dense | 32k | 4 | 342.7 | 9.92 | 11.90 | 3573 | | | 76 % |" in table
+    assert "| quest | 32k | 4 | 423.1 | 7.70 | 9.24 | 3591 | **1.29** | **1.23** |  |" in table
+    assert "| quest | 32k | 16 |" not in table                         # a failed point is not a measurement
+    assert "| 32k, concurrency 16: median_tpot_speedup | >= 1.9 | not measured |" in table
+    assert "| 32k, concurrency 16: output_throughput_ratio | >= 1.4 | 1.52 (met) |" in table
+    assert "twilight" not in table and "commit abcdef0" in table

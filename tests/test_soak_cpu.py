@@ -438,6 +438,12 @@ def test_dense_run_makes_the_reference_and_results_combine(tmp_path, monkeypatch
     assert [(r["config"], r["commit"], r["passed"]) for r in merged["rows"]] == [("dense", "abc", True),
                                                                                   ("quest", "def", True)]
     assert merged["passed"] is True and merged["probe_reference"] == row["probe_outputs_before"]
+    third = tmp_path / "c.json"                              # a later run combined into the combined file
+    soak.write(third, dict(gpu="H200", commit="ghi"), [dict(row, config="twilight")])
+    again = tmp_path / "again.json"
+    soak.combine([str(out), str(third)], again)
+    assert [(r["config"], r["commit"]) for r in json.loads(again.read_text())["rows"]] == [
+        ("dense", "abc"), ("quest", "def"), ("twilight", "ghi")]          # each row keeps the commit it ran at
 
 
 def test_gpu_memory_of_a_server_is_its_process_group(tmp_path, monkeypatch):
