@@ -619,3 +619,35 @@ def test_batches_beyond_the_captured_size_get_their_own_buffers(method):
     op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
     with pytest.raises(RuntimeError, match="graph_batch"):
         capture_graph(lambda: op.run(1, q, pool.k_cache, pool.v_cache, meta))
+
+
+@pytest.mark.parametrize("method", METHODS + ("dense", "quest-fast"))
+def test_fixed_bytes_are_what_the_operator_allocates(method):
+    """``SparseDecodeOperator.fixed_bytes`` (what the pool sizing takes out of SGLang's KV budget) is the device
+    memory an operator takes once it holds the wrappers of every batch size it keeps (the captured ones and
+    EAGER_BATCH_SIZES eager ones beyond graph_batch): ``torch.cuda.memory_allocated``, FlashInfer's own buffers
+    included."""
+    from sgl_sparse.decode import held_batch_sizes
+
+    config = SparseConfig.load(method)
+    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, num_layers=4, max_batch=24, max_context=8192,
+                dtype=torch.bfloat16, max_requests=25, graph_batch=8)
+    captured = [1, 2, 4, 8]
+    sizes = held_batch_sizes(captured, args["max_batch"])
+    want = SparseDecodeOperator.fixed_bytes(config, **args, batch_sizes=sizes)
+
+    def build():
+        op = SparseDecodeOperator(config, **args, device=DEV)
+        op._captured_sizes.update(captured)                   # as capturing them marks them (kept for good)
+        for B in sizes:
+            op._buffers(B)
+        assert sorted(op._per_batch) == sizes
+        return op
+
+    build()                                                    # a first one loads FlashInfer's modules, freed
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    op = build()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before == sum(want.values()), want
+    assert op.workspace.numel() == want["workspace"]
