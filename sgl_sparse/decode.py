@@ -91,8 +91,8 @@ class _PerHeadDecode:
     ``last_buf`` (int32) are shared by the wrappers of every batch size.
     """
 
-    def __init__(self, workspace, batch_size, num_kv_heads, group, head_dim, page_size, capacity, dtype, sm_scale,
-                 indptr_buf, indices_buf, last_buf):
+    def __init__(self, workspace, int_workspace, batch_size, num_kv_heads, group, head_dim, page_size, capacity,
+                 dtype, sm_scale, indptr_buf, indices_buf, last_buf):
         fi = _flashinfer()
         R = batch_size * num_kv_heads
         self.rows, self.group, self.head_dim = R, group, head_dim
@@ -105,6 +105,7 @@ class _PerHeadDecode:
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
+        self.wrapper.reset_workspace_buffer(workspace, int_workspace)     # its own 8 MiB is freed again
         self.plan(torch.full((R,), capacity, dtype=torch.int32))
 
     def plan(self, tokens: torch.Tensor) -> None:
@@ -152,7 +153,7 @@ class _DenseDecode:
     FlashInfer's CUDA-graph one; without (``indptr_buf is None``: a batch larger than any captured, always eager)
     a plain wrapper whose token indices are allocated at each plan(), as many as the step holds."""
 
-    def __init__(self, workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale,
+    def __init__(self, workspace, int_workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale,
                  indptr_buf=None, indices_buf=None, last_buf=None):
         fi = _flashinfer()
         self.shape = (num_qo_heads, num_kv_heads, head_dim)
@@ -162,13 +163,14 @@ class _DenseDecode:
         self.indices = indices_buf
         if indices_buf is None:
             self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
-            return
-        self.indptr = indptr_buf[: batch_size + 1]
-        self.last = last_buf[:batch_size]
-        self.last.fill_(1)
-        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
-            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
+        else:
+            self.indptr = indptr_buf[: batch_size + 1]
+            self.last = last_buf[:batch_size]
+            self.last.fill_(1)
+            self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
+                paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
+        self.wrapper.reset_workspace_buffer(workspace, int_workspace)         # its own 8 MiB is freed again
 
     def plan(self, batch: DecodeBatch, seq_lens_cpu: torch.Tensor) -> None:
         lens = seq_lens_cpu.to(torch.int64)
@@ -199,18 +201,21 @@ class _DenseDecode:
 class _Wrapper(NamedTuple):
     """One FlashInfer wrapper of a batch size, as :meth:`SparseDecodeOperator._layout` lays it out: per-head rows
     of ``page_size`` (``capacity`` tokens a row), or the dense GQA pass (``page_size`` None); ``buffers`` are the
-    shared (indptr, indices, last_page_len) it plans into, ``()`` for a dense pass planned per step (eager)."""
+    shared (indptr, indices, last_page_len) it plans into, ``()`` for a dense pass planned per step (eager);
+    ``int_workspace`` is FlashInfer's int workspace of its role, shared by every batch size."""
 
     page_size: int | None
     capacity: int
     buffers: tuple
+    int_workspace: torch.Tensor
 
     def device_bytes(self, batch_size: int, num_kv_heads: int) -> int:
-        """What the wrapper allocates itself (the index buffers are counted with the operator): FlashInfer's int
-        workspace; under CUDA graphs FlashInfer's ``qo_indptr`` (rows + 1 int32); a per-head wrapper's token
-        counts ``[B, HK]`` int32."""
+        """What the wrapper holds itself (the index buffers and the int workspace of its role are counted with the
+        operator): under CUDA graphs FlashInfer's ``qo_indptr`` (rows + 1 int32); a per-head wrapper's token
+        counts ``[B, HK]`` int32. (FlashInfer's own 8 MiB int workspace is allocated and freed again when the
+        wrapper takes its role's.)"""
         rows = batch_size if self.page_size is None else batch_size * num_kv_heads
-        n = allocated_bytes(FLASHINFER_INT_WORKSPACE_BYTES)
+        n = 0
         if self.buffers:
             n += allocated_bytes(4 * (rows + 1))
         if self.page_size is not None:
@@ -293,12 +298,17 @@ class SparseDecodeOperator:
         self.max_pages = -(-max_context // config.page_size)
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.collect_stats = collect_stats
-        # FlashInfer wrappers per batch size (each holds ~8 MiB of device workspace per wrapper): the sizes a CUDA
-        # graph was captured with are kept for good; the others, least recently planned first, beyond
-        # EAGER_BATCH_SIZES are dropped, so eager traffic of many batch sizes keeps memory bounded.
+        # FlashInfer wrappers per batch size: the sizes a CUDA graph was captured with are kept for good; the
+        # others, least recently planned first, beyond EAGER_BATCH_SIZES are dropped, so eager traffic of many batch
+        # sizes keeps memory bounded.
         self._per_batch: dict[int, dict] = {}
         self._captured_sizes: set[int] = set()
         self._index_buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # FlashInfer's int workspace (a plan's work list, 8 MiB) per wrapper role, shared by every batch size: a
+        # step plans one batch size, whose plan() rewrites the work list right before the graph replay or eager run
+        # that reads it; the roles a step plans together each have their own. (One per wrapper would be ~8 MiB x
+        # roles x captured sizes: ~0.9 GiB for Quest at SGLang's default capture list.)
+        self._int_workspaces: dict[str, torch.Tensor] = {}
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
         self.dense_rows: torch.Tensor | None = None
@@ -338,9 +348,10 @@ class SparseDecodeOperator:
         caching allocator rounds it.
 
         - ``workspace``: FlashInfer's float workspace (``WORKSPACE_BYTES``), shared by every wrapper;
+        - ``int workspaces``: FlashInfer's int workspace (``FLASHINFER_INT_WORKSPACE_BYTES``) per wrapper role,
+          shared by every batch size;
         - ``wrappers``: per batch size, FlashInfer wrappers for the dense pass and, for a sparse config, the mixed
-          path's dense pass, the selection's rows and vAttention's sample: each
-          ``FLASHINFER_INT_WORKSPACE_BYTES`` and an int32 or two per row;
+          path's dense pass, the selection's rows and vAttention's sample: an int32 or two per row;
         - ``graph index buffers`` (int32, sized for ``graph_batch``): the dense pass's
           ``graph_batch x max_context`` indices, the mixed pass's ``4 x max_context + max_batch``, the per-head
           rows ``graph_batch x HK x`` the selection width (vAttention's sample: ``sample_capacity``);
@@ -365,6 +376,7 @@ class SparseDecodeOperator:
         index = {name: total(bufs) for name, bufs in op._index_buffers.items()}
         return {
             "workspace": total([op.workspace]),
+            "int workspaces": total(op._int_workspaces.values()),
             "wrappers": sum(w.device_bytes(B, num_kv_heads) for B, layout in layouts.items()
                             for w in layout.values()),
             "graph index buffers": sum(n for name, n in index.items() if not name.startswith("eager_")),
@@ -379,6 +391,14 @@ class SparseDecodeOperator:
                 self.seed_base, self.reuse_from, self.row_top_k, self.layer_counts]
 
     # ------------------------------------------------------------------ host side, once per step
+
+    def _int_workspace(self, role: str) -> torch.Tensor:
+        """FlashInfer's int workspace of the wrappers named ``role`` (every batch size's)."""
+        ws = self._int_workspaces.get(role)
+        if ws is None:
+            ws = torch.empty(FLASHINFER_INT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            self._int_workspaces[role] = ws
+        return ws
 
     def _shared(self, name: str, rows: int, entries_per_row: int, entries: int | None = None):
         """int32 (indptr, indices, last_page_len) buffers shared by the wrappers of every batch size (``entries``
@@ -405,11 +425,11 @@ class SparseDecodeOperator:
         bufs = {}
         for name, w in self._layout(B).items():
             if w.page_size is None:
-                bufs[name] = _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
-                                          *w.buffers)
+                bufs[name] = _DenseDecode(self.workspace, w.int_workspace, B, self.num_qo_heads, HK, D, self.dtype,
+                                          self.sm_scale, *w.buffers)
             else:
-                bufs[name] = _PerHeadDecode(self.workspace, B, HK, G, D, w.page_size, w.capacity, self.dtype,
-                                            self.sm_scale, *w.buffers)
+                bufs[name] = _PerHeadDecode(self.workspace, w.int_workspace, B, HK, G, D, w.page_size, w.capacity,
+                                            self.dtype, self.sm_scale, *w.buffers)
         self._per_batch[B] = bufs
         return bufs
 
@@ -427,21 +447,23 @@ class SparseDecodeOperator:
             return self._shared(name if shared else f"eager_{name}", rows, entries_per_row)
 
         dense_buffers = self._shared("dense", self.graph_batch, self.max_context) if shared else ()
-        layout = {"dense": _Wrapper(None, 0, dense_buffers)}
+        layout = {"dense": _Wrapper(None, 0, dense_buffers, self._int_workspace("dense"))}
         if cfg.is_sparse:
             # the mixed path's dense pass: the opted-out rows' tokens, one token for every other row (an eager-only
             # size: indices allocated per step)
             layout["dense_rows"] = _Wrapper(None, 0, self._shared("dense_rows", self.graph_batch, 0,
-                                                                  self.max_dense_row_tokens) if shared else ())
+                                                                  self.max_dense_row_tokens) if shared else (),
+                                            self._int_workspace("dense_rows"))
             # A row holds every page of a request within the budget, else top_k (+ pages written since a
             # reused selection): selection_width pages.
             P, W = cfg.page_size, cfg.selection_width
             if cfg.method == "twilight":     # top-p survivors: token rows
-                layout["main"] = _Wrapper(1, W * P, buffers("main", W * P))
+                layout["main"] = _Wrapper(1, W * P, buffers("main", W * P), self._int_workspace("main"))
             else:                            # Quest's selection (vAttention's deterministic part): page rows
-                layout["pages"] = _Wrapper(P, W * P, buffers("pages", W))
+                layout["pages"] = _Wrapper(P, W * P, buffers("pages", W), self._int_workspace("pages"))
             if cfg.method == "vattention":
-                layout["sample"] = _Wrapper(1, cfg.sample_capacity, buffers("sample", cfg.sample_capacity))
+                layout["sample"] = _Wrapper(1, cfg.sample_capacity, buffers("sample", cfg.sample_capacity),
+                                            self._int_workspace("sample"))
         return layout
 
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,

@@ -73,11 +73,15 @@ def test_fixed_bytes_match_what_the_operator_allocates(method, graph_batch):
 
     per_size = {"dense": 1, "quest": 3, "twilight": 3, "vattention": 4}[cfg.method]
     assert all(len(layout) == per_size for layout in layouts.values())
+    # one FlashInfer int workspace per wrapper role, whatever the number of batch sizes
+    assert parts["int workspaces"] == per_size * FLASHINFER_INT_WORKSPACE_BYTES
+    for role in layouts[sizes[0]]:
+        assert len({layout[role].int_workspace.data_ptr() for layout in layouts.values()}) == 1
+    assert len({w.int_workspace.data_ptr() for w in layouts[sizes[0]].values()}) == per_size
     wrappers = per_size * len(sizes)
     rows = sum(B * (1 if w.page_size is None else args["num_kv_heads"]) for B, layout in layouts.items()
                for w in layout.values())
-    assert wrappers * FLASHINFER_INT_WORKSPACE_BYTES <= parts["wrappers"] <= \
-        wrappers * (FLASHINFER_INT_WORKSPACE_BYTES + 2 * 512 + 4) + 8 * rows
+    assert parts["wrappers"] <= wrappers * (2 * 512 + 4) + 8 * rows
 
 
 def test_held_batch_sizes_are_the_captured_and_the_largest_eager():
@@ -91,8 +95,9 @@ def test_held_batch_sizes_are_the_captured_and_the_largest_eager():
 
 
 def test_wrapper_bytes_follow_flashinfer():
-    """What ``_Wrapper.device_bytes`` counts is what FlashInfer's decode wrapper allocates on the device: its int
-    workspace, and ``qo_indptr`` (fixed batch size + 1, int32) when built for CUDA graphs with tensor cores."""
+    """What the operator counts for a wrapper is what FlashInfer's decode wrapper holds on the device: an int
+    workspace (its role's, given with reset_workspace_buffer, counted once per role) and ``qo_indptr`` (fixed batch
+    size + 1, int32) when built for CUDA graphs with tensor cores."""
     from flashinfer.decode import BatchDecodeWithPagedKVCacheWrapper
 
     src = inspect.getsource(BatchDecodeWithPagedKVCacheWrapper.__init__)
@@ -100,6 +105,9 @@ def test_wrapper_bytes_follow_flashinfer():
            "device=self.device" in src
     assert FLASHINFER_INT_WORKSPACE_BYTES == 8 * 1024 * 1024
     assert "self._qo_indptr_buf = torch.arange(\n                    self._fixed_batch_size + 1," in src
+    # the operator hands each wrapper its role's int workspace; FlashInfer then holds that one instead of its own
+    reset = inspect.getsource(BatchDecodeWithPagedKVCacheWrapper.reset_workspace_buffer)
+    assert "self._int_workspace_buffer = int_workspace_buffer" in reset
 
 
 SGLANG_POOL = """
@@ -185,7 +193,9 @@ def test_pool_budget_hook_takes_the_fixed_bytes_out_of_the_pool(tmp_path):
         assert case["parts"]["workspace"] == WORKSPACE_BYTES
         per_size = 4 if name == "vattention" else 3
         sizes = held_batch_sizes(case["sizes"], max(case["slots"], case["graph_batch"]))
-        assert case["parts"]["wrappers"] >= per_size * len(sizes) * FLASHINFER_INT_WORKSPACE_BYTES
+        assert case["parts"]["int workspaces"] == per_size * FLASHINFER_INT_WORKSPACE_BYTES
+        # the wrappers of every captured size together hold less than one int workspace per role: they share them
+        assert 0 < case["parts"]["wrappers"] < per_size * FLASHINFER_INT_WORKSPACE_BYTES
         assert max(case["sizes"]) == case["graph_batch"]
         logged = [x for x in p.stderr.splitlines() if "sgl-sparse:" in x and "KV pool's budget" in x]
         assert any(f"{fixed / 2**20:.1f} MiB" in x and "workspace 256.0 MiB" in x for x in logged), logged
