@@ -29,6 +29,8 @@ Attention runs on stock FlashInfer ``BatchDecodeWithPagedKVCacheWrapper``:
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -41,6 +43,16 @@ from .policies import DecodeBatch, LayerTables
 
 WORKSPACE_BYTES = 256 * 1024 * 1024
 EAGER_BATCH_SIZES = 4     # FlashInfer wrapper sets kept for batch sizes no CUDA graph was captured with
+# FlashInfer 0.6's BatchDecodeWithPagedKVCacheWrapper allocates its own int workspace (the plan's work list) of this
+# size on the device, besides the float workspace it is given.
+FLASHINFER_INT_WORKSPACE_BYTES = 8 * 1024 * 1024
+ALLOCATION_GRANULE = 512  # PyTorch's CUDA caching allocator rounds every allocation up to a multiple of this
+
+
+def allocated_bytes(nbytes: int) -> int:
+    """Device bytes an allocation of ``nbytes`` takes from PyTorch's caching allocator (as
+    ``torch.cuda.memory_allocated`` counts it)."""
+    return -(-nbytes // ALLOCATION_GRANULE) * ALLOCATION_GRANULE
 
 
 def _flashinfer():
@@ -79,8 +91,8 @@ class _PerHeadDecode:
     ``last_buf`` (int32) are shared by the wrappers of every batch size.
     """
 
-    def __init__(self, workspace, batch_size, num_kv_heads, group, head_dim, page_size, capacity, dtype, sm_scale,
-                 indptr_buf, indices_buf, last_buf):
+    def __init__(self, workspace, int_workspace, batch_size, num_kv_heads, group, head_dim, page_size, capacity,
+                 dtype, sm_scale, indptr_buf, indices_buf, last_buf):
         fi = _flashinfer()
         R = batch_size * num_kv_heads
         self.rows, self.group, self.head_dim = R, group, head_dim
@@ -93,6 +105,7 @@ class _PerHeadDecode:
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
+        self.wrapper.reset_workspace_buffer(workspace, int_workspace)     # its own 8 MiB is freed again
         self.plan(torch.full((R,), capacity, dtype=torch.int32))
 
     def plan(self, tokens: torch.Tensor) -> None:
@@ -140,7 +153,7 @@ class _DenseDecode:
     FlashInfer's CUDA-graph one; without (``indptr_buf is None``: a batch larger than any captured, always eager)
     a plain wrapper whose token indices are allocated at each plan(), as many as the step holds."""
 
-    def __init__(self, workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale,
+    def __init__(self, workspace, int_workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale,
                  indptr_buf=None, indices_buf=None, last_buf=None):
         fi = _flashinfer()
         self.shape = (num_qo_heads, num_kv_heads, head_dim)
@@ -150,13 +163,14 @@ class _DenseDecode:
         self.indices = indices_buf
         if indices_buf is None:
             self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
-            return
-        self.indptr = indptr_buf[: batch_size + 1]
-        self.last = last_buf[:batch_size]
-        self.last.fill_(1)
-        self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
-            workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
-            paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
+        else:
+            self.indptr = indptr_buf[: batch_size + 1]
+            self.last = last_buf[:batch_size]
+            self.last.fill_(1)
+            self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
+                workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
+                paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
+        self.wrapper.reset_workspace_buffer(workspace, int_workspace)         # its own 8 MiB is freed again
 
     def plan(self, batch: DecodeBatch, seq_lens_cpu: torch.Tensor) -> None:
         lens = seq_lens_cpu.to(torch.int64)
@@ -182,6 +196,44 @@ class _DenseDecode:
 
     def run(self, q, k_cache, v_cache):
         return self.wrapper.run(q, (k_cache.view(-1, 1, *k_cache.shape[1:]), v_cache.view(-1, 1, *v_cache.shape[1:])))
+
+
+class _Wrapper(NamedTuple):
+    """One FlashInfer wrapper of a batch size, as :meth:`SparseDecodeOperator._layout` lays it out: per-head rows
+    of ``page_size`` (``capacity`` tokens a row), or the dense GQA pass (``page_size`` None); ``buffers`` are the
+    shared (indptr, indices, last_page_len) it plans into, ``()`` for a dense pass planned per step (eager);
+    ``int_workspace`` is FlashInfer's int workspace of its role, shared by every batch size."""
+
+    page_size: int | None
+    capacity: int
+    buffers: tuple
+    int_workspace: torch.Tensor
+
+    def device_bytes(self, batch_size: int, num_kv_heads: int) -> int:
+        """What the wrapper holds itself (the index buffers and the int workspace of its role are counted with the
+        operator): under CUDA graphs FlashInfer's ``qo_indptr`` (rows + 1 int32); a per-head wrapper's token
+        counts ``[B, HK]`` int32. (FlashInfer's own 8 MiB int workspace is allocated and freed again when the
+        wrapper takes its role's.)"""
+        rows = batch_size if self.page_size is None else batch_size * num_kv_heads
+        n = 0
+        if self.buffers:
+            n += allocated_bytes(4 * (rows + 1))
+        if self.page_size is not None:
+            n += allocated_bytes(4 * rows)
+        return n
+
+
+def held_batch_sizes(captured: Iterable[int], max_batch: int) -> list[int]:
+    """The batch sizes whose FlashInfer wrappers an operator holds at most at once: every size a CUDA graph was
+    captured with, and ``EAGER_BATCH_SIZES`` others; the largest up to ``max_batch``, the costliest."""
+    kept = set(captured)
+    eager = []
+    for b in range(max_batch, 0, -1):
+        if len(eager) == EAGER_BATCH_SIZES:
+            break
+        if b not in kept:
+            eager.append(b)
+    return sorted(kept | set(eager))
 
 
 class _StepAttention:
@@ -246,12 +298,17 @@ class SparseDecodeOperator:
         self.max_pages = -(-max_context // config.page_size)
         self.workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
         self.collect_stats = collect_stats
-        # FlashInfer wrappers per batch size (each holds ~8 MiB of device workspace per wrapper): the sizes a CUDA
-        # graph was captured with are kept for good; the others, least recently planned first, beyond
-        # EAGER_BATCH_SIZES are dropped, so eager traffic of many batch sizes keeps memory bounded.
+        # FlashInfer wrappers per batch size: the sizes a CUDA graph was captured with are kept for good; the
+        # others, least recently planned first, beyond EAGER_BATCH_SIZES are dropped, so eager traffic of many batch
+        # sizes keeps memory bounded.
         self._per_batch: dict[int, dict] = {}
         self._captured_sizes: set[int] = set()
         self._index_buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # FlashInfer's int workspace (a plan's work list, 8 MiB) per wrapper role, shared by every batch size: a
+        # step plans one batch size, whose plan() rewrites the work list right before the graph replay or eager run
+        # that reads it; the roles a step plans together each have their own. (One per wrapper would be ~8 MiB x
+        # roles x captured sizes: ~0.9 GiB for Quest at SGLang's default capture list.)
+        self._int_workspaces: dict[str, torch.Tensor] = {}
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
         self.dense_rows: torch.Tensor | None = None
@@ -279,7 +336,69 @@ class SparseDecodeOperator:
         self.layer_counts = torch.zeros((num_layers, max_batch, num_kv_heads), dtype=torch.int32,
                                         device=self.device)
 
+    @classmethod
+    def fixed_bytes(cls, config: SparseConfig, *, num_qo_heads: int, num_kv_heads: int, head_dim: int,
+                    num_layers: int, max_batch: int, max_context: int, dtype: torch.dtype = torch.bfloat16,
+                    max_requests: int | None = None, graph_batch: int | None = None,
+                    batch_sizes: Iterable[int] = ()) -> dict[str, int]:
+        """Device bytes that an operator built with these arguments holds besides the per-token side tables, by
+        component, once it has planned every batch size of ``batch_sizes`` (:func:`held_batch_sizes`: the sizes
+        CUDA graphs capture and the eager ones it keeps). The constructor and the wrappers' layout run on the
+        meta device (nothing is allocated), so the count follows the code; each allocation is rounded as PyTorch's
+        caching allocator rounds it.
+
+        - ``workspace``: FlashInfer's float workspace (``WORKSPACE_BYTES``), shared by every wrapper;
+        - ``int workspaces``: FlashInfer's int workspace (``FLASHINFER_INT_WORKSPACE_BYTES``) per wrapper role,
+          shared by every batch size;
+        - ``wrappers``: per batch size, FlashInfer wrappers for the dense pass and, for a sparse config, the mixed
+          path's dense pass, the selection's rows and vAttention's sample: an int32 or two per row;
+        - ``graph index buffers`` (int32, sized for ``graph_batch``): the dense pass's
+          ``graph_batch x max_context`` indices, the mixed pass's ``4 x max_context + max_batch``, the per-head
+          rows ``graph_batch x HK x`` the selection width (vAttention's sample: ``sample_capacity``);
+        - ``eager index buffers``: the per-head rows again for ``max_batch``, once a batch beyond ``graph_batch``
+          comes;
+        - ``step state``: the step's per-row inputs and the token counts ``[num_layers, max_batch, HK]`` int32;
+        - ``kept selections`` (``reselect_every > 1``): :class:`policies.SelectionReuse` for ``max_requests``.
+
+        Not counted: what a step allocates and frees again (the eager dense pass's token indices, temporaries).
+        """
+        op = cls(config, num_qo_heads=num_qo_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                 num_layers=num_layers, max_batch=max_batch, max_context=max_context, dtype=dtype, device="meta",
+                 max_requests=max_requests, graph_batch=graph_batch)
+        sizes = sorted(set(batch_sizes))
+        if sizes and (sizes[0] < 1 or sizes[-1] > max_batch):
+            raise ValueError(f"batch sizes must lie in 1..max_batch={max_batch}, got {sizes}")
+        layouts = {B: op._layout(B) for B in sizes}
+
+        def total(tensors) -> int:
+            return sum(allocated_bytes(t.nbytes) for t in tensors)
+
+        index = {name: total(bufs) for name, bufs in op._index_buffers.items()}
+        return {
+            "workspace": total([op.workspace]),
+            "int workspaces": total(op._int_workspaces.values()),
+            "wrappers": sum(w.device_bytes(B, num_kv_heads) for B, layout in layouts.items()
+                            for w in layout.values()),
+            "graph index buffers": sum(n for name, n in index.items() if not name.startswith("eager_")),
+            "eager index buffers": sum(n for name, n in index.items() if name.startswith("eager_")),
+            "step state": total(op._step_state()),
+            "kept selections": total(op.reuse.tensors()) if op.reuse is not None else 0,
+        }
+
+    def _step_state(self) -> list[torch.Tensor]:
+        """The step's tensors that the constructor makes (what plan() writes for the graphs, the statistics)."""
+        return [self.step, self.dense_row_mask, self.req_pool_indices_i32, self.seq_lens_i32, self.fits_budget,
+                self.seed_base, self.reuse_from, self.row_top_k, self.layer_counts]
+
     # ------------------------------------------------------------------ host side, once per step
+
+    def _int_workspace(self, role: str) -> torch.Tensor:
+        """FlashInfer's int workspace of the wrappers named ``role`` (every batch size's)."""
+        ws = self._int_workspaces.get(role)
+        if ws is None:
+            ws = torch.empty(FLASHINFER_INT_WORKSPACE_BYTES, dtype=torch.uint8, device=self.device)
+            self._int_workspaces[role] = ws
+        return ws
 
     def _shared(self, name: str, rows: int, entries_per_row: int, entries: int | None = None):
         """int32 (indptr, indices, last_page_len) buffers shared by the wrappers of every batch size (``entries``
@@ -302,8 +421,23 @@ class SparseDecodeOperator:
         eager = [b for b in self._per_batch if b not in self._captured_sizes]
         for b in eager[: max(0, len(eager) + 1 - EAGER_BATCH_SIZES)]:
             del self._per_batch[b]
-        cfg = self.config
         HK, G, D = self.num_kv_heads, self.group, self.head_dim
+        bufs = {}
+        for name, w in self._layout(B).items():
+            if w.page_size is None:
+                bufs[name] = _DenseDecode(self.workspace, w.int_workspace, B, self.num_qo_heads, HK, D, self.dtype,
+                                          self.sm_scale, *w.buffers)
+            else:
+                bufs[name] = _PerHeadDecode(self.workspace, w.int_workspace, B, HK, G, D, w.page_size, w.capacity,
+                                            self.dtype, self.sm_scale, *w.buffers)
+        self._per_batch[B] = bufs
+        return bufs
+
+    def _layout(self, B: int) -> dict[str, _Wrapper]:
+        """The FlashInfer wrappers of batch size ``B`` by name, with the index buffers they plan into (made here
+        at the first size that needs them; torch only, so it runs on any device)."""
+        cfg = self.config
+        HK = self.num_kv_heads
         # Sizes a graph may capture share buffers sized for the largest of them; larger (eager-only) sizes share a
         # second set, sized for max_batch and made only once such a batch comes.
         shared = B <= self.graph_batch
@@ -313,28 +447,24 @@ class SparseDecodeOperator:
             return self._shared(name if shared else f"eager_{name}", rows, entries_per_row)
 
         dense_buffers = self._shared("dense", self.graph_batch, self.max_context) if shared else ()
-        bufs = {"dense": _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
-                                      *dense_buffers)}
+        layout = {"dense": _Wrapper(None, 0, dense_buffers, self._int_workspace("dense"))}
         if cfg.is_sparse:
-            # the mixed path's dense pass: the opted-out rows' tokens, one token for every other row
-            dense_rows_buffers = (self._shared("dense_rows", self.graph_batch, 0, self.max_dense_row_tokens)
-                                  if shared else ())        # an eager-only size: indices allocated per step
-            bufs["dense_rows"] = _DenseDecode(self.workspace, B, self.num_qo_heads, HK, D, self.dtype, self.sm_scale,
-                                              *dense_rows_buffers)
+            # the mixed path's dense pass: the opted-out rows' tokens, one token for every other row (an eager-only
+            # size: indices allocated per step)
+            layout["dense_rows"] = _Wrapper(None, 0, self._shared("dense_rows", self.graph_batch, 0,
+                                                                  self.max_dense_row_tokens) if shared else (),
+                                            self._int_workspace("dense_rows"))
             # A row holds every page of a request within the budget, else top_k (+ pages written since a
             # reused selection): selection_width pages.
             P, W = cfg.page_size, cfg.selection_width
             if cfg.method == "twilight":     # top-p survivors: token rows
-                bufs["main"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, W * P, self.dtype, self.sm_scale,
-                                              *buffers("main", W * P))
+                layout["main"] = _Wrapper(1, W * P, buffers("main", W * P), self._int_workspace("main"))
             else:                            # Quest's selection (vAttention's deterministic part): page rows
-                bufs["pages"] = _PerHeadDecode(self.workspace, B, HK, G, D, P, W * P, self.dtype, self.sm_scale,
-                                               *buffers("pages", W))
+                layout["pages"] = _Wrapper(P, W * P, buffers("pages", W), self._int_workspace("pages"))
             if cfg.method == "vattention":
-                bufs["sample"] = _PerHeadDecode(self.workspace, B, HK, G, D, 1, cfg.sample_capacity, self.dtype,
-                                                self.sm_scale, *buffers("sample", cfg.sample_capacity))
-        self._per_batch[B] = bufs
-        return bufs
+                layout["sample"] = _Wrapper(1, cfg.sample_capacity, buffers("sample", cfg.sample_capacity),
+                                            self._int_workspace("sample"))
+        return layout
 
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor,
              seq_lens_cpu: torch.Tensor, dense_rows: list[bool] | None = None, path: str | None = None,

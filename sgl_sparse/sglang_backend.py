@@ -13,8 +13,9 @@ The backend keeps prefill/extend on SGLang's dense FlashInfer backend and sends 
 are indexed by physical page/slot of SGLang's KV pool and refreshed from the pool right after each layer's KV
 write (read back at ``out_cache_loc``).
 
-The side tables' bytes per token are added to SGLang's per-token KV cost (``_compute_cell_size``) so the pool is
-sized for both.
+The side tables' bytes per token are added to SGLang's per-token KV cost (``_compute_cell_size``), and what the
+backend allocates besides (FlashInfer workspaces and wrappers, index buffers, kept selections) is taken out of
+the pool's byte budget before SGLang sizes the pool (``_profile_available_bytes``), so the pool is sized for all.
 
 Per-request opt-out (``custom_params={"sparse": False}``), per-request budgets (``{"sparse": {"token_budget": N}}``)
 and the statistics in each response's meta info (``sparse_attended_fraction``, ``sparse_token_budget``) are hooks
@@ -265,6 +266,84 @@ def _account_metadata(cell_size, configurator, kvc, num_layers):
     per_layer = SparseKVMetadata.bytes_per_token(config_from_env(), mc.get_num_kv_heads(tp), mc.head_dim,
                                                  kvc.kv_cache_dtype)
     return cell_size + per_layer * num_layers
+
+
+# The KV pool's byte budget, measured once, before any attention backend exists; SGLang then sizes the pool from it
+# (DefaultPoolConfigurator.calculate_pool_sizes) and the request slots from the pool. The hook is here rather than
+# on calculate_pool_sizes: in SGLang 0.5.17 that receives the budget and the page size only (its configurator keeps
+# no server args or model config to size the operator from), and it also serves the resize after CUDA-graph
+# capture (compute_post_capture_kv_resize), whose budget is measured with the backend already allocated, where a
+# subtraction would count the backend twice.
+POOL_BUDGET_TARGET = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator._profile_available_bytes"
+
+
+def _reserve_fixed_memory(available_bytes, kvc, *args, **kwargs):
+    """After SGLang measures the KV pool's byte budget: take out what the backend allocates that does not scale per
+    token (:func:`fixed_memory`), so the pool, its side tables and the backend together fit the default
+    ``--mem-fraction-static``. Logs the amount by component."""
+    if kvc.use_mla_backend or not uses_sparse_backend(kvc.server_args):
+        return available_bytes
+    # The operator's buffers follow the request slots, which SGLang derives from the pool's size after this budget:
+    # count them for the slots the whole budget would give, at least as many as the smaller pool gets.
+    max_reqs = kvc.resolve_max_num_reqs(kvc.config_from_budget(available_bytes).max_total_num_tokens)
+    parts = fixed_memory(kvc.server_args, kvc.model_config, config_from_env(), max_reqs, kvc.kv_cache_dtype)
+    total = sum(parts.values())
+    logger.info("sgl-sparse: %.1f MiB besides the per-token tables, taken from the KV pool's budget (%s; for %d "
+                "request slots)", total / 2**20, ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in parts.items()),
+                max_reqs)
+    return available_bytes - total
+
+
+def operator_shape(server_args, model_config, max_reqs: int) -> dict:
+    """The :class:`SparseDecodeOperator` arguments that follow from SGLang's config and its request slots
+    (``max_reqs``, ``req_to_token_pool.size``): the backend builds the operator with them and the pool sizing
+    counts it with them. ``max_requests`` (rows of ``req_to_token``) is ``max_reqs + 1``: SGLang's
+    ``ReqToTokenPool`` keeps a padding row."""
+    from sglang.srt.runtime_context import get_parallel
+
+    tp = get_parallel().attn_tp_size                  # as SGLang's FlashInfer backend divides the heads
+    graph_bs = captured_decode_batch(server_args, max_reqs)
+    return dict(num_qo_heads=model_config.num_attention_heads // tp, num_kv_heads=model_config.get_num_kv_heads(tp),
+                head_dim=model_config.head_dim, num_layers=model_config.num_hidden_layers,
+                max_batch=max(max_reqs, graph_bs), max_context=model_config.context_len, max_requests=max_reqs + 1,
+                graph_batch=graph_bs)
+
+
+def captured_decode_sizes(server_args, max_requests: int) -> list[int]:
+    """The decode batch sizes SGLang captures CUDA graphs for with ``max_requests`` request slots (its own
+    ``get_batch_sizes_to_capture``); [] with decode graphs off."""
+    largest = captured_decode_batch(server_args, max_requests)
+    if largest == 0:
+        return []
+    if not getattr(getattr(getattr(server_args, "cuda_graph_config", None), "decode", None), "bs", None):
+        return [largest]
+    from types import SimpleNamespace
+
+    from sglang.srt.model_executor.runner.base_cuda_graph_runner import get_batch_sizes_to_capture
+
+    runner = SimpleNamespace(server_args=server_args, req_to_token_pool=SimpleNamespace(size=max_requests))
+    return get_batch_sizes_to_capture(runner)[0]
+
+
+def request_totals(max_reqs: int, device) -> tuple:
+    """Per request slot (SGLang's padding row included), float64: tokens attended and tokens available so far over
+    the sparse layers and KV heads (the attended fraction's numerator and denominator)."""
+    import torch
+
+    return tuple(torch.zeros(max_reqs + 1, dtype=torch.float64, device=device) for _ in range(2))
+
+
+def fixed_memory(server_args, model_config, config: SparseConfig, max_reqs: int, dtype) -> dict[str, int]:
+    """Device bytes the backend allocates besides its per-token side tables, by component, for ``max_reqs`` request
+    slots: the operator (:meth:`SparseDecodeOperator.fixed_bytes`) holding the wrappers of SGLang's captured decode
+    batch sizes and of the eager sizes it keeps, and the per-slot statistics (:func:`request_totals`)."""
+    from .decode import SparseDecodeOperator, allocated_bytes, held_batch_sizes
+
+    shape = operator_shape(server_args, model_config, max_reqs)
+    sizes = held_batch_sizes(captured_decode_sizes(server_args, max_reqs), shape["max_batch"])
+    parts = SparseDecodeOperator.fixed_bytes(config, **shape, dtype=dtype, batch_sizes=sizes)
+    parts["statistics"] = sum(allocated_bytes(t.nbytes) for t in request_totals(max_reqs, "meta"))
+    return parts
 
 
 # ----------------------------------------------------------------------------- per-request opt-out and statistics
@@ -548,10 +627,10 @@ def _backend_class():
         def __init__(self, runner, config: SparseConfig):
             super().__init__(runner, init_new_workspace=runner.init_new_workspace)
             mc = runner.model_config
-            tp = get_parallel().attn_tp_size                  # as SGLang's FlashInfer backend divides the heads
+            max_reqs = self.req_to_token_pool.size
+            shape = operator_shape(runner.server_args, mc, max_reqs)
             self.config = config
-            self.num_qo_heads = mc.num_attention_heads // tp
-            self.num_kv_heads = mc.get_num_kv_heads(tp)
+            self.num_qo_heads, self.num_kv_heads = shape["num_qo_heads"], shape["num_kv_heads"]
             self.head_dim = mc.head_dim
             k0 = self.token_to_kv_pool.get_key_buffer(0) if hasattr(self.token_to_kv_pool, "get_key_buffer") else None
             if k0 is None or k0.dim() != 3:
@@ -560,24 +639,24 @@ def _backend_class():
             layers = mc.num_hidden_layers
             self.last_layer = layers - 1
             self.key_buffers = [self.token_to_kv_pool.get_key_buffer(i) for i in range(layers)]
-            max_reqs = self.req_to_token_pool.size
-            graph_bs = captured_decode_batch(runner.server_args, max_reqs)
             self.metadata = SparseKVMetadata(config, num_layers=layers, num_slots=k0.shape[0],
                                              num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
                                              dtype=k0.dtype, device=k0.device)
+            # (the pool sizing counted this operator with the same shape: fixed_memory)
             self.operator = SparseDecodeOperator(
-                config, num_qo_heads=self.num_qo_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-                num_layers=layers, max_batch=max(max_reqs, graph_bs), max_context=mc.context_len,
-                dtype=k0.dtype, device=k0.device, max_requests=self.req_to_token_pool.req_to_token.shape[0],
-                graph_batch=graph_bs)
+                config, **{**shape, "max_requests": self.req_to_token_pool.req_to_token.shape[0]}, dtype=k0.dtype,
+                device=k0.device)
             # per request slot (req_pool_idx): attended / available tokens over the sparse layers and KV heads
-            self.attended_tokens = torch.zeros(max_reqs + 1, dtype=torch.float64, device=k0.device)
-            self.context_tokens = torch.zeros(max_reqs + 1, dtype=torch.float64, device=k0.device)
+            self.attended_tokens, self.context_tokens = request_totals(max_reqs, k0.device)
             self._stats_stream = torch.cuda.Stream(device=k0.device)
             self._eager = False
             # decode graphs: one per batch size and path (see _capture_both_paths); the path being captured
             self.plans_two_paths = config.is_sparse
             self.capture_path: str | None = None
+            missing = [t for t in (CELL_SIZE_TARGET, POOL_BUDGET_TARGET) if t not in HookRegistry._patched]
+            if missing:
+                raise RuntimeError(f"sgl-sparse: SGLang hooks not applied: {missing}; the KV pool was sized without "
+                                   "the backend's memory (check the SGLang version)")
             if config.is_sparse and runner.server_args.enable_hierarchical_cache:
                 missing = [t for t in LOAD_BACK_TARGETS if t not in HookRegistry._patched]
                 if missing:
@@ -725,6 +804,7 @@ def register() -> None:
     HookRegistry.register(SERVER_ARGS_INIT_TARGET, _take_sparse_config, HookType.BEFORE)
     HookRegistry.register(SERVER_ARGS_POST_INIT_TARGET, _check_engine_args, HookType.BEFORE)
     HookRegistry.register(CELL_SIZE_TARGET, _account_metadata, HookType.AFTER)
+    HookRegistry.register(POOL_BUDGET_TARGET, _reserve_fixed_memory, HookType.AFTER)
     HookRegistry.register(VERIFY_TARGET, _check_opt_out, HookType.BEFORE)
     HookRegistry.register(FORWARD_BATCH_TARGET, _mark_dense_rows, HookType.AFTER)
     HookRegistry.register(CAN_RUN_GRAPH_TARGET, _no_graph_for_dense_rows, HookType.AFTER)

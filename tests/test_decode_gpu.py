@@ -255,6 +255,46 @@ def test_one_graph_per_path(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_graphs_of_two_batch_sizes_share_the_int_workspaces(method):
+    """The wrappers of every batch size share one FlashInfer int workspace per role (a step plans one batch size):
+    graphs captured for batches of 3 and 2, replayed alternately, each after its own plan(), match the reference
+    every time; a replay reading the other size's work list would not."""
+    lens = [9000, 12000, 7000]
+    config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=4096,
+                                       dense_layers=1, layers=2)
+    sm = 1 / math.sqrt(q.shape[-1])
+    qs = {3: q, 2: q[:2].clone()}
+    outs = {3: {}, 2: {}}
+
+    def plan(B):
+        return op.plan(pool.req_to_token, pool.req_pool_indices[:B], pool.seq_lens[:B], pool.seq_lens.cpu()[:B])
+
+    def step_fn(B):
+        for layer in range(2):
+            outs[B][layer] = op.run(layer, qs[B], pool.k_cache, pool.v_cache, meta)
+
+    graphs = {}
+    for B in (3, 2):
+        assert plan(B) == "sparse"
+        graphs[B] = capture_graph(lambda B=B: step_fn(B))
+    wrappers = {B: op._buffers(B) for B in (3, 2)}
+    for role in wrappers[3]:
+        assert (wrappers[3][role].wrapper._int_workspace_buffer.data_ptr()
+                == wrappers[2][role].wrapper._int_workspace_buffer.data_ptr()), role
+    assert len({w.wrapper._int_workspace_buffer.data_ptr() for w in wrappers[3].values()}) == len(wrappers[3])
+    for B in (3, 2, 3, 2):
+        assert plan(B) == "sparse"
+        graphs[B].replay()
+        torch.cuda.synchronize()
+        dense = dense_attention(qs[B], pool.k_cache, pool.v_cache, op.batch, sm)
+        assert relative_l2(outs[B][0], dense).max().item() < 1e-2, B                  # layer 0: dense
+        seeds = policies.vattention_seeds(config.seed, op.step.clone(), 1, B)
+        want, _ = reference_decode(config, 1, qs[B], pool.k_cache, pool.v_cache, op.batch, meta, sm, seeds)
+        err = relative_l2(outs[B][1], want)
+        assert err.median().item() < 1e-2 and err.max().item() < 0.1, (B, err.max().item())
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_graph_captured_on_a_dummy_batch_serves_real_lengths(method):
     """SGLang captures with every seq_len 1; FlashInfer's split of the work is re-planned each step from the
     host lengths, so replays at other lengths and mixes must all match the reference."""
@@ -619,3 +659,35 @@ def test_batches_beyond_the_captured_size_get_their_own_buffers(method):
     op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
     with pytest.raises(RuntimeError, match="graph_batch"):
         capture_graph(lambda: op.run(1, q, pool.k_cache, pool.v_cache, meta))
+
+
+@pytest.mark.parametrize("method", METHODS + ("dense", "quest-fast"))
+def test_fixed_bytes_are_what_the_operator_allocates(method):
+    """``SparseDecodeOperator.fixed_bytes`` (what the pool sizing takes out of SGLang's KV budget) is the device
+    memory an operator takes once it holds the wrappers of every batch size it keeps (the captured ones and
+    EAGER_BATCH_SIZES eager ones beyond graph_batch): ``torch.cuda.memory_allocated``, FlashInfer's own buffers
+    included."""
+    from sgl_sparse.decode import held_batch_sizes
+
+    config = SparseConfig.load(method)
+    args = dict(num_qo_heads=32, num_kv_heads=8, head_dim=128, num_layers=4, max_batch=24, max_context=8192,
+                dtype=torch.bfloat16, max_requests=25, graph_batch=8)
+    captured = [1, 2, 4, 8]
+    sizes = held_batch_sizes(captured, args["max_batch"])
+    want = SparseDecodeOperator.fixed_bytes(config, **args, batch_sizes=sizes)
+
+    def build():
+        op = SparseDecodeOperator(config, **args, device=DEV)
+        op._captured_sizes.update(captured)                   # as capturing them marks them (kept for good)
+        for B in sizes:
+            op._buffers(B)
+        assert sorted(op._per_batch) == sizes
+        return op
+
+    build()                                                    # a first one loads FlashInfer's modules, freed
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    op = build()
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() - before == sum(want.values()), want
+    assert op.workspace.numel() == want["workspace"]

@@ -219,6 +219,7 @@ def test_hook_targets_exist_in_this_sglang():
     targets = {"sglang.srt.server_args.ServerArgs.add_cli_args": ["parser"],
                "sglang.srt.server_args.ServerArgs.from_cli_args": ["args"],
                sglang_backend.CELL_SIZE_TARGET: ["self", "kvc", "num_layers"],
+               sglang_backend.POOL_BUDGET_TARGET: ["self", "pre_model_load_memory"],
                sglang_backend.VERIFY_TARGET: ["self", "vocab_size"],
                sglang_backend.FORWARD_BATCH_TARGET: ["batch", "model_runner"],
                sglang_backend.CAN_RUN_GRAPH_TARGET: ["self", "forward_batch"],
@@ -236,6 +237,13 @@ def test_hook_targets_exist_in_this_sglang():
         assert names[: len(params)] == params, (t, names)
     from sglang.srt.model_executor import pool_configurator
     assert hasattr(pool_configurator, "get_parallel")
+    # what the pool-budget hook calls: SGLang's own sizing of the pool, the request slots and the captured batches
+    from sglang.srt.mem_cache.kv_cache_configurator import KVCacheConfigurator
+    from sglang.srt.model_executor.runner.base_cuda_graph_runner import get_batch_sizes_to_capture
+    assert list(inspect.signature(KVCacheConfigurator.config_from_budget).parameters)[:2] == ["self", "budget_bytes"]
+    assert list(inspect.signature(KVCacheConfigurator.resolve_max_num_reqs).parameters) == ["self", "token_capacity"]
+    assert list(inspect.signature(get_batch_sizes_to_capture).parameters)[0] == "model_runner"
+    assert "model_runner.req_to_token_pool.size" in inspect.getsource(get_batch_sizes_to_capture)
     from sglang.srt.managers.schedule_batch import Req
     assert "customized_info" in inspect.getsource(Req.__init__)
 
