@@ -1,6 +1,8 @@
 """Top-k page selection per (request, KV head) with forced sink and local pages.
 
-Spec: :func:`cupy_kernels.reference.topk_pages`. Kernel: ``topk_pages.cu`` (radix select, no sort).
+Spec: :func:`cupy_kernels.reference.topk_pages`. Kernel: ``topk_pages.cu`` (radix select on keys held in
+registers, no sort). ``topk_pages_radix4`` runs the previous kernel (``topk_pages_radix4.cu``) on the same arguments:
+it exists only as the baseline of ``launch/bench_kernels.py`` and of the GPU tests, not for the product.
 """
 
 from __future__ import annotations
@@ -10,6 +12,18 @@ import torch
 from ._cuda import as_int32, check, check_tensor, i32, kernel, launch, u64
 
 Reuse = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+
+THREADS = 512                 # threads per (request, KV head) block, as in the kernels
+MAX_KEYS_PER_THREAD = 16      # register capacity: 16 * 512 = 8192 pages (128K tokens at page 16)
+
+
+def keys_per_thread(max_pages: int) -> int:
+    """The kernel's KEYS_PER_THREAD for rows of ``max_pages``: the smallest power of two whose ``* 512`` holds a
+    row, at most 16 (longer rows run in chunks of 8192 pages)."""
+    kpt = 1
+    while kpt * THREADS < max_pages and kpt < MAX_KEYS_PER_THREAD:
+        kpt *= 2
+    return kpt
 
 
 def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
@@ -35,6 +49,22 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
         selected_pages ``[B, HK, W]`` int32 in ascending page order (entries past the count are not
         written), num_selected ``[B, HK]`` int32.
     """
+    return _topk_pages(page_scores, seq_lens, page_size, top_k, n_sink, n_local, select_all_upto, out, reuse,
+                       row_top_k, baseline=False)
+
+
+def topk_pages_radix4(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
+                      n_local: int, select_all_upto: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      *, reuse: Reuse | None = None, row_top_k: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Benchmark baseline only: :func:`topk_pages` by the previous kernel (4 radix passes over global memory,
+    ``topk_pages_radix4.cu``); same arguments, same results. The product calls :func:`topk_pages`."""
+    return _topk_pages(page_scores, seq_lens, page_size, top_k, n_sink, n_local, select_all_upto, out, reuse,
+                       row_top_k, baseline=True)
+
+
+def _topk_pages(page_scores, seq_lens, page_size, top_k, n_sink, n_local, select_all_upto, out, reuse, row_top_k,
+                *, baseline: bool):
     check_tensor(page_scores, "page_scores", dtypes=[torch.float32], ndim=3)
     dev = page_scores.device
     B, HK, M = page_scores.shape
@@ -67,8 +97,12 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
           f"out buffers must be {(B, HK, W)} and {(B, HK)}")
     if B == 0:
         return sel, cnt
-    fn = kernel("topk_pages.cu", "topk_pages", dev, PAGE_SIZE=page_size)
+    if baseline:
+        fn = kernel("topk_pages_radix4.cu", "topk_pages_radix4", dev, PAGE_SIZE=page_size)
+    else:
+        fn = kernel("topk_pages.cu", "topk_pages", dev, PAGE_SIZE=page_size, KEYS_PER_THREAD=keys_per_thread(M))
     per_row = row_top_k if row_top_k is not None else u64(0)
-    launch(fn, (HK, B), (512,), (page_scores, as_int32(seq_lens), sel, cnt, rpi, reuse_from, kept, per_row, i32(HK),
-                                 i32(M), i32(top_k), i32(n_sink), i32(n_local), i32(select_all_upto), i32(W)), dev)
+    launch(fn, (HK, B), (THREADS,), (page_scores, as_int32(seq_lens), sel, cnt, rpi, reuse_from, kept, per_row,
+                                     i32(HK), i32(M), i32(top_k), i32(n_sink), i32(n_local), i32(select_all_upto),
+                                     i32(W)), dev)
     return sel, cnt

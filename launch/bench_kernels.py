@@ -10,6 +10,8 @@ prefill over every slot), and then times, in pipeline order, on real data:
     page_bounds_update     decode (one token per request) and, once per run, a prefill of a 32K-token prompt
     quest_page_scores      every page of every request
     topk_pages             top_k = 128 pages (2048 tokens) and 512 pages (8192 tokens), n_sink=1, n_local=2
+    topk_pages_radix4      the same on the same scores by the previous kernel (benchmark baseline only), checked
+                           equal to topk_pages: `--kernels topk_pages,topk_pages_radix4` is the A/B
     pages_to_kv_indices    the pages selected by each topk_pages row
     compact_kv_rows        (if cupy_kernels exports it) those kv rows, and top-p's kept rows, into FlashInfer CSR
     quantize_keys_int4     decode (B tokens) and, once per run, a 32K-token prefill
@@ -86,8 +88,8 @@ VATTN = dict(base_rate=0.02, epsilon=0.05, delta=0.05)
 VATTN_CAPACITY = 8192                # sample columns per (request, KV head)
 PREFILL_TOKENS = 32768
 
-KERNELS = ("page_bounds_update", "quest_page_scores", "topk_pages", "pages_to_kv_indices", "compact_kv_rows",
-           "quantize_keys_int4", "int4_candidate_scores", "top_p_select", "vattention_sample")
+KERNELS = ("page_bounds_update", "quest_page_scores", "topk_pages", "topk_pages_radix4", "pages_to_kv_indices",
+           "compact_kv_rows", "quantize_keys_int4", "int4_candidate_scores", "top_p_select", "vattention_sample")
 OPTIONAL_KERNELS = ("compact_kv_rows",)   # timed only where cupy_kernels exports them
 
 GiB = float(1 << 30)
@@ -326,6 +328,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kernels", type=parse_kernel_list, default=list(KERNELS),
                     help="kernels to time (the others still run once where later kernels need their output)")
     ap.add_argument("--topk", type=parse_size_list, default=list(DEFAULT_TOPK), help="top_k rows, in pages")
+    ap.add_argument("--score-columns", type=int, default=0,
+                    help="columns of the page-score rows (max_pages), when wider than the context's pages: the "
+                         "product sizes them for the model's max context (8192 at 128K), which picks topk_pages' "
+                         "KEYS_PER_THREAD; 0 = the context's pages")
     ap.add_argument("--prefill-tokens", type=int, default=PREFILL_TOKENS,
                     help="prompt length of the prefill rows (page_bounds_update, quantize_keys_int4); run once, "
                          "in the first case that fits; 0 = no prefill rows")
@@ -372,6 +378,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--candidate-tokens must be in [16, 51200] (top_p_select keeps a row in shared memory)")
     if args.vattn_capacity < 2:
         ap.error("--vattn-capacity must be >= 2")
+    if args.score_columns < 0:
+        ap.error("--score-columns must be >= 0")
     for ctx in args.contexts:
         if ctx < 2 * VATTN_DET_TOKENS:
             ap.error(f"contexts must be >= {2 * VATTN_DET_TOKENS} tokens (the vAttention case keeps "
@@ -410,6 +418,9 @@ def planned_rows(args) -> list[dict]:
             row("quest_page_scores", "all pages", b, ctx, bytes_quest_page_scores(b, npr))
             for k in args.topk:
                 row("topk_pages", f"top_k={k}", b, ctx, bytes_topk_pages(b, npr, k))
+            if "topk_pages_radix4" in args.kernels:
+                for k in args.topk:
+                    row("topk_pages_radix4", f"top_k={k}", b, ctx, bytes_topk_pages(b, npr, k))
             for k in args.topk:
                 kk = min(k, npr)
                 n_kv = b * HK * min(kk * P, ctx)
@@ -790,17 +801,19 @@ class Config:
 
     def quest_scores(self) -> Case:
         ck, B = self.ck, self.B
-        self.scores = torch.empty((B, HK, self.npr), dtype=torch.float32, device=self.dev)
+        cols = max(self.npr, self.args.score_columns)   # the product's rows are max_pages (capacity) wide
+        self.scores = torch.empty((B, HK, cols), dtype=torch.float32, device=self.dev)
         fn = lambda: ck.quest_page_scores(self.q, self.bounds, self.r2t, self.rpi, self.seq_lens, P,  # noqa: E731
-                                          self.npr, out=self.scores)
+                                          cols, out=self.scores)
+        written = lambda: self.scores[..., :self.npr]  # noqa: E731
 
         def sanity():
-            return None if bool(torch.isfinite(self.scores).all()) else "non-finite page scores"
+            return None if bool(torch.isfinite(written()).all()) else "non-finite page scores"
 
         return self._case(
-            "quest_page_scores", "all pages", fn, lambda: [self.scores], lambda: self.scores.fill_(12345.0),
+            "quest_page_scores", "all pages", fn, lambda: [written()], lambda: written().fill_(12345.0),
             sanity, lambda: (bytes_quest_page_scores(B, self.npr), {"pages_per_request": self.npr}),
-            "B*HQ*D*2 + 2*B*4 + B*np*4 + B*HK*np*(2*D*2 + 4)", params={"max_pages": self.npr})
+            "B*HQ*D*2 + 2*B*4 + B*np*4 + B*HK*np*(2*D*2 + 4)", params={"max_pages": cols})
 
     # -- 3. top-k
 
@@ -827,6 +840,29 @@ class Config:
             sanity, lambda: (bytes_topk_pages(B, self.npr, k), {}),
             "B*4 + B*HK*np*4 + B*HK*(k+1)*4",
             params={"top_k": k, "n_sink": N_SINK, "n_local": N_LOCAL}, prefix={0: 1})
+
+    def topk_baseline(self, k: int) -> Case:
+        """The previous top-k kernel (topk_pages_radix4, the benchmark baseline) on the same scores, into its own
+        buffers; its selection must equal topk_pages's (the case before it in the plan)."""
+        from cupy_kernels.topk_pages import topk_pages_radix4
+
+        B = self.B
+        out = (torch.empty((B, HK, k), dtype=torch.int32, device=self.dev),
+               torch.empty((B, HK), dtype=torch.int32, device=self.dev))
+        fn = lambda: topk_pages_radix4(self.scores, self.seq_lens, P, k, N_SINK, N_LOCAL, out=out)  # noqa: E731
+        new_sel, new_cnt = self.sel[k]
+
+        def sanity():
+            if not torch.equal(out[1], new_cnt):
+                return "num_selected differs from topk_pages"
+            valid = torch.arange(k, device=new_cnt.device) < new_cnt[..., None]
+            return None if torch.equal(out[0][valid], new_sel[valid]) else "selection differs from topk_pages"
+
+        return self._case(
+            "topk_pages_radix4", f"top_k={k}", fn, lambda: list(out), lambda: (out[0].fill_(-5), out[1].fill_(-5)),
+            sanity, lambda: (bytes_topk_pages(B, self.npr, k), {}),
+            "B*4 + B*HK*np*4 + B*HK*(k+1)*4",
+            params={"top_k": k, "n_sink": N_SINK, "n_local": N_LOCAL, "baseline_of": "topk_pages"}, prefix={0: 1})
 
     # -- 4. pages -> kv indices
 
@@ -1058,6 +1094,9 @@ def case_plan(args, batch: int, context: int, n_prefill: int, with_compact: bool
     plan.append(item("quest_page_scores", "all pages", "quest_scores"))
     plan += [item("topk_pages", f"top_k={k}", "topk", k, needs=("quest_page_scores/all pages",))
              for k in args.topk]
+    if "topk_pages_radix4" in args.kernels:   # the baseline runs only when timed (nothing reads its output)
+        plan += [item("topk_pages_radix4", f"top_k={k}", "topk_baseline", k, needs=(f"topk_pages/top_k={k}",))
+                 for k in args.topk]
     plan += [item("pages_to_kv_indices", f"top_k={k}", "pages_to_kv", k, needs=(f"topk_pages/top_k={k}",))
              for k in args.topk]
     if with_compact:

@@ -156,17 +156,143 @@ def test_quest_scores_and_topk(case):
 @pytest.mark.parametrize("n_pages,top_k", [(9000, 512), (8192, 128), (700, 699), (513, 512), (40, 512)])
 def test_topk_ties_and_sizes(n_pages, top_k):
     """Heavy ties (scores from a handful of values, negative ones too) and long rows."""
-    import cupy_kernels as ck
     gen = _gen(13)
     B, HK, P = 3, 4, 16
     seq = torch.tensor([n_pages * P, n_pages * P - 7, max(1, (n_pages // 2) * P)], device=DEV)
     scores = torch.randint(-3, 3, (B, HK, n_pages), generator=gen).float().to(DEV) * 0.5
     scores[1, 2] = 0.0  # all equal
-    sel, cnt = ck.topk_pages(scores, seq, P, top_k, 2, 3)
-    rsel, rcnt = ref.topk_pages(scores, seq, P, top_k, 2, 3)
-    assert torch.equal(cnt, rcnt)
-    mask = torch.arange(top_k, device=DEV)[None, None] < rcnt[..., None]
-    assert torch.equal(sel[mask], rsel[mask])
+    _topk_all(scores, seq, P, top_k, 2, 3)
+
+
+# topk_pages holds KEYS_PER_THREAD * 512 keys of a row in registers (KEYS_PER_THREAD from max_pages, at most 16);
+# longer rows run in chunks. The tests below check the kernel, its benchmark baseline (topk_pages_radix4, the
+# previous kernel) and the reference on the same inputs: score distributions that take every branch of the radix
+# select (start bit from the min/max of the free keys, early stop when the chosen bin holds exactly the keys still
+# needed, ties at the threshold, the k-th largest key among the forced pages), resident and chunked rows in one
+# launch.
+
+TOPK_SCORE_KINDS = ("randn", "quest_like", "one_exponent", "low_bits", "ties", "ties_at_threshold", "mixed_sign",
+                    "neg_inf", "all_equal")
+
+
+def _topk_scores(kind: str, shape: tuple[int, int, int], gen) -> torch.Tensor:
+    """[B, HK, M] float32 scores on DEV (never -0.0: the kernels order it below +0.0, the reference equal)."""
+    if kind == "randn":
+        x = torch.randn(shape, generator=gen)
+    elif kind == "quest_like":                 # positive bounds spread over two or three exponents
+        x = 80 + 10 * torch.randn(shape, generator=gen)
+    elif kind == "one_exponent":               # all in [1, 2): the keys differ in the mantissa only
+        x = 1 + 0.999 * torch.rand(shape, generator=gen)
+    elif kind == "low_bits":                   # keys that differ in their 3 lowest bits only
+        x = (torch.full(shape, 3.0).view(torch.int32) + torch.randint(0, 5, shape, generator=gen,
+                                                                      dtype=torch.int32)).view(torch.float32)
+    elif kind == "ties":                       # a handful of values, negative, zero and positive
+        x = torch.randint(-3, 3, shape, generator=gen).float() * 0.5
+    elif kind == "ties_at_threshold":          # the k-th largest has many equal pages before and after it
+        x = torch.ones(shape)
+        x[..., ::97] = 2.0
+        x[..., 1::5] = 0.0
+    elif kind == "mixed_sign":
+        x = torch.randn(shape, generator=gen) * torch.logspace(-3, 3, shape[-1])
+    elif kind == "neg_inf":                    # 70% -inf; one row all -inf (the threshold among them)
+        x = torch.randn(shape, generator=gen)
+        x[torch.rand(shape, generator=gen) < 0.7] = float("-inf")
+        x[0, 0] = float("-inf")
+    elif kind == "all_equal":
+        x = torch.full(shape, 0.25)
+    else:
+        raise ValueError(kind)
+    return x.float().to(DEV)
+
+
+def _topk_all(scores, seq, P, top_k, n_sink, n_local, select_all_upto=0, *, reuse=None, row_top_k=None,
+              reference=True):
+    """topk_pages, topk_pages_radix4 and (reference=True) the reference on the same inputs (each its own copy of the
+    kept rows); asserts that they agree on the counts, the selections (up to the count) and the kept rows. Returns
+    topk_pages's (selected, count, kept)."""
+    import cupy_kernels as ck
+    from cupy_kernels.topk_pages import topk_pages_radix4
+    results = []
+    impls = [("topk_pages", ck.topk_pages), ("topk_pages_radix4", topk_pages_radix4)]
+    for name, fn in impls + ([("reference", ref.topk_pages)] if reference else []):
+        r = None if reuse is None else (reuse[0], reuse[1], reuse[2].clone(), reuse[3])
+        sel, cnt = fn(scores, seq, P, top_k, n_sink, n_local, select_all_upto, reuse=r, row_top_k=row_top_k)
+        results.append((name, sel, cnt, None if r is None else r[2]))
+    _, sel, cnt, kept = results[0]
+    for name, sel2, cnt2, kept2 in results[1:]:
+        assert torch.equal(cnt, cnt2), f"counts: topk_pages vs {name}"
+        mask = torch.arange(sel.shape[-1], device=DEV)[None, None] < cnt2[..., None]
+        assert torch.equal(sel[mask], sel2[mask]), f"selection: topk_pages vs {name}"
+        if kept is not None:
+            assert torch.equal(kept, kept2), f"kept rows: topk_pages vs {name}"
+    return sel, cnt, kept
+
+
+@pytest.mark.parametrize("max_pages", [700, 2048, 8192, 20000])
+@pytest.mark.parametrize("kind", TOPK_SCORE_KINDS)
+def test_topk_pages_register_capacity_and_score_kinds(kind, max_pages):
+    """Rows of every length up to max_pages in one launch: at 20000 (KEYS_PER_THREAD 16, 8192 pages in registers)
+    rows of 8192 pages and less stay resident, longer ones (8193, 16384, 16385, 20000 pages) run in chunks. Budgets
+    with free pages to select, with none (k = n_sink + n_local: the k-th largest key is a forced page's) and
+    k = n - 1 for the longest row."""
+    from cupy_kernels.topk_pages import THREADS, keys_per_thread
+    gen = _gen(41)
+    P, HK = 16, 3
+    pages = sorted({min(max_pages, n) for n in (max_pages, max_pages - 1, 20000, 16385, 16384, 8193, 8192, 2049,
+                                               2048, 700, 513, 130, 9, 3)}, reverse=True)
+    offsets = torch.randint(0, P, (len(pages),), generator=gen)
+    seq = torch.tensor([n * P - int(o) for n, o in zip(pages, offsets)], device=DEV)
+    scores = _topk_scores(kind, (len(pages), HK, max_pages), gen)
+    capacity = keys_per_thread(max_pages) * THREADS
+    assert capacity >= min(max_pages, 8192) and (max_pages <= 8192 or max(pages) > capacity)   # both paths
+    for top_k, n_sink, n_local in [(128, 1, 2), (512, 4, 4), (3, 1, 2), (8, 4, 4), (max_pages - 1, 1, 2)]:
+        _, cnt, _ = _topk_all(scores, seq, P, top_k, n_sink, n_local)
+        assert cnt[0].tolist() == [min(top_k, pages[0])] * HK
+
+
+@pytest.mark.parametrize("max_pages", [2048, 20000])
+def test_topk_pages_nan_and_inf_as_the_baseline(max_pages):
+    """Non-finite scores, byte for byte as the previous kernel (the reference orders NaN otherwise): +inf, the NaN
+    whose key is the forced pages' (0x7fffffff: when the k-th largest key is that one, the forced pages compete
+    with those NaN pages in page order, in both kernels) and the canonical NaN."""
+    gen = _gen(47)
+    P, HK = 16, 4
+    pages = [max_pages, max_pages - 5, 2048, 700]
+    seq = torch.tensor([n * P for n in pages], device=DEV)
+    scores = torch.randn((len(pages), HK, max_pages), generator=gen)
+    u = torch.rand(scores.shape, generator=gen)
+    bits = scores.view(torch.int32)
+    bits[u < 0.3] = 0x7fffffff
+    bits[(u >= 0.3) & (u < 0.35)] = 0x7fc00000
+    scores[(u >= 0.35) & (u < 0.4)] = float("inf")
+    scores[:, 1, :] = torch.where(u[:, 1] < 0.02, scores[:, 1], float("-inf"))   # few finite
+    scores = scores.to(DEV)
+    for top_k, n_sink, n_local in [(128, 1, 2), (600, 2, 3), (3, 1, 2)]:
+        _topk_all(scores, seq, P, top_k, n_sink, n_local, reference=False)
+
+
+@pytest.mark.parametrize("long_pages", [3000, 20000])
+def test_topk_pages_row_budgets_and_reuse_past_register_capacity(long_pages):
+    """row_top_k (k = n - 1, k = n_sink + n_local, k = n_sink + n_local + 1, a budget within the row's pages) on
+    resident and chunked rows, writing the kept rows; then a reusing step reading them back and appending the new
+    pages; the three implementations agree on both steps."""
+    gen = _gen(43)
+    P, HK, top_k, extra = 16, 4, 1000, 3
+    pages = [long_pages, 1001, 9000, 8193, 2048, 40]
+    seq = torch.tensor([n * P for n in pages], device=DEV)
+    B = len(pages)
+    scores = _topk_scores("ties", (B, HK, max(pages)), gen)
+    scores[2] = _topk_scores("one_exponent", (1, HK, max(pages)), gen)[0]
+    row_k = torch.tensor([top_k, 1000, 3, 4, 517, 64], dtype=torch.int32, device=DEV)   # row 1: k = n - 1
+    rpi = torch.tensor([5, 0, 2, 7, 1, 3], dtype=torch.int32, device=DEV)
+    kept = torch.full((8, HK, top_k), -1, dtype=torch.int32, device=DEV)
+    zero = torch.zeros(B, dtype=torch.int32, device=DEV)
+    _, cnt, kept = _topk_all(scores, seq, P, top_k, 1, 2, reuse=(rpi, zero, kept, extra), row_top_k=row_k)
+    assert cnt[:, 0].tolist() == [top_k, 1000, 3, 4, 517, 40]
+    grown = seq + 2 * P
+    reuse_from = torch.tensor([1, 1, 1, 1, 0, 0], dtype=torch.int32, device=DEV) * seq.to(torch.int32)
+    _, cnt2, _ = _topk_all(scores, grown, P, top_k, 1, 2, reuse=(rpi, reuse_from, kept, extra), row_top_k=row_k)
+    assert cnt2[:4, 0].tolist() == [top_k + 2, 1000 + 2, 3 + 2, 4 + 2]
 
 
 @pytest.mark.parametrize("select_all_upto", [0, 100, 300])
