@@ -70,10 +70,9 @@ __device__ __forceinline__ void unpack8(const uint4 v, float* f) {
 // channels per head). Every lane of the warp must call it (the row sums by shuffles); each lane gets the bound.
 // Mean: the mean over the heads instead of the max (sparse config group_score "mean").
 template <int Heads, int Lanes, bool Mean>
-__device__ __forceinline__ float quest_bound(const float (&qh)[Heads][8], const uint4 vmin, const uint4 vmax) {
-    float mn[8], mx[8], mid[8], rad[8];
-    unpack8(vmin, mn);
-    unpack8(vmax, mx);
+__device__ __forceinline__ float quest_bound_f(const float (&qh)[Heads][8], const float (&mn)[8],
+                                               const float (&mx)[8]) {
+    float mid[8], rad[8];
 #pragma unroll
     for (int i = 0; i < 8; ++i) { mid[i] = mn[i] + mx[i]; rad[i] = mx[i] - mn[i]; }
     float best = Mean ? 0.f : NEG_INF;
@@ -90,6 +89,62 @@ __device__ __forceinline__ float quest_bound(const float (&qh)[Heads][8], const 
         best = Mean ? best + acc : fmaxf(best, acc);
     }
     return Mean ? best / Heads : best;
+}
+
+template <int Heads, int Lanes, bool Mean>
+__device__ __forceinline__ float quest_bound(const float (&qh)[Heads][8], const uint4 vmin, const uint4 vmax) {
+    float mn[8], mx[8];
+    unpack8(vmin, mn);
+    unpack8(vmax, mx);
+    return quest_bound_f<Heads, Lanes, Mean>(qh, mn, mx);
+}
+
+// ---------------------------------------------------------------- int8 page bounds (bounds_dtype int8)
+// One row of 2*Dim + 8 bytes per (page, KV head): Dim min codes, Dim max codes, fp32 lo, fp32 scale; a bound is
+// fl(fl(code * scale) + lo), with explicit round-to-nearest operations so that no multiply-add is fused (the
+// reference, reference.quantize_bounds_int8, rounds twice; outwardness is decided on exactly these values).
+__device__ __forceinline__ float int8_level(float code, float lo, float scale) {
+    return __fadd_rn(__fmul_rn(code, scale), lo);
+}
+
+// A lane's share of one int8 row: 8 min codes, 8 max codes, (lo, scale).
+struct Int8Bounds {
+    uint2 cmin, cmax;
+    float2 p;
+};
+
+// This lane's 8 codes (from d0) of KV head h of physical page `page` in an int8 table [pages, KvHeads, 2*Dim + 8];
+// zeros (bounds 0) for page < 0.
+template <int KvHeads, int Dim>
+__device__ __forceinline__ void load_page_bounds_int8(const unsigned char* __restrict__ bounds, int page, int h,
+                                                      int d0, Int8Bounds& out) {
+    if (page >= 0) {
+        const unsigned char* row = bounds + ((long long)page * KvHeads + h) * (2 * Dim + 8);
+        out.cmin = *reinterpret_cast<const uint2*>(row + d0);
+        out.cmax = *reinterpret_cast<const uint2*>(row + Dim + d0);
+        out.p = *reinterpret_cast<const float2*>(row + 2 * Dim);
+    } else {
+        out.cmin = make_uint2(0, 0);
+        out.cmax = make_uint2(0, 0);
+        out.p = make_float2(0.f, 0.f);
+    }
+}
+
+__device__ __forceinline__ void unpack8_int8(const uint2 c, float lo, float scale, float (&f)[8]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[i] = int8_level((float)((c.x >> (8 * i)) & 0xffu), lo, scale);
+        f[4 + i] = int8_level((float)((c.y >> (8 * i)) & 0xffu), lo, scale);
+    }
+}
+
+// quest_bound from a lane's share of an int8 row.
+template <int Heads, int Lanes, bool Mean>
+__device__ __forceinline__ float quest_bound_int8(const float (&qh)[Heads][8], const Int8Bounds& b) {
+    float mn[8], mx[8];
+    unpack8_int8(b.cmin, b.p.x, b.p.y, mn);
+    unpack8_int8(b.cmax, b.p.x, b.p.y, mx);
+    return quest_bound_f<Heads, Lanes, Mean>(qh, mn, mx);
 }
 
 // This lane's 16-byte vectors of the min and max of KV head h of physical page `page` in a bounds table

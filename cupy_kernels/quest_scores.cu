@@ -14,10 +14,15 @@
 // Columns past a request's pages are not written.
 //
 // Grid: (blocks, HK); block: 256 threads = ROWS rows; dynamic shared memory: (batch + 1) ints.
-// Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE, GROUP_MEAN (0: max over the group, 1: mean).
+// Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE, GROUP_MEAN (0: max over the group, 1: mean),
+// BOUNDS_INT8 (1: int8 bounds rows [pages, HK, 2*D + 8] uint8, 264 instead of 512 bytes per (page, head) at
+// D = 128; each lane reads 8 min codes, 8 max codes and the row's (lo, scale), see common.cuh).
 
 #ifndef GROUP_MEAN
 #define GROUP_MEAN 0
+#endif
+#ifndef BOUNDS_INT8
+#define BOUNDS_INT8 0
 #endif
 #define ROW_LANES (HEAD_DIM / 8)
 #define ROWS (256 / ROW_LANES)
@@ -26,7 +31,7 @@
 
 extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
     const u16* __restrict__ q,                // [B, HK*G, D]
-    const u16* __restrict__ page_key_bounds,  // [pages, HK, 2, D]
+    const void* __restrict__ page_key_bounds, // [pages, HK, 2, D] KV dtype, or [pages, HK, 2D + 8] uint8 (BOUNDS_INT8)
     const int* __restrict__ req_to_token,     // [max_reqs, r2t_stride]
     const int* __restrict__ req_pool_indices, // [B]
     const int* __restrict__ seq_lens,         // [B]
@@ -97,16 +102,29 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
             load_half_query<GROUP, NUM_KV_HEADS, HEAD_DIM>(q, b, h, d0, qh);
             q_of = b;
         }
+#if BOUNDS_INT8
+        Int8Bounds bnd[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)
+            load_page_bounds_int8<NUM_KV_HEADS, HEAD_DIM>(static_cast<const unsigned char*>(page_key_bounds),
+                                                          page[u], h, d0, bnd[u]);
+#else
         uint4 vmin[UNROLL], vmax[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)
-            load_page_bounds<NUM_KV_HEADS, HEAD_DIM>(page_key_bounds, page[u], h, d0, vmin[u], vmax[u]);
+            load_page_bounds<NUM_KV_HEADS, HEAD_DIM>(static_cast<const u16*>(page_key_bounds), page[u], h, d0,
+                                                     vmin[u], vmax[u]);
+#endif
         float* out = scores + ((long long)b * NUM_KV_HEADS + h) * max_pages;
         const int cur_begin = begin, cur_end = end;
         if (t + 1 < t_end) locate(t + 1, b, begin, end, r2t, page);     // next tile's pages, loads in flight
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
+#if BOUNDS_INT8
+            const float best = quest_bound_int8<GROUP, ROW_LANES, GROUP_MEAN>(qh, bnd[u]);
+#else
             const float best = quest_bound<GROUP, ROW_LANES, GROUP_MEAN>(qh, vmin[u], vmax[u]);
+#endif
             const int j = cur_begin + u * ROWS + row;
             if (lane_in_row == 0 && j < cur_end) out[j] = best;
         }

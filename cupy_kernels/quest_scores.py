@@ -27,16 +27,25 @@ def group_mean(group_score: str) -> int:
 
 def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, skip_pages_upto: int,
-                       skip_rows: torch.Tensor | None) -> tuple:
+                       skip_rows: torch.Tensor | None, int8_ok: bool = False) -> tuple:
     """Validate the inputs every page-score kernel takes; returns ``(B, D, HK, G, req_to_token, req_pool_indices,
-    seq_lens)``, the index tensors as int32."""
+    seq_lens)``, the index tensors as int32. ``int8_ok``: int8 bounds rows ``[pages, HK, 2D + 8]`` uint8 are
+    accepted too (kernels with a BOUNDS_INT8 variant)."""
     check_tensor(q, "q", dtypes=list(KV_DTYPES), ndim=3)
     dev = q.device
     B, HQ, D = q.shape
-    check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype], ndim=4, device=dev)
-    HK = page_key_bounds.shape[1]
-    check(tuple(page_key_bounds.shape[2:]) == (2, D),
-          f"page_key_bounds must be [pages, HK, 2, {D}], got {tuple(page_key_bounds.shape)}")
+    if page_key_bounds.dtype == torch.uint8:
+        check(int8_ok, "this kernel reads bf16/fp16 bounds only; int8 bounds (bounds_dtype int8) are not supported "
+                       "here (coarse-to-fine scoring)")
+        check_tensor(page_key_bounds, "page_key_bounds", dtypes=[torch.uint8], ndim=3, device=dev)
+        HK = page_key_bounds.shape[1]
+        check(page_key_bounds.shape[2] == 2 * D + 8,
+              f"int8 page_key_bounds must be [pages, HK, {2 * D + 8}], got {tuple(page_key_bounds.shape)}")
+    else:
+        check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype], ndim=4, device=dev)
+        HK = page_key_bounds.shape[1]
+        check(tuple(page_key_bounds.shape[2:]) == (2, D),
+              f"page_key_bounds must be [pages, HK, 2, {D}], got {tuple(page_key_bounds.shape)}")
     G = check_group(HQ, HK)
     check(D in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {D}")
     r2t, rpi, sl = check_batch(req_to_token, req_pool_indices, seq_lens, dev)
@@ -59,7 +68,9 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
 
     Args:
         q: ``[B, HQ, D]`` fp16/bf16 decode queries.
-        page_key_bounds: ``[num_pages_total, HK, 2, D]``, dtype of ``q``.
+        page_key_bounds: ``[num_pages_total, HK, 2, D]``, dtype of ``q``, or int8 rows ``[num_pages_total, HK,
+            2D + 8]`` uint8 (``bounds_dtype: int8``: the BOUNDS_INT8 kernel, 264 instead of 512 bytes per page and
+            KV head at D = 128).
         req_to_token: ``[max_reqs, max_ctx]`` int32; req_pool_indices, seq_lens: ``[B]`` int32/int64.
         page_size: P. max_pages: output columns (>= pages of the longest request).
         out: optional ``[B, HK, max_pages]`` float32 buffer.
@@ -73,7 +84,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         written; the rest of ``out`` keeps what it held (uninitialised for a fresh tensor).
     """
     B, D, HK, G, r2t, rpi, sl = check_score_inputs(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens,
-                                                   skip_pages_upto, skip_rows)
+                                                   skip_pages_upto, skip_rows, int8_ok=True)
     dev = q.device
     if out is None:
         out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
@@ -82,7 +93,8 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     if B == 0 or max_pages == 0:
         return out
     fn = kernel("quest_scores.cu", "quest_page_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,
-                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size, GROUP_MEAN=group_mean(group_score))
+                NUM_KV_HEADS=HK, GROUP=G, PAGE_SIZE=page_size, GROUP_MEAN=group_mean(group_score),
+                BOUNDS_INT8=int(page_key_bounds.dtype == torch.uint8))
     # As many blocks per KV head as the GPU holds at once (no more tiles than the capacity can have).
     most_tiles = B * -(-max_pages // tile_pages(D))
     blocks = max(1, min(most_tiles, resident_blocks(fn, THREADS, dev) // HK))

@@ -54,30 +54,121 @@ def page_bounds_update(k_cache: torch.Tensor, written_slots: torch.Tensor, page_
             Slots of one page appear contiguously and in increasing page offset (SGLang fills a page from
             offset 0 upwards; a page belongs to one request).
         page_key_bounds: ``[num_slots // P, HK, 2, D]``, same dtype as ``k_cache``; ``[..., 0, :]`` is the min,
-            ``[..., 1, :]`` the max. Updated in place.
+            ``[..., 1, :]`` the max. Updated in place. Or an int8 table ``[num_slots // P, HK, 2D + 8]`` uint8
+            (config ``bounds_dtype: int8``): see :func:`page_bounds_update_int8`.
         page_size: P.
 
     Semantics: for every page p touched, with o = the largest page offset written in p, the bounds become the
     min/max over offsets 0..o of p. So a write at offset 0 resets the page (a page reused by the radix cache
     never keeps stale values), and a page filled over several forwards accumulates all of its tokens.
     """
-    P = page_size
     if written_slots.numel() == 0:
         return
+    if page_key_bounds.dtype == torch.uint8:
+        return page_bounds_update_int8(k_cache, written_slots, page_key_bounds, page_size)
+    pages, kmin, kmax = _page_min_max(k_cache, written_slots, page_size)
+    page_key_bounds[pages, :, 0] = kmin.to(page_key_bounds.dtype)
+    page_key_bounds[pages, :, 1] = kmax.to(page_key_bounds.dtype)
+
+
+def _page_min_max(k_cache: torch.Tensor, written_slots: torch.Tensor, page_size: int):
+    """The pages touched by ``written_slots`` and their exact channel-wise min/max over offsets 0..o (o the largest
+    offset written): ``(pages [U], kmin [U, HK, D], kmax [U, HK, D])`` float32."""
+    P = page_size
     slots = written_slots.long()
-    pages = slots // P
-    offsets = slots % P
-    uniq, inverse = torch.unique(pages, return_inverse=True)
+    uniq, inverse = torch.unique(slots // P, return_inverse=True)
     last_offset = torch.full((uniq.numel(),), -1, dtype=torch.long, device=slots.device)
-    last_offset = last_offset.scatter_reduce(0, inverse, offsets, reduce="amax")
+    last_offset = last_offset.scatter_reduce(0, inverse, slots % P, reduce="amax")
     page_slots = uniq[:, None] * P + torch.arange(P, device=slots.device)[None, :]          # [U, P]
-    valid = torch.arange(P, device=slots.device)[None, :] <= last_offset[:, None]          # [U, P]
+    valid = (torch.arange(P, device=slots.device)[None, :] <= last_offset[:, None])[:, :, None, None]
     k = k_cache[page_slots].float()                                                          # [U, P, HK, D]
     inf = torch.tensor(float("inf"), device=k.device)
-    kmin = torch.where(valid[:, :, None, None], k, inf).amin(1)
-    kmax = torch.where(valid[:, :, None, None], k, -inf).amax(1)
-    page_key_bounds[uniq, :, 0] = kmin.to(page_key_bounds.dtype)
-    page_key_bounds[uniq, :, 1] = kmax.to(page_key_bounds.dtype)
+    return uniq, torch.where(valid, k, inf).amin(1), torch.where(valid, k, -inf).amax(1)
+
+
+# int8 page bounds (config bounds_dtype "int8"). One uint8 row of 2*D + 8 bytes per (page, KV head):
+#   bytes [0, D)        code_min_d      bytes [D, 2D)   code_max_d
+#   bytes [2D, 2D + 4)  lo (fp32)       bytes [2D + 4, 2D + 8)  scale (fp32)
+# bound(code) = fl(fl(code * scale) + lo) (two fp32 roundings, no fused multiply-add: the kernels use __fmul_rn and
+# __fadd_rn), and the codes are the tightest OUTWARD ones: code_min_d = the largest c with bound(c) <= min_d,
+# code_max_d = the smallest c with bound(c) >= max_d. lo / hi: the smallest min / largest max of the page-head;
+# scale: fl((hi - lo) / 255), raised ulp by ulp until bound(255) >= hi (0 when lo == hi: every code 0). So the
+# dequantized bounds contain every key of the page and Quest's score from them bounds every q.k of the page.
+INT8_LEVELS = 255
+
+
+def int8_bounds_row_bytes(head_dim: int) -> int:
+    """Bytes of one (page, KV head) of an int8 bounds table: 2 * D codes + (lo, scale) fp32."""
+    return 2 * head_dim + 8
+
+
+def int8_dequantize(code: torch.Tensor, lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``fl(fl(code * scale) + lo)`` in float32 (lo and scale broadcast against code)."""
+    return code.float() * scale + lo
+
+
+def quantize_bounds_int8(kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Outward int8 encoding of bounds ``kmin``/``kmax`` ``[..., D]`` float32 (kmin <= kmax): the ``[..., 2D + 8]``
+    uint8 rows described above."""
+    D = kmin.shape[-1]
+    kmin, kmax = kmin.float(), kmax.float()
+    lo, hi = kmin.amin(-1, keepdim=True), kmax.amax(-1, keepdim=True)
+    scale = (hi - lo) / INT8_LEVELS
+    while True:                                          # round scale up until code 255 reaches hi
+        short = int8_dequantize(torch.full_like(scale, INT8_LEVELS), lo, scale) < hi
+        if not bool(short.any()):
+            break
+        scale = torch.where(short, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
+    nonzero = scale > 0
+    safe = torch.where(nonzero, scale, torch.ones_like(scale))
+    top = torch.full_like(kmin, INT8_LEVELS)
+    cmin = torch.where(nonzero, ((kmin - lo) / safe).floor().clamp(0, INT8_LEVELS), 0 * kmin)
+    cmax = torch.where(nonzero, ((kmax - lo) / safe).ceil().clamp(0, INT8_LEVELS), 0 * kmax)
+    while True:                                          # the largest code at or below min_d
+        down = (cmin > 0) & (int8_dequantize(cmin, lo, scale) > kmin)
+        up = (cmin < top) & (int8_dequantize(cmin + 1, lo, scale) <= kmin) & nonzero
+        if not bool((down | up).any()):
+            break
+        cmin = cmin - down.float() + up.float()
+    while True:                                          # the smallest code at or above max_d
+        up = (cmax < top) & (int8_dequantize(cmax, lo, scale) < kmax)
+        down = (cmax > 0) & (int8_dequantize(cmax - 1, lo, scale) >= kmax) & nonzero
+        if not bool((down | up).any()):
+            break
+        cmax = cmax + up.float() - down.float()
+    out = torch.empty((*kmin.shape[:-1], 2 * D + 8), dtype=torch.uint8, device=kmin.device)
+    out[..., :D] = cmin.to(torch.uint8)
+    out[..., D:2 * D] = cmax.to(torch.uint8)
+    out[..., 2 * D:].view(torch.float32).copy_(torch.cat([lo, scale], -1))
+    return out
+
+
+def dequantize_bounds_int8(rows: torch.Tensor) -> torch.Tensor:
+    """``[..., 2D + 8]`` uint8 int8-bounds rows -> ``[..., 2, D]`` float32 (min, max)."""
+    D = (rows.shape[-1] - 8) // 2
+    params = rows[..., 2 * D:].contiguous().view(torch.float32)                                # [..., 2]
+    codes = rows[..., :2 * D].unflatten(-1, (2, D))
+    return int8_dequantize(codes, params[..., None, 0:1], params[..., None, 1:2])
+
+
+def page_bounds_float(page_key_bounds: torch.Tensor) -> torch.Tensor:
+    """A bounds table (or rows of one) as ``[..., 2, D]`` float32: bf16/fp16 ``[..., 2, D]`` as is, int8 rows
+    dequantized."""
+    if page_key_bounds.dtype == torch.uint8:
+        return dequantize_bounds_int8(page_key_bounds)
+    return page_key_bounds.float()
+
+
+def page_bounds_update_int8(k_cache: torch.Tensor, written_slots: torch.Tensor, page_key_bounds: torch.Tensor,
+                            page_size: int) -> None:
+    """:func:`page_bounds_update` into an int8 table ``[num_slots // P, HK, 2D + 8]`` uint8: each page touched gets
+    the outward encoding (:func:`quantize_bounds_int8`) of its exact min/max over offsets 0..o, recomputed from the
+    page's keys (as the bf16 update does: the kernel re-reads the page's tokens anyway), so a page filled over
+    many steps ends with exactly the encoding of a page written at once: no widening accumulates."""
+    if written_slots.numel() == 0:
+        return
+    pages, kmin, kmax = _page_min_max(k_cache, written_slots, page_size)
+    page_key_bounds[pages] = quantize_bounds_int8(kmin, kmax)
 
 
 def page_bounds_update_layers(k_caches: list[torch.Tensor], written_slots: torch.Tensor,
@@ -104,7 +195,8 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
 
     Args:
         q: ``[B, HQ, D]`` fp16/bf16.
-        page_key_bounds: ``[num_pages_total, HK, 2, D]``.
+        page_key_bounds: ``[num_pages_total, HK, 2, D]``, or int8 rows ``[num_pages_total, HK, 2D + 8]`` uint8
+            (see :func:`quantize_bounds_int8`; scored from their dequantized bounds).
         req_to_token, req_pool_indices, seq_lens: see the module docstring.
         page_size: P.
         max_pages: columns of the output (>= the pages of the longest request).
@@ -123,7 +215,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     for b, n, row in rows:
         phys = row[torch.arange(n, device=row.device) * P].long() // P                     # [n]
         for c0 in range(0, n, 1024):
-            bounds = page_key_bounds[phys[c0:c0 + 1024]].float()                             # [c, HK, 2, D]
+            bounds = page_bounds_float(page_key_bounds[phys[c0:c0 + 1024]])                  # [c, HK, 2, D]
             out[b, :, c0:c0 + bounds.shape[0]] = _bound_scores(qg[b], bounds, group_score).transpose(0, 1)
     return out
 
@@ -177,6 +269,9 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
         request (the kernel leaves the other entries unwritten).
     """
     P = page_size
+    if page_key_bounds.dtype == torch.uint8:
+        raise ValueError("quest_refine_scores reads bf16/fp16 bounds only (int8 bounds with coarse-to-fine scoring "
+                         "are not supported)")
     out, qg, rows = _scored_rows(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens, P, max_pages,
                                  skip_pages_upto, skip_rows)
     for b, n, row in rows:

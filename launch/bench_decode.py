@@ -97,7 +97,8 @@ def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor,
     pages = math.ceil(L / P)
     if cfg.coarse:                                        # coarse pages, then the pages inside the kept ones
         pages = math.ceil(L / cfg.coarse_page_tokens) + min(pages, cfg.coarse_top_k * cfg.coarse_ratio)
-    meta = B * HK * pages * 2 * D * 2 / cfg.reselect_every   # page bounds, read on one step in R
+    per_page_head = SparseKVMetadata.bounds_bytes_per_page_head(cfg, D, DTYPE)   # 512 bf16, 264 int8 (D=128)
+    meta = B * HK * pages * per_page_head / cfg.reselect_every   # page bounds, read on one step in R
     attended = float(counts.sum())                        # (request, head, token) triples attended
     total = meta + attended * kv_tok
     if method == "twilight":

@@ -14,6 +14,7 @@ from typing import Any
 
 METHODS = ("dense", "quest", "twilight", "vattention")
 GROUP_SCORES = ("max", "mean")
+BOUNDS_DTYPES = ("bf16", "int8")
 
 
 def _config_dir() -> pathlib.Path:
@@ -81,6 +82,12 @@ class SparseConfig:
         coarse_token_budget: tokens covered by the coarse pages kept for refinement, per (request, KV head): a
             multiple of ``coarse_page_tokens`` of at least ``token_budget + coarse_page_tokens`` (0: 4 x
             ``token_budget`` in whole coarse pages, at least one coarse page more than the budget).
+        bounds_dtype: storage of the per-page key bounds that every selecting step reads: ``bf16`` (min and max
+            per channel in the KV cache's dtype, bf16 or fp16: 4 * D bytes per page and KV head) or ``int8``
+            (per page and KV head an fp32 (lo, scale) and 2 * D uint8 codes rounded outward, min down and max
+            up, so Quest's score still bounds every q.k of the page: 2 * D + 8 bytes, 264 instead of 512 at
+            D = 128; the bounds widen by at most about (max - min) / 255 of the page-head per side). ``int8``
+            is not supported with coarse-to-fine scoring (``coarse_page_tokens``).
     """
 
     method: str = "quest"
@@ -102,6 +109,7 @@ class SparseConfig:
     coarse_page_tokens: int = 0
     coarse_token_budget: int = 0
     group_score: str = "max"
+    bounds_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -119,6 +127,11 @@ class SparseConfig:
             bad("method", f"choose one of {', '.join(METHODS)}")
         if self.group_score not in GROUP_SCORES:
             bad("group_score", f"choose one of {', '.join(GROUP_SCORES)}")
+        if self.bounds_dtype not in BOUNDS_DTYPES:
+            bad("bounds_dtype", f"choose one of {', '.join(BOUNDS_DTYPES)}")
+        elif self.bounds_dtype == "int8" and isinstance(self.coarse_page_tokens, int) and self.coarse_page_tokens:
+            bad("bounds_dtype", "int8 is not supported with coarse-to-fine scoring (coarse_page_tokens > 0): "
+                                "choose bf16 or set coarse_page_tokens to 0")
         ints = ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
                 "int4_group", "sample_capacity", "seed", "reselect_every", "coarse_page_tokens",
                 "coarse_token_budget")

@@ -19,6 +19,14 @@ class SparseKVMetadata:
     Tensors (layer ``l``):
         page_key_bounds[l]  ``[num_slots // P, HK, 2, D]``, dtype of K: channel-wise min (``[..., 0, :]``) and max
                             of the keys of each physical page (Quest, Twilight's candidates, vAttention's top-k).
+                            With ``bounds_dtype: int8``: ``[num_slots // P, HK, 2 * D + 8]`` uint8, one row of
+                            264 bytes (D = 128) per (page, KV head), read whole by one row of D / 8 lanes of the
+                            score kernel (8-byte aligned: 8 min codes + 8 max codes + the shared (lo, scale)
+                            per lane): bytes ``[0, D)`` the min codes, ``[D, 2D)`` the max codes, then fp32
+                            ``lo`` and ``scale``; bound = fl(fl(code * scale) + lo), codes rounded outward (see
+                            ``cupy_kernels.reference.quantize_bounds_int8``). Every writer (``update``,
+                            ``update_bounds_all_layers``, the references) picks the int8 path from the table's
+                            dtype.
         key_int4[l]         ``[num_slots, HK, D // 2]`` uint8, Twilight only: packed int4 keys.
         key_scale_zero[l]   ``[num_slots, HK, D // group, 2]`` float32, Twilight only: (scale, zero) per group.
         coarse_key_bounds[l] ``[num_slots // C, HK, 2, D]``, with coarse-to-fine scoring (``coarse_page_tokens``
@@ -47,8 +55,12 @@ class SparseKVMetadata:
             ck.int4_keys.check_group_size(self.int4_group, head_dim)
         self._layer_tables = None             # cupy_kernels.LayerTables, built on the first all-layer update
         self._coarse_layer_tables = None
-        shape = (num_slots // P, num_kv_heads, 2, head_dim)
-        self.page_key_bounds = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        if config.bounds_dtype == "int8":
+            shape, bounds_dtype = (num_slots // P, num_kv_heads, ck.reference.int8_bounds_row_bytes(head_dim)), \
+                torch.uint8
+        else:
+            shape, bounds_dtype = (num_slots // P, num_kv_heads, 2, head_dim), dtype
+        self.page_key_bounds = [torch.zeros(shape, dtype=bounds_dtype, device=device) for _ in range(num_layers)]
         self.coarse_key_bounds: list[torch.Tensor] = []
         if C:
             coarse = (num_slots // C, num_kv_heads, 2, head_dim)
@@ -63,12 +75,20 @@ class SparseKVMetadata:
                                                        dtype=torch.float32, device=device))
 
     @staticmethod
+    def bounds_bytes_per_page_head(config: SparseConfig, head_dim: int, dtype: torch.dtype) -> int:
+        """Bytes of one (page, KV head) of ``page_key_bounds``: 2 * D elements of K's dtype, or int8 rows of
+        2 * D + 8 bytes (``bounds_dtype: int8``)."""
+        if config.bounds_dtype == "int8":
+            return ck.reference.int8_bounds_row_bytes(head_dim)
+        return 2 * head_dim * torch.empty((), dtype=dtype).element_size()
+
+    @staticmethod
     def bytes_per_token(config: SparseConfig, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         """Metadata bytes per token slot per layer (for sizing the KV pool together with its side tables)."""
         if not config.is_sparse:
             return 0
         elt = torch.empty((), dtype=dtype).element_size()
-        n = 2 * num_kv_heads * head_dim * elt / config.page_size
+        n = num_kv_heads * SparseKVMetadata.bounds_bytes_per_page_head(config, head_dim, dtype) / config.page_size
         if config.coarse:
             n += 2 * num_kv_heads * head_dim * elt / config.coarse_page_tokens
         if config.method == "twilight":

@@ -691,3 +691,53 @@ def test_fixed_bytes_are_what_the_operator_allocates(method):
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - before == sum(want.values()), want
     assert op.workspace.numel() == want["workspace"]
+
+
+# ----------------------------------------------------------------------------- int8 page bounds (bounds_dtype int8)
+
+@pytest.mark.parametrize("method", METHODS)
+def test_int8_bounds_exact_when_budget_covers_context(method):
+    lens = [3000, 1777, 4096]
+    config, pool, q, meta, op = _setup(method, lens, HK=2, token_budget=4096, min_context=0, dense_layers=0,
+                                       bounds_dtype="int8")
+    assert meta.page_key_bounds[0].dtype == torch.uint8
+    dense = dense_attention(q, pool.k_cache, pool.v_cache, _batch(op), 1 / math.sqrt(q.shape[-1]))
+    assert op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
+                   path="sparse") == "sparse"
+    for layer in range(2):
+        err = relative_l2(op.run(layer, q, pool.k_cache, pool.v_cache, meta), dense)
+        assert err.max().item() < 1e-2, f"{method} int8 bounds: rel err {err.max():.2e}"
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("kind", ["peaked", "heavy_tailed"])
+def test_int8_bounds_operator_matches_reference(method, kind):
+    """bounds_dtype int8 through the kernels (update, scores) + FlashInfer == reference_decode with the same config;
+    the step's all-layer bounds update keeps the tables equal to the reference's."""
+    lens = [9000, 5000, 3000, 12345]
+    config, pool, q, meta, op = _setup(method, lens, kind=kind, token_budget=1024, min_context=4000,
+                                       dense_layers=1, bounds_dtype="int8")
+    sm = 1 / math.sqrt(q.shape[-1])
+    out = op.run(1, q, pool.k_cache, pool.v_cache, meta)
+    seeds = policies.vattention_seeds(config.seed, op.step.clone(), 1, len(lens))
+    want, want_counts = reference_decode(config, 1, q, pool.k_cache, pool.v_cache, _batch(op), meta, sm, seeds)
+    err = relative_l2(out, want)
+    if method == "vattention":
+        got_n, want_n = op.last_counts.double(), want_counts.double()
+        assert ((got_n - want_n).abs() <= 5e-3 * want_n + 4).all(), (got_n, want_n)
+        assert err.median().item() < 1e-2 and err.max().item() < 5e-2, err
+    else:
+        same = (op.last_counts == want_counts)
+        assert same.float().mean() >= 0.95
+        G = q.shape[1] // same.shape[1]
+        assert err[same[..., None].expand(-1, -1, G).reshape(err.shape)].max().item() < 2e-2
+    # a decode step's bounds update of every layer equals the reference's, byte for byte
+    want_tables = [t.clone() for t in meta.page_key_bounds]
+    slots = pool.last_slots
+    pool.k_cache[slots] = torch.randn((len(lens), pool.k_cache.shape[1], pool.k_cache.shape[2]),
+                                      device=DEV).to(pool.k_cache.dtype)
+    meta.update_bounds_all_layers([pool.k_cache] * len(meta.page_key_bounds), slots)
+    from cupy_kernels import reference as ref
+    for t in want_tables:
+        ref.page_bounds_update(pool.k_cache, slots, t, config.page_size)
+    assert all(torch.equal(a, b) for a, b in zip(meta.page_key_bounds, want_tables))

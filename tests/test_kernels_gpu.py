@@ -883,3 +883,126 @@ def test_group_score_mean_kernels(G):
     inside[..., :5 * R] = True
     inside &= finite
     assert (refined[inside] - want[inside]).abs().max().item() <= 1e-5 * scale + 1e-6
+
+
+# ----------------------------------------------------------------------------- int8 page bounds (bounds_dtype int8)
+
+def _bounds_int8(pool):
+    S, HK, D = pool.k_cache.shape
+    return torch.zeros((S // pool.page_size, HK, 2 * D + 8), dtype=torch.uint8, device=DEV)
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("case", CASES + LONG, ids=_id)
+def test_int8_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
+    """The BOUNDS_INT8 update kernel writes exactly the reference's bytes (codes and (lo, scale)): a prefill of many
+    tokens per page, a decode token per request, a page reused from offset 0; and every key inside the bounds."""
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    gen = _gen(21)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    got, want = _bounds_int8(pool), _bounds_int8(pool)
+    got.fill_(0xA5)  # poison: every touched page must be rewritten
+    slots = pool.written_slots.to(slot_dtype)
+    ck.page_bounds_update(pool.k_cache, slots, got, P)
+    ref.page_bounds_update(pool.k_cache, slots, want, P)
+    touched = torch.unique(slots // P)
+    assert torch.equal(got[touched], want[touched])
+    deq = ref.dequantize_bounds_int8(got[touched])                                  # [U, HK, 2, D]
+    exact = torch.zeros((got.shape[0], HK, 2, D), dtype=dtype, device=DEV)
+    ref.page_bounds_update(pool.k_cache, slots, exact, P)
+    assert (deq[:, :, 0] <= exact[touched, :, 0].float()).all() and (deq[:, :, 1] >= exact[touched, :, 1].float()).all()
+
+    pages_free = list(pool.free_pages)
+    new_slots = []
+    for b in range(len(lens)):
+        n = int(pool.seq_lens[b])
+        row = int(pool.req_pool_indices[b])
+        slot = pages_free.pop() * P if n % P == 0 else int(pool.req_to_token[row, n - 1]) + 1
+        pool.req_to_token[row, n] = slot
+        new_slots.append(slot)
+    new_slots = torch.tensor(new_slots, device=DEV, dtype=slot_dtype)
+    pool.k_cache[new_slots.long()] = torch.randn((len(lens), HK, D), device=DEV).mul(3).to(dtype)
+    ck.page_bounds_update(pool.k_cache, new_slots, got, P)
+    ref.page_bounds_update(pool.k_cache, new_slots, want, P)
+    assert torch.equal(got[touched], want[touched])
+    assert torch.equal(got[new_slots.long() // P], want[new_slots.long() // P])
+
+    page = int(slots[0] // P)
+    reuse = torch.arange(page * P, page * P + max(1, P // 2), device=DEV, dtype=slot_dtype)
+    pool.k_cache[reuse] = torch.randn((reuse.numel(), HK, D), device=DEV).mul(0.01).to(dtype)
+    ck.page_bounds_update(pool.k_cache, reuse, got, P)
+    ref.page_bounds_update(pool.k_cache, reuse, want, P)
+    assert torch.equal(got[page], want[page])
+
+
+def test_int8_bounds_of_every_layer_in_one_launch():
+    """page_bounds_update_layers on int8 tables == the reference per layer, eager and replayed from a graph."""
+    import cupy_kernels as ck
+    gen = _gen(22)
+    HK, D, P, L = 8, 128, 16, 3
+    lens = [700, 33, 4096]
+    pool = make_pool(lens, HK, D, P, torch.bfloat16, DEV, gen, spare_pages=8)
+    k_caches = [pool.k_cache] + [torch.randn_like(pool.k_cache.float()).to(torch.bfloat16) for _ in range(L - 1)]
+    got = [_bounds_int8(pool) for _ in range(L)]
+    for k, g in zip(k_caches, got):
+        ref.page_bounds_update(k, pool.written_slots, g, P)
+    want = [g.clone() for g in got]
+    slots = pool.last_slots
+    for k in k_caches:
+        k[slots] = torch.randn((len(lens), HK, D), device=DEV).to(torch.bfloat16)
+    tables = ck.LayerTables(k_caches, got, P)
+    ck.page_bounds_update_layers(tables, slots)
+    ref.page_bounds_update_layers(k_caches, slots, want, P)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        ck.page_bounds_update_layers(tables, slots)
+    for k in k_caches:
+        k[slots] = torch.randn((len(lens), HK, D), device=DEV).mul(5).to(torch.bfloat16)
+    graph.replay()
+    torch.cuda.synchronize()
+    ref.page_bounds_update_layers(k_caches, slots, want, P)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("group_score", ["max", "mean"])
+@pytest.mark.parametrize("case", CASES + LONG, ids=_id)
+def test_int8_quest_scores(case, group_score):
+    """The BOUNDS_INT8 score kernel == the reference on the dequantized bounds, within float32 rounding; rows not
+    scored (skip_pages_upto) untouched."""
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    gen = _gen(23)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    rows = _bounds_int8(pool)
+    ref.page_bounds_update(pool.k_cache, pool.written_slots, rows, P)
+    q = _query(len(lens), HK, G, D, dtype, gen)
+    max_pages = pool.max_pages() + 3
+    poison = 12345.0
+    args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
+    got = torch.full((len(lens), HK, max_pages), poison, device=DEV)
+    ck.quest_page_scores(q, rows, *args, out=got, group_score=group_score)
+    want = ref.quest_page_scores(q, rows, *args, group_score=group_score)
+    finite = torch.isfinite(want)
+    assert (got[~finite] == poison).all()
+    scale = (q.float().abs().sum(-1).amax(-1).max() * ref.dequantize_bounds_int8(rows).abs().amax()).item()
+    assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
+    npg = (pool.seq_lens.long() + P - 1) // P
+    skip = int(npg.float().median().item())
+    got_skip = torch.full_like(got, poison)
+    ck.quest_page_scores(q, rows, *args, out=got_skip, skip_pages_upto=skip, group_score=group_score)
+    scored = finite & (npg > skip)[:, None, None]
+    assert torch.equal(got_skip[scored], got[scored]) and (got_skip[~scored] == poison).all()
+
+
+def test_refine_scores_refuse_int8_bounds_on_gpu():
+    import cupy_kernels as ck
+    q = torch.zeros((1, 2, 64), dtype=torch.bfloat16, device=DEV)
+    rows = torch.zeros((8, 2, 136), dtype=torch.uint8, device=DEV)
+    r2t = torch.zeros((1, 128), dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="int8"):
+        ck.quest_refine_scores(q, rows, r2t, torch.zeros(1, dtype=torch.int32, device=DEV),
+                               torch.full((1,), 128, dtype=torch.int32, device=DEV),
+                               torch.zeros((1, 2, 1), dtype=torch.int32, device=DEV),
+                               torch.ones((1, 2), dtype=torch.int32, device=DEV), 16, 4, 8)

@@ -334,7 +334,8 @@ def test_request_budget_is_validated_on_arrival(monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense", "quest:coarse_page_tokens=64",
-                                    "twilight:page_size=8,coarse_page_tokens=16"])
+                                    "twilight:page_size=8,coarse_page_tokens=16", "quest:bounds_dtype=int8",
+                                    "twilight:bounds_dtype=int8"])
 def test_metadata_bytes_per_token_match_the_tables(method):
     """The per-token cost added to SGLang's pool sizing is what SparseKVMetadata really allocates."""
     import torch
