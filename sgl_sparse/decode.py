@@ -748,13 +748,16 @@ class _ReferenceAttention:
 def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache: torch.Tensor,
                      v_cache: torch.Tensor, batch: DecodeBatch, metadata: SparseKVMetadata,
                      sm_scale: float | None = None, seeds: torch.Tensor | None = None,
-                     kept_selection: torch.Tensor | None = None, kept_query: torch.Tensor | None = None):
+                     kept_selection: torch.Tensor | None = None, kept_query: torch.Tensor | None = None,
+                     observe: policies.SelectionObserver | None = None):
     """The torch reference of :meth:`SparseDecodeOperator.run`: same policies, reference kernels, dense math.
 
     Runs on CPU or GPU tensors. ``seeds`` (vAttention) defaults to the operator's derivation for step 1.
     ``kept_selection`` (``[max_reqs, HK, top_k]``, with ``batch.reuse_from`` set: selection reuse) is read for
     the rows that reuse and written for the rows that select, as the operator does with its own; so is
     ``kept_query`` (``[max_reqs, HK, D]``, the drift test's stored queries, with ``config.drift_test``).
+    ``observe``: called with the page scores and the selection of a sparse layer (:class:`policies.SelectionObserver`;
+    never for dense layers).
     Returns ``(o [B, HQ, D], attended token counts [B, HK])``.
     """
     ref = ck.reference
@@ -772,9 +775,10 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
                          kept_query,
                          coarse_key_bounds=metadata.coarse_key_bounds[layer] if metadata.coarse_key_bounds else None)
     if config.method == "quest":
-        return policies.quest(ref, config, q, tables, batch, attend)
+        return policies.quest(ref, config, q, tables, batch, attend, observe)
     if config.method == "twilight":
-        return policies.twilight(ref, config, q, tables, batch, attend, sm_scale)
+        return policies.twilight(ref, config, q, tables, batch, attend, sm_scale, observe)
     if seeds is None:
         seeds = policies.vattention_seeds(config.seed, torch.ones(1, dtype=torch.int64, device=q.device), layer, B)
-    return policies.vattention(ref, config, q, k_cache, v_cache, tables, batch, attend, sm_scale, seeds)
+    return policies.vattention(ref, config, q, k_cache, v_cache, tables, batch, attend, sm_scale, seeds,
+                              observe)

@@ -11,7 +11,9 @@ from it at each step (exact, O(context) per layer; fine at CPU speeds).
         text = sgl_sparse.models.greedy(model, tok, prompt)
     stats.attended_fraction     # mean fraction of the context attended per KV head in sparse layers
 
-Batch size 1 (no padding) only.
+Batch size 1 (no padding) only. ``sparse_attention(..., observer=f)`` calls ``f`` with a :class:`SelectionEvent`
+at every sparse layer's page selection (what it ranked and kept, and the q and K it saw), for diagnostics such as
+``launch/selection_trace.py``; without an observer nothing is recorded or computed for it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -32,6 +35,25 @@ ATTN_NAME = "sgl_sparse"
 
 
 @dataclass
+class SelectionEvent:
+    """One sparse layer's page selection at one decode step, as the torch reference made it (batch size 1).
+
+    The tensors are the step's own (views, valid during the call only): copy what you keep, modify nothing.
+    """
+
+    step: int                   # decode step: 1 for the forward after the prefill (it yields generated token 1)
+    layer: int
+    q: torch.Tensor             # [HQ, D] the decode query the selection ranked pages for
+    keys: torch.Tensor          # [L, HK, D] the keys of the context, the token being decoded included
+    scale: float                # softmax scale of the attention logits
+    page_size: int              # P: page j holds positions j*P .. j*P+P-1
+    page_scores: torch.Tensor   # [HK, n] Quest's bound per page (n = ceil(L / P)); -inf where not scored
+    selected: torch.Tensor      # [HK, W] int32 selected pages, ascending, -1 past num_selected
+    num_selected: torch.Tensor  # [HK] int32
+    config: SparseConfig
+
+
+@dataclass
 class SparseStats:
     config: SparseConfig
     measure_error: bool = False
@@ -42,6 +64,7 @@ class SparseStats:
     reuse_from: torch.Tensor = field(default_factory=lambda: torch.zeros(1, dtype=torch.int32))
     planned_reuses: int = 0     # (step, sparse layer) pairs whose plan reused a kept selection
     drift_selections: int = 0   # ... of which the drift test made the layer select again
+    observer: Callable[[SelectionEvent], None] | None = None   # sparse_attention(observer=...)
 
     @property
     def violation_rate(self) -> float:
@@ -101,8 +124,11 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
     seeds = policies.vattention_seeds(cfg.seed, torch.tensor([stats.step]), layer, 1)
     scale = scaling if scaling is not None else 1.0 / math.sqrt(D)
     before = kept_query[0].clone() if kept_query is not None and int(batch.reuse_from[0]) > 0 else None
+    observe = None
+    if stats.observer is not None:
+        observe = _observe(stats.observer, stats.step, layer, query[0, :, 0], k_cache[:L], scale, cfg, L)
     out, counts = reference_decode(cfg, layer, query[:, :, 0], k_cache, v_cache, batch, meta, scale, seeds, kept,
-                                   kept_query)
+                                   kept_query, observe)
     if kept is not None and int(batch.reuse_from[0]) > 0:
         stats.planned_reuses += 1
         stats.drift_selections += before is not None and not torch.equal(before, kept_query[0])
@@ -116,6 +142,17 @@ def _sparse_attention_forward(module, query, key, value, attention_mask, dropout
     return out.view(1, 1, HQ, D), None
 
 
+def _observe(observer, step, layer, q, keys, scale, cfg, L):
+    """The :class:`policies.SelectionObserver` that hands ``observer`` a :class:`SelectionEvent`."""
+    n = -(-L // cfg.page_size)
+
+    def observe(page_scores, selected, num_selected):
+        observer(SelectionEvent(step, layer, q, keys, scale, cfg.page_size, page_scores[0, :, :n], selected[0],
+                                num_selected[0], cfg))
+
+    return observe
+
+
 def register() -> None:
     """Make ``attn_implementation="sgl_sparse"`` known to transformers (idempotent)."""
     from transformers import AttentionInterface
@@ -124,16 +161,20 @@ def register() -> None:
 
 
 @contextlib.contextmanager
-def sparse_attention(model, config: SparseConfig, measure_error: bool = False):
+def sparse_attention(model, config: SparseConfig, measure_error: bool = False,
+                     observer: Callable[[SelectionEvent], None] | None = None):
     """Run ``model``'s decode attention through ``config`` inside the block; yields :class:`SparseStats`.
 
     With ``measure_error`` every sparse decode attention is also computed densely on the same (real) q/k/v and
     its relative L2 error recorded: ``stats.violation_rate`` is vAttention's measured P(error > epsilon).
+    ``observer`` is called with a :class:`SelectionEvent` at each sparse layer's page selection of each decode
+    step (Twilight's candidates and vAttention's deterministic part are such selections too); it changes nothing
+    the model computes.
     """
     register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(ATTN_NAME)
-    stats = SparseStats(config, measure_error)
+    stats = SparseStats(config, measure_error, observer=observer)
     if config.is_sparse and config.reselect_every > 1 and model.config.num_hidden_layers > config.dense_layers:
         head_dim = getattr(model.config, "head_dim", None) or \
             model.config.hidden_size // model.config.num_attention_heads

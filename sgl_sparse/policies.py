@@ -74,9 +74,25 @@ class LayerTables:
     coarse_key_bounds: torch.Tensor | None = None   # [num_slots // C, HK, 2, D]: coarse-to-fine scoring
 
 
-def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch):
+class SelectionObserver(Protocol):
+    """What a diagnostic sees of one layer's page selection (the CPU path's
+    :func:`sgl_sparse.hf_sparse.sparse_attention` ``observer``; ``launch/selection_trace.py``).
+
+    Called once per :func:`select_pages` with its own tensors, which it must not modify: ``page_scores``
+    ``[B, HK, max_pages]`` float32 (Quest's bound per logical page; ``-inf`` where not scored: a request within
+    ``dense_pages``, one reusing a kept selection, a page outside the kept coarse pages), ``selected_pages``
+    ``[B, HK, W]`` int32 (ascending, ``-1`` past the count) and ``num_selected`` ``[B, HK]``."""
+
+    def __call__(self, page_scores: torch.Tensor, selected_pages: torch.Tensor,
+                 num_selected: torch.Tensor) -> None: ...
+
+
+def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch,
+                 observe: SelectionObserver | None = None):
     """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages (or
-    more with reuse); a request past ``dense_pages`` selects ``batch.row_top_k`` pages (its own budget) if set."""
+    more with reuse); a request past ``dense_pages`` selects ``batch.row_top_k`` pages (its own budget) if set.
+    ``observe`` (diagnostics; the operator never passes it) is called with the page scores the selection ranked
+    and the selection: see :class:`SelectionObserver`."""
     P = cfg.page_size
     reuse = None
     if tables.kept_selection is not None:
@@ -95,8 +111,11 @@ def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, b
                                        batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
                                        skip_rows=skip_rows, group_score=cfg.group_score)
     # a request's own budget (row_top_k) applies past dense_pages: shorter requests keep every page whatever it is
-    return ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
-                          select_all_upto=cfg.dense_pages, reuse=reuse, row_top_k=batch.row_top_k)
+    selected = ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
+                              select_all_upto=cfg.dense_pages, reuse=reuse, row_top_k=batch.row_top_k)
+    if observe is not None:
+        observe(scores, *selected)
+    return selected
 
 
 def coarse_to_fine_scores(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch,
@@ -218,12 +237,13 @@ def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
     return batch.fits_budget if batch.fits_budget is not None else within_budget(cfg, batch.seq_lens)
 
 
-def quest(ops, cfg, q, tables, batch, attend: Attention):
-    return attend.pages(q, *select_pages(ops, cfg, q, tables, batch), return_lse=False)
+def quest(ops, cfg, q, tables, batch, attend: Attention, observe: SelectionObserver | None = None):
+    return attend.pages(q, *select_pages(ops, cfg, q, tables, batch, observe), return_lse=False)
 
 
-def twilight(ops, cfg, q, tables, batch, attend: Attention, sm_scale: float):
-    cand, ncand = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch), batch)
+def twilight(ops, cfg, q, tables, batch, attend: Attention, sm_scale: float,
+             observe: SelectionObserver | None = None):
+    cand, ncand = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch, observe), batch)
     _, probs = ops.int4_candidate_scores(q, tables.key_int4, tables.key_scale_zero, cand, ncand, sm_scale)
     # requests that fit in the budget keep every candidate (all their tokens): the dense fallback
     rows, counts = ops.top_p_select(probs, ncand, cfg.top_p, candidate_ids=cand, keep_all=fits_in_budget(cfg, batch))
@@ -231,8 +251,8 @@ def twilight(ops, cfg, q, tables, batch, attend: Attention, sm_scale: float):
 
 
 def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attention, sm_scale: float,
-               seeds: torch.Tensor):
-    selected = select_pages(ops, cfg, q, tables, batch)
+               seeds: torch.Tensor, observe: SelectionObserver | None = None):
+    selected = select_pages(ops, cfg, q, tables, batch, observe)
     o_det, lse_det, counts = attend.pages(q, *selected, return_lse=True)
     B, HQ, D = q.shape
     o_det = o_det.view(B, HQ, D)
