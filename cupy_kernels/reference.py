@@ -113,7 +113,9 @@ def quantize_bounds_int8(kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor
     D = kmin.shape[-1]
     kmin, kmax = kmin.float(), kmax.float()
     lo, hi = kmin.amin(-1, keepdim=True), kmax.amax(-1, keepdim=True)
-    scale = (hi - lo) / INT8_LEVELS
+    # a tensor divisor: PyTorch divides by a Python scalar on CUDA as a * fl(1/b), not as the kernel's true
+    # division (__fdiv_rn); a tensor takes the true-division path on every device
+    scale = (hi - lo) / torch.full_like(hi, float(INT8_LEVELS))
     while True:                                          # round scale up until code 255 reaches hi
         short = int8_dequantize(torch.full_like(scale, INT8_LEVELS), lo, scale) < hi
         if not bool(short.any()):
