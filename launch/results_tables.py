@@ -119,7 +119,8 @@ def soak_table(data: dict) -> str:
         graph = "—" if share is None else f"{100 * share:.0f} %"
         rate = "—" if r.get("output_tokens") is None else f"{r['output_tokens'] / r['duration_s']:.0f}"
         lines.append(f"| {r['config']} | {_commit(r.get('commit'))} | {r['duration_s']:.0f} | {r['requests']} | "
-                     f"{r['completed']} | {r['aborted']} | {r['rejected']} | {r['server_errors']} | {r.get('leaked_tokens')} | "
+                     f"{r['completed']} | {r['aborted']} | {r['rejected']} | {r['server_errors']} | "
+                     f"{r.get('leaked_tokens')} | "
                      f"{r.get('probe_mismatches')} | {r.get('retracted_reqs', 0)} | "
                      f"{r.get('gpu_memory_start_mib')} → {r.get('gpu_memory_end_mib')} | {rate} | {graph} | "
                      f"{'yes' if r['passed'] else '**no**'} |")
