@@ -7,7 +7,8 @@ config, how often a value is missing from the answer when its tokens cross a ``-
 they lie inside one page. If page-level selection lost values by keeping only one of their two pages, the first
 rate would be the higher.
 
-    python launch/needle_boundaries.py launch/results/accuracy_h200.json launch/results/accuracy_quest_variants_h200.json
+    python launch/needle_boundaries.py launch/results/accuracy_h200.json \
+        launch/results/accuracy_quest_variants_h200.json
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def main() -> int:
     print(f"needle values missed, by whether their tokens cross a {args.page}-token page boundary")
     for (name, config), c in counts.items():
         cross, inside = c[(True, True)] + c[(True, False)], c[(False, True)] + c[(False, False)]
-        print(f"{name:34s} {config:42s} crossing {c[(True, False)]:3d}/{cross:<3d} ({c[(True, False)] / max(1, cross):.2f})"
-              f"   inside {c[(False, False)]:3d}/{inside:<3d} ({c[(False, False)] / max(1, inside):.2f})")
+        missed_cross, missed_inside = c[(True, False)], c[(False, False)]
+        print(f"{name:34s} {config:42s} crossing {missed_cross:3d}/{cross:<3d} ({missed_cross / max(1, cross):.2f})"
+              f"   inside {missed_inside:3d}/{inside:<3d} ({missed_inside / max(1, inside):.2f})")
     return 0
 
 

@@ -112,14 +112,15 @@ def soak_table(data: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["rows"]:
         if "requests" not in r:
-            lines.append(f"| {r['config']} | {_commit(r.get('commit'))} | failed: {r.get('error', '?').splitlines()[0]} "
-                         "|||||||||||||")
+            error = r.get("error", "?").splitlines()[0]
+            lines.append(f"| {r['config']} | {_commit(r.get('commit'))} | failed: {error} |||||||||||||")
             continue
         share = r.get("decode_graph_share")
         graph = "—" if share is None else f"{100 * share:.0f} %"
         rate = "—" if r.get("output_tokens") is None else f"{r['output_tokens'] / r['duration_s']:.0f}"
-        lines.append(f"| {r['config']} | {_commit(r.get('commit'))} | {r['duration_s']:.0f} | {r['requests']} | {r['completed']} | {r['aborted']} | "
-                     f"{r['rejected']} | {r['server_errors']} | {r.get('leaked_tokens')} | "
+        lines.append(f"| {r['config']} | {_commit(r.get('commit'))} | {r['duration_s']:.0f} | {r['requests']} | "
+                     f"{r['completed']} | {r['aborted']} | {r['rejected']} | {r['server_errors']} | "
+                     f"{r.get('leaked_tokens')} | "
                      f"{r.get('probe_mismatches')} | {r.get('retracted_reqs', 0)} | "
                      f"{r.get('gpu_memory_start_mib')} → {r.get('gpu_memory_end_mib')} | {rate} | {graph} | "
                      f"{'yes' if r['passed'] else '**no**'} |")

@@ -46,9 +46,10 @@ def test_accuracy_and_soak_tables_show_their_figures(tmp_path, monkeypatch):
                           dict(method="quest", config="quest", budget=2048, length=32000, scope="task_length",
                                task="cwe", score=0.29)])
     soak = dict(gpu="NVIDIA H200", runs=[dict(commit="abcdef0123")], rows=[
-        dict(config="quest", commit="abcdef0123", duration_s=301.2, requests=1769, completed=1537, aborted=185, rejected=47,
-             server_errors=0, leaked_tokens=0, probe_mismatches=0, retracted_reqs=1, gpu_memory_start_mib=4552,
-             gpu_memory_end_mib=4564, decode_graph_share=0.25, output_tokens=60200, passed=True),
+        dict(config="quest", commit="abcdef0123", duration_s=301.2, requests=1769, completed=1537, aborted=185,
+             rejected=47, server_errors=0, leaked_tokens=0, probe_mismatches=0, retracted_reqs=1,
+             gpu_memory_start_mib=4552, gpu_memory_end_mib=4564, decode_graph_share=0.25, output_tokens=60200,
+             passed=True),
         dict(config="twilight", commit="1234567890", error="start-up: ServerError: died\nmore", passed=False)])
     (tmp_path / "accuracy_x.json").write_text(json.dumps(accuracy))
     (tmp_path / "soak_x.json").write_text(json.dumps(soak))
