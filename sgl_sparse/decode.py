@@ -523,7 +523,7 @@ class SparseDecodeOperator:
         bufs = self._buffers(B)
         if dense_rows is not None and len(dense_rows) != B:
             raise ValueError(f"dense_rows has {len(dense_rows)} entries for a batch of {B}")
-        opted = torch.tensor(dense_rows, dtype=torch.bool) if dense_rows is not None and any(dense_rows) else None
+        opted = self.dense_pass_rows(seq_lens_cpu, dense_rows)
         if path is None:
             path = "sparse" if self.needs_selection(seq_lens_cpu, opted) else "dense"
         elif path not in ("sparse", "mixed", "dense") or (path != "dense" and not cfg.is_sparse):
@@ -563,6 +563,24 @@ class SparseDecodeOperator:
             if self.collect_stats:
                 self.layer_counts[:, :B].zero_()
         return path
+
+    def dense_pass_rows(self, seq_lens_cpu: torch.Tensor, dense_rows: list[bool] | None) -> torch.Tensor | None:
+        """Host ``[B]`` bool: the rows that opted out of sparsity (``dense_rows``) and need a dense pass, those
+        longer than what the config attends in full (within its budget or below ``min_context`` the sparse step
+        attends every token anyway); None when there are none."""
+        if dense_rows is None or not any(dense_rows):
+            return None
+        opted = torch.tensor(dense_rows, dtype=torch.bool)
+        if self.config.is_sparse:
+            opted &= ~policies.within_budget(self.config, seq_lens_cpu.to(torch.int64))
+        return opted if bool(opted.any()) else None
+
+    def replays_graph(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor | None) -> bool:
+        """A step whose rows needing a dense pass are ``opted`` (:meth:`dense_pass_rows`) can replay a CUDA graph:
+        none opted, the dense path's (no other row needs a selection) or the mixed path's (its dense pass holds
+        them). Host only."""
+        return (opted is None or not self.needs_selection(seq_lens_cpu, opted)
+                or self.mixed_fits(seq_lens_cpu, opted))
 
     def needs_selection(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor | None = None) -> bool:
         """Some request of the step (host ``[B]`` lengths; ``opted``: host ``[B]`` bool of opted-out rows, which
@@ -621,12 +639,13 @@ class SparseDecodeOperator:
         if batch is None:
             raise RuntimeError("call plan() before run()")
         bufs = self._per_batch[batch.batch_size]
-        if batch.batch_size > self.graph_batch and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(f"a CUDA graph captures a batch of {batch.batch_size}, more than the operator's "
-                               f"graph_batch ({self.graph_batch}): its dense pass is planned per step, not "
-                               "graph-safe")
-        if layer == 0 and torch.cuda.is_current_stream_capturing():   # a graph now holds this size's wrappers
-            self._captured_sizes.add(batch.batch_size)
+        if torch.cuda.is_current_stream_capturing():
+            if batch.batch_size > self.graph_batch:
+                raise RuntimeError(f"a CUDA graph captures a batch of {batch.batch_size}, more than the operator's "
+                                   f"graph_batch ({self.graph_batch}): its dense pass is planned per step, not "
+                                   "graph-safe")
+            if layer == 0:                                     # a graph now holds this size's wrappers
+                self._captured_sizes.add(batch.batch_size)
         cfg = self.config
         if self.path == "dense" or layer < cfg.dense_layers:
             return bufs["dense"].run(q, k_cache, v_cache)
@@ -634,12 +653,7 @@ class SparseDecodeOperator:
         B = batch.batch_size
         counts_out = self.layer_counts[layer, :B] if self.collect_stats else None
         attend = _StepAttention(bufs, k_cache, v_cache, batch, counts_out)
-        tables = LayerTables(metadata.page_key_bounds[layer],
-                             metadata.key_int4[layer] if metadata.key_int4 else None,
-                             metadata.key_scale_zero[layer] if metadata.key_scale_zero else None,
-                             *self._kept(layer),
-                             coarse_key_bounds=metadata.coarse_key_bounds[layer] if metadata.coarse_key_bounds
-                             else None)
+        tables = layer_tables(metadata, layer, *self._kept(layer))
         if cfg.method == "quest":
             out, counts = policies.quest(ck, cfg, q, tables, batch, attend)
         elif cfg.method == "twilight":
@@ -685,6 +699,16 @@ class SparseDecodeOperator:
         counts = self.layer_counts[:, :B]
         calls = (counts.sum((1, 2)) > 0).sum().clamp_min(1).float()       # the layers that selected this step
         return counts.sum((0, 2)).float() / (calls * self.num_kv_heads * batch.seq_lens.float())
+
+
+def layer_tables(metadata: SparseKVMetadata, layer: int, kept_selection: torch.Tensor | None = None,
+                 kept_query: torch.Tensor | None = None) -> LayerTables:
+    """The side tables of ``layer`` that the policies read (the operator's and the reference's alike)."""
+    return LayerTables(metadata.page_key_bounds[layer],
+                       metadata.key_int4[layer] if metadata.key_int4 else None,
+                       metadata.key_scale_zero[layer] if metadata.key_scale_zero else None, kept_selection,
+                       kept_query,
+                       coarse_key_bounds=metadata.coarse_key_bounds[layer] if metadata.coarse_key_bounds else None)
 
 
 # ---------------------------------------------------------------------------- the torch reference
@@ -769,11 +793,7 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
         return attend_rows_reference(q, k_cache, v_cache, rows, counts, sm_scale, False), counts
 
     attend = _ReferenceAttention(k_cache, v_cache, batch, config.page_size, sm_scale)
-    tables = LayerTables(metadata.page_key_bounds[layer],
-                         metadata.key_int4[layer] if metadata.key_int4 else None,
-                         metadata.key_scale_zero[layer] if metadata.key_scale_zero else None, kept_selection,
-                         kept_query,
-                         coarse_key_bounds=metadata.coarse_key_bounds[layer] if metadata.coarse_key_bounds else None)
+    tables = layer_tables(metadata, layer, kept_selection, kept_query)
     if config.method == "quest":
         return policies.quest(ref, config, q, tables, batch, attend, observe)
     if config.method == "twilight":

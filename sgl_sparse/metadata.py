@@ -53,8 +53,8 @@ class SparseKVMetadata:
         self.int4_group = config.int4_group or head_dim
         if config.method == "twilight":
             ck.int4_keys.check_group_size(self.int4_group, head_dim)
-        self._layer_tables = None             # cupy_kernels.LayerTables, built on the first all-layer update
-        self._coarse_layer_tables = None
+        # cupy_kernels.LayerTables per bounds table (by page size), built on the first all-layer update
+        self._layer_tables: dict[int, ck.LayerTables] = {}
         if config.bounds_dtype == "int8":
             shape, bounds_dtype = (num_slots // P, num_kv_heads, ck.reference.int8_bounds_row_bytes(head_dim)), \
                 torch.uint8
@@ -96,11 +96,17 @@ class SparseKVMetadata:
             n += num_kv_heads * (head_dim // 2 + (head_dim // group) * 8)
         return int(-(-n // 1))
 
+    def _bounds_tables(self):
+        """``(bounds per layer, page size)`` of each bounds table: the pages', and with coarse-to-fine scoring the
+        coarse pages'."""
+        yield self.page_key_bounds, self.page_size
+        if self.coarse_key_bounds:
+            yield self.coarse_key_bounds, self.coarse_page_size
+
     def update(self, layer: int, k_cache: torch.Tensor, written_slots: torch.Tensor) -> None:
         """Refresh the side tables of ``layer`` for ``written_slots`` (read back from ``k_cache``)."""
-        ck.page_bounds_update(k_cache, written_slots, self.page_key_bounds[layer], self.page_size)
-        if self.coarse_key_bounds:
-            ck.page_bounds_update(k_cache, written_slots, self.coarse_key_bounds[layer], self.coarse_page_size)
+        for bounds, page_size in self._bounds_tables():
+            ck.page_bounds_update(k_cache, written_slots, bounds[layer], page_size)
         if self.key_int4:
             ck.quantize_keys_int4(k_cache, written_slots, self.key_int4[layer], self.key_scale_zero[layer],
                                   self.int4_group)
@@ -114,23 +120,16 @@ class SparseKVMetadata:
     def update_bounds_all_layers(self, k_caches: list[torch.Tensor], written_slots: torch.Tensor) -> None:
         """Refresh the page bounds of every layer for ``written_slots`` in one launch (``k_caches[l]`` is layer
         l's K pool; the same tensors at every call)."""
-        tables = self._layer_tables
-        if tables is None or any(a is not b for a, b in zip(tables.k_caches, k_caches)):
-            tables = self._layer_tables = ck.LayerTables(k_caches, self.page_key_bounds, self.page_size)
-        ck.page_bounds_update_layers(tables, written_slots)
-        if self.coarse_key_bounds:
-            coarse = self._coarse_layer_tables
-            if coarse is None or any(a is not b for a, b in zip(coarse.k_caches, k_caches)):
-                coarse = self._coarse_layer_tables = ck.LayerTables(k_caches, self.coarse_key_bounds,
-                                                                    self.coarse_page_size)
-            ck.page_bounds_update_layers(coarse, written_slots)
+        for bounds, page_size in self._bounds_tables():
+            tables = self._layer_tables.get(page_size)
+            if tables is None or any(a is not b for a, b in zip(tables.k_caches, k_caches)):
+                tables = self._layer_tables[page_size] = ck.LayerTables(k_caches, bounds, page_size)
+            ck.page_bounds_update_layers(tables, written_slots)
 
     def update_reference(self, layer: int, k_cache: torch.Tensor, written_slots: torch.Tensor) -> None:
         """Same as :meth:`update` through the torch references (CPU or GPU)."""
-        ck.reference.page_bounds_update(k_cache, written_slots, self.page_key_bounds[layer], self.page_size)
-        if self.coarse_key_bounds:
-            ck.reference.page_bounds_update(k_cache, written_slots, self.coarse_key_bounds[layer],
-                                            self.coarse_page_size)
+        for bounds, page_size in self._bounds_tables():
+            ck.reference.page_bounds_update(k_cache, written_slots, bounds[layer], page_size)
         if self.key_int4:
             ck.reference.quantize_keys_int4(k_cache, written_slots, self.key_int4[layer],
                                             self.key_scale_zero[layer], self.int4_group)

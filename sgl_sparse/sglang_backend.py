@@ -432,23 +432,19 @@ def _mark_dense_rows(forward_batch, cls, batch, *args, **kwargs):
     reqs = getattr(batch, "reqs", None)
     rows = budgets = None
     if reqs is not None and forward_batch.forward_mode.is_decode():
-        config = _ACTIVE["backend"].config
+        backend = _ACTIVE["backend"]
         rows = [wants_dense(r.sampling_params.custom_params) for r in reqs]
         seq_cpu = forward_batch.seq_lens_cpu
-        if any(rows) and seq_cpu is not None:
-            # An opted-out request that the config attends in full anyway (within its budget or below min_context)
-            # needs no dense pass; the longer ones take the mixed path's graph while its dense pass holds them.
-            fits = within_budget(config, seq_cpu[:len(rows)]).tolist()
-            rows = [dense and not fit for dense, fit in zip(rows, fits)]
-        if any(rows):
-            import torch
-
-            operator, opted = _ACTIVE["backend"].operator, torch.tensor(rows, dtype=torch.bool)
-            # the dense path (no other row needs a selection) and the mixed path replay graphs
-            graph_ok = seq_cpu is not None and (not operator.needs_selection(seq_cpu[:len(rows)], opted)
-                                                or operator.mixed_fits(seq_cpu[:len(rows)], opted))
-            _ACTIVE["dense_rows_eager"] = not graph_ok
-        budgets = [_checked_budget(r, config) for r in reqs]
+        if any(rows) and seq_cpu is None:              # lengths unknown on the host: a dense pass over every row
+            _ACTIVE["dense_rows_eager"] = True
+        elif any(rows):
+            # the rows the config attends in full anyway need no dense pass; the others take the dense or the
+            # mixed path's graph while its dense pass holds them
+            lens = seq_cpu[:len(rows)]
+            opted = backend.operator.dense_pass_rows(lens, rows)
+            rows = opted.tolist() if opted is not None else None
+            _ACTIVE["dense_rows_eager"] = not backend.operator.replays_graph(lens, opted)
+        budgets = [_checked_budget(r, backend.config) for r in reqs]
     _ACTIVE["dense_rows"] = rows if rows and any(rows) else None
     if _ACTIVE["dense_rows"] is None:
         _ACTIVE["dense_rows_eager"] = False
@@ -513,16 +509,14 @@ def _refresh_loaded_kv(result, host_pool, device_pool, host_indices, device_indi
 # third graph per batch size.
 DENSE_PATH_VARIANT = "sgl_sparse_dense"
 MIXED_PATH_VARIANT = "sgl_sparse_mixed"
+PATH_VARIANTS = {"sparse": None, "mixed": MIXED_PATH_VARIANT, "dense": DENSE_PATH_VARIANT}   # capture order
 
 
-def dense_path_label(label: str | None) -> str:
-    """The graph variant label of the dense path, beside SGLang's own label (None, "lora", "nolora")."""
-    return path_label(label, DENSE_PATH_VARIANT)
-
-
-def path_label(label: str | None, variant: str) -> str:
-    """The graph variant label of a path (``DENSE_PATH_VARIANT`` or ``MIXED_PATH_VARIANT``) beside SGLang's."""
-    return variant if label is None else f"{label}+{variant}"
+def path_label(label: str | None, path: str) -> str | None:
+    """The graph variant label of ``path``'s graph beside SGLang's own label (None, "lora", "nolora"); the sparse
+    path keeps SGLang's."""
+    variant = PATH_VARIANTS[path]
+    return label if variant is None else variant if label is None else f"{label}+{variant}"
 
 
 def _sparse_backend_of(runner):
@@ -538,12 +532,10 @@ def _capture_both_paths(original, runner, size, forward, stream_idx=None, varian
     if backend is None:
         return original(runner, size, forward, stream_idx, variant_label)
     try:
-        backend.capture_path = "sparse"
-        original(runner, size, forward, stream_idx, variant_label)
-        backend.capture_path = "mixed"
-        original(runner, size, forward, stream_idx, path_label(variant_label, MIXED_PATH_VARIANT))
-        backend.capture_path = "dense"
-        return original(runner, size, forward, stream_idx, dense_path_label(variant_label))
+        for path in PATH_VARIANTS:
+            backend.capture_path = path
+            result = original(runner, size, forward, stream_idx, path_label(variant_label, path))
+        return result
     finally:
         backend.capture_path = None
 
@@ -552,11 +544,7 @@ def _replay_path_graph(label, runner, *args, **kwargs):
     """After ``DecodeCudaGraphRunner._resolve_lora_variant`` (called when a replay is loaded, after the
     backend planned the step): the graph of the path plan() chose."""
     backend = _sparse_backend_of(runner)
-    if backend is not None and backend.operator.path == "dense":
-        return dense_path_label(label)
-    if backend is not None and backend.operator.path == "mixed":
-        return path_label(label, MIXED_PATH_VARIANT)
-    return label
+    return label if backend is None else path_label(label, backend.operator.path)
 
 
 def _snapshot_fractions(processor, batch, *args, **kwargs):
