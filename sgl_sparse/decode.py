@@ -106,7 +106,12 @@ class _PerHeadDecode:
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
         self.wrapper.reset_workspace_buffer(workspace, int_workspace)     # its own 8 MiB is freed again
-        self.plan(torch.full((R,), capacity, dtype=torch.int32))
+        self.plan_capacity()
+
+    def plan_capacity(self) -> None:
+        """Plan every row at its full capacity (a row whose tokens are only known on the device: vAttention's
+        sample)."""
+        self.plan(torch.full((self.rows,), self.capacity, dtype=torch.int32))
 
     def plan(self, tokens: torch.Tensor) -> None:
         """``tokens`` ``[R]`` (host): the most tokens run() will put in each row this step (<= capacity)."""
@@ -306,9 +311,12 @@ class SparseDecodeOperator:
         self._index_buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # FlashInfer's int workspace (a plan's work list, 8 MiB) per wrapper role, shared by every batch size: a
         # step plans one batch size, whose plan() rewrites the work list right before the graph replay or eager run
-        # that reads it; the roles a step plans together each have their own. (One per wrapper would be ~8 MiB x
+        # that reads it (the sample's: see below); the roles a step plans together each have their own. (One per wrapper would be ~8 MiB x
         # roles x captured sizes: ~0.9 GiB for Quest at SGLang's default capture list.)
         self._int_workspaces: dict[str, torch.Tensor] = {}
+        # vAttention's sample is planned at its capacity, not per step: the batch size whose plan its role's int
+        # workspace holds, so that a step of another size plans it again before its replay reads the work list
+        self._sample_planned_for: int | None = None
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
         self.dense_rows: torch.Tensor | None = None
@@ -431,6 +439,8 @@ class SparseDecodeOperator:
                 bufs[name] = _PerHeadDecode(self.workspace, w.int_workspace, B, HK, G, D, w.page_size, w.capacity,
                                             self.dtype, self.sm_scale, *w.buffers)
         self._per_batch[B] = bufs
+        if "sample" in bufs:                                   # constructed wrappers are planned at capacity
+            self._sample_planned_for = B
         return bufs
 
     def _layout(self, B: int) -> dict[str, _Wrapper]:
@@ -559,6 +569,9 @@ class SparseDecodeOperator:
                 if name in bufs:
                     bufs[name].plan(row_tokens)
             if cfg.method == "vattention":
+                if self._sample_planned_for != B:      # the shared int workspace holds another size's work list
+                    bufs["sample"].plan_capacity()
+                    self._sample_planned_for = B
                 policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
             if self.collect_stats:
                 self.layer_counts[:, :B].zero_()
