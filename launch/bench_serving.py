@@ -331,7 +331,7 @@ def save_results(path: Path, rows: list[dict], configs, **meta) -> list[dict]:
 
 def combine(paths: list[str], out: Path) -> int:
     """Rows of several runs -> one JSON, table and PNG; the first run's row of a (config, workload, concurrency)
-    wins. Ratios across runs compare different servers: prefer dense and the config in one run."""
+    wins, with its commit (a combined file can be combined again). Ratios across runs compare different servers: prefer dense and the config in one run."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     rows, seen = [], set()
     for i, run in enumerate(runs):
@@ -339,7 +339,8 @@ def combine(paths: list[str], out: Path) -> int:
             key = (r["config"], r["workload"], r["concurrency"])
             if measured(r) and key not in seen:
                 seen.add(key)
-                rows.append(dict(r, run=i, commit=run.get("commit")))
+                # a combined file's rows keep their own commits
+                rows.append(dict(r, run=i, commit=r.get("commit") or run.get("commit")))
     gpu = " / ".join(sorted({r["gpu"] for r in runs if r.get("gpu")})) or "unknown GPU"
     configs = list(dict.fromkeys(r["config"] for r in rows))
     targets = save_results(out, rows, configs, gpu=gpu, combined=[Path(p).name for p in paths],

@@ -187,6 +187,25 @@ def test_combine_merges_runs_with_table_and_plot(tmp_path, capsys):
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 
+def test_combining_a_combined_file_keeps_each_rows_commit(tmp_path, capsys):
+    old = dict(gpu="NVIDIA H200", rows=[           # a combined file: no commit of its own, one per row
+        dict(row("dense", "32k", 4, 10.0, 300.0, 3000.0, mean_input_len=32768, mean_output_len=2048,
+                 p99_tpot_ms=11.0), commit="a"),
+        dict(row("dense", "32k", 16, 25.0, 400.0, 12000.0, mean_input_len=32768, mean_output_len=2048,
+                 p99_tpot_ms=30.0), commit="a")])
+    new = dict(gpu="NVIDIA H200", commit="c", rows=[
+        row("dense", "32k", 16, 24.0, 410.0, 12100.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=29.0),
+        row("quest", "32k", 16, 13.0, 600.0, 12200.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=19.0)])
+    paths = [str(tmp_path / "new.json"), str(tmp_path / "old.json")]
+    Path(paths[0]).write_text(json.dumps(new))
+    Path(paths[1]).write_text(json.dumps(old))
+    out = tmp_path / "all.json"
+    assert bs.combine(paths, out) == 0
+    merged = json.loads(out.read_text())
+    assert sorted((r["config"], r["concurrency"], r["commit"]) for r in merged["rows"]) == [
+        ("dense", 4, "a"), ("dense", 16, "c"), ("quest", 16, "c")]
+
+
 # ----------------------------------------------------------------------------- bench_serving itself, end to end
 
 class FakeSGLang:
