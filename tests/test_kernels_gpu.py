@@ -60,6 +60,25 @@ def _bounds(pool):
 
 # ----------------------------------------------------------------------------- 1. page metadata
 
+def _decode_token(pool, slot_dtype):
+    """Decode: one new token per request on its next slot (a fresh page at offset 0 when the page is full), its
+    key spread 3x wider than the prompt's; returns the new slots ``[B]`` of ``slot_dtype``."""
+    new_slots = torch.empty(pool.seq_lens.shape[0], dtype=torch.int64, device=DEV)
+    pool.append_token(new_slots)
+    pool.k_cache[new_slots] = (pool.k_cache[new_slots].float() * 3).to(pool.k_cache.dtype)
+    return new_slots.to(slot_dtype)
+
+
+def _rewrite_page(pool, page, slot_dtype):
+    """Reuse: ``page`` written again from offset 0 (half a page of small keys), so its old tokens must be
+    forgotten; returns the rewritten slots."""
+    P = pool.page_size
+    reuse = torch.arange(page * P, page * P + max(1, P // 2), device=DEV, dtype=slot_dtype)
+    _, HK, D = pool.k_cache.shape
+    pool.k_cache[reuse] = torch.randn((reuse.numel(), HK, D), device=DEV).mul(0.01).to(pool.k_cache.dtype)
+    return reuse
+
+
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("case", CASES + LONG, ids=_id)
 def test_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
@@ -76,29 +95,14 @@ def test_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
     touched = torch.unique(slots // P)
     assert torch.equal(got[touched], want[touched])
 
-    # Decode: one new token per request on its next slot (a fresh page at offset 0 when the page is full).
-    pages_free = list(pool.free_pages)
-    new_slots = []
-    for b in range(len(lens)):
-        n = int(pool.seq_lens[b])
-        row = int(pool.req_pool_indices[b])
-        if n % P == 0:
-            slot = pages_free.pop() * P
-        else:
-            slot = int(pool.req_to_token[row, n - 1]) + 1
-        pool.req_to_token[row, n] = slot
-        new_slots.append(slot)
-    new_slots = torch.tensor(new_slots, device=DEV, dtype=slot_dtype)
-    pool.k_cache[new_slots.long()] = torch.randn((len(lens), HK, D), device=DEV).mul(3).to(dtype)
+    new_slots = _decode_token(pool, slot_dtype)
     ck.page_bounds_update(pool.k_cache, new_slots, got, P)
     ref.page_bounds_update(pool.k_cache, new_slots, want, P)
     assert torch.equal(got[touched], want[touched])
     assert torch.equal(got[new_slots.long() // P], want[new_slots.long() // P])
 
-    # Reuse: a page written again from offset 0 forgets its old tokens.
     page = int(slots[0] // P)
-    reuse = torch.arange(page * P, page * P + max(1, P // 2), device=DEV, dtype=slot_dtype)
-    pool.k_cache[reuse] = torch.randn((reuse.numel(), HK, D), device=DEV).mul(0.01).to(dtype)
+    reuse = _rewrite_page(pool, page, slot_dtype)
     ck.page_bounds_update(pool.k_cache, reuse, got, P)
     kv = pool.k_cache[reuse].float()
     assert torch.equal(got[page, :, 0].float(), kv.amin(0))
@@ -913,24 +917,14 @@ def test_int8_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
     ref.page_bounds_update(pool.k_cache, slots, exact, P)
     assert (deq[:, :, 0] <= exact[touched, :, 0].float()).all() and (deq[:, :, 1] >= exact[touched, :, 1].float()).all()
 
-    pages_free = list(pool.free_pages)
-    new_slots = []
-    for b in range(len(lens)):
-        n = int(pool.seq_lens[b])
-        row = int(pool.req_pool_indices[b])
-        slot = pages_free.pop() * P if n % P == 0 else int(pool.req_to_token[row, n - 1]) + 1
-        pool.req_to_token[row, n] = slot
-        new_slots.append(slot)
-    new_slots = torch.tensor(new_slots, device=DEV, dtype=slot_dtype)
-    pool.k_cache[new_slots.long()] = torch.randn((len(lens), HK, D), device=DEV).mul(3).to(dtype)
+    new_slots = _decode_token(pool, slot_dtype)
     ck.page_bounds_update(pool.k_cache, new_slots, got, P)
     ref.page_bounds_update(pool.k_cache, new_slots, want, P)
     assert torch.equal(got[touched], want[touched])
     assert torch.equal(got[new_slots.long() // P], want[new_slots.long() // P])
 
     page = int(slots[0] // P)
-    reuse = torch.arange(page * P, page * P + max(1, P // 2), device=DEV, dtype=slot_dtype)
-    pool.k_cache[reuse] = torch.randn((reuse.numel(), HK, D), device=DEV).mul(0.01).to(dtype)
+    reuse = _rewrite_page(pool, page, slot_dtype)
     ck.page_bounds_update(pool.k_cache, reuse, got, P)
     ref.page_bounds_update(pool.k_cache, reuse, want, P)
     assert torch.equal(got[page], want[page])
