@@ -331,7 +331,8 @@ def save_results(path: Path, rows: list[dict], configs, **meta) -> list[dict]:
 
 def combine(paths: list[str], out: Path) -> int:
     """Rows of several runs -> one JSON, table and PNG; the first run's row of a (config, workload, concurrency)
-    wins, with its commit (a combined file can be combined again). Ratios across runs compare different servers: prefer dense and the config in one run."""
+    wins, with its commit (a combined file can be combined again). Ratios across runs compare different servers:
+    prefer dense and the config in one run."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     rows, seen = [], set()
     for i, run in enumerate(runs):

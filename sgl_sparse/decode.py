@@ -311,8 +311,8 @@ class SparseDecodeOperator:
         self._index_buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # FlashInfer's int workspace (a plan's work list, 8 MiB) per wrapper role, shared by every batch size: a
         # step plans one batch size, whose plan() rewrites the work list right before the graph replay or eager run
-        # that reads it (the sample's: see below); the roles a step plans together each have their own. (One per wrapper would be ~8 MiB x
-        # roles x captured sizes: ~0.9 GiB for Quest at SGLang's default capture list.)
+        # that reads it (the sample's: see below); the roles a step plans together each have their own. (One per
+        # wrapper would be ~8 MiB x roles x captured sizes: ~0.9 GiB for Quest at SGLang's default capture list.)
         self._int_workspaces: dict[str, torch.Tensor] = {}
         # vAttention's sample is planned at its capacity, not per step: the batch size whose plan its role's int
         # workspace holds, so that a step of another size plans it again before its replay reads the work list
