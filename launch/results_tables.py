@@ -10,6 +10,8 @@ A table is marked in a Markdown file as::
     ...generated...
     <!-- /table -->
 
+(``<!-- table: bench_serving_h200 compact -->`` picks a kind's compact style, where it has one.)
+
 and made from ``launch/results/<name>.json`` (``bench_decode*`` and ``bench_e2e*`` files), so the numbers the
 docs show are the numbers of the result files, with the GPU and the commit each was measured at.
 """
@@ -28,7 +30,8 @@ sys.path.insert(0, str(ROOT / "launch"))
 from bench_e2e import label  # noqa: E402
 RESULTS = ROOT / "launch" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-MARKER = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+MARKER = re.compile(r"(?P<open><!-- table: (?P<name>[\w.-]+)(?: (?P<style>\w+))? -->\n)(?P<body>.*?)"
+                    r"(?P<close><!-- /table -->)", re.S)
 
 
 def _commit(c: str | None) -> str:
@@ -156,22 +159,49 @@ def bench_serving_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def bench_serving_compact(data: dict) -> str:
+    """Each sparse config against the dense server of the same workload and concurrency, one line each (the
+    README's view: no project targets)."""
+    rows = [r for r in data["rows"] if "output_throughput" in r and "error" not in r]
+    dense = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense"}
+    lines = [f"{data['gpu']}; each config against the dense server of the same run, workload and concurrency.", "",
+             "| config | workload | concurrent requests | median TPOT, dense → config | TPOT speedup | output throughput "
+             "| TTFT | decode share of the dense run | commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["config"], r["workload"], r["concurrency"])):
+        base = dense.get((r["workload"], r["concurrency"]))
+        if r["config"] == "dense" or base is None:
+            continue
+        share = f"{100 * base['decode_share']:.0f} %" if base.get("decode_share") else "—"
+        lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | {base['median_tpot_ms']:.2f} → "
+                     f"{r['median_tpot_ms']:.2f} ms | **{base['median_tpot_ms'] / r['median_tpot_ms']:.2f}×** | "
+                     f"{r['output_throughput'] / base['output_throughput']:.2f}× | "
+                     f"{r['median_ttft_ms'] / base['median_ttft_ms']:.2f}× | {share} | "
+                     f"{_commit(r.get('commit') or data.get('commit'))} |")
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table,
              "accuracy": accuracy_table, "soak": soak_table}
+STYLES = {("bench_serving", "compact"): bench_serving_compact}
 
 
-def render(name: str) -> str:
+def render(name: str, style: str | None = None) -> str:
     kind = next((k for k in RENDERERS if name.startswith(k)), None)
     if kind is None:
         raise SystemExit(f"no table kind for {name!r}: names start with one of {', '.join(RENDERERS)}")
+    renderer = RENDERERS[kind] if style is None else STYLES.get((kind, style))
+    if renderer is None:
+        styles = [s for k, s in STYLES if k == kind]
+        raise SystemExit(f"no {style!r} style for {kind} tables: choose from {', '.join(styles) or 'none'}")
     path = RESULTS / f"{name}.json"
     if not path.exists():
         raise SystemExit(f"{path} does not exist: run the benchmark or fix the table marker's name")
-    return RENDERERS[kind](json.loads(path.read_text()))
+    return renderer(json.loads(path.read_text()))
 
 
 def update(text: str) -> str:
-    return MARKER.sub(lambda m: m.group(1) + render(m.group("name")) + m.group(4), text)
+    return MARKER.sub(lambda m: m.group("open") + render(m.group("name"), m.group("style")) + m.group("close"), text)
 
 
 def main() -> int:

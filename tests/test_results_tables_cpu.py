@@ -86,3 +86,10 @@ def test_bench_serving_table_gives_ratios_to_dense_and_the_targets(tmp_path, mon
     assert "| 32k, concurrency 16: median_tpot_speedup | >= 1.9 | not measured |" in table
     assert "| 32k, concurrency 16: output_throughput_ratio | >= 1.4 | 1.52 (met) |" in table
     assert "twilight" not in table and "commit abcdef0" in table
+    compact = results_tables.render("bench_serving_x", "compact")
+    assert "| quest | 32k | 4 | 9.92 → 7.70 ms | **1.29×** | 1.23× | 1.01× | 76 % | abcdef0 |" in compact
+    assert "| dense |" not in compact and "target" not in compact
+    text = "<!-- table: bench_serving_x compact -->\n<!-- /table -->\n"
+    assert results_tables.update(text) == f"<!-- table: bench_serving_x compact -->\n{compact}<!-- /table -->\n"
+    with pytest.raises(SystemExit, match="no 'wide' style"):
+        results_tables.render("bench_serving_x", "wide")
