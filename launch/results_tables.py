@@ -10,7 +10,8 @@ A table is marked in a Markdown file as::
     ...generated...
     <!-- /table -->
 
-(``<!-- table: bench_serving_h200 compact -->`` picks a kind's compact style, where it has one.)
+(``<!-- table: bench_serving_h200 compact -->`` picks another style of a kind, where it has one: ``compact`` for
+``bench_serving``, ``reuse`` for ``bench_decode``: speedup against the reuse interval, ``launch/plot_reuse.py``.)
 
 and made from ``launch/results/<name>.json`` (``bench_decode*`` and ``bench_e2e*`` files), so the numbers the
 docs show are the numbers of the result files, with the GPU and the commit each was measured at.
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
 
 from bench_e2e import label  # noqa: E402
+from plot_reuse import reuse_table  # noqa: E402
 RESULTS = ROOT / "launch" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"(?P<open><!-- table: (?P<name>[\w.-]+)(?: (?P<style>\w+))? -->\n)(?P<body>.*?)"
@@ -183,7 +185,7 @@ def bench_serving_compact(data: dict) -> str:
 
 RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table,
              "accuracy": accuracy_table, "soak": soak_table}
-STYLES = {("bench_serving", "compact"): bench_serving_compact}
+STYLES = {("bench_serving", "compact"): bench_serving_compact, ("bench_decode", "reuse"): reuse_table}
 
 
 def render(name: str, style: str | None = None) -> str:
