@@ -46,6 +46,9 @@ EAGER_BATCH_SIZES = 4     # FlashInfer wrapper sets kept for batch sizes no CUDA
 # FlashInfer 0.6's BatchDecodeWithPagedKVCacheWrapper allocates its own int workspace (the plan's work list) of this
 # size on the device, besides the float workspace it is given.
 FLASHINFER_INT_WORKSPACE_BYTES = 8 * 1024 * 1024
+# ... and a page-locked host copy of it, where plan() writes the work list before copying it to the device: the one
+# FlashInfer attribute (not API) the operator sets, so that the wrappers of every batch size share their role's.
+FLASHINFER_PINNED_INT_WORKSPACE = "_pin_memory_int_workspace_buffer"
 ALLOCATION_GRANULE = 512  # PyTorch's CUDA caching allocator rounds every allocation up to a multiple of this
 
 
@@ -61,6 +64,20 @@ def _flashinfer():
     except ImportError as e:  # pragma: no cover - depends on the host
         raise ImportError("the sparse decode operator needs flashinfer-python (pip install 'sgl-sparse[serve]')") from e
     return flashinfer
+
+
+def _use_role_workspaces(wrapper, workspace: torch.Tensor, int_workspaces: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Point a FlashInfer decode wrapper at the shared float workspace and at its role's int workspace and
+    page-locked staging copy ``(device, host)``, shared by the wrappers of every batch size (the 8 MiB of each
+    that FlashInfer allocated are freed again)."""
+    device_ws, pinned_ws = int_workspaces
+    wrapper.reset_workspace_buffer(workspace, device_ws)
+    if not hasattr(wrapper, FLASHINFER_PINNED_INT_WORKSPACE):
+        import flashinfer
+        raise RuntimeError(f"flashinfer {flashinfer.__version__}: BatchDecodeWithPagedKVCacheWrapper has no "
+                           f"{FLASHINFER_PINNED_INT_WORKSPACE}; sgl-sparse is tested with flashinfer-python "
+                           "0.6.15.post1 (pip install 'sgl-sparse[serve]')")
+    setattr(wrapper, FLASHINFER_PINNED_INT_WORKSPACE, pinned_ws)
 
 
 def _row_plan(tokens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,7 +108,7 @@ class _PerHeadDecode:
     ``last_buf`` (int32) are shared by the wrappers of every batch size.
     """
 
-    def __init__(self, workspace, int_workspace, batch_size, num_kv_heads, group, head_dim, page_size, capacity,
+    def __init__(self, workspace, int_workspaces, batch_size, num_kv_heads, group, head_dim, page_size, capacity,
                  dtype, sm_scale, indptr_buf, indices_buf, last_buf):
         fi = _flashinfer()
         R = batch_size * num_kv_heads
@@ -105,7 +122,7 @@ class _PerHeadDecode:
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
-        self.wrapper.reset_workspace_buffer(workspace, int_workspace)     # its own 8 MiB is freed again
+        _use_role_workspaces(self.wrapper, workspace, int_workspaces)
         self.plan_capacity()
 
     def plan_capacity(self) -> None:
@@ -158,7 +175,7 @@ class _DenseDecode:
     FlashInfer's CUDA-graph one; without (``indptr_buf is None``: a batch larger than any captured, always eager)
     a plain wrapper whose token indices are allocated at each plan(), as many as the step holds."""
 
-    def __init__(self, workspace, int_workspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale,
+    def __init__(self, workspace, int_workspaces, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale,
                  indptr_buf=None, indices_buf=None, last_buf=None):
         fi = _flashinfer()
         self.shape = (num_qo_heads, num_kv_heads, head_dim)
@@ -175,7 +192,7 @@ class _DenseDecode:
             self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
                 paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
-        self.wrapper.reset_workspace_buffer(workspace, int_workspace)         # its own 8 MiB is freed again
+        _use_role_workspaces(self.wrapper, workspace, int_workspaces)
 
     def plan(self, batch: DecodeBatch, seq_lens_cpu: torch.Tensor) -> None:
         lens = seq_lens_cpu.to(torch.int64)
@@ -314,6 +331,7 @@ class SparseDecodeOperator:
         # that reads it (the sample's: see below); the roles a step plans together each have their own. (One per
         # wrapper would be ~8 MiB x roles x captured sizes: ~0.9 GiB for Quest at SGLang's default capture list.)
         self._int_workspaces: dict[str, torch.Tensor] = {}
+        self._pinned_int_workspaces: dict[str, torch.Tensor] = {}   # their page-locked host copies (plan() stages)
         # vAttention's sample is planned at its capacity, not per step: the batch size whose plan its role's int
         # workspace holds, so that a step of another size plans it again before its replay reads the work list
         self._sample_planned_for: int | None = None
@@ -408,6 +426,14 @@ class SparseDecodeOperator:
             self._int_workspaces[role] = ws
         return ws
 
+    def _pinned_int_workspace(self, role: str) -> torch.Tensor:
+        """The page-locked host copy of ``role``'s int workspace (real wrappers only: not on the meta device)."""
+        ws = self._pinned_int_workspaces.get(role)
+        if ws is None:
+            ws = torch.empty(FLASHINFER_INT_WORKSPACE_BYTES, dtype=torch.uint8, pin_memory=True)
+            self._pinned_int_workspaces[role] = ws
+        return ws
+
     def _shared(self, name: str, rows: int, entries_per_row: int, entries: int | None = None):
         """int32 (indptr, indices, last_page_len) buffers shared by the wrappers of every batch size (``entries``
         indices in all, default ``rows * entries_per_row``)."""
@@ -432,11 +458,12 @@ class SparseDecodeOperator:
         HK, G, D = self.num_kv_heads, self.group, self.head_dim
         bufs = {}
         for name, w in self._layout(B).items():
+            int_workspaces = (w.int_workspace, self._pinned_int_workspace(name))
             if w.page_size is None:
-                bufs[name] = _DenseDecode(self.workspace, w.int_workspace, B, self.num_qo_heads, HK, D, self.dtype,
+                bufs[name] = _DenseDecode(self.workspace, int_workspaces, B, self.num_qo_heads, HK, D, self.dtype,
                                           self.sm_scale, *w.buffers)
             else:
-                bufs[name] = _PerHeadDecode(self.workspace, w.int_workspace, B, HK, G, D, w.page_size, w.capacity,
+                bufs[name] = _PerHeadDecode(self.workspace, int_workspaces, B, HK, G, D, w.page_size, w.capacity,
                                             self.dtype, self.sm_scale, *w.buffers)
         self._per_batch[B] = bufs
         if "sample" in bufs:                                   # constructed wrappers are planned at capacity

@@ -12,7 +12,7 @@ import torch
 
 from sgl_sparse import policies
 from sgl_sparse.config import SparseConfig
-from sgl_sparse.decode import SparseDecodeOperator, reference_decode
+from sgl_sparse.decode import FLASHINFER_PINNED_INT_WORKSPACE, SparseDecodeOperator, reference_decode
 from sgl_sparse.fidelity import attention_fidelity, dense_attention, relative_l2
 from sgl_sparse.metadata import SparseKVMetadata
 from sgl_sparse.synthetic import capture_graph, make_pool, shape_attention
@@ -290,10 +290,12 @@ def test_graphs_of_two_batch_sizes_share_the_int_workspaces(method):
         assert plan(B) == "sparse"
         graphs[B] = capture_graph(lambda B=B: step_fn(B))
     wrappers = {B: op._buffers(B) for B in (3, 2)}
-    for role in wrappers[3]:
-        assert (wrappers[3][role].wrapper._int_workspace_buffer.data_ptr()
-                == wrappers[2][role].wrapper._int_workspace_buffer.data_ptr()), role
-    assert len({w.wrapper._int_workspace_buffer.data_ptr() for w in wrappers[3].values()}) == len(wrappers[3])
+    for attr in ("_int_workspace_buffer", FLASHINFER_PINNED_INT_WORKSPACE):     # the device one and its host copy
+        for role in wrappers[3]:
+            assert (getattr(wrappers[3][role].wrapper, attr).data_ptr()
+                    == getattr(wrappers[2][role].wrapper, attr).data_ptr()), (attr, role)
+        assert len({getattr(w.wrapper, attr).data_ptr() for w in wrappers[3].values()}) == len(wrappers[3]), attr
+    assert all(getattr(w.wrapper, FLASHINFER_PINNED_INT_WORKSPACE).is_pinned() for w in wrappers[3].values())
     for B in (3, 2, 3, 2):
         assert plan(B) == "sparse"
         graphs[B].replay()

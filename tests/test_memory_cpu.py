@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from sgl_sparse.config import SparseConfig
-from sgl_sparse.decode import (EAGER_BATCH_SIZES, FLASHINFER_INT_WORKSPACE_BYTES, WORKSPACE_BYTES,
-                               SparseDecodeOperator, allocated_bytes, held_batch_sizes)
+from sgl_sparse.decode import (EAGER_BATCH_SIZES, FLASHINFER_INT_WORKSPACE_BYTES, FLASHINFER_PINNED_INT_WORKSPACE,
+                               WORKSPACE_BYTES, SparseDecodeOperator, allocated_bytes, held_batch_sizes)
 
 METHODS = ["dense", "quest", "twilight", "vattention", "quest-fast", "quest-fast:reselect_min_cosine=-1",
            "twilight:page_size=8,coarse_page_tokens=16"]
@@ -108,6 +108,10 @@ def test_wrapper_bytes_follow_flashinfer():
     # the operator hands each wrapper its role's int workspace; FlashInfer then holds that one instead of its own
     reset = inspect.getsource(BatchDecodeWithPagedKVCacheWrapper.reset_workspace_buffer)
     assert "self._int_workspace_buffer = int_workspace_buffer" in reset
+    # ... and its role's page-locked staging copy, which plan() writes the work list into (host memory)
+    assert f"self.{FLASHINFER_PINNED_INT_WORKSPACE} = torch.empty(" in reset
+    plan = inspect.getsource(BatchDecodeWithPagedKVCacheWrapper._plan_impl)        # what plan() runs
+    assert f"self._int_workspace_buffer,\n                self.{FLASHINFER_PINNED_INT_WORKSPACE}," in plan
 
 
 SGLANG_POOL = """
@@ -192,7 +196,6 @@ def test_pool_budget_hook_takes_the_fixed_bytes_out_of_the_pool(tmp_path):
         assert case["reqs"] <= case["slots"]
         assert case["parts"]["workspace"] == WORKSPACE_BYTES
         per_size = 4 if name == "vattention" else 3
-        sizes = held_batch_sizes(case["sizes"], max(case["slots"], case["graph_batch"]))
         assert case["parts"]["int workspaces"] == per_size * FLASHINFER_INT_WORKSPACE_BYTES
         # the wrappers of every captured size together hold less than one int workspace per role: they share them
         assert 0 < case["parts"]["wrappers"] < per_size * FLASHINFER_INT_WORKSPACE_BYTES
