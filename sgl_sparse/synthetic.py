@@ -138,3 +138,55 @@ def capture_graph(fn) -> torch.cuda.CUDAGraph:
     with torch.cuda.graph(graph):
         fn()
     return graph
+
+
+class PageAllocator:
+    """SGLang-like page allocation over a K pool on the host, for the CPU tests' simulators of the side tables.
+
+    ``append`` writes a request's new tokens (random keys) page by page, taking pages from the front of a shuffled
+    free list; ``finish`` returns a request's pages to the front of the list, so they are handed out again next
+    (``reused`` tracks those); ``valid_keys`` is a page's keys over the valid offsets of its current owner. The pool
+    starts full of large stale keys (x50), which a page's first write must make irrelevant.
+    """
+
+    def __init__(self, page_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, num_pages: int,
+                 gen: torch.Generator):
+        self.P, self.HK, self.D, self.dtype, self.gen = page_size, num_kv_heads, head_dim, dtype, gen
+        self.k = (torch.randn((num_pages * page_size, num_kv_heads, head_dim), generator=gen) * 50).to(dtype)
+        self.free = torch.randperm(num_pages, generator=gen).tolist()
+        self.reqs: dict[str, list] = {}      # name -> [pages, length]
+        self.owner: dict[int, str] = {}      # page -> request
+        self.ever_used: set[int] = set()     # pages that belonged to some request
+        self.reused: set[int] = set()        # pages handed out again after a request finished
+
+    def append(self, name: str, n: int, scale: float = 2.0, offset: float = 0.0) -> list[int]:
+        """Write n new tokens of request ``name`` (created if new), keys ``randn * scale + offset``; returns their
+        slots in order."""
+        pages, length = self.reqs.setdefault(name, [[], 0])
+        slots = []
+        for i in range(length, length + n):
+            if i % self.P == 0:
+                page = self.free.pop(0)
+                if page in self.ever_used:
+                    self.reused.add(page)
+                self.ever_used.add(page)
+                pages.append(page)
+                self.owner[page] = name
+            slot = pages[i // self.P] * self.P + i % self.P
+            self.k[slot] = (torch.randn((self.HK, self.D), generator=self.gen) * scale + offset).to(self.dtype)
+            slots.append(slot)
+        self.reqs[name][1] = length + n
+        return slots
+
+    def finish(self, name: str) -> None:
+        """Free the pages of a request (they go to the front of the free list: reused next)."""
+        pages, _ = self.reqs.pop(name)
+        for p in pages:
+            del self.owner[p]
+        self.free[:0] = pages
+
+    def valid_keys(self, page: int) -> torch.Tensor:
+        """``[n, HK, D]`` float64: the keys at the valid offsets of the page's current owner."""
+        pages, length = self.reqs[self.owner[page]]
+        n = min(self.P, length - pages.index(page) * self.P)
+        return self.k[page * self.P:page * self.P + n].double()

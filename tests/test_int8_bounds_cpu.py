@@ -20,7 +20,7 @@ from sgl_sparse.decode import reference_decode
 from sgl_sparse.fidelity import dense_attention, relative_l2
 from sgl_sparse.metadata import SparseKVMetadata
 from sgl_sparse.policies import DecodeBatch
-from sgl_sparse.synthetic import make_pool, shape_attention
+from sgl_sparse.synthetic import PageAllocator, make_pool, shape_attention
 
 U = 2.0 ** -24
 
@@ -117,44 +117,14 @@ def test_quantize_rounds_scale_up_when_the_quotient_falls_short():
     assert fixed >= 3, "the scale fix-up must be exercised"
 
 
-class Int8Sim:
+class Int8Sim(PageAllocator):
     """K pool + int8 bounds table driven like SGLang's allocator: after every forward, each page touched must hold
     exactly the outward encoding of the brute-force min/max over its valid tokens, every valid key inside the
     dequantized bounds; pages not touched keep their bytes."""
 
     def __init__(self, P: int, HK: int, D: int, num_pages: int, seed: int):
-        self.P, self.HK, self.D = P, HK, D
-        self.g = _gen(seed)
-        self.k = (torch.randn((num_pages * P, HK, D), generator=self.g) * 50).bfloat16()      # stale values
-        self.bounds = torch.randint(0, 256, (num_pages, HK, 2 * D + 8), generator=self.g, dtype=torch.uint8)
-        self.free = torch.randperm(num_pages, generator=self.g).tolist()
-        self.reqs: dict[str, list] = {}
-        self.owner: dict[int, str] = {}
-
-    def append(self, name: str, n: int, scale: float = 2.0, offset: float = 0.0) -> list[int]:
-        pages, length = self.reqs.setdefault(name, [[], 0])
-        slots = []
-        for i in range(length, length + n):
-            if i % self.P == 0:
-                page = self.free.pop(0)
-                pages.append(page)
-                self.owner[page] = name
-            slot = pages[i // self.P] * self.P + i % self.P
-            self.k[slot] = (torch.randn((self.HK, self.D), generator=self.g) * scale + offset).bfloat16()
-            slots.append(slot)
-        self.reqs[name][1] = length + n
-        return slots
-
-    def finish(self, name: str) -> None:
-        pages, _ = self.reqs.pop(name)
-        for p in pages:
-            del self.owner[p]
-        self.free[:0] = pages
-
-    def valid_keys(self, page: int) -> torch.Tensor:
-        pages, length = self.reqs[self.owner[page]]
-        n = min(self.P, length - pages.index(page) * self.P)
-        return self.k[page * self.P:page * self.P + n].double()                             # [n, HK, D]
+        super().__init__(P, HK, D, torch.bfloat16, num_pages, _gen(seed))
+        self.bounds = torch.randint(0, 256, (num_pages, HK, 2 * D + 8), generator=self.gen, dtype=torch.uint8)
 
     def forward(self, slots: list[int], dtype=torch.int64) -> None:
         before = self.bounds.clone()

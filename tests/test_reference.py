@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from cupy_kernels import reference as ref
+from sgl_sparse.synthetic import PageAllocator
 
 DTYPES = [torch.float16, torch.bfloat16]
 U = 2.0 ** -24          # float32 unit roundoff
@@ -164,7 +165,7 @@ def test_num_pages():
 # ============================================================================= 1. page_bounds_update
 
 
-class BoundsSim:
+class BoundsSim(PageAllocator):
     """An SGLang-like allocator writing K into a pool, with a python-side expected bounds table.
 
     The pool starts full of large stale values and the bounds table full of garbage; every forward writes new
@@ -173,52 +174,16 @@ class BoundsSim:
     """
 
     def __init__(self, P: int, HK: int, D: int, dtype: torch.dtype, num_pages: int, seed: int):
-        self.P, self.HK, self.D, self.dtype = P, HK, D, dtype
-        self.gen = _gen(seed)
-        self.k = (torch.randn((num_pages * P, HK, D), generator=self.gen) * 50).to(dtype)
+        super().__init__(P, HK, D, dtype, num_pages, _gen(seed))
         self.bounds = (torch.randn((num_pages, HK, 2, D), generator=self.gen) * 50).to(dtype)
         self.expected = self.bounds.clone()
-        self.free = torch.randperm(num_pages, generator=self.gen).tolist()
-        self.reqs: dict[str, list] = {}      # name -> [pages, length]
-        self.owner: dict[int, str] = {}      # page -> request
-        self.ever_used: set[int] = set()     # pages that belonged to some request
-        self.reused: set[int] = set()        # pages handed out again after a request finished
         self.reused_resets = 0               # reused pages checked right after their offset-0 write
-
-    def append(self, name: str, n: int, scale: float = 2.0) -> list[int]:
-        """Write n new tokens of request ``name`` (created if new); returns their slots in order."""
-        pages, length = self.reqs.setdefault(name, [[], 0])
-        slots = []
-        for i in range(length, length + n):
-            if i % self.P == 0:
-                page = self.free.pop(0)
-                if page in self.ever_used:
-                    self.reused.add(page)
-                self.ever_used.add(page)
-                pages.append(page)
-                self.owner[page] = name
-            slot = pages[i // self.P] * self.P + i % self.P
-            self.k[slot] = (torch.randn((self.HK, self.D), generator=self.gen) * scale).to(self.dtype)
-            slots.append(slot)
-        self.reqs[name][1] = length + n
-        return slots
-
-    def finish(self, name: str) -> None:
-        """Free the pages of a request (they go to the front of the free list: reused next)."""
-        pages, _ = self.reqs.pop(name)
-        for p in pages:
-            del self.owner[p]
-        self.free[:0] = pages
 
     def brute(self, page: int) -> tuple[torch.Tensor, torch.Tensor]:
         """min/max over the valid offsets of the page's current owner, python loops over float64 values."""
-        pages, length = self.reqs[self.owner[page]]
-        j = pages.index(page)
-        n_valid = min(self.P, length - j * self.P)
-        mn = self.k[page * self.P].double().clone()
-        mx = mn.clone()
-        for o in range(1, n_valid):
-            row = self.k[page * self.P + o].double()
+        keys = self.valid_keys(page)
+        mn, mx = keys[0].clone(), keys[0].clone()
+        for row in keys[1:]:
             mn = torch.minimum(mn, row)
             mx = torch.maximum(mx, row)
         return mn, mx
