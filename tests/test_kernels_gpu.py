@@ -79,21 +79,21 @@ def _rewrite_page(pool, page, slot_dtype):
     return reuse
 
 
-@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
-@pytest.mark.parametrize("case", CASES + LONG, ids=_id)
-def test_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
-    """Slots as SGLang passes them (int64 out_cache_loc, read as is) and as int32."""
+def _prefill_decode_rewrite(pool, got, want, slot_dtype, after_prefill=None):
+    """page_bounds_update by the kernel (into ``got``, poisoned first) and by the reference (into ``want``) through
+    a prefill of every request, a decode token per request and a page rewritten from offset 0: the pages each
+    touched are equal after each (``after_prefill(slots, touched)`` checks more after the first). Returns the
+    rewritten page and its slots."""
     import cupy_kernels as ck
-    dtype, D, HK, G, P, lens = case
-    gen = _gen(11)
-    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
-    got, want = _bounds(pool), _bounds(pool)
-    got.fill_(7.0)  # poison: every touched page must be rewritten
+    P = pool.page_size
+    got.fill_(0xA5 if got.dtype == torch.uint8 else 7.0)                            # poison
     slots = pool.written_slots.to(slot_dtype)
     ck.page_bounds_update(pool.k_cache, slots, got, P)
     ref.page_bounds_update(pool.k_cache, slots, want, P)
     touched = torch.unique(slots // P)
     assert torch.equal(got[touched], want[touched])
+    if after_prefill is not None:
+        after_prefill(slots, touched)
 
     new_slots = _decode_token(pool, slot_dtype)
     ck.page_bounds_update(pool.k_cache, new_slots, got, P)
@@ -104,6 +104,20 @@ def test_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
     page = int(slots[0] // P)
     reuse = _rewrite_page(pool, page, slot_dtype)
     ck.page_bounds_update(pool.k_cache, reuse, got, P)
+    ref.page_bounds_update(pool.k_cache, reuse, want, P)
+    assert torch.equal(got[page], want[page])
+    return page, reuse
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("case", CASES + LONG, ids=_id)
+def test_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
+    """Slots as SGLang passes them (int64 out_cache_loc, read as is) and as int32; a rewritten page holds exactly
+    the min/max of its new keys."""
+    dtype, D, HK, G, P, lens = case
+    pool = make_pool(lens, HK, D, P, dtype, DEV, _gen(11))
+    got = _bounds(pool)
+    page, reuse = _prefill_decode_rewrite(pool, got, _bounds(pool), slot_dtype)
     kv = pool.k_cache[reuse].float()
     assert torch.equal(got[page, :, 0].float(), kv.amin(0))
     assert torch.equal(got[page, :, 1].float(), kv.amax(0))
@@ -901,33 +915,18 @@ def _bounds_int8(pool):
 def test_int8_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
     """The BOUNDS_INT8 update kernel writes exactly the reference's bytes (codes and (lo, scale)): a prefill of many
     tokens per page, a decode token per request, a page reused from offset 0; and every key inside the bounds."""
-    import cupy_kernels as ck
     dtype, D, HK, G, P, lens = case
-    gen = _gen(21)
-    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
-    got, want = _bounds_int8(pool), _bounds_int8(pool)
-    got.fill_(0xA5)  # poison: every touched page must be rewritten
-    slots = pool.written_slots.to(slot_dtype)
-    ck.page_bounds_update(pool.k_cache, slots, got, P)
-    ref.page_bounds_update(pool.k_cache, slots, want, P)
-    touched = torch.unique(slots // P)
-    assert torch.equal(got[touched], want[touched])
-    deq = ref.dequantize_bounds_int8(got[touched])                                  # [U, HK, 2, D]
-    exact = torch.zeros((got.shape[0], HK, 2, D), dtype=dtype, device=DEV)
-    ref.page_bounds_update(pool.k_cache, slots, exact, P)
-    assert (deq[:, :, 0] <= exact[touched, :, 0].float()).all() and (deq[:, :, 1] >= exact[touched, :, 1].float()).all()
+    pool = make_pool(lens, HK, D, P, dtype, DEV, _gen(21))
+    got = _bounds_int8(pool)
 
-    new_slots = _decode_token(pool, slot_dtype)
-    ck.page_bounds_update(pool.k_cache, new_slots, got, P)
-    ref.page_bounds_update(pool.k_cache, new_slots, want, P)
-    assert torch.equal(got[touched], want[touched])
-    assert torch.equal(got[new_slots.long() // P], want[new_slots.long() // P])
+    def keys_inside(slots, touched):
+        deq = ref.dequantize_bounds_int8(got[touched])                              # [U, HK, 2, D]
+        exact = torch.zeros((got.shape[0], HK, 2, D), dtype=dtype, device=DEV)
+        ref.page_bounds_update(pool.k_cache, slots, exact, P)
+        assert (deq[:, :, 0] <= exact[touched, :, 0].float()).all()
+        assert (deq[:, :, 1] >= exact[touched, :, 1].float()).all()
 
-    page = int(slots[0] // P)
-    reuse = _rewrite_page(pool, page, slot_dtype)
-    ck.page_bounds_update(pool.k_cache, reuse, got, P)
-    ref.page_bounds_update(pool.k_cache, reuse, want, P)
-    assert torch.equal(got[page], want[page])
+    _prefill_decode_rewrite(pool, got, _bounds_int8(pool), slot_dtype, after_prefill=keys_inside)
 
 
 def test_int8_bounds_of_every_layer_in_one_launch():
