@@ -66,18 +66,29 @@ def _flashinfer():
     return flashinfer
 
 
-def _use_role_workspaces(wrapper, workspace: torch.Tensor, int_workspaces: tuple[torch.Tensor, torch.Tensor]) -> None:
-    """Point a FlashInfer decode wrapper at the shared float workspace and at its role's int workspace and
-    page-locked staging copy ``(device, host)``, shared by the wrappers of every batch size (the 8 MiB of each
-    that FlashInfer allocated are freed again)."""
-    device_ws, pinned_ws = int_workspaces
-    wrapper.reset_workspace_buffer(workspace, device_ws)
-    if not hasattr(wrapper, FLASHINFER_PINNED_INT_WORKSPACE):
-        import flashinfer
-        raise RuntimeError(f"flashinfer {flashinfer.__version__}: BatchDecodeWithPagedKVCacheWrapper has no "
-                           f"{FLASHINFER_PINNED_INT_WORKSPACE}; sgl-sparse is tested with flashinfer-python "
-                           "0.6.15.post1 (pip install 'sgl-sparse[serve]')")
-    setattr(wrapper, FLASHINFER_PINNED_INT_WORKSPACE, pinned_ws)
+class _RoleWorkspace:
+    """FlashInfer's int workspace of one wrapper role, shared by the wrappers of every batch size: the device buffer
+    (a plan's work list), its page-locked host copy (where plan() writes the list before copying it over) and
+    ``planned_by``, the wrapper whose plan() wrote the list the buffer holds now. A step plans one batch size, so a
+    wrapper planned in the step finds its own list; one that is not planned per step (vAttention's sample, planned
+    at its capacity) plans again when another wrapper of its role has planned since
+    (:meth:`_PerHeadDecode.plan_at_capacity`)."""
+
+    def __init__(self, device_ws: torch.Tensor):
+        self.device = device_ws
+        self.pinned = torch.empty(FLASHINFER_INT_WORKSPACE_BYTES, dtype=torch.uint8, pin_memory=True)
+        self.planned_by = None
+
+    def attach(self, wrapper, workspace: torch.Tensor) -> None:
+        """Point a FlashInfer decode wrapper at the shared float workspace and at this role's buffers (the 8 MiB
+        of each that FlashInfer allocated are freed again)."""
+        wrapper.reset_workspace_buffer(workspace, self.device)
+        if not hasattr(wrapper, FLASHINFER_PINNED_INT_WORKSPACE):
+            import flashinfer
+            raise RuntimeError(f"flashinfer {flashinfer.__version__}: BatchDecodeWithPagedKVCacheWrapper has no "
+                               f"{FLASHINFER_PINNED_INT_WORKSPACE}; sgl-sparse is tested with flashinfer-python "
+                               "0.6.15.post1 (pip install 'sgl-sparse[serve]')")
+        setattr(wrapper, FLASHINFER_PINNED_INT_WORKSPACE, self.pinned)
 
 
 def _row_plan(tokens: torch.Tensor, page_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,8 +119,8 @@ class _PerHeadDecode:
     ``last_buf`` (int32) are shared by the wrappers of every batch size.
     """
 
-    def __init__(self, workspace, int_workspaces, batch_size, num_kv_heads, group, head_dim, page_size, capacity,
-                 dtype, sm_scale, indptr_buf, indices_buf, last_buf):
+    def __init__(self, workspace, role: _RoleWorkspace, batch_size, num_kv_heads, group, head_dim, page_size,
+                 capacity, dtype, sm_scale, indptr_buf, indices_buf, last_buf):
         fi = _flashinfer()
         R = batch_size * num_kv_heads
         self.rows, self.group, self.head_dim = R, group, head_dim
@@ -122,19 +133,21 @@ class _PerHeadDecode:
         self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
             workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
             paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
-        _use_role_workspaces(self.wrapper, workspace, int_workspaces)
-        self.plan_capacity()
+        self.role = role
+        role.attach(self.wrapper, workspace)
 
-    def plan_capacity(self) -> None:
-        """Plan every row at its full capacity (a row whose tokens are only known on the device: vAttention's
-        sample)."""
-        self.plan(torch.full((self.rows,), self.capacity, dtype=torch.int32))
+    def plan_at_capacity(self) -> None:
+        """Plan every row at its full capacity (rows whose tokens only the device knows: vAttention's sample),
+        unless the role's work list is this wrapper's capacity plan already."""
+        if self.role.planned_by is not self:
+            self.plan(torch.full((self.rows,), self.capacity, dtype=torch.int32))
 
     def plan(self, tokens: torch.Tensor) -> None:
         """``tokens`` ``[R]`` (host): the most tokens run() will put in each row this step (<= capacity)."""
         indptr, last = _row_plan(tokens, self.page_size)
         self.wrapper.plan(indptr, self.indices[:0], last, self.group, 1, self.head_dim, self.page_size,
                           q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.sm_scale)
+        self.role.planned_by = self
 
     def _view(self, cache: torch.Tensor) -> torch.Tensor:
         if not cache.is_contiguous():
@@ -175,8 +188,8 @@ class _DenseDecode:
     FlashInfer's CUDA-graph one; without (``indptr_buf is None``: a batch larger than any captured, always eager)
     a plain wrapper whose token indices are allocated at each plan(), as many as the step holds."""
 
-    def __init__(self, workspace, int_workspaces, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype, sm_scale,
-                 indptr_buf=None, indices_buf=None, last_buf=None):
+    def __init__(self, workspace, role: _RoleWorkspace, batch_size, num_qo_heads, num_kv_heads, head_dim, dtype,
+                 sm_scale, indptr_buf=None, indices_buf=None, last_buf=None):
         fi = _flashinfer()
         self.shape = (num_qo_heads, num_kv_heads, head_dim)
         self.dtype, self.sm_scale = dtype, sm_scale
@@ -192,7 +205,8 @@ class _DenseDecode:
             self.wrapper = fi.BatchDecodeWithPagedKVCacheWrapper(
                 workspace, "NHD", use_cuda_graph=True, use_tensor_cores=True, paged_kv_indptr_buffer=self.indptr,
                 paged_kv_indices_buffer=self.indices, paged_kv_last_page_len_buffer=self.last)
-        _use_role_workspaces(self.wrapper, workspace, int_workspaces)
+        self.role = role
+        role.attach(self.wrapper, workspace)
 
     def plan(self, batch: DecodeBatch, seq_lens_cpu: torch.Tensor) -> None:
         lens = seq_lens_cpu.to(torch.int64)
@@ -215,6 +229,7 @@ class _DenseDecode:
         HQ, HK, D = self.shape
         self.wrapper.plan(indptr_host, indices, self.last_host, HQ, HK, D, 1, q_data_type=self.dtype,
                           kv_data_type=self.dtype, sm_scale=self.sm_scale)
+        self.role.planned_by = self
 
     def run(self, q, k_cache, v_cache):
         return self.wrapper.run(q, (k_cache.view(-1, 1, *k_cache.shape[1:]), v_cache.view(-1, 1, *v_cache.shape[1:])))
@@ -328,13 +343,10 @@ class SparseDecodeOperator:
         self._index_buffers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         # FlashInfer's int workspace (a plan's work list, 8 MiB) per wrapper role, shared by every batch size: a
         # step plans one batch size, whose plan() rewrites the work list right before the graph replay or eager run
-        # that reads it (the sample's: see below); the roles a step plans together each have their own. (One per
+        # that reads it (see _RoleWorkspace); the roles a step plans together each have their own. (One per
         # wrapper would be ~8 MiB x roles x captured sizes: ~0.9 GiB for Quest at SGLang's default capture list.)
         self._int_workspaces: dict[str, torch.Tensor] = {}
-        self._pinned_int_workspaces: dict[str, torch.Tensor] = {}   # their page-locked host copies (plan() stages)
-        # vAttention's sample is planned at its capacity, not per step: the batch size whose plan its role's int
-        # workspace holds, so that a step of another size plans it again before its replay reads the work list
-        self._sample_planned_for: int | None = None
+        self._roles: dict[str, _RoleWorkspace] = {}     # with their host copies, for the real wrappers
         self.step = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.batch: DecodeBatch | None = None
         self.dense_rows: torch.Tensor | None = None
@@ -426,13 +438,12 @@ class SparseDecodeOperator:
             self._int_workspaces[role] = ws
         return ws
 
-    def _pinned_int_workspace(self, role: str) -> torch.Tensor:
-        """The page-locked host copy of ``role``'s int workspace (real wrappers only: not on the meta device)."""
-        ws = self._pinned_int_workspaces.get(role)
-        if ws is None:
-            ws = torch.empty(FLASHINFER_INT_WORKSPACE_BYTES, dtype=torch.uint8, pin_memory=True)
-            self._pinned_int_workspaces[role] = ws
-        return ws
+    def _role(self, name: str) -> _RoleWorkspace:
+        """The shared workspaces of the real wrappers named ``name`` (not built on the meta device)."""
+        role = self._roles.get(name)
+        if role is None:
+            role = self._roles[name] = _RoleWorkspace(self._int_workspace(name))
+        return role
 
     def _shared(self, name: str, rows: int, entries_per_row: int, entries: int | None = None):
         """int32 (indptr, indices, last_page_len) buffers shared by the wrappers of every batch size (``entries``
@@ -458,16 +469,13 @@ class SparseDecodeOperator:
         HK, G, D = self.num_kv_heads, self.group, self.head_dim
         bufs = {}
         for name, w in self._layout(B).items():
-            int_workspaces = (w.int_workspace, self._pinned_int_workspace(name))
             if w.page_size is None:
-                bufs[name] = _DenseDecode(self.workspace, int_workspaces, B, self.num_qo_heads, HK, D, self.dtype,
+                bufs[name] = _DenseDecode(self.workspace, self._role(name), B, self.num_qo_heads, HK, D, self.dtype,
                                           self.sm_scale, *w.buffers)
             else:
-                bufs[name] = _PerHeadDecode(self.workspace, int_workspaces, B, HK, G, D, w.page_size, w.capacity,
+                bufs[name] = _PerHeadDecode(self.workspace, self._role(name), B, HK, G, D, w.page_size, w.capacity,
                                             self.dtype, self.sm_scale, *w.buffers)
         self._per_batch[B] = bufs
-        if "sample" in bufs:                                   # constructed wrappers are planned at capacity
-            self._sample_planned_for = B
         return bufs
 
     def _layout(self, B: int) -> dict[str, _Wrapper]:
@@ -596,9 +604,7 @@ class SparseDecodeOperator:
                 if name in bufs:
                     bufs[name].plan(row_tokens)
             if cfg.method == "vattention":
-                if self._sample_planned_for != B:      # the shared int workspace holds another size's work list
-                    bufs["sample"].plan_capacity()
-                    self._sample_planned_for = B
+                bufs["sample"].plan_at_capacity()
                 policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
             if self.collect_stats:
                 self.layer_counts[:, :B].zero_()
