@@ -631,12 +631,12 @@ class SparseDecodeOperator:
     def needs_selection(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor | None = None) -> bool:
         """Some request of the step (host ``[B]`` lengths; ``opted``: host ``[B]`` bool of opted-out rows, which
         never select) is longer than what the config attends in full: the step is not the dense path's."""
-        if not self.config.is_sparse or seq_lens_cpu.numel() == 0:
+        if not self.config.is_sparse:
             return False
-        lens = seq_lens_cpu.to(torch.int64)
+        selects = ~policies.within_budget(self.config, seq_lens_cpu.to(torch.int64))
         if opted is not None:
-            lens = lens[~opted]
-        return lens.numel() > 0 and -(-int(lens.max()) // self.config.page_size) > self.config.dense_pages
+            selects &= ~opted
+        return bool(selects.any())
 
     def mixed_fits(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor) -> bool:
         """The opted-out rows (host ``[B]`` bool) of a step fit the mixed path's dense pass: their tokens, with one
