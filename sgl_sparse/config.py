@@ -182,10 +182,10 @@ class SparseConfig:
         if "reselect_min_cosine" not in not_number and not -1 <= self.reselect_min_cosine <= 1:
             bad("reselect_min_cosine", "must be a cosine similarity in [-1, 1] (-1 = no drift test)")
         if not {"coarse_page_tokens", "coarse_token_budget"} & not_int and budget_ok:
-            self._coarse_problems(bad, not_int)
+            self._coarse_problems(bad)
         return out
 
-    def _coarse_problems(self, bad, not_int) -> None:
+    def _coarse_problems(self, bad) -> None:
         C, P = self.coarse_page_tokens, self.page_size
         if C == 0:
             if self.coarse_token_budget != 0:
