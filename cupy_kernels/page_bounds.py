@@ -8,11 +8,13 @@ from __future__ import annotations
 import torch
 
 from ._cuda import KV_DTYPES, check, check_tensor, i32, kernel, launch
+from .reference import int8_bounds_row_bytes
 
 
 def bounds_shape(num_pages: int, num_kv_heads: int, head_dim: int, int8: bool) -> tuple[int, ...]:
     """Shape of a page bounds table: ``[pages, HK, 2, D]`` (KV dtype) or int8 rows ``[pages, HK, 2D + 8]``."""
-    return (num_pages, num_kv_heads, 2 * head_dim + 8) if int8 else (num_pages, num_kv_heads, 2, head_dim)
+    return ((num_pages, num_kv_heads, int8_bounds_row_bytes(head_dim)) if int8
+            else (num_pages, num_kv_heads, 2, head_dim))
 
 
 def _check_bounds(bounds: torch.Tensor, name: str, kv_dtype: torch.dtype, shape: tuple, device) -> bool:

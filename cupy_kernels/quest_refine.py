@@ -8,9 +8,7 @@ from __future__ import annotations
 import torch
 
 from ._cuda import KV_DTYPES, check, check_tensor, i32, kernel, launch, u64
-from .quest_scores import check_score_inputs, group_mean
-
-THREADS = 256
+from .quest_scores import THREADS, check_score_inputs, group_mean, scores_out
 
 
 def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
@@ -34,6 +32,8 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
         ``[B, HK, max_pages]`` float32. Only the columns below each scored request's page count are written
         (as :func:`quest_page_scores`: what top-k reads); the rest of ``out`` keeps what it held.
     """
+    check(page_key_bounds.dtype != torch.uint8, "this kernel reads bf16/fp16 bounds only; int8 bounds (bounds_dtype "
+                                                "int8) are not supported here (coarse-to-fine scoring)")
     B, D, HK, G, r2t, rpi, sl = check_score_inputs(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens,
                                                    skip_pages_upto, skip_rows)
     dev = q.device
@@ -42,10 +42,7 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
     check(tuple(coarse_pages.shape[:2]) == (B, HK) and tuple(coarse_count.shape) == (B, HK),
           f"coarse_pages must be [{B}, {HK}, W] and coarse_count [{B}, {HK}]")
     check(ratio >= 1, f"ratio must be >= 1, got {ratio}")
-    if out is None:
-        out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
-    check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)
-    check(tuple(out.shape) == (B, HK, max_pages), f"out must be {(B, HK, max_pages)}, got {tuple(out.shape)}")
+    out = scores_out(out, B, HK, max_pages, dev)
     if B == 0 or max_pages == 0 or coarse_pages.shape[2] == 0:
         return out
     fn = kernel("quest_refine.cu", "quest_refine_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,

@@ -9,6 +9,7 @@ import torch
 
 from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i32, kernel, launch,
                     resident_blocks, u64)
+from .reference import int8_bounds_row_bytes
 
 THREADS = 256
 UNROLL = 4
@@ -27,20 +28,19 @@ def group_mean(group_score: str) -> int:
 
 def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                        req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, skip_pages_upto: int,
-                       skip_rows: torch.Tensor | None, int8_ok: bool = False) -> tuple:
-    """Validate the inputs every page-score kernel takes; returns ``(B, D, HK, G, req_to_token, req_pool_indices,
-    seq_lens)``, the index tensors as int32. ``int8_ok``: int8 bounds rows ``[pages, HK, 2D + 8]`` uint8 are
-    accepted too (kernels with a BOUNDS_INT8 variant)."""
+                       skip_rows: torch.Tensor | None) -> tuple:
+    """Validate the inputs every page-score kernel takes (bounds in the KV dtype, or int8 rows ``[pages, HK,
+    2D + 8]`` uint8); returns ``(B, D, HK, G, req_to_token, req_pool_indices, seq_lens)``, the index tensors as
+    int32."""
     check_tensor(q, "q", dtypes=list(KV_DTYPES), ndim=3)
     dev = q.device
     B, HQ, D = q.shape
     if page_key_bounds.dtype == torch.uint8:
-        check(int8_ok, "this kernel reads bf16/fp16 bounds only; int8 bounds (bounds_dtype int8) are not supported "
-                       "here (coarse-to-fine scoring)")
         check_tensor(page_key_bounds, "page_key_bounds", dtypes=[torch.uint8], ndim=3, device=dev)
         HK = page_key_bounds.shape[1]
-        check(page_key_bounds.shape[2] == 2 * D + 8,
-              f"int8 page_key_bounds must be [pages, HK, {2 * D + 8}], got {tuple(page_key_bounds.shape)}")
+        row = int8_bounds_row_bytes(D)
+        check(page_key_bounds.shape[2] == row,
+              f"int8 page_key_bounds must be [pages, HK, {row}], got {tuple(page_key_bounds.shape)}")
     else:
         check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype], ndim=4, device=dev)
         HK = page_key_bounds.shape[1]
@@ -55,6 +55,15 @@ def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_to
         check_tensor(skip_rows, "skip_rows", dtypes=[torch.int32], ndim=1, device=dev)
         check(skip_rows.shape[0] == B, f"skip_rows has {skip_rows.shape[0]} entries for a batch of {B}")
     return B, D, HK, G, r2t, rpi, sl
+
+
+def scores_out(out: torch.Tensor | None, B: int, HK: int, max_pages: int, dev) -> torch.Tensor:
+    """The ``[B, HK, max_pages]`` float32 score buffer a page-score kernel writes: ``out`` checked, or a new one."""
+    if out is None:
+        return torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
+    check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)
+    check(tuple(out.shape) == (B, HK, max_pages), f"out must be {(B, HK, max_pages)}, got {tuple(out.shape)}")
+    return out
 
 
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
@@ -84,12 +93,9 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         written; the rest of ``out`` keeps what it held (uninitialised for a fresh tensor).
     """
     B, D, HK, G, r2t, rpi, sl = check_score_inputs(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens,
-                                                   skip_pages_upto, skip_rows, int8_ok=True)
+                                                   skip_pages_upto, skip_rows)
     dev = q.device
-    if out is None:
-        out = torch.empty((B, HK, max_pages), dtype=torch.float32, device=dev)
-    check_tensor(out, "out", dtypes=[torch.float32], ndim=3, device=dev)
-    check(tuple(out.shape) == (B, HK, max_pages), f"out must be {(B, HK, max_pages)}, got {tuple(out.shape)}")
+    out = scores_out(out, B, HK, max_pages, dev)
     if B == 0 or max_pages == 0:
         return out
     fn = kernel("quest_scores.cu", "quest_page_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D,

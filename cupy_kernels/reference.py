@@ -138,7 +138,7 @@ def quantize_bounds_int8(kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor
         if not bool((down | up).any()):
             break
         cmax = cmax + up.float() - down.float()
-    out = torch.empty((*kmin.shape[:-1], 2 * D + 8), dtype=torch.uint8, device=kmin.device)
+    out = torch.empty((*kmin.shape[:-1], int8_bounds_row_bytes(D)), dtype=torch.uint8, device=kmin.device)
     out[..., :D] = cmin.to(torch.uint8)
     out[..., D:2 * D] = cmax.to(torch.uint8)
     out[..., 2 * D:].view(torch.float32).copy_(torch.cat([lo, scale], -1))

@@ -55,11 +55,9 @@ class SparseKVMetadata:
             ck.int4_keys.check_group_size(self.int4_group, head_dim)
         # cupy_kernels.LayerTables per bounds table (by page size), built on the first all-layer update
         self._layer_tables: dict[int, ck.LayerTables] = {}
-        if config.bounds_dtype == "int8":
-            shape, bounds_dtype = (num_slots // P, num_kv_heads, ck.reference.int8_bounds_row_bytes(head_dim)), \
-                torch.uint8
-        else:
-            shape, bounds_dtype = (num_slots // P, num_kv_heads, 2, head_dim), dtype
+        int8 = config.bounds_dtype == "int8"
+        shape = ck.page_bounds.bounds_shape(num_slots // P, num_kv_heads, head_dim, int8)
+        bounds_dtype = torch.uint8 if int8 else dtype
         self.page_key_bounds = [torch.zeros(shape, dtype=bounds_dtype, device=device) for _ in range(num_layers)]
         self.coarse_key_bounds: list[torch.Tensor] = []
         if C:
