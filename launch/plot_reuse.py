@@ -23,11 +23,13 @@ import math
 import sys
 from pathlib import Path
 
+from bench_e2e import label  # noqa: E402  (torch-free: a context as "32K")
+
 INTERVALS = (1, 2, 4, 8, 16)
 
 
-def _best(r: dict) -> float:
-    """The faster of a row's eager and CUDA-graph times (a NaN graph time: eager)."""
+def best_us(r: dict) -> float:
+    """The faster of a bench_decode row's eager and CUDA-graph times (a NaN graph time: eager)."""
     return min(t for t in (r["us_eager"], r["us_graph"]) if not math.isnan(t))
 
 
@@ -36,7 +38,7 @@ def reuse_curves(data: dict, config: str = "quest-fast", intervals=INTERVALS) ->
     times and ``speedup`` ``{R: dense / ((select + (R - 1) reuse) / R)}``, plus ``quest`` (the plain Quest row's
     speedup at that point, None without one)."""
     rows = data["rows"]
-    dense = {(r["batch"], r["context"]): _best(r) for r in rows if r["method"] == "dense"}
+    dense = {(r["batch"], r["context"]): best_us(r) for r in rows if r["method"] == "dense"}
     quest = {(r["batch"], r["context"], r["budget"]): r["speedup"] for r in rows if r.get("config") == "quest"}
     out = []
     for r in rows:
@@ -50,10 +52,6 @@ def reuse_curves(data: dict, config: str = "quest-fast", intervals=INTERVALS) ->
     return sorted(out, key=lambda c: (c["context"], c["batch"], c["budget"]))
 
 
-def _context(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
-
-
 def reuse_table(data: dict, config: str = "quest-fast") -> str:
     """Markdown: per point, the step times and the speedup at each interval (the README's and docs' table)."""
     curves = reuse_curves(data, config)
@@ -65,7 +63,7 @@ def reuse_table(data: dict, config: str = "quest-fast") -> str:
     for c in curves:
         quest = "—" if c["quest"] is None else f"{c['quest']:.2f}"
         cells = " | ".join(f"{c['speedup'][R]:.2f}" for R in INTERVALS)
-        lines.append(f"| {c['batch']} × {_context(c['context'])} | {c['budget']} | {c['us_select']:.1f} | "
+        lines.append(f"| {c['batch']} × {label(c['context'])} | {c['budget']} | {c['us_select']:.1f} | "
                      f"{c['us_reuse']:.1f} | {quest} | {cells} | {c['limit']:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -80,7 +78,7 @@ def plot(data: dict, path: str, config: str = "quest-fast") -> None:
     for c, marker in zip(curves, "osd^vx<>p*"):
         Rs = sorted(c["speedup"])
         line, = ax.plot(Rs, [c["speedup"][R] for R in Rs], marker=marker, markevery=[0, 1, 3, 7, 15, 31], ms=4,
-                        label=f"B={c['batch']} × {_context(c['context'])}")
+                        label=f"B={c['batch']} × {label(c['context'])}")
         if c["quest"] is not None:
             ax.plot([1], [c["quest"]], marker="x", ms=8, color=line.get_color(), ls="none")
     ax.axvline(16, color="gray", lw=0.6, ls=":")

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
 
 from bench_e2e import label  # noqa: E402
-from plot_reuse import reuse_table  # noqa: E402
+from bench_serving import measured, ratios  # noqa: E402
+from plot_reuse import best_us, reuse_table  # noqa: E402
 RESULTS = ROOT / "launch" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"(?P<open><!-- table: (?P<name>[\w.-]+)(?: (?P<style>\w+))? -->\n)(?P<body>.*?)"
@@ -47,7 +48,7 @@ def bench_decode_table(data: dict) -> str:
              "| config | batch × context | budget | µs per step | speedup | attended | rel L2 | %peak |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        us = min(r["us_eager"], r["us_graph"]) if r["us_graph"] == r["us_graph"] else r["us_eager"]
+        us = best_us(r)
         mark = " (eager)" if r["us_eager"] < r["us_graph"] else ""
         if "us_select" in r:
             mark = f" ({r['us_select']:.1f} selecting, {r['us_reuse']:.1f} reusing)"
@@ -132,12 +133,21 @@ def soak_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _serving_rows(data: dict) -> tuple[list[dict], dict]:
+    """The measured rows of a bench_serving file and its dense rows by (workload, concurrency)."""
+    rows = [r for r in data["rows"] if measured(r)]
+    return rows, {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense"}
+
+
+def _row_commit(r: dict, data: dict) -> str:
+    return _commit(r.get("commit") or data.get("commit"))
+
+
 def bench_serving_table(data: dict) -> str:
     """One row per config, workload and concurrency, with the ratios to dense of the same workload and concurrency
     (same run) and the estimated decode share of the dense run; then the targets."""
-    rows = [r for r in data["rows"] if "output_throughput" in r and "error" not in r]
-    dense = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense"}
-    commits = sorted({_commit(r.get("commit") or data.get("commit")) for r in rows})
+    rows, dense = _serving_rows(data)
+    commits = sorted({_row_commit(r, data) for r in rows})
     lines = [f"{data['gpu']}, commit {', '.join(commits)}; ratios against the dense server of the same workload and "
              "concurrency; decode: estimated share of the dense run spent in decode.", "",
              "| config | workload | concurrency | output tok/s | median TPOT (ms) | p99 TPOT (ms) | median TTFT (ms) | "
@@ -145,9 +155,11 @@ def bench_serving_table(data: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], r["config"] != "dense", r["config"])):
         base = dense.get((r["workload"], r["concurrency"]))
-        rel = ("| | |" if r["config"] == "dense" or base is None else
-               f"| **{base['median_tpot_ms'] / r['median_tpot_ms']:.2f}** | "
-               f"**{r['output_throughput'] / base['output_throughput']:.2f}** |")
+        if r["config"] == "dense" or base is None:
+            rel = "| | |"
+        else:
+            x = ratios(base, r)
+            rel = f"| **{x['median_tpot_speedup']:.2f}** | **{x['output_throughput_ratio']:.2f}** |"
         share = f"{100 * r['decode_share']:.0f} %" if r["config"] == "dense" and r.get("decode_share") else ""
         lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | {r['output_throughput']:.1f} | "
                      f"{r['median_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['median_ttft_ms']:.0f} {rel} {share} |")
@@ -164,8 +176,7 @@ def bench_serving_table(data: dict) -> str:
 def bench_serving_compact(data: dict) -> str:
     """Each sparse config against the dense server of the same workload and concurrency, one line each (the
     README's view: no project targets)."""
-    rows = [r for r in data["rows"] if "output_throughput" in r and "error" not in r]
-    dense = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense"}
+    rows, dense = _serving_rows(data)
     lines = [f"{data['gpu']}; each config against the dense server of the same run, workload and concurrency.", "",
              "| config | workload | concurrent requests | median TPOT, dense → config | TPOT speedup | output throughput "
              "| TTFT | decode share of the dense run | commit |",
@@ -174,12 +185,12 @@ def bench_serving_compact(data: dict) -> str:
         base = dense.get((r["workload"], r["concurrency"]))
         if r["config"] == "dense" or base is None:
             continue
+        x = ratios(base, r)
         share = f"{100 * base['decode_share']:.0f} %" if base.get("decode_share") else "—"
         lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | {base['median_tpot_ms']:.2f} → "
-                     f"{r['median_tpot_ms']:.2f} ms | **{base['median_tpot_ms'] / r['median_tpot_ms']:.2f}×** | "
-                     f"{r['output_throughput'] / base['output_throughput']:.2f}× | "
-                     f"{r['median_ttft_ms'] / base['median_ttft_ms']:.2f}× | {share} | "
-                     f"{_commit(r.get('commit') or data.get('commit'))} |")
+                     f"{r['median_tpot_ms']:.2f} ms | **{x['median_tpot_speedup']:.2f}×** | "
+                     f"{x['output_throughput_ratio']:.2f}× | {x['median_ttft_ratio']:.2f}× | {share} | "
+                     f"{_row_commit(r, data)} |")
     return "\n".join(lines) + "\n"
 
 
