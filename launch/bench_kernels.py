@@ -817,15 +817,23 @@ class Config:
 
     # -- 3. top-k
 
-    def topk(self, k: int) -> Case:
-        ck, B = self.ck, self.B
+    def _topk_case(self, name: str, topk_fn, k: int, sanity_of, **params) -> tuple[tuple, Case]:
+        """A top-k kernel (``topk_fn``, topk_pages's signature) on this case's scores into its own buffers; the
+        case's sanity is ``sanity_of(out)``."""
+        B = self.B
         out = (torch.empty((B, HK, k), dtype=torch.int32, device=self.dev),
                torch.empty((B, HK), dtype=torch.int32, device=self.dev))
-        self.sel[k] = out
-        fn = lambda: ck.topk_pages(self.scores, self.seq_lens, P, k, N_SINK, N_LOCAL, out=out)  # noqa: E731
+        fn = lambda: topk_fn(self.scores, self.seq_lens, P, k, N_SINK, N_LOCAL, out=out)  # noqa: E731
+        return out, self._case(
+            name, f"top_k={k}", fn, lambda: list(out), lambda: (out[0].fill_(-5), out[1].fill_(-5)),
+            lambda: sanity_of(out), lambda: (bytes_topk_pages(B, self.npr, k), {}),
+            "B*4 + B*HK*np*4 + B*HK*(k+1)*4",
+            params={"top_k": k, "n_sink": N_SINK, "n_local": N_LOCAL, **params}, prefix={0: 1})
+
+    def topk(self, k: int) -> Case:
         expect = min(k, self.npr)
 
-        def sanity():
+        def sanity(out):
             sel, cnt = out
             if not bool((cnt == expect).all()):
                 return f"num_selected != {expect}"
@@ -835,34 +843,23 @@ class Config:
                 return "selection not ascending / sinks or local page missing"
             return None
 
-        return self._case(
-            "topk_pages", f"top_k={k}", fn, lambda: list(out), lambda: (out[0].fill_(-5), out[1].fill_(-5)),
-            sanity, lambda: (bytes_topk_pages(B, self.npr, k), {}),
-            "B*4 + B*HK*np*4 + B*HK*(k+1)*4",
-            params={"top_k": k, "n_sink": N_SINK, "n_local": N_LOCAL}, prefix={0: 1})
+        self.sel[k], case = self._topk_case("topk_pages", self.ck.topk_pages, k, sanity)
+        return case
 
     def topk_baseline(self, k: int) -> Case:
         """The previous top-k kernel (topk_pages_radix4, the benchmark baseline) on the same scores, into its own
         buffers; its selection must equal topk_pages's (the case before it in the plan)."""
         from cupy_kernels.topk_pages import topk_pages_radix4
 
-        B = self.B
-        out = (torch.empty((B, HK, k), dtype=torch.int32, device=self.dev),
-               torch.empty((B, HK), dtype=torch.int32, device=self.dev))
-        fn = lambda: topk_pages_radix4(self.scores, self.seq_lens, P, k, N_SINK, N_LOCAL, out=out)  # noqa: E731
         new_sel, new_cnt = self.sel[k]
 
-        def sanity():
+        def sanity(out):
             if not torch.equal(out[1], new_cnt):
                 return "num_selected differs from topk_pages"
             valid = torch.arange(k, device=new_cnt.device) < new_cnt[..., None]
             return None if torch.equal(out[0][valid], new_sel[valid]) else "selection differs from topk_pages"
 
-        return self._case(
-            "topk_pages_radix4", f"top_k={k}", fn, lambda: list(out), lambda: (out[0].fill_(-5), out[1].fill_(-5)),
-            sanity, lambda: (bytes_topk_pages(B, self.npr, k), {}),
-            "B*4 + B*HK*np*4 + B*HK*(k+1)*4",
-            params={"top_k": k, "n_sink": N_SINK, "n_local": N_LOCAL, "baseline_of": "topk_pages"}, prefix={0: 1})
+        return self._topk_case("topk_pages_radix4", topk_pages_radix4, k, sanity, baseline_of="topk_pages")[1]
 
     # -- 4. pages -> kv indices
 
