@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sgl_sparse import models, tasks  # noqa: E402
+from selection_trace import overlapping_tokens  # noqa: E402  (launch/, this script's folder)
 
 RETRIEVAL = ("niah_single_2", "niah_single_3", "niah_multikey", "niah_multivalue", "niah_multiquery")
 
@@ -36,7 +37,7 @@ def value_spans(tok, inst) -> list[tuple[int, int] | None]:
             spans.append(None)
             continue
         a, b = start + 2, start + 2 + len(v)
-        toks = [i for i, (x, y) in enumerate(enc["offset_mapping"]) if x < b and y > a]
+        toks = overlapping_tokens(enc["offset_mapping"], a, b)
         spans.append((toks[0], toks[-1]))
     return spans
 

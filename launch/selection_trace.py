@@ -53,6 +53,11 @@ NEEDLE_TASKS = ("passkey", "niah_single_1", "niah_single_2", "niah_single_3", "n
 # ----------------------------------------------------------------------------- needles
 
 
+def overlapping_tokens(offsets, start: int, end: int) -> list[int]:
+    """Positions of the tokens whose characters (a tokenizer's offset mapping) overlap ``prompt[start:end]``."""
+    return [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+
+
 def locate_needles(tok, task: str, prompt: str, answers: list[str], page_size: int) -> list[dict]:
     """Each occurrence of each answer value in the prompt: ``value``, ``occurrence`` (1-based), ``tokens`` (token
     positions whose characters overlap the value, from the tokenizer's offset mapping, as the model reads the
@@ -69,7 +74,7 @@ def locate_needles(tok, task: str, prompt: str, answers: list[str], page_size: i
             # whole values only (a 5-digit key is not found inside a longer number)
             if not (prompt[start - 1:start].isalnum() or prompt[end:end + 1].isalnum()):
                 k += 1
-                toks = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]
+                toks = overlapping_tokens(offsets, start, end)
                 needles.append(dict(value=value, occurrence=k, tokens=toks,
                                     pages=sorted({t // page_size for t in toks})))
             start = prompt.find(value, end)
@@ -109,9 +114,7 @@ class SelectionTrace:
         probs = torch.zeros(HK, G, n * P)
         probs[..., :L] = torch.softmax(logits, -1)
         per_head = probs.view(HK, G, n, P).sum(-1)                                  # [HK, G, n]
-        selected = torch.zeros(HK, n, dtype=torch.bool)
-        for h in range(HK):
-            selected[h, e.selected[h, :int(e.num_selected[h])].long()] = True
+        selected = selection_mask(e.selected, e.num_selected, n)
         kept_min = (per_head * selected[:, None]).sum(-1).amin(1)
         scores = e.page_scores.float().clone()
         self.records[(e.step, e.layer)] = PageRecord(L, scores, per_head.mean(1), selected, kept_min,
@@ -134,6 +137,15 @@ class SelectionTrace:
 # ----------------------------------------------------------------------------- analysis
 
 
+def selection_mask(selected: torch.Tensor, num_selected: torch.Tensor, n: int) -> torch.Tensor:
+    """``[HK, n]`` bool of the pages in each head's selection (``selected`` ``[HK, W]``, ``num_selected`` ``[HK]``
+    of them valid)."""
+    out = torch.zeros(selected.shape[0], n, dtype=torch.bool)
+    for h in range(selected.shape[0]):
+        out[h, selected[h, :int(num_selected[h])].long()] = True
+    return out
+
+
 def _pad(mask: torch.Tensor, n: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask, (0, n - mask.shape[1])) if mask.shape[1] < n else mask[:, :n]
 
@@ -147,10 +159,7 @@ def budget_selection(r: PageRecord, cfg: SparseConfig, factor: int) -> torch.Ten
         return r.selected if n <= cfg.dense_pages else None
     sel, cnt = ref.topk_pages(r.scores[None], torch.tensor([r.length]), cfg.page_size, factor * cfg.top_k_pages,
                               cfg.sink_pages, cfg.local_pages, select_all_upto=cfg.dense_pages)
-    out = torch.zeros(HK, n, dtype=torch.bool)
-    for h in range(HK):
-        out[h, sel[0, h, :int(cnt[0, h])].long()] = True
-    return out
+    return selection_mask(sel[0], cnt[0], n)
 
 
 def union_selection(trace: SelectionTrace, step: int, layer: int, last: int) -> torch.Tensor:
