@@ -129,6 +129,27 @@ def _query(B, HK, G, D, dtype, gen):
     return torch.randn((B, HK * G, D), generator=gen).to(dtype).to(DEV)
 
 
+POISON = 12345.0
+
+
+def _scores_and_skipped(q, bounds, pool, **kw):
+    """quest_page_scores of every page into a poisoned buffer (max_pages + 3 columns) and the reference's, then the
+    kernel again with the requests of at most the median page count skipped: ``(got, want, got_skip, skip, npg)``,
+    npg the page count per request."""
+    import cupy_kernels as ck
+    P = pool.page_size
+    max_pages = pool.max_pages() + 3
+    args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
+    got = torch.full((q.shape[0], bounds.shape[1], max_pages), POISON, device=DEV)
+    ck.quest_page_scores(q, bounds, *args, out=got, **kw)
+    want = ref.quest_page_scores(q, bounds, *args, **kw)
+    npg = (pool.seq_lens.long() + P - 1) // P
+    skip = int(npg.float().median().item())
+    got_skip = torch.full_like(got, POISON)
+    ck.quest_page_scores(q, bounds, *args, out=got_skip, skip_pages_upto=skip, **kw)
+    return got, want, got_skip, skip, npg
+
+
 @pytest.mark.parametrize("case", CASES + LONG, ids=_id)
 def test_quest_scores_and_topk(case):
     import cupy_kernels as ck
@@ -139,10 +160,8 @@ def test_quest_scores_and_topk(case):
     ref.page_bounds_update(pool.k_cache, pool.written_slots, bounds, P)
     q = _query(len(lens), HK, G, D, dtype, gen)
     max_pages = pool.max_pages() + 3
-    poison = 12345.0
-    got = torch.full((len(lens), HK, max_pages), poison, device=DEV)
-    ck.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages, out=got)
-    want = ref.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
+    poison = POISON
+    got, want, got_skip, skip, npg = _scores_and_skipped(q, bounds, pool)
     finite = torch.isfinite(want)
     assert torch.isfinite(got[finite]).all()
     assert (got[~finite] == poison).all()            # nothing written past a request's pages
@@ -151,11 +170,6 @@ def test_quest_scores_and_topk(case):
     assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
 
     # Requests with at most `skip` pages are not scored; the others exactly as above.
-    npg = (pool.seq_lens.long() + P - 1) // P
-    skip = int(npg.float().median().item())
-    got_skip = torch.full_like(got, poison)
-    ck.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages,
-                         out=got_skip, skip_pages_upto=skip)
     want_skip = ref.quest_page_scores(q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P,
                                       max_pages, skip_pages_upto=skip)
     scored = torch.isfinite(want_skip)
@@ -964,27 +978,18 @@ def test_int8_bounds_of_every_layer_in_one_launch():
 def test_int8_quest_scores(case, group_score):
     """The BOUNDS_INT8 score kernel == the reference on the dequantized bounds, within float32 rounding; rows not
     scored (skip_pages_upto) untouched."""
-    import cupy_kernels as ck
     dtype, D, HK, G, P, lens = case
     gen = _gen(23)
     pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
     rows = _bounds_int8(pool)
     ref.page_bounds_update(pool.k_cache, pool.written_slots, rows, P)
     q = _query(len(lens), HK, G, D, dtype, gen)
-    max_pages = pool.max_pages() + 3
-    poison = 12345.0
-    args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
-    got = torch.full((len(lens), HK, max_pages), poison, device=DEV)
-    ck.quest_page_scores(q, rows, *args, out=got, group_score=group_score)
-    want = ref.quest_page_scores(q, rows, *args, group_score=group_score)
+    poison = POISON
+    got, want, got_skip, skip, npg = _scores_and_skipped(q, rows, pool, group_score=group_score)
     finite = torch.isfinite(want)
     assert (got[~finite] == poison).all()
     scale = (q.float().abs().sum(-1).amax(-1).max() * ref.dequantize_bounds_int8(rows).abs().amax()).item()
     assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
-    npg = (pool.seq_lens.long() + P - 1) // P
-    skip = int(npg.float().median().item())
-    got_skip = torch.full_like(got, poison)
-    ck.quest_page_scores(q, rows, *args, out=got_skip, skip_pages_upto=skip, group_score=group_score)
     scored = finite & (npg > skip)[:, None, None]
     assert torch.equal(got_skip[scored], got[scored]) and (got_skip[~scored] == poison).all()
 
