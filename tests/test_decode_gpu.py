@@ -739,6 +739,5 @@ def test_int8_bounds_operator_matches_reference(method, kind):
                                       device=DEV).to(pool.k_cache.dtype)
     meta.update_bounds_all_layers([pool.k_cache] * len(meta.page_key_bounds), slots)
     from cupy_kernels import reference as ref
-    for t in want_tables:
-        ref.page_bounds_update(pool.k_cache, slots, t, config.page_size)
+    ref.page_bounds_update_layers([pool.k_cache] * len(want_tables), slots, want_tables, config.page_size)
     assert all(torch.equal(a, b) for a, b in zip(meta.page_key_bounds, want_tables))

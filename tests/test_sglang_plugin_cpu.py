@@ -409,11 +409,8 @@ def test_only_long_opted_out_requests_beyond_the_mixed_pass_leave_the_cuda_graph
 
     config = SparseConfig.load("quest")                            # attends in full up to 4096 tokens (min_context)
     full = config.dense_pages * config.page_size
-    operator = SimpleNamespace(config=config, max_batch=8, max_dense_row_tokens=20000 + 8)
-    operator.mixed_fits = lambda lens, opted: SparseDecodeOperator.mixed_fits(operator, lens, opted)
-    operator.needs_selection = lambda lens, opted: SparseDecodeOperator.needs_selection(operator, lens, opted)
-    operator.dense_pass_rows = lambda lens, rows: SparseDecodeOperator.dense_pass_rows(operator, lens, rows)
-    operator.replays_graph = lambda lens, opted: SparseDecodeOperator.replays_graph(operator, lens, opted)
+    operator = object.__new__(SparseDecodeOperator)               # its host-only decisions, no buffers
+    operator.config, operator.max_batch, operator.max_dense_row_tokens = config, 8, 20000 + 8
     reqs = [Req(str(i), "x", [1], SamplingParams(custom_params={"sparse": False} if i < 2 else None))
             for i in range(3)]
     saved = dict(sb._ACTIVE)
