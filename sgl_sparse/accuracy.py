@@ -439,7 +439,6 @@ def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: l
     end-to-end latency of the request (batched with the others); ``attended_fraction`` comes from the meta info
     (1 where the key is missing: dense server, or a request that ended before its first sparse decode step; NaN,
     with a warning, when a sparse server reports it for no request at all)."""
-    import sglang as sgl
     from transformers import AutoTokenizer
 
     if parallel < 1:
@@ -475,8 +474,7 @@ def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: l
                     server.wait_ready(SERVER_START_TIMEOUT_S)
                 t0 = time.time()
                 with concurrent.futures.ThreadPoolExecutor(len(servers)) as pool:
-                    runs = [pool.submit(_timed_batch, sgl.RuntimeEndpoint(s.url), insts, concurrency)
-                            for s in servers]
+                    runs = [pool.submit(_timed_batch, s, insts, concurrency) for s in servers]
                     outs = [r.result() for r in runs]
             for (k, (label, cfg)), server, (out, wall) in zip(group, servers, outs):
                 budget = cfg.token_budget if cfg.is_sparse else None
@@ -495,9 +493,23 @@ def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: l
 SERVER_START_TIMEOUT_S = 900.0
 
 
-def _timed_batch(backend, insts, concurrency):
+def _timed_batch(server, insts, concurrency):
+    """:func:`run_frontend` on ``server`` (a ready ``ServerProcess``), timed; a failed request raises
+    ``ServerError`` with the server's state and the tail of its log (the log of a server side by side with
+    others may be gone with the run's temporary directory)."""
+    import sglang as sgl
+    from .serving import ServerError
+
     t0 = time.time()
-    out = run_frontend(backend, insts, concurrency)
+    try:
+        out = run_frontend(sgl.RuntimeEndpoint(server.url), insts, concurrency)
+    except RuntimeError as e:
+        for _ in range(10):                     # a crashing server may still be writing its traceback
+            if not server.alive():
+                break
+            time.sleep(0.5)
+        state = "running" if server.alive() else f"exited with code {server.proc.returncode}"
+        raise ServerError(f"{e} (server {state}; log {server.log_path}):\n{server.log_tail()}") from e
     return out, time.time() - t0
 
 

@@ -28,6 +28,7 @@ Attention runs on stock FlashInfer ``BatchDecodeWithPagedKVCacheWrapper``:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -72,12 +73,30 @@ class _RoleWorkspace:
     ``planned_by``, the wrapper whose plan() wrote the list the buffer holds now. A step plans one batch size, so a
     wrapper planned in the step finds its own list; one that is not planned per step (vAttention's sample, planned
     at its capacity) plans again when another wrapper of its role has planned since
-    (:meth:`_PerHeadDecode.plan_at_capacity`)."""
+    (:meth:`_PerHeadDecode.plan_at_capacity`). Every plan() of the role's wrappers runs inside :meth:`planning`."""
 
     def __init__(self, device_ws: torch.Tensor):
         self.device = device_ws
         self.pinned = torch.empty(FLASHINFER_INT_WORKSPACE_BYTES, dtype=torch.uint8, pin_memory=True)
         self.planned_by = None
+        self.copied = torch.cuda.Event()    # recorded after the last plan()'s copy to the device was queued
+
+    @contextlib.contextmanager
+    def planning(self, wrapper):
+        """Around ``wrapper``'s FlashInfer plan(), which writes the work list into the page-locked copy and queues
+        its copy to the device on the current stream without waiting for it. The host waits until the copy the
+        role's previous plan() queued has run before the next one overwrites the page-locked buffer: a host that
+        plans step N + 1 before the GPU has reached step N's copy would otherwise, with the buffer shared by every
+        batch size, have step N's graph replay the list of step N + 1's batch size (an illegal address when that
+        one is larger). SGLang's overlap scheduler plans step N + 1 once step N - 1, which the copy follows, has
+        finished, so there the wait is short. Nothing is waited for or recorded while a CUDA graph is captured."""
+        capturing = torch.cuda.is_current_stream_capturing()
+        if not capturing:
+            self.copied.synchronize()
+        yield
+        if not capturing:
+            self.copied.record()
+        self.planned_by = wrapper
 
     def attach(self, wrapper, workspace: torch.Tensor) -> None:
         """Point a FlashInfer decode wrapper at the shared float workspace and at this role's buffers (the 8 MiB
@@ -145,9 +164,9 @@ class _PerHeadDecode:
     def plan(self, tokens: torch.Tensor) -> None:
         """``tokens`` ``[R]`` (host): the most tokens run() will put in each row this step (<= capacity)."""
         indptr, last = _row_plan(tokens, self.page_size)
-        self.wrapper.plan(indptr, self.indices[:0], last, self.group, 1, self.head_dim, self.page_size,
-                          q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.sm_scale)
-        self.role.planned_by = self
+        with self.role.planning(self):
+            self.wrapper.plan(indptr, self.indices[:0], last, self.group, 1, self.head_dim, self.page_size,
+                              q_data_type=self.dtype, kv_data_type=self.dtype, sm_scale=self.sm_scale)
 
     def _view(self, cache: torch.Tensor) -> torch.Tensor:
         if not cache.is_contiguous():
@@ -227,9 +246,9 @@ class _DenseDecode:
         pos = torch.arange(total, device=dev) - starts[rows]
         indices.copy_(batch.req_to_token[batch.req_pool_indices.long()[rows], pos])
         HQ, HK, D = self.shape
-        self.wrapper.plan(indptr_host, indices, self.last_host, HQ, HK, D, 1, q_data_type=self.dtype,
-                          kv_data_type=self.dtype, sm_scale=self.sm_scale)
-        self.role.planned_by = self
+        with self.role.planning(self):
+            self.wrapper.plan(indptr_host, indices, self.last_host, HQ, HK, D, 1, q_data_type=self.dtype,
+                              kv_data_type=self.dtype, sm_scale=self.sm_scale)
 
     def run(self, q, k_cache, v_cache):
         return self.wrapper.run(q, (k_cache.view(-1, 1, *k_cache.shape[1:]), v_cache.view(-1, 1, *v_cache.shape[1:])))

@@ -115,7 +115,11 @@ def stop_servers_on_sigterm(exit_code: int = 143) -> None:
     SIGTERM only. Python's default SIGTERM action ends the process without running any cleanup at all.
     """
     def handler(signum, frame):
+        servers = len(_LIVE)
         kill_live_servers()
+        # said first: the requests in flight to the killed servers fail next, with errors of their own
+        print(f"SIGTERM (a time limit?): {servers} server(s) killed, exiting with {exit_code}", file=sys.stderr,
+              flush=True)
         raise SystemExit(exit_code)
 
     signal.signal(signal.SIGTERM, handler)

@@ -363,3 +363,53 @@ def test_evaluate_server_runs_configs_side_by_side(tmp_path, monkeypatch, stand_
     assert {r.attended_fraction for r in res if r.method == "quest"} == {0.25}
     with pytest.raises(ValueError, match="parallel"):
         accuracy.evaluate_server(tmp_path, "qwen05b", ["passkey"], [300], [0.2], configs, parallel=0)
+
+
+def test_a_server_that_dies_mid_batch_is_reported_with_its_log(tmp_path, monkeypatch, stand_ins):
+    """A request that fails because its server died raises ServerError naming the request, the server's exit code
+    and the tail of its log (the log of servers run side by side lives in a directory that may be gone), and every
+    server of the group is stopped."""
+    from sgl_sparse.serving import ServerError
+
+    servers = {}
+
+    class FakeServer:
+        def __init__(self, model_dir, cfg, *, name, **kw):
+            self.url, self.log_path, self.up = name, tmp_path / f"{name}.log", False
+            self.proc = type("Proc", (), {"returncode": None})()
+            servers[name] = self
+
+        def start(self):
+            self.up = True
+            return self
+
+        def wait_ready(self, timeout):
+            return self
+
+        def alive(self):
+            return self.proc.returncode is None
+
+        def log_tail(self):
+            return "Traceback ...\nRuntimeError: CUDA error: an illegal memory access was encountered" \
+                if "quest" in self.url else "all fine"
+
+        def stop(self):
+            self.up = False
+
+    def fake_frontend(url, insts, concurrency):
+        if "quest" in url:
+            servers[url].proc.returncode = -6
+            raise RuntimeError(f"{insts[0].task} length {insts[0].length}: RemoteDisconnected('Remote end closed')")
+        return [(" ".join(i.answers), {}) for i in insts]
+
+    monkeypatch.setattr(accuracy, "server_for", FakeServer)
+    monkeypatch.setattr(accuracy, "warm_up", lambda *a: None)
+    monkeypatch.setattr(accuracy, "run_frontend", fake_frontend)
+    configs = accuracy.named_configs(["quest"], [256])
+    with pytest.raises(ServerError) as err:
+        accuracy.evaluate_server(tmp_path, "qwen05b", ["passkey"], [300], [0.5], configs, parallel=2)
+    message = str(err.value)
+    assert "passkey length 300" in message and "RemoteDisconnected" in message
+    assert "exited with code -6" in message and "01_quest_256.log" in message
+    assert message.endswith("CUDA error: an illegal memory access was encountered")
+    assert not any(s.up for s in servers.values())

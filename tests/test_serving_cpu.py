@@ -87,11 +87,12 @@ def test_sigterm_to_the_script_kills_its_servers(tmp_path):
         print(s.proc.pid, _child_pid(s), flush=True)
         s.proc.wait()    # blocked on the server, as a script waiting for its answers is
     """)
-    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     main_pid, child = map(int, p.stdout.readline().split())
     assert _alive(main_pid) and _alive(child)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=30) == 143
+    assert "SIGTERM (a time limit?): 1 server(s) killed, exiting with 143" in p.stderr.read()
     assert _wait_gone(main_pid) and _wait_gone(child), "the script's server outlived its SIGTERM"
 
 
