@@ -3,6 +3,8 @@
 
     python launch/profile_e2e.py --method quest --point 8x32K --steps 16 --out out/profile_e2e_quest.json
     python launch/profile_e2e.py --summarize TRACE.trace.json.gz --steps 16     # an existing trace, no server
+    python launch/profile_e2e.py --combine quest_8x32K.json dense_8x32K.json --operator bench_decode.json \
+        --out launch/results/profile_e2e_h200.json                               # runs -> one file, no server
 
 Starts the same server as ``launch/bench_e2e.py`` (Llama-3.1-8B shape, dummy weights, decode CUDA graphs on, the
 preset as shipped), prefills the point's B prompts, times a step as bench_e2e does (three pairs of requests), then
@@ -20,6 +22,13 @@ script reads its GPU events and prints, per decode step:
 The operator benchmark (``launch/bench_decode.py``, ``launch/profile_step.py --kernel-times``) times one layer's
 step back to back; this shows the same kernels between the model's other layers, and what the step costs
 beside them. ``--out`` writes the summary as JSON (the trace itself stays in ``<out>_trace/``).
+
+``--combine`` merges such summaries (one GPU, one commit; ``--commit`` names it for a summary that does not record
+it) into one file with an ``accounting`` row per sparse run: per sparse layer, the bytes its step must read, their
+time at the copy peak, the in-server time per kernel (the sgl-sparse kernels spread over the sparse layers, and the
+sparse layers' share of FlashInfer's attention and merge: their time minus the dense layers', a dense layer's from
+the dense server's trace), the operator benchmark's time at that point (``--operator``: a ``bench_decode.py``
+result), and per step the idle time against the dense server.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import random
 import re
 import sys
@@ -39,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
 import bench_e2e as e2e  # noqa: E402
-from sgl_sparse.config import METHODS  # noqa: E402
+from plot_reuse import best_us  # noqa: E402
+from sgl_sparse.config import METHODS, SparseConfig  # noqa: E402
 from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm  # noqa: E402
 
 # the kernels of cupy_kernels/*.cu (their __global__ names)
@@ -52,6 +63,14 @@ CATEGORIES = (
     ("gemm", lambda n: re.search(r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm100_", n, re.I) is not None),
 )
 GPU_EVENT_CATEGORIES = {"kernel": None, "gpu_memcpy": "memcpy/memset", "gpu_memset": "memcpy/memset"}
+# FlashInfer's kernels that a sparse layer shares with a dense one (a part of their names): the paged attention
+# (BatchPrefill/BatchDecodeWithPagedKVCacheKernel) and the merge of its split-KV partial results.
+ATTENTION_KERNEL = "WithPagedKVCacheKernel"
+MERGE_KERNEL = "MergeStates"
+# Device-to-device copy of 2 GiB (read + written, median of 10) on the NVIDIA H200 of the profiled runs,
+# launch/bench_kernels.py at bb2824f (its ``peak_gbps``): the bandwidth a step's bytes are held against.
+COPY_PEAK_GBPS = 4216.0
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 def category(name: str) -> str:
@@ -125,6 +144,134 @@ def print_summary(s: dict, title: str, top: int = 30) -> None:
         print(f"{k['us']:9.1f} {k['launches']:8.1f}  [{k['category']}] {k['name'][:90]}")
 
 
+def kernel_time(summary: dict, name_part: str) -> tuple[float, float]:
+    """(µs per step, launches per step) of a summary's kernels whose name contains ``name_part``."""
+    found = [k for k in summary["kernels"] if name_part in k["name"]]
+    return sum(k["us"] for k in found), sum(k["launches"] for k in found)
+
+
+def model_shape(model_config: dict) -> dict:
+    """``layers``, ``kv_heads``, ``head_dim`` and ``dtype_bytes`` (per K or V element) of a HF ``config.json``."""
+    heads = model_config["num_attention_heads"]
+    return dict(layers=model_config["num_hidden_layers"], kv_heads=model_config.get("num_key_value_heads", heads),
+                head_dim=model_config.get("head_dim", model_config["hidden_size"] // heads),
+                dtype_bytes=DTYPE_BYTES[model_config.get("torch_dtype", "bfloat16")])
+
+
+def sparse_layer_bytes(batch: int, tokens: int, shape: dict, preset: SparseConfig) -> dict:
+    """Bytes one sparse layer's Quest step must read at ``batch`` requests of ``tokens`` tokens: ``page_bounds``
+    (B x pages x HK x (min, max) x D elements, read by the scores) and ``selected_kv`` (B x HK x budget tokens x
+    (K, V) x D elements, read by the attention); ``total``."""
+    if preset.method != "quest" or preset.coarse or preset.reselect_every != 1 or preset.bounds_dtype != "bf16":
+        raise ValueError(f"byte accounting covers the plain Quest step (bf16 bounds, a selection every step), not "
+                         f"{preset}")
+    kv_heads, head_dim, elt = shape["kv_heads"], shape["head_dim"], shape["dtype_bytes"]
+    pages = math.ceil(tokens / preset.page_size)
+    page_bounds = batch * pages * kv_heads * 2 * head_dim * elt
+    selected_kv = batch * kv_heads * min(preset.token_budget, tokens) * 2 * head_dim * elt
+    return dict(page_bounds=page_bounds, selected_kv=selected_kv, total=page_bounds + selected_kv)
+
+
+def dense_layer_us(batch: int, context: int, dense_runs: list[dict], layers: int) -> dict | None:
+    """One dense layer's FlashInfer attention and merge µs at ``batch`` x ``context``: the dense run at that point
+    (per launch), else the dense run nearest in KV tokens, scaled by the ratio of KV tokens (bytes read); None
+    without a dense run. ``point``: the dense run's, ``scale``: the ratio applied (1 at the same point)."""
+    if not dense_runs:
+        return None
+    kv_tokens = batch * context
+
+    def distance(run: dict) -> float:
+        b, c = e2e.parse_point(run["point"])
+        return abs(math.log(b * c / kv_tokens))
+
+    run = min(dense_runs, key=distance)
+    b, c = e2e.parse_point(run["point"])
+    scale = kv_tokens / (b * c)
+    per_launch = {}
+    for key, name_part in (("attention_us", ATTENTION_KERNEL), ("merge_us", MERGE_KERNEL)):
+        us, launches = kernel_time(run, name_part)
+        if launches != layers:
+            raise ValueError(f"dense {run['point']}: {launches:g} {name_part} launches per step, not one per layer "
+                             f"({layers})")
+        per_launch[key] = scale * us / launches
+    return dict(per_launch, point=run["point"], scale=scale)
+
+
+def sparse_layer_us(run: dict, dense_layer: dict, shape: dict, preset: SparseConfig) -> dict:
+    """µs per sparse layer of a sparse run's step, per kernel: each sgl-sparse kernel's per-step time over the
+    sparse layers, and the sparse layers' share of FlashInfer's attention and merge (their per-step time minus
+    ``preset.dense_layers`` x ``dense_layer``'s, over the sparse layers)."""
+    sparse_layers = shape["layers"] - preset.dense_layers
+    split = {k["name"]: k["us"] / sparse_layers for k in run["kernels"] if k["category"] == "sparse"}
+    for key, name_part in (("attention_us", ATTENTION_KERNEL), ("merge_us", MERGE_KERNEL)):
+        us, launches = kernel_time(run, name_part)
+        if launches != shape["layers"]:
+            raise ValueError(f"{run['method']} {run['point']}: {launches:g} {name_part} launches per step, not one "
+                             f"per layer ({shape['layers']})")
+        split[f"flashinfer_{key[:-3]}"] = (us - preset.dense_layers * dense_layer[key]) / sparse_layers
+    return split
+
+
+def operator_row(operator: dict | None, config: str, batch: int, context: int, budget: int) -> dict | None:
+    """The ``bench_decode`` row of ``config`` at the point and budget (None: not measured)."""
+    rows = (operator or {}).get("rows", [])
+    return next((r for r in rows if r.get("config") == config and r["batch"] == batch and r["context"] == context
+                 and r["budget"] == (context if config == "dense" else budget)), None)
+
+
+def accounting_row(run: dict, dense_runs: list[dict], operator: dict | None, shape: dict) -> dict:
+    """Where a sparse run's step goes, per sparse layer (µs, bytes) and per step (ms, idle µs); a dense figure
+    that was not measured is None."""
+    preset = SparseConfig.load(run["method"])
+    batch, context = e2e.parse_point(run["point"])
+    dense = next((d for d in dense_runs if d["point"] == run["point"]), None)
+    dense_layer = dense_layer_us(batch, context, dense_runs, shape["layers"])
+    if dense_layer is None:
+        raise ValueError(f"{run['method']} {run['point']}: the sparse layers' share of FlashInfer's kernels needs a "
+                         "dense run")
+    nbytes = sparse_layer_bytes(batch, run["prompt"], shape, preset)
+    split = sparse_layer_us(run, dense_layer, shape, preset)
+    op, op_dense = (operator_row(operator, c, batch, context, preset.token_budget) for c in (run["method"], "dense"))
+    return dict(
+        method=run["method"], point=run["point"], batch=batch, context=context, prompt=run["prompt"],
+        layers=shape["layers"], sparse_layers=shape["layers"] - preset.dense_layers, page_size=preset.page_size,
+        token_budget=preset.token_budget, ms_per_step=run["ms_per_step"],
+        dense_ms_per_step=dense["ms_per_step"] if dense else None,
+        bytes=nbytes, floor_us=nbytes["total"] / COPY_PEAK_GBPS / 1e3,
+        in_server_us=sum(split.values()), in_server_split_us=split, dense_layer=dense_layer,
+        operator_us=best_us(op) if op else None, operator_dense_us=best_us(op_dense) if op_dense else None,
+        idle_us=run["idle_us"], dense_idle_us=dense["idle_us"] if dense else None,
+        idle_vs_dense_us=run["idle_us"] - dense["idle_us"] if dense else None)
+
+
+def same(values: list, what: str):
+    """The one value of ``values`` (every run's GPU, versions or commit must agree)."""
+    distinct = [v for i, v in enumerate(values) if v not in values[:i]]
+    if len(distinct) != 1:
+        raise ValueError(f"the combined files differ in {what}: {distinct}")
+    return distinct[0]
+
+
+def combine(runs: list[dict], operator: dict | None, model_config: dict, commit: str | None = None) -> dict:
+    """Summaries of one GPU and commit (``commit`` for those that do not record it) -> ``gpu``, ``versions``,
+    ``commit``, ``copy_peak_gbps``, ``model_shape``, ``runs`` and one ``accounting`` row per sparse run;
+    ``operator``: the bench_decode result's GPU, commit, copy peak and L2 state (it must share the runs' GPU and
+    commit)."""
+    runs = [dict(r, commit=r.get("commit") or commit) for r in runs]
+    if any(r["commit"] is None for r in runs):
+        raise ValueError("a combined file records no commit: pass --commit")
+    meta = {k: same([r[k] for r in runs], k) for k in ("gpu", "versions", "commit")}
+    if operator is not None:
+        for k in ("gpu", "commit"):
+            same([meta[k], operator.get(k)], f"{k} (runs and operator benchmark)")
+    shape = model_shape(model_config)
+    dense_runs = [r for r in runs if r["method"] == "dense"]
+    accounting = [accounting_row(r, dense_runs, operator, shape) for r in runs if r["method"] != "dense"]
+    operator_meta = None if operator is None else {k: operator.get(k) for k in ("gpu", "commit", "peak_gbps", "l2")}
+    return dict(meta, copy_peak_gbps=COPY_PEAK_GBPS, model_shape=shape, operator=operator_meta, runs=runs,
+                accounting=accounting)
+
+
 def wait_for_trace(trace_dir: Path, profile_id: str, timeout: float) -> Path:
     """The decode-stage trace SGLang exports when the traced steps are done (its write takes a while)."""
     deadline = time.time() + timeout
@@ -173,7 +320,7 @@ def profile_server(args) -> dict:
         server.stop()
     summary = summarize(load_gpu_events(trace), args.steps)
     return dict(method=args.method, point=args.point, prompt=prompt, ms_per_step=timing["ms_per_step"],
-                trace=str(trace), gpu=e2e.gpu_name(), versions=e2e.versions(), **summary)
+                trace=str(trace), gpu=e2e.gpu_name(), versions=e2e.versions(), commit=e2e.git_commit(), **summary)
 
 
 def main() -> int:
@@ -189,10 +336,26 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=30, help="kernels to print")
     ap.add_argument("--out", default="out/profile_e2e.json")
     ap.add_argument("--summarize", type=Path, metavar="TRACE", help="summarize this trace file; start nothing")
+    ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
+                    help="merge these --out files (sparse and dense runs) into --out, with the accounting; start "
+                         "nothing")
+    ap.add_argument("--operator", type=Path, metavar="JSON", help="with --combine: a launch/bench_decode.py result")
+    ap.add_argument("--commit", help="with --combine: the commit of files that do not record one")
     args = ap.parse_args()
     if args.steps < 1:
         ap.error(f"--steps must be >= 1, got {args.steps}")
-    if args.summarize:
+    if args.combine:
+        operator = json.loads(args.operator.read_text()) if args.operator else None
+        try:
+            result = combine([json.loads(p.read_text()) for p in args.combine], operator,
+                             json.loads((args.model / "config.json").read_text()), args.commit)
+        except ValueError as e:
+            ap.error(str(e))
+        for a in result["accounting"]:
+            op = "not measured" if a["operator_us"] is None else f"{a['operator_us']:.1f} us"
+            print(f"{a['method']} {a['point']}: {a['in_server_us']:.1f} us per sparse layer in the server, floor "
+                  f"{a['floor_us']:.1f} us, operator benchmark {op}")
+    elif args.summarize:
         s = summarize(load_gpu_events(args.summarize), args.steps)
         print_summary(s, str(args.summarize), args.top)
         result = dict(trace=str(args.summarize), **s)

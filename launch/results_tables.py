@@ -13,8 +13,9 @@ A table is marked in a Markdown file as::
 (``<!-- table: bench_serving_h200 compact -->`` picks another style of a kind, where it has one: ``compact`` for
 ``bench_serving``, ``reuse`` for ``bench_decode``: speedup against the reuse interval, ``launch/plot_reuse.py``.)
 
-and made from ``launch/results/<name>.json`` (``bench_decode*`` and ``bench_e2e*`` files), so the numbers the
-docs show are the numbers of the result files, with the GPU and the commit each was measured at.
+and made from ``launch/results/<name>.json`` (its kind by the name's start: ``bench_decode``, ``bench_e2e``,
+``bench_serving``, ``accuracy``, ``soak``, ``profile_e2e``), so the numbers the docs show are the numbers of the
+result files, with the GPU and the commit each was measured at.
 """
 
 from __future__ import annotations
@@ -194,8 +195,68 @@ def bench_serving_compact(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _us(x: float | None) -> str:
+    return "not measured" if x is None else f"{x:.1f}"
+
+
+def profile_e2e_table(data: dict) -> str:
+    """One column per sparse run (``launch/profile_e2e.py --combine``): per sparse layer its bytes, their floor at
+    the copy peak, the operator benchmark and the in-server time split per kernel; per step the server's time and
+    its idle time against the dense server."""
+    rows = data["accounting"]
+    first = rows[0]
+    versions = ", ".join(f"{k} {v}" for k, v in data["versions"].items())
+    dense_layers = first["layers"] - first["sparse_layers"]
+    scaled = ("; where the dense server was not traced at the point, its nearest point's time scaled by the ratio "
+              "of KV bytes" if any(r["dense_layer"]["scale"] != 1 for r in rows) else "")
+    op = data.get("operator")
+    operator = (f" Operator benchmark: `bench_decode`, commit {_commit(op['commit'])}, {op['l2']} L2, the faster of "
+                "eager and CUDA graph." if op else "")
+    lines = [f"{data['gpu']}, commit {_commit(data['commit'])}, {versions}. `{first['method']}` preset: "
+             f"{first['sparse_layers']} sparse layers of {first['layers']}, budget {first['token_budget']} tokens "
+             f"(pages of {first['page_size']}). Floor: the layer's bytes at the copy peak "
+             f"({data['copy_peak_gbps'] / 1000:.2f} TB/s). In server: each sgl-sparse kernel's time per step over the "
+             f"sparse layers, and the sparse layers' share of FlashInfer's attention and merge (their time per step "
+             f"minus {dense_layers} dense layers', a dense layer's from the dense server's trace{scaled}).{operator}",
+             "",
+             "| per sparse layer | " + " | ".join(f"{r['method']} {r['batch']} × {label(r['context'])}"
+                                                  for r in rows) + " |",
+             "|---|" + "---|" * len(rows)]
+
+    def line(title: str, cell) -> None:
+        lines.append(f"| {title} | " + " | ".join(cell(r) for r in rows) + " |")
+
+    def dense_source(r: dict) -> str:
+        d = r["dense_layer"]
+        b, _, c = d["point"].partition("x")
+        scaled = "" if d["scale"] == 1 else f" × {d['scale']:g}, KV bytes"
+        return f"{d['attention_us']:.1f} + {d['merge_us']:.1f} (dense {b} × {c}{scaled})"
+
+    line("bytes to read (MB): page bounds + selected K/V",
+         lambda r: f"{r['bytes']['page_bounds'] / 1e6:.1f} + {r['bytes']['selected_kv'] / 1e6:.1f}")
+    line("floor at the copy peak (µs)", lambda r: f"{r['floor_us']:.1f}")
+    line("operator benchmark (µs)", lambda r: _us(r["operator_us"]))
+    line("**in server (µs)**", lambda r: f"**{r['in_server_us']:.1f}**")
+    kernels = list(dict.fromkeys(k for r in rows for k in r["in_server_split_us"]))
+    titles = {"flashinfer_attention": "FlashInfer attention, sparse layers' share",
+              "flashinfer_merge": "FlashInfer merge, sparse layers' share"}
+    for k in kernels:
+        line(titles.get(k, f"`{k}`"), lambda r: f"{r['in_server_split_us'][k]:.1f}" if k in r["in_server_split_us"]
+             else "—")                                                   # a kernel that run did not launch
+    line("a dense layer: FlashInfer attention + merge (µs)", dense_source)
+    line("operator benchmark, dense layer (µs)", lambda r: _us(r["operator_dense_us"]))
+    line("**per step**", lambda r: "")
+    line("server ms per step: sparse / dense",
+         lambda r: f"{r['ms_per_step']:.2f} / " + ("not measured" if r["dense_ms_per_step"] is None
+                                                    else f"{r['dense_ms_per_step']:.2f}"))
+    line("idle µs per step (no kernel running): sparse / dense",
+         lambda r: f"{r['idle_us']:.1f} / " + ("not measured" if r["dense_idle_us"] is None
+                                               else f"{r['dense_idle_us']:.1f} ({r['idle_vs_dense_us']:+.1f})"))
+    return "\n".join(lines) + "\n"
+
+
 RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table,
-             "accuracy": accuracy_table, "soak": soak_table}
+             "accuracy": accuracy_table, "soak": soak_table, "profile_e2e": profile_e2e_table}
 STYLES = {("bench_serving", "compact"): bench_serving_compact, ("bench_decode", "reuse"): reuse_table}
 
 

@@ -105,3 +105,123 @@ def test_post_json_reads_a_plain_text_answer():
             e2e.post_json(url + "/start_profile", {"num_steps": 2})
     finally:
         server.shutdown()
+
+
+# --combine: a summary per run as --out writes it (per-step µs, launches per step), Llama-3.1-8B shape.
+MODEL_CONFIG = json.loads((ROOT / "launch" / "models" / "llama-3.1-8b" / "config.json").read_text())
+VERSIONS = {"sglang": "0.5.17", "flashinfer-python": "0.6.15.post1"}
+ATTENTION = "void flashinfer::BatchPrefillWithPagedKVCacheKernel<...>(PagedParams)"
+MERGE = "void flashinfer::PersistentVariableLengthMergeStatesKernel<...>(...)"
+
+
+def _run(method, point, ms, idle, kernels, commit=None):
+    """A profile summary: ``kernels`` as (name, category, launches per step, µs per step)."""
+    run = dict(method=method, point=point, prompt=32768, ms_per_step=ms, gpu="NVIDIA H200", versions=VERSIONS,
+               steps=16, idle_us=idle, kernels=[dict(name=n, category=c, launches=k, us=us)
+                                                 for n, c, k, us in kernels])
+    return run if commit is None else dict(run, commit=commit)
+
+
+def _runs():
+    """dense 8x32K: a layer's attention 100 µs, merge 2 µs. quest (2 dense + 30 sparse layers): 8x32K with 20 µs
+    scores, 5 µs top-k, 3 µs of a one-launch bounds update per step, 20 µs attention and 1 µs merge per sparse
+    layer; 16x32K with 40 µs scores and 30 + 1.5 µs FlashInfer per sparse layer beside dense layers of twice the
+    8x32K dense layer (its KV bytes)."""
+    gemm = ("nvjet_sm90_tst_128x8_64x12_2x1_v_bz_TNT", "gemm", 32, 4000.0)
+    dense = _run("dense", "8x32K", 12.0, 400.0, [(ATTENTION, "flashinfer", 32, 3200.0), gemm,
+                                                 (MERGE, "flashinfer", 32, 64.0)])
+    quest = _run("quest", "8x32K", 7.0, 700.0, [
+        gemm, (ATTENTION, "flashinfer", 32, 2 * 100 + 30 * 20.0), ("quest_page_scores", "sparse", 30, 600.0),
+        ("topk_pages", "sparse", 30, 150.0), (MERGE, "flashinfer", 32, 2 * 2 + 30 * 1.0),
+        ("page_bounds_update_layers", "sparse", 1, 3.0)])
+    quest16 = _run("quest", "16x32K", 9.0, 900.0, [
+        (ATTENTION, "flashinfer", 32, 2 * 200 + 30 * 30.0), ("quest_page_scores", "sparse", 30, 1200.0),
+        (MERGE, "flashinfer", 32, 2 * 4 + 30 * 1.5)])
+    return [quest, quest16, dense]
+
+
+def _operator(commit="abc1234"):
+    def row(config, budget, us_graph, method="quest"):
+        return dict(method=method, config=config, batch=8, context=32768, budget=budget, us_eager=us_graph + 20,
+                    us_graph=us_graph)
+    return dict(gpu="NVIDIA H200", commit=commit, peak_gbps=4224.0, l2="warm (back to back)", rows=[
+        row("dense", 32768, 250.0, "dense"), row("quest", 1024, 40.0), row("quest-fast", 2048, 50.0),
+        row("quest", 2048, 70.0)])
+
+
+def test_sparse_layer_bytes_are_page_bounds_plus_selected_kv():
+    shape = profile_e2e.model_shape(MODEL_CONFIG)
+    assert shape == dict(layers=32, kv_heads=8, head_dim=128, dtype_bytes=2)
+    quest = profile_e2e.SparseConfig.load("quest")
+    # 8 requests x 2048 pages x 8 KV heads x (min, max) x 128 x 2 bytes; 8 x 8 x 2048 tokens x (K, V) x 128 x 2
+    assert profile_e2e.sparse_layer_bytes(8, 32768, shape, quest) == dict(
+        page_bounds=67108864, selected_kv=67108864, total=134217728)
+    short = profile_e2e.sparse_layer_bytes(1, 1000, shape, quest)              # 63 pages, 1000 tokens < budget
+    assert short == dict(page_bounds=63 * 8 * 512, selected_kv=8 * 1000 * 512, total=63 * 8 * 512 + 8 * 1000 * 512)
+    for spec in ("quest:bounds_dtype=int8", "quest-fast", "twilight"):
+        with pytest.raises(ValueError, match="plain Quest step"):
+            profile_e2e.sparse_layer_bytes(8, 32768, shape, profile_e2e.SparseConfig.load(spec))
+
+
+def test_dense_layer_from_the_same_point_or_scaled_by_kv_bytes():
+    dense = [_runs()[2]]
+    assert profile_e2e.dense_layer_us(8, 32768, dense, 32) == pytest.approx(
+        dict(attention_us=100.0, merge_us=2.0, point="8x32K", scale=1.0))
+    assert profile_e2e.dense_layer_us(16, 32768, dense, 32) == pytest.approx(
+        dict(attention_us=200.0, merge_us=4.0, point="8x32K", scale=2.0))
+    assert profile_e2e.dense_layer_us(8, 32768, [], 32) is None
+    with pytest.raises(ValueError, match="not one per layer"):
+        profile_e2e.dense_layer_us(8, 32768, dense, 40)
+
+
+def test_combine_accounts_each_sparse_run_per_layer_and_step():
+    out = profile_e2e.combine(_runs(), _operator(), MODEL_CONFIG, commit="abc1234")
+    assert (out["gpu"], out["versions"], out["commit"]) == ("NVIDIA H200", VERSIONS, "abc1234")
+    assert [r["commit"] for r in out["runs"]] == ["abc1234"] * 3
+    assert out["operator"] == dict(gpu="NVIDIA H200", commit="abc1234", peak_gbps=4224.0, l2="warm (back to back)")
+    a8, a16 = out["accounting"]
+    assert (a8["point"], a8["batch"], a8["context"], a8["sparse_layers"], a8["token_budget"]) == (
+        "8x32K", 8, 32768, 30, 2048)
+    assert a8["in_server_split_us"] == pytest.approx({"quest_page_scores": 20.0, "topk_pages": 5.0,
+                                                      "page_bounds_update_layers": 0.1,
+                                                      "flashinfer_attention": 20.0, "flashinfer_merge": 1.0})
+    assert a8["in_server_us"] == pytest.approx(46.1)
+    assert a8["floor_us"] == pytest.approx(134217728 / profile_e2e.COPY_PEAK_GBPS / 1e3)
+    assert (a8["operator_us"], a8["operator_dense_us"]) == (70.0, 250.0)       # quest at budget 2048, not quest-fast
+    assert (a8["ms_per_step"], a8["dense_ms_per_step"], a8["idle_vs_dense_us"]) == (7.0, 12.0, 300.0)
+    assert a16["dense_layer"]["scale"] == 2.0
+    assert a16["in_server_split_us"] == pytest.approx({"quest_page_scores": 40.0, "flashinfer_attention": 30.0,
+                                                       "flashinfer_merge": 1.5})
+    assert a16["bytes"]["total"] == 2 * a8["bytes"]["total"]
+    assert all(a16[k] is None for k in ("operator_us", "dense_ms_per_step", "dense_idle_us", "idle_vs_dense_us"))
+
+
+def test_combine_refuses_mixed_or_missing_commits_and_a_sparse_run_without_dense():
+    runs = _runs()
+    with pytest.raises(ValueError, match="pass --commit"):
+        profile_e2e.combine(runs, None, MODEL_CONFIG)
+    with pytest.raises(ValueError, match="differ in commit"):
+        profile_e2e.combine([dict(runs[0], commit="0000000")] + runs[1:], None, MODEL_CONFIG, commit="abc1234")
+    with pytest.raises(ValueError, match="operator benchmark"):
+        profile_e2e.combine(runs, _operator("0000000"), MODEL_CONFIG, commit="abc1234")
+    with pytest.raises(ValueError, match="needs a dense run"):
+        profile_e2e.combine(runs[:2], None, MODEL_CONFIG, commit="abc1234")
+    recorded = [dict(r, commit="abc1234") for r in runs]                       # a summary that records its commit
+    assert profile_e2e.combine(recorded, None, MODEL_CONFIG)["accounting"][0]["operator_us"] is None
+
+
+def test_combine_command_writes_one_file(tmp_path, monkeypatch):
+    paths = []
+    for run in _runs():
+        paths.append(tmp_path / f"{run['method']}_{run['point']}.json")
+        paths[-1].write_text(json.dumps(run))
+    (tmp_path / "op.json").write_text(json.dumps(_operator()))
+    out = tmp_path / "combined.json"
+    monkeypatch.setattr(sys, "argv", ["profile_e2e.py", "--combine", *map(str, paths), "--operator",
+                                      str(tmp_path / "op.json"), "--commit", "abc1234", "--out", str(out)])
+    assert profile_e2e.main() == 0
+    data = json.loads(out.read_text())
+    assert [a["point"] for a in data["accounting"]] == ["8x32K", "16x32K"] and len(data["runs"]) == 3
+    monkeypatch.setattr(sys, "argv", ["profile_e2e.py", "--combine", *map(str, paths), "--out", str(out)])
+    with pytest.raises(SystemExit):                                           # no commit recorded or given
+        profile_e2e.main()

@@ -93,3 +93,40 @@ def test_bench_serving_table_gives_ratios_to_dense_and_the_targets(tmp_path, mon
     assert results_tables.update(text) == f"<!-- table: bench_serving_x compact -->\n{compact}<!-- /table -->\n"
     with pytest.raises(SystemExit, match="no 'wide' style"):
         results_tables.render("bench_serving_x", "wide")
+
+
+def test_profile_e2e_table_gives_each_sparse_layer_and_step(tmp_path, monkeypatch):
+    def row(point, batch, in_server, split, dense_layer, operator_us, dense_ms, dense_idle):
+        return dict(method="quest", point=point, batch=batch, context=32768, layers=32, sparse_layers=30,
+                    page_size=16, token_budget=2048, ms_per_step=6.83, dense_ms_per_step=dense_ms,
+                    bytes=dict(page_bounds=batch * 8388608, selected_kv=batch * 8388608, total=batch * 16777216),
+                    floor_us=batch * 3.98, in_server_us=in_server, in_server_split_us=split, dense_layer=dense_layer,
+                    operator_us=operator_us, operator_dense_us=operator_us and 250.0, idle_us=789.6,
+                    dense_idle_us=dense_idle, idle_vs_dense_us=dense_idle and 789.6 - dense_idle)
+
+    data = dict(gpu="NVIDIA H200", commit="bb2824fb8c", versions={"sglang": "0.5.17"}, copy_peak_gbps=4216.0,
+                operator=dict(gpu="NVIDIA H200", commit="bb2824fb8c", peak_gbps=4224.4, l2="warm (back to back)"),
+                accounting=[
+                    row("8x32K", 8, 61.8, {"quest_page_scores": 23.27, "flashinfer_attention": 25.06},
+                        dict(attention_us=243.1, merge_us=2.71, point="8x32K", scale=1.0), 69.66, 12.08, 399.9),
+                    row("16x32K", 16, 95.1, {"quest_page_scores": 41.63, "topk_pages": 8.01},
+                        dict(attention_us=486.2, merge_us=5.41, point="8x32K", scale=2.0), None, None, None)])
+    (tmp_path / "profile_e2e_x.json").write_text(json.dumps(data))
+    monkeypatch.setattr(results_tables, "RESULTS", tmp_path)
+    table = results_tables.render("profile_e2e_x")
+    assert table.startswith("NVIDIA H200, commit bb2824f, sglang 0.5.17. `quest` preset: 30 sparse layers of 32, "
+                            "budget 2048 tokens (pages of 16). Floor: the layer's bytes at the copy peak (4.22 TB/s).")
+    assert "the ratio of KV bytes" in table and "`bench_decode`, commit bb2824f, warm (back to back) L2" in table
+    assert "| per sparse layer | quest 8 × 32K | quest 16 × 32K |\n|---|---|---|\n" in table
+    assert "| bytes to read (MB): page bounds + selected K/V | 67.1 + 67.1 | 134.2 + 134.2 |" in table
+    assert "| floor at the copy peak (µs) | 31.8 | 63.7 |" in table
+    assert "| operator benchmark (µs) | 69.7 | not measured |" in table
+    assert "| **in server (µs)** | **61.8** | **95.1** |" in table
+    assert "| `quest_page_scores` | 23.3 | 41.6 |" in table
+    assert "| FlashInfer attention, sparse layers' share | 25.1 | — |" in table     # not launched in that run
+    assert "| `topk_pages` | — | 8.0 |" in table
+    assert ("| a dense layer: FlashInfer attention + merge (µs) | 243.1 + 2.7 (dense 8 × 32K) | "
+            "486.2 + 5.4 (dense 8 × 32K × 2, KV bytes) |") in table
+    assert "| server ms per step: sparse / dense | 6.83 / 12.08 | 6.83 / not measured |" in table
+    assert "| idle µs per step (no kernel running): sparse / dense | 789.6 / 399.9 (+389.7) | 789.6 / not measured |" \
+        in table
