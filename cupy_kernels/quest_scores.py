@@ -103,11 +103,11 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     """
     B, D, HK, G, r2t, rpi, sl = check_score_inputs(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens,
                                                    skip_pages_upto, skip_rows)
+    check(impl in IMPLS, f"impl must be one of {IMPLS}, got {impl!r}")
     dev = q.device
     out = scores_out(out, B, HK, max_pages, dev)
     if B == 0 or max_pages == 0:
         return out
-    check(impl in IMPLS, f"impl must be one of {IMPLS}, got {impl!r}")
     source, name = ("quest_scores_mma.cu", "quest_page_scores_mma") if impl == "mma" else \
         ("quest_scores.cu", "quest_page_scores")
     fn = kernel(source, name, dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D, NUM_KV_HEADS=HK, GROUP=G,

@@ -35,6 +35,9 @@
 #ifndef BOUNDS_INT8
 #define BOUNDS_INT8 0
 #endif
+#if GROUP > 8
+#error "quest_scores_mma.cu: at most 8 query heads per KV head (the MMA's 8 columns)"
+#endif
 #define WARPS 8
 #define TILE (WARPS * 16)
 #define K_ELEMS (2 * HEAD_DIM)
@@ -78,7 +81,14 @@ __device__ __forceinline__ u32 pack_half2(float lo, float hi) {
 }
 #endif
 
-extern "C" __global__ void __launch_bounds__(256) quest_page_scores_mma(
+// Two blocks per SM up to head_dim 128 (<= 128 registers); at 256 a lane holds twice the row, one block.
+#if HEAD_DIM <= 128
+#define MIN_BLOCKS 2
+#else
+#define MIN_BLOCKS 1
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) quest_page_scores_mma(
     const u16* __restrict__ q,                // [B, HK*G, D]
     const void* __restrict__ page_key_bounds, // [pages, HK, 2, D] KV dtype, or [pages, HK, 2D + 8] uint8 (BOUNDS_INT8)
     const int* __restrict__ req_to_token,     // [max_reqs, r2t_stride]
@@ -152,7 +162,7 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores_mma(
             }
             int ex;
             frexpf(amax, &ex);                            // amax < 2^ex
-            const int e = min(100, max(-100, 14 - ex));
+            const int e = min(126, max(-126, 14 - ex));        // 2^e and 2^-e normal floats
             const float up = ldexpf(1.f, e);
             // head g's sum and scale sit in lanes 4g..4g+3; this lane's C columns are heads 2 tig and 2 tig + 1
             const float own_unscale = ldexpf(1.f, -e);
@@ -218,20 +228,23 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores_mma(
         const int cur_begin = begin, cur_end = end;
         if (t + 1 < t_end) locate(t + 1, b, begin, end, r2t, page);     // next tile's pages, loads in flight
 
-        float acc[4] = {0.f, 0.f, 0.f, 0.f};
+        float part[2][4] = {};                // two accumulators (halves j): two chains of dependent MMAs
 #pragma unroll
         for (int c = 0; c < CHUNKS; ++c) {
 #if BOUNDS_INT8
             const u32 r0[2] = {rows[0][c].x, rows[0][c].y}, r1[2] = {rows[1][c].x, rows[1][c].y};
 #pragma unroll
             for (int j = 0; j < 2; ++j)
-                mma_16816(acc, codes_as_half2(r0[j], 0), codes_as_half2(r1[j], 0), codes_as_half2(r0[j], 1),
+                mma_16816(part[j], codes_as_half2(r0[j], 0), codes_as_half2(r1[j], 0), codes_as_half2(r0[j], 1),
                           codes_as_half2(r1[j], 1), w[c][j][0], w[c][j][1]);
 #else
-            mma_16816(acc, rows[0][c].x, rows[1][c].x, rows[0][c].y, rows[1][c].y, w[c][0][0], w[c][0][1]);
-            mma_16816(acc, rows[0][c].z, rows[1][c].z, rows[0][c].w, rows[1][c].w, w[c][1][0], w[c][1][1]);
+            mma_16816(part[0], rows[0][c].x, rows[1][c].x, rows[0][c].y, rows[1][c].y, w[c][0][0], w[c][0][1]);
+            mma_16816(part[1], rows[0][c].z, rows[1][c].z, rows[0][c].w, rows[1][c].w, w[c][1][0], w[c][1][1]);
 #endif
         }
+        float acc[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i] = part[0][i] + part[1][i];
 
         // acc: rows gid (acc[0..1]) and gid + 8 (acc[2..3]), columns (heads) 2 tig and 2 tig + 1
         float best[2];
