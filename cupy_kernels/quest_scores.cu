@@ -46,21 +46,8 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
     const int lane_in_row = threadIdx.x % ROW_LANES;
     const int d0 = lane_in_row * 8;
 
-    int n_tiles = 0;
-    for (int base = 0; base < batch; base += 256) {
-        const int b = base + threadIdx.x;
-        int tiles = 0;
-        if (b < batch) {
-            const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
-            const bool skip = n <= skip_pages_upto || (skip_rows != nullptr && skip_rows[b] != 0);
-            tiles = skip ? 0 : (n + TILE - 1) / TILE;
-        }
-        int total;
-        const int before = block_exclusive_sum<256 / 32>(tiles, warp_totals, &total);
-        if (b < batch) tile_begin[b] = n_tiles + before;
-        n_tiles += total;
-    }
-    __syncthreads();
+    const int n_tiles = count_tiles<TILE, PAGE_SIZE>(seq_lens, skip_rows, batch, skip_pages_upto, tile_begin,
+                                                      warp_totals);
 
     // This block's tiles: a contiguous run, so consecutive tiles mostly belong to one request (its query and
     // req_to_token row are loaded once) and the next tile's page numbers are loaded while this tile's bounds
@@ -75,13 +62,7 @@ extern "C" __global__ void __launch_bounds__(256) quest_page_scores(
     int page[UNROLL];
     // Locate tile t and load its page numbers into pg (b_out, begin_out, end_out, r2t_out describe it).
     auto locate = [&](int t, int& b_out, int& begin_out, int& end_out, const int*& r2t_out, int* pg) {
-        // the request of tile t: the last b with tile_begin[b] <= t (requests without tiles share the begin of
-        // the next request, so they are never the last)
-        int lo = 0, hi = batch - 1;
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) >> 1;
-            if (tile_begin[mid] <= t) lo = mid; else hi = mid - 1;
-        }
+        const int lo = tile_request(tile_begin, batch, t);
         if (lo != b_out) r2t_out = req_to_token + (long long)req_pool_indices[lo] * r2t_stride;
         b_out = lo;
         const int n_pages = (seq_lens[lo] + PAGE_SIZE - 1) / PAGE_SIZE;

@@ -8,7 +8,10 @@ shuffled physical pages), fills the Quest page bounds and the int4 key copy with
 prefill over every slot), and then times, in pipeline order, on real data:
 
     page_bounds_update     decode (one token per request) and, once per run, a prefill of a 32K-token prompt
-    quest_page_scores      every page of every request
+    quest_page_scores      every page of every request, from bf16 bounds and from int8 bounds rows
+    quest_page_scores_lanes  the same by the FMA-unit kernel (impl "lanes", benchmark baseline only), checked
+                           equal to quest_page_scores up to float32 rounding: `--kernels
+                           quest_page_scores,quest_page_scores_lanes` is the A/B
     topk_pages             top_k = 128 pages (2048 tokens) and 512 pages (8192 tokens), n_sink=1, n_local=2
     topk_pages_radix4      the same on the same scores by the previous kernel (benchmark baseline only), checked
                            equal to topk_pages: `--kernels topk_pages,topk_pages_radix4` is the A/B
@@ -88,8 +91,9 @@ VATTN = dict(base_rate=0.02, epsilon=0.05, delta=0.05)
 VATTN_CAPACITY = 8192                # sample columns per (request, KV head)
 PREFILL_TOKENS = 32768
 
-KERNELS = ("page_bounds_update", "quest_page_scores", "topk_pages", "topk_pages_radix4", "pages_to_kv_indices",
-           "compact_kv_rows", "quantize_keys_int4", "int4_candidate_scores", "top_p_select", "vattention_sample")
+KERNELS = ("page_bounds_update", "quest_page_scores", "quest_page_scores_lanes", "topk_pages", "topk_pages_radix4",
+           "pages_to_kv_indices", "compact_kv_rows", "quantize_keys_int4", "int4_candidate_scores", "top_p_select",
+           "vattention_sample")
 OPTIONAL_KERNELS = ("compact_kv_rows",)   # timed only where cupy_kernels exports them
 
 GiB = float(1 << 30)
@@ -125,6 +129,13 @@ def bytes_quest_page_scores(batch: int, n_pages: int) -> int:
     writes one float32 score per (request, KV head, page)."""
     return (batch * HQ * D * BF16 + 2 * batch * I32 + batch * n_pages * I32
             + batch * HK * n_pages * (2 * D * BF16 + F32))
+
+
+def bytes_quest_page_scores_int8(batch: int, n_pages: int) -> int:
+    """quest_page_scores on int8 bounds rows: as above with 2*D + 8 bytes of bounds per (request, KV head, page)
+    (2*D codes, fp32 lo and scale)."""
+    return (batch * HQ * D * BF16 + 2 * batch * I32 + batch * n_pages * I32
+            + batch * HK * n_pages * (2 * D + 8 + F32))
 
 
 def bytes_topk_pages(batch: int, n_pages: int, top_k: int) -> int:
@@ -215,7 +226,7 @@ def estimate_case_memory(batch: int, context: int, topks: tuple[int, ...], candi
     S, npr = geo["slots"], geo["pages_per_req"]
     C = min(candidate_tokens, (context // P) * P)
     total = 2 * S * HK * D * BF16                                  # K and V pools
-    total += (S // P) * HK * 2 * D * BF16                          # page bounds
+    total += (S // P) * HK * (2 * D * BF16 + 2 * D + 8)            # page bounds, bf16 and int8
     total += S * HK * (D // 2 + (D // INT4_GROUP) * 2 * F32)       # int4 keys + (scale, zero)
     total += geo["rows"] * geo["max_ctx"] * I32                    # req_to_token
     total += batch * context * (I64 + I32)                         # slot map + every slot (prefill list)
@@ -416,6 +427,10 @@ def planned_rows(args) -> list[dict]:
                 n = min(args.prefill_tokens, ctx)
                 row("page_bounds_update", f"prefill {n} tok", 1, n, bytes_page_bounds_update(n, n, ceil_div(n, P)))
             row("quest_page_scores", "all pages", b, ctx, bytes_quest_page_scores(b, npr))
+            row("quest_page_scores", "int8 all pages", b, ctx, bytes_quest_page_scores_int8(b, npr))
+            if "quest_page_scores_lanes" in args.kernels:
+                row("quest_page_scores_lanes", "all pages", b, ctx, bytes_quest_page_scores(b, npr))
+                row("quest_page_scores_lanes", "int8 all pages", b, ctx, bytes_quest_page_scores_int8(b, npr))
             for k in args.topk:
                 row("topk_pages", f"top_k={k}", b, ctx, bytes_topk_pages(b, npr, k))
             if "topk_pages_radix4" in args.kernels:
@@ -749,6 +764,7 @@ class Config:
         del all_slots
         torch.cuda.synchronize()
         self.scores = None
+        self.bounds_int8 = self.scores_int8 = None
         self.sel: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -799,21 +815,59 @@ class Config:
 
     # -- 2. Quest scores
 
-    def quest_scores(self) -> Case:
+    def _scores_case(self, name: str, label: str, bounds: torch.Tensor, out: torch.Tensor, sanity_of, int8: bool,
+                     params=None, **kw) -> Case:
+        """quest_page_scores of every page from ``bounds`` into ``out`` (``kw``: e.g. the kernel); the case's sanity
+        is ``sanity_of(written)``, written = the columns of the pages present; ``params`` recorded beside."""
         ck, B = self.ck, self.B
+        cols = out.shape[-1]
+        fn = lambda: ck.quest_page_scores(self.q, bounds, self.r2t, self.rpi, self.seq_lens, P,  # noqa: E731
+                                          cols, out=out, **kw)
+        written = lambda: out[..., :self.npr]  # noqa: E731
+        nbytes = bytes_quest_page_scores_int8(B, self.npr) if int8 else bytes_quest_page_scores(B, self.npr)
+        formula = f"B*HQ*D*2 + 2*B*4 + B*np*4 + B*HK*np*({'2*D + 8' if int8 else '2*D*2'} + 4)"
+        return self._case(name, label, fn, lambda: [written()], lambda: written().fill_(12345.0),
+                          lambda: sanity_of(written()), lambda: (nbytes, {"pages_per_request": self.npr}), formula,
+                          params={"max_pages": cols, **kw, **(params or {})})
+
+    def quest_scores(self) -> Case:
         cols = max(self.npr, self.args.score_columns)   # the product's rows are max_pages (capacity) wide
-        self.scores = torch.empty((B, HK, cols), dtype=torch.float32, device=self.dev)
-        fn = lambda: ck.quest_page_scores(self.q, self.bounds, self.r2t, self.rpi, self.seq_lens, P,  # noqa: E731
-                                          cols, out=self.scores)
-        written = lambda: self.scores[..., :self.npr]  # noqa: E731
+        self.scores = torch.empty((self.B, HK, cols), dtype=torch.float32, device=self.dev)
+        return self._scores_case("quest_page_scores", "all pages", self.bounds, self.scores,
+                                 lambda w: None if bool(torch.isfinite(w).all()) else "non-finite page scores",
+                                 int8=False)
 
-        def sanity():
-            return None if bool(torch.isfinite(written()).all()) else "non-finite page scores"
+    def quest_scores_int8(self) -> Case:
+        """The same scores from int8 bounds rows of the same pages (bounds_dtype int8), into their own buffer."""
+        if self.bounds_int8 is None:
+            from cupy_kernels.page_bounds import bounds_shape
+            self.bounds_int8 = torch.zeros(bounds_shape(self.bounds.shape[0], HK, D, True), dtype=torch.uint8,
+                                           device=self.dev)
+            self.ck.page_bounds_update(self.k_cache, self.slot_map.reshape(-1).to(torch.int32), self.bounds_int8, P)
+        self.scores_int8 = torch.empty_like(self.scores)
 
-        return self._case(
-            "quest_page_scores", "all pages", fn, lambda: [written()], lambda: written().fill_(12345.0),
-            sanity, lambda: (bytes_quest_page_scores(B, self.npr), {"pages_per_request": self.npr}),
-            "B*HQ*D*2 + 2*B*4 + B*np*4 + B*HK*np*(2*D*2 + 4)", params={"max_pages": cols})
+        def sanity(written):
+            # outward-quantized bounds: every int8 score is at least the bf16 bounds' (up to float32 rounding)
+            ref_scores = self.scores[..., :self.npr]
+            slack = 1e-4 * ref_scores.abs().amax().item() + 1e-4
+            return None if bool((written >= ref_scores - slack).all()) else "int8 scores below the bf16 scores"
+
+        return self._scores_case("quest_page_scores", "int8 all pages", self.bounds_int8, self.scores_int8, sanity,
+                                 int8=True)
+
+    def quest_scores_lanes(self, int8: bool) -> Case:
+        """quest_page_scores by the FMA-unit kernel (impl "lanes", the benchmark baseline of the tensor-core one)
+        on the same bounds, into its own buffer; its scores must equal the default's up to float32 rounding."""
+        bounds, want = (self.bounds_int8, self.scores_int8) if int8 else (self.bounds, self.scores)
+
+        def same(written):
+            w = want[..., :self.npr]
+            slack = 1e-5 * w.abs().amax().item() + 1e-6
+            return None if bool(((written - w).abs() <= slack).all()) else "scores differ from the default kernel's"
+
+        return self._scores_case("quest_page_scores_lanes", "int8 all pages" if int8 else "all pages", bounds,
+                                 torch.empty_like(want), same, int8=int8, params={"baseline_of": "quest_page_scores"},
+                                 impl="lanes")
 
     # -- 3. top-k
 
@@ -1089,6 +1143,13 @@ def case_plan(args, batch: int, context: int, n_prefill: int, with_compact: bool
         plan.append(item("page_bounds_update", f"prefill {n_prefill} tok", "page_bounds_prefill", n_prefill,
                          b=1, ctx=n_prefill))
     plan.append(item("quest_page_scores", "all pages", "quest_scores"))
+    plan.append(item("quest_page_scores", "int8 all pages", "quest_scores_int8",
+                     needs=("quest_page_scores/all pages",)))
+    if "quest_page_scores_lanes" in args.kernels:    # the baseline runs only when timed (nothing reads its output)
+        plan += [item("quest_page_scores_lanes", "all pages", "quest_scores_lanes", False,
+                      needs=("quest_page_scores/all pages",)),
+                 item("quest_page_scores_lanes", "int8 all pages", "quest_scores_lanes", True,
+                      needs=("quest_page_scores/int8 all pages",))]
     plan += [item("topk_pages", f"top_k={k}", "topk", k, needs=("quest_page_scores/all pages",))
              for k in args.topk]
     if "topk_pages_radix4" in args.kernels:   # the baseline runs only when timed (nothing reads its output)

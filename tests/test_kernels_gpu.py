@@ -41,6 +41,7 @@ def _cases(seed: int, n: int, max_tokens: int = 1 << 20):
 
 
 CASES = _cases(1, 16)
+SCORE_IMPLS = ("mma", "lanes")      # quest_page_scores' kernels: tensor cores, and the FMA baseline
 LONG = [(torch.bfloat16, 128, 8, 4, 16, [131072, 77777]), (torch.float16, 64, 2, 3, 16, [131072 - 5])]
 
 
@@ -132,26 +133,27 @@ def _query(B, HK, G, D, dtype, gen):
 POISON = 12345.0
 
 
-def _scores_and_skipped(q, bounds, pool, **kw):
-    """quest_page_scores of every page into a poisoned buffer (max_pages + 3 columns) and the reference's, then the
-    kernel again with the requests of at most the median page count skipped: ``(got, want, got_skip, skip, npg)``,
-    npg the page count per request."""
+def _scores_and_skipped(q, bounds, pool, impl, **kw):
+    """quest_page_scores (kernel ``impl``) of every page into a poisoned buffer (max_pages + 3 columns) and the
+    reference's, then the kernel again with the requests of at most the median page count skipped:
+    ``(got, want, got_skip, skip, npg)``, npg the page count per request."""
     import cupy_kernels as ck
     P = pool.page_size
     max_pages = pool.max_pages() + 3
     args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
     got = torch.full((q.shape[0], bounds.shape[1], max_pages), POISON, device=DEV)
-    ck.quest_page_scores(q, bounds, *args, out=got, **kw)
+    ck.quest_page_scores(q, bounds, *args, out=got, impl=impl, **kw)
     want = ref.quest_page_scores(q, bounds, *args, **kw)
     npg = (pool.seq_lens.long() + P - 1) // P
     skip = int(npg.float().median().item())
     got_skip = torch.full_like(got, POISON)
-    ck.quest_page_scores(q, bounds, *args, out=got_skip, skip_pages_upto=skip, **kw)
+    ck.quest_page_scores(q, bounds, *args, out=got_skip, skip_pages_upto=skip, impl=impl, **kw)
     return got, want, got_skip, skip, npg
 
 
+@pytest.mark.parametrize("impl", SCORE_IMPLS)
 @pytest.mark.parametrize("case", CASES + LONG, ids=_id)
-def test_quest_scores_and_topk(case):
+def test_quest_scores_and_topk(case, impl):
     import cupy_kernels as ck
     dtype, D, HK, G, P, lens = case
     gen = _gen(12)
@@ -161,7 +163,7 @@ def test_quest_scores_and_topk(case):
     q = _query(len(lens), HK, G, D, dtype, gen)
     max_pages = pool.max_pages() + 3
     poison = POISON
-    got, want, got_skip, skip, npg = _scores_and_skipped(q, bounds, pool)
+    got, want, got_skip, skip, npg = _scores_and_skipped(q, bounds, pool, impl)
     finite = torch.isfinite(want)
     assert torch.isfinite(got[finite]).all()
     assert (got[~finite] == poison).all()            # nothing written past a request's pages
@@ -887,8 +889,9 @@ def test_quest_refine_scores(case):
             assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
 
 
+@pytest.mark.parametrize("impl", SCORE_IMPLS)
 @pytest.mark.parametrize("G", [1, 4, 7])
-def test_group_score_mean_kernels(G):
+def test_group_score_mean_kernels(G, impl):
     """group_score "mean" in both score kernels equals the reference (float32 tolerance of the max tests)."""
     import cupy_kernels as ck
     dtype, D, HK, P, R = torch.bfloat16, 128, 2, 16, 4
@@ -901,7 +904,7 @@ def test_group_score_mean_kernels(G):
     max_pages = -(-max(lens) // P) + 2
     args = (q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens)
     got = ck.quest_page_scores(*args, P, max_pages, out=torch.full((len(lens), HK, max_pages), float("-inf"),
-                                                                      device=DEV), group_score="mean")
+                                                                      device=DEV), group_score="mean", impl=impl)
     want = ref.quest_page_scores(*args, P, max_pages, group_score="mean")
     finite = torch.isfinite(want)
     scale = (q.float().abs().sum(-1).amax(-1).max() * bounds.float().abs().amax()).item()
@@ -973,9 +976,10 @@ def test_int8_bounds_of_every_layer_in_one_launch():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
+@pytest.mark.parametrize("impl", SCORE_IMPLS)
 @pytest.mark.parametrize("group_score", ["max", "mean"])
 @pytest.mark.parametrize("case", CASES + LONG, ids=_id)
-def test_int8_quest_scores(case, group_score):
+def test_int8_quest_scores(case, group_score, impl):
     """The BOUNDS_INT8 score kernel == the reference on the dequantized bounds, within float32 rounding; rows not
     scored (skip_pages_upto) untouched."""
     dtype, D, HK, G, P, lens = case
@@ -985,7 +989,7 @@ def test_int8_quest_scores(case, group_score):
     ref.page_bounds_update(pool.k_cache, pool.written_slots, rows, P)
     q = _query(len(lens), HK, G, D, dtype, gen)
     poison = POISON
-    got, want, got_skip, skip, npg = _scores_and_skipped(q, rows, pool, group_score=group_score)
+    got, want, got_skip, skip, npg = _scores_and_skipped(q, rows, pool, impl, group_score=group_score)
     finite = torch.isfinite(want)
     assert (got[~finite] == poison).all()
     scale = (q.float().abs().sum(-1).amax(-1).max() * ref.dequantize_bounds_int8(rows).abs().amax()).item()

@@ -1,5 +1,5 @@
-"""The top-k kernels compile with NVRTC for every define their wrapper can produce, without spilling (no GPU
-needed: NVRTC and ptxas run on the host; skipped where CuPy or NVRTC is missing). The GPU tests
+"""The top-k and page-score kernels compile with NVRTC for every define their wrappers can produce, without
+spilling (no GPU needed: NVRTC and ptxas run on the host; skipped where CuPy or NVRTC is missing). The GPU tests
 (tests/test_kernels_gpu.py) check what they compute."""
 
 from __future__ import annotations
@@ -42,3 +42,26 @@ def test_topk_pages_compiles_without_spills(kpt):
 
 def test_topk_pages_benchmark_baseline_compiles():
     _compile("topk_pages_radix4.cu", {"PAGE_SIZE": 16})
+
+
+def _registers(log: str) -> int:
+    import re
+    found = re.findall(r"Used (\d+) registers", log)
+    return int(found[-1]) if found else 0
+
+
+@pytest.mark.parametrize("int8", [0, 1])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group,mean,bf16", [(1, 0, 1), (4, 0, 1), (7, 1, 0), (8, 0, 1)])
+def test_page_score_kernels_compile_without_spills(int8, head_dim, group, mean, bf16):
+    """Both score kernels (the tensor-core one and the FMA baseline) for each head dim, bounds dtype, group size,
+    group score and query dtype; the tensor-core kernel keeps two blocks of 256 threads per SM (<= 128
+    registers) up to head_dim 128."""
+    defines = {"KV_BF16": bf16, "HEAD_DIM": head_dim, "NUM_KV_HEADS": 8, "GROUP": group, "PAGE_SIZE": 16,
+               "GROUP_MEAN": mean, "BOUNDS_INT8": int8}
+    for name in ("quest_scores_mma.cu", "quest_scores.cu"):
+        log = _compile(name, defines)
+        if "spill" in log:
+            assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, (name, log)
+        if name == "quest_scores_mma.cu" and head_dim <= 128 and "registers" in log:
+            assert _registers(log) <= 128, (defines, log)
