@@ -42,3 +42,9 @@ def test_topk_pages_compiles_without_spills(kpt):
 
 def test_topk_pages_benchmark_baseline_compiles():
     _compile("topk_pages_radix4.cu", {"PAGE_SIZE": 16})
+
+
+def test_token_rows_compiles_without_spills():
+    log = _compile("token_rows.cu", {})
+    if "spill" in log:
+        assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, log
