@@ -18,6 +18,7 @@ reuse_drift                per (layer, request): reuse a kept selection while th
 pages_to_kv_indices        selected pages -> FlashInfer kv indices of their tokens
 compact_kv_rows            fixed-capacity index rows -> FlashInfer CSR (indptr + packed indices)
 page_rows                  selected pages -> FlashInfer per-head paged rows (indptr + page indices)
+token_rows                 every token of every request -> FlashInfer token rows (the dense pass)
 quantize_keys_int4         packed int4 K copy with per-token (scale, zero)
 int4_candidate_scores      int4 logits of candidate tokens and their group-mean softmax
 top_p_select               top-p pruning by parallel binary search (Twilight)
@@ -36,6 +37,7 @@ from .pages_to_kv import pages_to_kv_indices
 from .quest_refine import quest_refine_scores
 from .quest_scores import quest_page_scores
 from .reuse_drift import reuse_drift
+from .token_rows import token_rows
 from .top_p import top_p_select
 from .topk_pages import topk_pages
 from .vattn_merge import vattention_merge
@@ -53,6 +55,7 @@ __all__ = [
     "pages_to_kv_indices",
     "compact_kv_rows",
     "page_rows",
+    "token_rows",
     "quantize_keys_int4",
     "int4_candidate_scores",
     "top_p_select",

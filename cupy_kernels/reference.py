@@ -440,6 +440,15 @@ def pages_to_kv_indices(selected_pages: torch.Tensor, num_selected: torch.Tensor
     return out, cnt
 
 
+def token_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Every token of every request as FlashInfer rows of page size 1 (the dense decode pass): ``[sum(seq_lens)]``
+    int32, request b's slots ``req_to_token[req_pool_indices[b], :seq_lens[b]]`` back to back in batch order."""
+    rows = [req_to_token[int(r), :int(n)] for r, n in zip(req_pool_indices.tolist(), seq_lens.tolist())]
+    if not rows:
+        return torch.zeros(0, dtype=torch.int32, device=req_to_token.device)
+    return torch.cat(rows).to(torch.int32)
+
+
 def page_rows(selected_pages: torch.Tensor, num_selected: torch.Tensor, req_to_token: torch.Tensor,
               req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -240,11 +240,7 @@ class _DenseDecode:
                              f"({self.indices.numel()}, captured batch x max_context); raise max_context")
         else:
             indices = self.indices[:total]
-        rows = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), batch.seq_lens.long(),
-                                       output_size=total)
-        starts = indptr_host.to(dev, non_blocking=True).long()
-        pos = torch.arange(total, device=dev) - starts[rows]
-        indices.copy_(batch.req_to_token[batch.req_pool_indices.long()[rows], pos])
+        ck.token_rows(batch.req_to_token, batch.req_pool_indices, batch.seq_lens, int(lens.max()), out=indices)
         HQ, HK, D = self.shape
         with self.role.planning(self):
             self.wrapper.plan(indptr_host, indices, self.last_host, HQ, HK, D, 1, q_data_type=self.dtype,

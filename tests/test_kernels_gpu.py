@@ -514,6 +514,23 @@ def test_page_rows(case):
     assert torch.equal(indices[:total], rindices[:total])
 
 
+@pytest.mark.parametrize("case", CASES + LONG, ids=_id)
+def test_token_rows(case):
+    """token_rows == the reference (every request's slots back to back), int32 and int64 batch indices; the
+    buffer past the batch's tokens untouched; requests longer than one block's chunk, of one token and shorter
+    than a page (CASES) included."""
+    import cupy_kernels as ck
+    dtype, D, HK, G, P, lens = case
+    pool = make_pool(lens, HK, D, P, dtype, DEV, _gen(16))
+    total = sum(lens)
+    for rpi, sl in ((pool.req_pool_indices, pool.seq_lens),
+                    (pool.req_pool_indices.to(torch.int32), pool.seq_lens.to(torch.int32))):
+        out = torch.full((total + 5,), -7, dtype=torch.int32, device=DEV)
+        ck.token_rows(pool.req_to_token, rpi, sl, max(lens), out=out)
+        assert torch.equal(out[:total], ref.token_rows(pool.req_to_token, rpi, sl))
+        assert (out[total:] == -7).all()
+
+
 # ----------------------------------------------------------------------------- 4-6. Twilight kernels
 
 def _int4_tables(pool, group):

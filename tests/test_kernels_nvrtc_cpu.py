@@ -65,3 +65,9 @@ def test_page_score_kernels_compile_without_spills(int8, head_dim, group, mean, 
             assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, (name, log)
         if name == "quest_scores_mma.cu" and head_dim <= 128 and "registers" in log:
             assert _registers(log) <= 128, (defines, log)
+
+
+def test_token_rows_compiles_without_spills():
+    log = _compile("token_rows.cu", {})
+    if "spill" in log:
+        assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, log

@@ -599,6 +599,24 @@ def test_pages_to_kv_indices_brute_force(P):
             assert (kv[b, h, c:] == -1).all()
 
 
+# ============================================================================= token_rows
+
+
+def test_token_rows_lists_every_slot_of_every_request_in_batch_order():
+    """The dense pass's token rows: request b's slots (pool.slots) back to back, in batch order; the same list
+    as the gather by repeat_interleave that the dense decode wrapper used before the kernel."""
+    lens = [37, 1, 64, 200, 15]
+    pool = make_pool(lens, 16, 2, 8, torch.float16, seed=71)
+    got = ref.token_rows(pool.req_to_token, pool.req_pool_indices, pool.seq_lens)
+    assert got.dtype == torch.int32 and got.tolist() == [s for b in range(pool.B) for s in pool.slots(b)]
+    rows = torch.repeat_interleave(torch.arange(pool.B), pool.seq_lens.long())
+    starts = torch.cumsum(pool.seq_lens.long(), 0) - pool.seq_lens.long()
+    gathered = pool.req_to_token[pool.req_pool_indices.long()[rows], torch.arange(sum(lens)) - starts[rows]]
+    assert torch.equal(got, gathered.to(torch.int32))
+    empty = ref.token_rows(pool.req_to_token, pool.req_pool_indices[:0], pool.seq_lens[:0])
+    assert empty.shape == (0,)
+
+
 # ============================================================================= page_rows
 
 
