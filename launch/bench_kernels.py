@@ -861,9 +861,11 @@ class Config:
         bounds, want = (self.bounds_int8, self.scores_int8) if int8 else (self.bounds, self.scores)
 
         def same(written):
-            w = want[..., :self.npr]
-            slack = 1e-5 * w.abs().amax().item() + 1e-6
-            return None if bool(((written - w).abs() <= slack).all()) else "scores differ from the default kernel's"
+            # float32 sums of 2D products in another order: the GPU tests' bound, 1e-5 x max sum|q| x max|bound|
+            # (the bf16 table's: int8 rows encode the same bounds, outward by at most one step)
+            scale = self.q.float().abs().sum(-1).amax().item() * self.bounds.abs().amax().float().item() * 1.01
+            diff = (written - want[..., :self.npr]).abs().amax().item()
+            return None if diff <= 1e-5 * scale + 1e-6 else f"scores differ from the default kernel's by {diff:.3g}"
 
         return self._scores_case("quest_page_scores_lanes", "int8 all pages" if int8 else "all pages", bounds,
                                  torch.empty_like(want), same, int8=int8, params={"baseline_of": "quest_page_scores"},
