@@ -921,7 +921,7 @@ def test_group_score_mean_kernels(G):
 
 def _bounds_int8(pool):
     S, HK, D = pool.k_cache.shape
-    return torch.zeros((S // pool.page_size, HK, 2 * D + 8), dtype=torch.uint8, device=DEV)
+    return torch.zeros((S // pool.page_size, HK, ref.int8_bounds_row_bytes(D)), dtype=torch.uint8, device=DEV)
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
@@ -935,7 +935,7 @@ def test_int8_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
 
     def keys_inside(slots, touched):
         deq = ref.dequantize_bounds_int8(got[touched])                              # [U, HK, 2, D]
-        exact = torch.zeros((got.shape[0], HK, 2, D), dtype=dtype, device=DEV)
+        exact = _bounds(pool)
         ref.page_bounds_update(pool.k_cache, slots, exact, P)
         assert (deq[:, :, 0] <= exact[touched, :, 0].float()).all()
         assert (deq[:, :, 1] >= exact[touched, :, 1].float()).all()
