@@ -11,7 +11,7 @@ import torch
 
 from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i32, kernel, launch,
                     resident_blocks, u64)
-from .reference import int8_bounds_row_bytes
+from .page_bounds import bounds_shape
 
 THREADS = 256
 UNROLL = 4
@@ -42,17 +42,13 @@ def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_to
     check_tensor(q, "q", dtypes=list(KV_DTYPES), ndim=3)
     dev = q.device
     B, HQ, D = q.shape
-    if page_key_bounds.dtype == torch.uint8:
-        check_tensor(page_key_bounds, "page_key_bounds", dtypes=[torch.uint8], ndim=3, device=dev)
-        HK = page_key_bounds.shape[1]
-        row = int8_bounds_row_bytes(D)
-        check(page_key_bounds.shape[2] == row,
-              f"int8 page_key_bounds must be [pages, HK, {row}], got {tuple(page_key_bounds.shape)}")
-    else:
-        check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype], ndim=4, device=dev)
-        HK = page_key_bounds.shape[1]
-        check(tuple(page_key_bounds.shape[2:]) == (2, D),
-              f"page_key_bounds must be [pages, HK, 2, {D}], got {tuple(page_key_bounds.shape)}")
+    int8 = page_key_bounds.dtype == torch.uint8
+    check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype, torch.uint8], ndim=3 if int8 else 4,
+                 device=dev)
+    HK = page_key_bounds.shape[1]
+    want = bounds_shape(page_key_bounds.shape[0], HK, D, int8)
+    check(tuple(page_key_bounds.shape) == want,
+          f"{'int8 ' if int8 else ''}page_key_bounds must be {want}, got {tuple(page_key_bounds.shape)}")
     G = check_group(HQ, HK)
     check(D in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {D}")
     r2t, rpi, sl = check_batch(req_to_token, req_pool_indices, seq_lens, dev)

@@ -166,9 +166,8 @@ def page_bounds_update_int8(k_cache: torch.Tensor, written_slots: torch.Tensor, 
     """:func:`page_bounds_update` into an int8 table ``[num_slots // P, HK, 2D + 8]`` uint8: each page touched gets
     the outward encoding (:func:`quantize_bounds_int8`) of its exact min/max over offsets 0..o, recomputed from the
     page's keys (as the bf16 update does: the kernel re-reads the page's tokens anyway), so a page filled over
-    many steps ends with exactly the encoding of a page written at once: no widening accumulates."""
-    if written_slots.numel() == 0:
-        return
+    many steps ends with exactly the encoding of a page written at once: no widening accumulates. Called by
+    :func:`page_bounds_update` (which returns first when no slot was written)."""
     pages, kmin, kmax = _page_min_max(k_cache, written_slots, page_size)
     page_key_bounds[pages] = quantize_bounds_int8(kmin, kmax)
 

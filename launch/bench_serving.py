@@ -197,6 +197,11 @@ def evaluate_targets(rows: list[dict], configs) -> list[dict]:
     return targets
 
 
+def dense_by_point(rows: list[dict]) -> dict:
+    """The measured dense rows by (workload, concurrency)."""
+    return {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense" and measured(r)}
+
+
 def ratios(dense: dict, r: dict) -> dict:
     return dict(median_tpot_speedup=dense["median_tpot_ms"] / r["median_tpot_ms"],
                 output_throughput_ratio=r["output_throughput"] / dense["output_throughput"],
@@ -207,7 +212,7 @@ def print_table(rows: list[dict], targets: list[dict], gpu: str) -> None:
     print(f"\nsglang.bench_serving, Llama-3.1-8B shape (dummy weights), page {PAGE_SIZE} - {gpu}")
     print(f"{'config':11s} {'workload':8s} {'conc':>4s} {'in':>6s} {'out':>5s} {'tok/s':>8s} {'TPOT p50':>8s} "
           f"{'p99':>7s} {'TTFT p50':>9s} {'decode':>6s} {'xTPOT':>6s} {'xtok/s':>6s}")
-    dense = {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense" and measured(r)}
+    dense = dense_by_point(rows)
     for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], r["config"] != "dense", r["config"])):
         head = f"{r['config']:11s} {r['workload']:8s} {r['concurrency']:4d}"
         if not measured(r):

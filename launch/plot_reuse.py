@@ -28,6 +28,10 @@ from bench_e2e import label  # noqa: E402  (torch-free: a context as "32K")
 INTERVALS = (1, 2, 4, 8, 16)
 
 
+def short_commit(c: str | None) -> str:
+    """A commit as its first 7 characters, "?" when unknown."""
+    return c[:7] if c else "?"
+
 def best_us(r: dict) -> float:
     """The faster of a bench_decode row's eager and CUDA-graph times (a NaN graph time: eager)."""
     return min(t for t in (r["us_eager"], r["us_graph"]) if not math.isnan(t))
@@ -56,7 +60,7 @@ def reuse_table(data: dict, config: str = "quest-fast") -> str:
     """Markdown: per point, the step times and the speedup at each interval (the README's and docs' table)."""
     curves = reuse_curves(data, config)
     head = " | ".join(f"R = {R}" for R in INTERVALS)
-    lines = [f"{data['gpu']}, commit {(data.get('commit') or '?')[:7]}, `{config}`: speedup over dense at reuse "
+    lines = [f"{data['gpu']}, commit {short_commit(data.get('commit'))}, `{config}`: speedup over dense at reuse "
              "interval R from its measured selecting and reusing steps.", "",
              f"| batch × context | budget | select µs | reuse µs | `quest` | {head} | R → ∞ |",
              "|---|---|---|---|---|" + "---|" * len(INTERVALS) + "---|"]

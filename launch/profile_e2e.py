@@ -172,6 +172,19 @@ def sparse_layer_bytes(batch: int, tokens: int, shape: dict, preset: SparseConfi
     return dict(page_bounds=page_bounds, selected_kv=selected_kv, total=page_bounds + selected_kv)
 
 
+def flashinfer_per_step(run: dict, layers: int) -> dict:
+    """``attention_us`` and ``merge_us``: a run's FlashInfer attention and merge µs per step, each launched once
+    per layer (checked)."""
+    out = {}
+    for key, name_part in (("attention_us", ATTENTION_KERNEL), ("merge_us", MERGE_KERNEL)):
+        us, launches = kernel_time(run, name_part)
+        if launches != layers:
+            raise ValueError(f"{run['method']} {run['point']}: {launches:g} {name_part} launches per step, not one "
+                             f"per layer ({layers})")
+        out[key] = us
+    return out
+
+
 def dense_layer_us(batch: int, context: int, dense_runs: list[dict], layers: int) -> dict | None:
     """One dense layer's FlashInfer attention and merge µs at ``batch`` x ``context``: the dense run at that point
     (per launch), else the dense run nearest in KV tokens, scaled by the ratio of KV tokens (bytes read); None
@@ -187,13 +200,7 @@ def dense_layer_us(batch: int, context: int, dense_runs: list[dict], layers: int
     run = min(dense_runs, key=distance)
     b, c = e2e.parse_point(run["point"])
     scale = kv_tokens / (b * c)
-    per_launch = {}
-    for key, name_part in (("attention_us", ATTENTION_KERNEL), ("merge_us", MERGE_KERNEL)):
-        us, launches = kernel_time(run, name_part)
-        if launches != layers:
-            raise ValueError(f"dense {run['point']}: {launches:g} {name_part} launches per step, not one per layer "
-                             f"({layers})")
-        per_launch[key] = scale * us / launches
+    per_launch = {key: scale * us / layers for key, us in flashinfer_per_step(run, layers).items()}
     return dict(per_launch, point=run["point"], scale=scale)
 
 
@@ -203,11 +210,7 @@ def sparse_layer_us(run: dict, dense_layer: dict, shape: dict, preset: SparseCon
     ``preset.dense_layers`` x ``dense_layer``'s, over the sparse layers)."""
     sparse_layers = shape["layers"] - preset.dense_layers
     split = {k["name"]: k["us"] / sparse_layers for k in run["kernels"] if k["category"] == "sparse"}
-    for key, name_part in (("attention_us", ATTENTION_KERNEL), ("merge_us", MERGE_KERNEL)):
-        us, launches = kernel_time(run, name_part)
-        if launches != shape["layers"]:
-            raise ValueError(f"{run['method']} {run['point']}: {launches:g} {name_part} launches per step, not one "
-                             f"per layer ({shape['layers']})")
+    for key, us in flashinfer_per_step(run, shape["layers"]).items():
         split[f"flashinfer_{key[:-3]}"] = (us - preset.dense_layers * dense_layer[key]) / sparse_layers
     return split
 

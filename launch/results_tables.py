@@ -30,16 +30,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
 
 from bench_e2e import label  # noqa: E402
-from bench_serving import measured, ratios  # noqa: E402
-from plot_reuse import best_us, reuse_table  # noqa: E402
+from bench_serving import dense_by_point, measured, ratios  # noqa: E402
+from plot_reuse import best_us, reuse_table, short_commit as _commit  # noqa: E402
 RESULTS = ROOT / "launch" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 MARKER = re.compile(r"(?P<open><!-- table: (?P<name>[\w.-]+)(?: (?P<style>\w+))? -->\n)(?P<body>.*?)"
                     r"(?P<close><!-- /table -->)", re.S)
-
-
-def _commit(c: str | None) -> str:
-    return c[:7] if c else "?"
 
 
 def bench_decode_table(data: dict) -> str:
@@ -136,8 +132,7 @@ def soak_table(data: dict) -> str:
 
 def _serving_rows(data: dict) -> tuple[list[dict], dict]:
     """The measured rows of a bench_serving file and its dense rows by (workload, concurrency)."""
-    rows = [r for r in data["rows"] if measured(r)]
-    return rows, {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense"}
+    return [r for r in data["rows"] if measured(r)], dense_by_point(data["rows"])
 
 
 def _row_commit(r: dict, data: dict) -> str:

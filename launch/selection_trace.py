@@ -190,10 +190,11 @@ def head_table(trace: SelectionTrace, step: int) -> list[dict]:
         cf = {"budget_x2": kept(r, budget_selection(r, cfg, 2))}
         cf.update({f"union_{R}": kept(r, union_selection(trace, step, layer, R)) for R in UNIONS})
         top = torch.topk(r.mass, min(TOP, r.mass.shape[1]), dim=-1).indices
+        kept_selected = kept(r, r.selected)
         for h in range(r.mass.shape[0]):
             hit = r.selected[h, top[h]]
             rows.append(dict(layer=layer, head=h, recall_top10=float(hit.float().mean()),
-                             kept=float(kept(r, r.selected)[h]), kept_worst_q_head=float(r.kept_min_head[h]),
+                             kept=float(kept_selected[h]), kept_worst_q_head=float(r.kept_min_head[h]),
                              **{k: None if v is None else float(v[h]) for k, v in cf.items()},
                              missed_top=[int(p) for p in top[h][~hit]],
                              missed_top_mass=float(r.mass[h, top[h][~hit]].sum())))

@@ -504,10 +504,11 @@ def _timed_batch(server, insts, concurrency):
     try:
         out = run_frontend(sgl.RuntimeEndpoint(server.url), insts, concurrency)
     except RuntimeError as e:
-        for _ in range(10):                     # a crashing server may still be writing its traceback
-            if not server.alive():
-                break
-            time.sleep(0.5)
+        if server.alive():                      # a crashing server may still be writing its traceback
+            try:
+                server.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
         state = "running" if server.alive() else f"exited with code {server.proc.returncode}"
         raise ServerError(f"{e} (server {state}; log {server.log_path}):\n{server.log_tail()}") from e
     return out, time.time() - t0

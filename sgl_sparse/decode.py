@@ -453,11 +453,12 @@ class SparseDecodeOperator:
             self._int_workspaces[role] = ws
         return ws
 
-    def _role(self, name: str) -> _RoleWorkspace:
-        """The shared workspaces of the real wrappers named ``name`` (not built on the meta device)."""
+    def _role(self, name: str, int_workspace: torch.Tensor) -> _RoleWorkspace:
+        """The shared workspaces of the real wrappers named ``name`` (not built on the meta device), around the
+        role's int workspace (``_Wrapper.int_workspace``)."""
         role = self._roles.get(name)
         if role is None:
-            role = self._roles[name] = _RoleWorkspace(self._int_workspace(name))
+            role = self._roles[name] = _RoleWorkspace(int_workspace)
         return role
 
     def _shared(self, name: str, rows: int, entries_per_row: int, entries: int | None = None):
@@ -485,11 +486,11 @@ class SparseDecodeOperator:
         bufs = {}
         for name, w in self._layout(B).items():
             if w.page_size is None:
-                bufs[name] = _DenseDecode(self.workspace, self._role(name), B, self.num_qo_heads, HK, D, self.dtype,
-                                          self.sm_scale, *w.buffers)
+                bufs[name] = _DenseDecode(self.workspace, self._role(name, w.int_workspace), B, self.num_qo_heads, HK,
+                                          D, self.dtype, self.sm_scale, *w.buffers)
             else:
-                bufs[name] = _PerHeadDecode(self.workspace, self._role(name), B, HK, G, D, w.page_size, w.capacity,
-                                            self.dtype, self.sm_scale, *w.buffers)
+                bufs[name] = _PerHeadDecode(self.workspace, self._role(name, w.int_workspace), B, HK, G, D,
+                                            w.page_size, w.capacity, self.dtype, self.sm_scale, *w.buffers)
         self._per_batch[B] = bufs
         return bufs
 

@@ -78,7 +78,7 @@ class SparseKVMetadata:
         2 * D + 8 bytes (``bounds_dtype: int8``)."""
         if config.bounds_dtype == "int8":
             return ck.reference.int8_bounds_row_bytes(head_dim)
-        return 2 * head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * head_dim * dtype.itemsize
 
     @staticmethod
     def bytes_per_token(config: SparseConfig, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

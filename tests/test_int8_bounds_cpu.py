@@ -42,8 +42,9 @@ def _all_levels(lo: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (c * scale[..., None]).float() + lo[..., None]
 
 
-def check_rows(rows: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> None:
-    """Brute-force checks of int8 rows against the exact bounds ``kmin``/``kmax`` ``[..., D]`` (float32)."""
+def check_rows(rows: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """Brute-force checks of int8 rows against the exact bounds ``kmin``/``kmax`` ``[..., D]`` (float32); returns
+    the dequantized bounds ``[..., 2, D]``."""
     cmin, cmax, lo, scale = _split(rows)
     assert torch.equal(lo, kmin.amin(-1)), "lo is the smallest min of the page-head"
     hi = kmax.amax(-1)
@@ -69,6 +70,7 @@ def check_rows(rows: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> No
     # the widening: at most one step (plus a few float32 roundings of the page range) per side
     step = (scale + 4 * U * (hi.abs() + lo.abs()))[..., None]
     assert bool((kmin - deq[..., 0, :] <= step).all()) and bool((deq[..., 1, :] - kmax <= step).all())
+    return deq
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -124,7 +126,8 @@ class Int8Sim(PageAllocator):
 
     def __init__(self, P: int, HK: int, D: int, num_pages: int, seed: int):
         super().__init__(P, HK, D, torch.bfloat16, num_pages, _gen(seed))
-        self.bounds = torch.randint(0, 256, (num_pages, HK, 2 * D + 8), generator=self.gen, dtype=torch.uint8)
+        self.bounds = torch.randint(0, 256, (num_pages, HK, ref.int8_bounds_row_bytes(D)), generator=self.gen,
+                                    dtype=torch.uint8)
 
     def forward(self, slots: list[int], dtype=torch.int64) -> None:
         before = self.bounds.clone()
@@ -133,8 +136,7 @@ class Int8Sim(PageAllocator):
         for p in touched:
             keys = self.valid_keys(p)
             kmin, kmax = keys.amin(0).float(), keys.amax(0).float()
-            check_rows(self.bounds[p], kmin, kmax)
-            deq = ref.dequantize_bounds_int8(self.bounds[p]).double()                     # [HK, 2, D]
+            deq = check_rows(self.bounds[p], kmin, kmax).double()                         # [HK, 2, D]
             assert bool((keys >= deq[None, :, 0]).all() and (keys <= deq[None, :, 1]).all())
         others = torch.ones(self.bounds.shape[0], dtype=torch.bool)
         others[touched] = False
@@ -165,7 +167,7 @@ def test_page_filled_token_by_token_equals_one_prefill():
     P, HK, D = 16, 3, 64
     g = _gen(7)
     k = (torch.randn((4 * P, HK, D), generator=g) * 3 - 1).bfloat16()
-    a = torch.zeros((4, HK, 2 * D + 8), dtype=torch.uint8)
+    a = torch.zeros((4, HK, ref.int8_bounds_row_bytes(D)), dtype=torch.uint8)
     b = torch.zeros_like(a)
     ref.page_bounds_update(k, torch.arange(4 * P), a, P)
     for s in range(4 * P):
@@ -180,7 +182,7 @@ def test_constant_pages_dequantize_exactly():
     P, HK, D = 8, 2, 16
     k = torch.full((2 * P, HK, D), -2.5).bfloat16()
     k[P:] = 0.0
-    bounds = torch.full((2, HK, 2 * D + 8), 77, dtype=torch.uint8)
+    bounds = torch.full((2, HK, ref.int8_bounds_row_bytes(D)), 77, dtype=torch.uint8)
     ref.page_bounds_update(k, torch.arange(2 * P), bounds, P)
     assert bool((bounds[..., :2 * D] == 0).all())
     deq = ref.dequantize_bounds_int8(bounds)
@@ -193,7 +195,7 @@ def test_int8_quest_scores_bound_every_logit_and_the_bf16_score(G):
     pool = make_pool([37, 64, 9], HK, D, P, torch.bfloat16, "cpu", _gen(3))
     S = pool.k_cache.shape[0]
     exact = torch.zeros((S // P, HK, 2, D), dtype=torch.bfloat16)
-    rows = torch.zeros((S // P, HK, 2 * D + 8), dtype=torch.uint8)
+    rows = torch.zeros((S // P, HK, ref.int8_bounds_row_bytes(D)), dtype=torch.uint8)
     ref.page_bounds_update(pool.k_cache, pool.written_slots, exact, P)
     ref.page_bounds_update(pool.k_cache, pool.written_slots, rows, P)
     q = (torch.randn((3, HK * G, D), generator=_gen(4)) * 2).bfloat16()

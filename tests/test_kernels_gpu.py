@@ -133,12 +133,18 @@ def _query(B, HK, G, D, dtype, gen):
 POISON = 12345.0
 
 
-def _scores_and_skipped(q, bounds, pool, impl, **kw):
-    """quest_page_scores (kernel ``impl``) of every page into a poisoned buffer (max_pages + 3 columns) and the
-    reference's, then the kernel again with the requests of at most the median page count skipped:
-    ``(got, want, got_skip, skip, npg)``, npg the page count per request."""
+def _scored_case(case, seed, table_of, impl, **kw):
+    """A pool of ``case`` with its page-bounds table (``table_of(pool)``: bf16 or int8 rows, filled by the
+    reference) and a query; quest_page_scores (kernel ``impl``) of every page into a poisoned buffer (max_pages + 3
+    columns) and the reference's, then the kernel again with the requests of at most the median page count skipped:
+    ``(pool, q, table, got, want, got_skip, skip, npg)``, npg the page count per request."""
     import cupy_kernels as ck
-    P = pool.page_size
+    dtype, D, HK, G, P, lens = case
+    gen = _gen(seed)
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    bounds = table_of(pool)
+    ref.page_bounds_update(pool.k_cache, pool.written_slots, bounds, P)
+    q = _query(len(lens), HK, G, D, dtype, gen)
     max_pages = pool.max_pages() + 3
     args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
     got = torch.full((q.shape[0], bounds.shape[1], max_pages), POISON, device=DEV)
@@ -148,25 +154,19 @@ def _scores_and_skipped(q, bounds, pool, impl, **kw):
     skip = int(npg.float().median().item())
     got_skip = torch.full_like(got, POISON)
     ck.quest_page_scores(q, bounds, *args, out=got_skip, skip_pages_upto=skip, impl=impl, **kw)
-    return got, want, got_skip, skip, npg
+    return pool, q, bounds, got, want, got_skip, skip, npg
 
 
 @pytest.mark.parametrize("impl", SCORE_IMPLS)
 @pytest.mark.parametrize("case", CASES + LONG, ids=_id)
 def test_quest_scores_and_topk(case, impl):
     import cupy_kernels as ck
-    dtype, D, HK, G, P, lens = case
-    gen = _gen(12)
-    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
-    bounds = _bounds(pool)
-    ref.page_bounds_update(pool.k_cache, pool.written_slots, bounds, P)
-    q = _query(len(lens), HK, G, D, dtype, gen)
+    P = case[4]
+    pool, q, bounds, got, want, got_skip, skip, npg = _scored_case(case, 12, _bounds, impl)
     max_pages = pool.max_pages() + 3
-    poison = POISON
-    got, want, got_skip, skip, npg = _scores_and_skipped(q, bounds, pool, impl)
     finite = torch.isfinite(want)
     assert torch.isfinite(got[finite]).all()
-    assert (got[~finite] == poison).all()            # nothing written past a request's pages
+    assert (got[~finite] == POISON).all()            # nothing written past a request's pages
     # float32 sums of 2*D products in another order: error bounded relative to sum |q| * |bound|.
     scale = (q.float().abs().sum(-1).amax(-1).max() * bounds.float().abs().amax()).item()
     assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
@@ -177,7 +177,7 @@ def test_quest_scores_and_topk(case, impl):
     scored = torch.isfinite(want_skip)
     assert torch.equal(scored, finite & (npg > skip)[:, None, None])
     assert torch.equal(got_skip[scored], got[scored])
-    assert (got_skip[~scored] == poison).all()
+    assert (got_skip[~scored] == POISON).all()
 
     for top_k, n_sink, n_local in [(8, 1, 2), (64, 4, 4), (512, 1, 2), (3, 0, 3)]:
         sel, cnt = ck.topk_pages(got, pool.seq_lens, P, top_k, n_sink, n_local)
@@ -941,7 +941,7 @@ def test_group_score_mean_kernels(G, impl):
 
 def _bounds_int8(pool):
     S, HK, D = pool.k_cache.shape
-    return torch.zeros((S // pool.page_size, HK, 2 * D + 8), dtype=torch.uint8, device=DEV)
+    return torch.zeros((S // pool.page_size, HK, ref.int8_bounds_row_bytes(D)), dtype=torch.uint8, device=DEV)
 
 
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
@@ -955,7 +955,7 @@ def test_int8_page_bounds_prefill_decode_and_reuse(case, slot_dtype):
 
     def keys_inside(slots, touched):
         deq = ref.dequantize_bounds_int8(got[touched])                              # [U, HK, 2, D]
-        exact = torch.zeros((got.shape[0], HK, 2, D), dtype=dtype, device=DEV)
+        exact = _bounds(pool)
         ref.page_bounds_update(pool.k_cache, slots, exact, P)
         assert (deq[:, :, 0] <= exact[touched, :, 0].float()).all()
         assert (deq[:, :, 1] >= exact[touched, :, 1].float()).all()
@@ -999,20 +999,14 @@ def test_int8_bounds_of_every_layer_in_one_launch():
 def test_int8_quest_scores(case, group_score, impl):
     """The BOUNDS_INT8 score kernel == the reference on the dequantized bounds, within float32 rounding; rows not
     scored (skip_pages_upto) untouched."""
-    dtype, D, HK, G, P, lens = case
-    gen = _gen(23)
-    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
-    rows = _bounds_int8(pool)
-    ref.page_bounds_update(pool.k_cache, pool.written_slots, rows, P)
-    q = _query(len(lens), HK, G, D, dtype, gen)
-    poison = POISON
-    got, want, got_skip, skip, npg = _scores_and_skipped(q, rows, pool, impl, group_score=group_score)
+    pool, q, rows, got, want, got_skip, skip, npg = _scored_case(case, 23, _bounds_int8, impl,
+                                                                 group_score=group_score)
     finite = torch.isfinite(want)
-    assert (got[~finite] == poison).all()
+    assert (got[~finite] == POISON).all()
     scale = (q.float().abs().sum(-1).amax(-1).max() * ref.dequantize_bounds_int8(rows).abs().amax()).item()
     assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
     scored = finite & (npg > skip)[:, None, None]
-    assert torch.equal(got_skip[scored], got[scored]) and (got_skip[~scored] == poison).all()
+    assert torch.equal(got_skip[scored], got[scored]) and (got_skip[~scored] == POISON).all()
 
 
 def test_refine_scores_refuse_int8_bounds_on_gpu():
