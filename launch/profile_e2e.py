@@ -55,8 +55,8 @@ from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigte
 
 # the kernels of cupy_kernels/*.cu (their __global__ names)
 SPARSE_KERNELS = ("page_bounds_update", "quantize_keys_int4", "quest_page_scores", "quest_refine_scores",
-                  "topk_pages", "reuse_drift", "pages_to_kv_indices", "page_rows", "compact_kv_rows", "int4_candidate",
-                  "top_p_select", "vattention_")
+                  "topk_pages", "reuse_drift", "pages_to_kv_indices", "page_rows", "token_rows", "compact_kv_rows",
+                  "int4_candidate", "top_p_select", "vattention_")
 CATEGORIES = (
     ("sparse", lambda n: n.startswith(SPARSE_KERNELS)),
     ("flashinfer", lambda n: "flashinfer" in n),
