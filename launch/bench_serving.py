@@ -339,18 +339,25 @@ def combine(paths: list[str], out: Path) -> int:
     wins, with its commit (a combined file can be combined again). Ratios across runs compare different servers:
     prefer dense and the config in one run."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    rows, seen = [], set()
-    for i, run in enumerate(runs):
+    rows, seen, names, merged = [], set(), [], []
+    for path, run in zip(paths, runs):
+        combined = bool(run.get("combined"))       # a combined input: its files and runs go in its place
+        first = len(merged)
+        names += run["combined"] if combined else [Path(path).name]
+        merged += run["runs"] if combined else [{k: run.get(k) for k in ("gpu", "commit", "versions", "settings")}]
         for r in run["rows"]:
             key = (r["config"], r["workload"], r["concurrency"])
             if measured(r) and key not in seen:
                 seen.add(key)
-                # a combined file's rows keep their own commits
-                rows.append(dict(r, run=i, commit=r.get("commit") or run.get("commit")))
+                rows.append(dict(r, run=first + (r.get("run", 0) if combined else 0),
+                                 commit=r.get("commit") or run.get("commit")))
+    for i, meta in enumerate(merged):              # a run listed without its commit: its rows' one commit
+        commits = {r["commit"] for r in rows if r["run"] == i}
+        if not meta.get("commit") and len(commits) == 1:
+            meta["commit"] = commits.pop()
     gpu = " / ".join(sorted({r["gpu"] for r in runs if r.get("gpu")})) or "unknown GPU"
     configs = list(dict.fromkeys(r["config"] for r in rows))
-    targets = save_results(out, rows, configs, gpu=gpu, combined=[Path(p).name for p in paths],
-                           runs=[{k: r.get(k) for k in ("gpu", "commit", "versions", "settings")} for r in runs])
+    targets = save_results(out, rows, configs, gpu=gpu, combined=names, runs=merged)
     print_table(rows, targets, gpu)
     try:
         plot(rows, str(out.with_suffix(".png")), gpu)

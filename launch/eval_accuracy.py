@@ -129,7 +129,8 @@ def plot_curve(curve: dict, path, title):
         for p in pts:
             abs_ax.annotate(str(p["budget"]), (p["attended_fraction"], p["score"]), fontsize=6,
                             xytext=(3, -9), textcoords="offset points")
-    n = f", n = {dense['n']} per point" if dense else ""
+    counts = sorted({p["n"] for pts in curve["lines"].values() for p in pts if p.get("n")})  # instances per point
+    n = f", n = {'/'.join(map(str, counts))} per point" if counts else ""
     fractions = [p["attended_fraction"] for pts in curve["lines"].values() for p in pts]
     for ax, ylabel in ((rel_ax, "score relative to dense"), (abs_ax, "score (all tasks)")):
         _fraction_axis(ax, fractions)

@@ -74,14 +74,26 @@ def _ci(low_high) -> str:
     return f"[{low_high[0]:.2f}, {low_high[1]:.2f}]" if low_high else ""
 
 
+def _accuracy_runs(data: dict) -> str:
+    """Commit, model and instances of an accuracy file; for a combined one (``eval_accuracy.py --combine``) the
+    commit of each run with the configs it served."""
+    runs = data.get("runs") or [data]
+    inst = {r.get("instances_per_task_length") for r in runs} - {None}
+    what = f"{runs[0]['args']['model']}, {'/'.join(map(str, sorted(inst))) or '?'} instances per task and length"
+    if len(runs) == 1:
+        return f"commit {_commit(runs[0].get('commit'))}, {what}"
+    served = "; ".join(f"{_commit(r.get('commit'))}: {', '.join(sorted({t['config'] for t in r.get('timings') or []}))}"
+                       for r in runs)
+    return (f"{what}; {len(runs)} runs merged (commit: configs) {served}; a config run more than once is scored by "
+            "its answers averaged per instance")
+
+
 def accuracy_table(data: dict) -> str:
     """Per config, budget and length: score with its 95 % interval, relative to dense with its interval, the
     attended fraction, the instances behind the row; then the per-task scores."""
     rows = sorted((r for r in data["rows"] if r.get("scope") in ("length", "overall")),
                   key=lambda r: (r["config"] != "dense", r["config"], r["budget"], r["length"] is None, r["length"] or 0))
-    lines = [f"{data['gpu']}, commit {_commit(data.get('commit'))}, {data['args']['model']}, "
-             f"{data['instances_per_task_length']} instances per task and length, 95 % bootstrap intervals over "
-             "instances.", "",
+    lines = [f"{data['gpu']}, {_accuracy_runs(data)}, 95 % bootstrap intervals over instances.", "",
              "| config | budget | length | score | 95 % CI | relative to dense | 95 % CI | attended | n |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -206,6 +206,24 @@ def test_combining_a_combined_file_keeps_each_rows_commit(tmp_path, capsys):
         ("dense", 4, "a"), ("dense", 16, "c"), ("quest", 16, "c")]
 
 
+def test_a_combined_input_lists_its_own_files_and_runs(tmp_path, capsys):
+    """Combining a file that ``combine`` wrote: its inputs and runs go in its place, and every row's ``run`` points
+    at the run it came from in the new list."""
+    runs = [dict(gpu="NVIDIA H200", commit=c, rows=[
+        row(config, "32k", conc, tpot, 400.0, 12000.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=30.0)
+        for config, tpot in (("dense", 24.0), ("quest", 13.0))]) for c, conc in (("a", 16), ("b", 4), ("c", 1))]
+    paths = [tmp_path / f"{c}.json" for c in "abc"]
+    for path, run in zip(paths, runs):
+        path.write_text(json.dumps(run))
+    assert bs.combine([str(paths[0]), str(paths[1])], tmp_path / "ab.json") == 0
+    assert bs.combine([str(tmp_path / "ab.json"), str(paths[2])], tmp_path / "abc.json") == 0
+    merged = json.loads((tmp_path / "abc.json").read_text())
+    assert merged["combined"] == ["a.json", "b.json", "c.json"]
+    assert [r["commit"] for r in merged["runs"]] == ["a", "b", "c"]
+    assert {(r["concurrency"], r["run"], r["commit"]) for r in merged["rows"]} == {(16, 0, "a"), (4, 1, "b"),
+                                                                                 (1, 2, "c")}
+
+
 # ----------------------------------------------------------------------------- bench_serving itself, end to end
 
 class FakeSGLang:

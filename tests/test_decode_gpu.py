@@ -5,6 +5,7 @@ Needs flashinfer on the GPU host (../shared/gpu-host bundles it); skipped withou
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -731,9 +732,14 @@ def test_fixed_bytes_are_what_the_operator_allocates(method):
         return op
 
     build()                                                    # a first one loads FlashInfer's modules, freed
-    torch.cuda.synchronize()
+    gc.collect()               # now, not while the second one builds: blocks freed then (this first operator's, or
+    torch.cuda.synchronize()   # earlier tests' cyclic garbage) would be handed to it at addresses `before` lists
     before = _live_allocations()
-    op = build()
+    gc.disable()
+    try:
+        op = build()
+    finally:
+        gc.enable()
     torch.cuda.synchronize()
     taken = sum(allocated_bytes(n) for address, n in _live_allocations().items() if address not in before)
     assert taken == sum(want.values()), want
