@@ -1298,12 +1298,14 @@ def main(argv: list[str] | None = None) -> int:
                  f"graph {fmt_num(floor['graph_us'], 2)} us")
     log(floor_txt)
 
+    from bench_e2e import git_commit           # launch/ is on the path: this file runs as a script
+
     meta = dict(
         gpu=gpu, device_index=device.index, sm_count=props.multi_processor_count,
         total_memory_gib=props.total_memory / GiB, l2_bytes=getattr(props, "L2_cache_size", None),
         peak_gbps=peak["gbps"], peak=peak, spec_peak_gbps=spec, timing_floor=floor,
         torch=torch.__version__, torch_cuda=torch.version.cuda, cupy=cupy.__version__,
-        python=platform.python_version(), host=platform.node(),
+        python=platform.python_version(), host=platform.node(), commit=git_commit(),
         shape=dict(q_heads=HQ, kv_heads=HK, head_dim=D, page_size=P, dtype=str(KV_DTYPE), int4_group=INT4_GROUP,
                    sm_scale=SM_SCALE),
         timing=dict(reps=args.reps, warmup=args.warmup, l2_flush_mib=args.flush_mib,
