@@ -263,7 +263,7 @@ def main() -> int:
                          "cost what the context present costs, not the capacity)")
     ap.add_argument("--configs", nargs="+", default=list(METHODS), type=config_spec, metavar="CONFIG",
                     help=f"sparse presets (configs/*.yaml: {', '.join(presets())}) beside dense, optionally with "
-                         f"inline overrides (quest:coarse_page_tokens=64); default: {' '.join(METHODS)}")
+                         f"inline overrides (quest:bounds_dtype=bf16,coarse_page_tokens=64); default: {' '.join(METHODS)}")
     ap.add_argument("--no-graph", action="store_true")
     ap.add_argument("--cold-l2", action="store_true", help="empty the L2 before every timed call (see above)")
     ap.add_argument("--quick", action="store_true", help="one small case per method")

@@ -50,6 +50,7 @@ sys.path.insert(0, str(ROOT / "launch"))
 
 import bench_e2e as e2e  # noqa: E402
 from plot_reuse import best_us  # noqa: E402
+from cupy_kernels.reference import int8_bounds_row_bytes  # noqa: E402
 from sgl_sparse.config import METHODS, SparseConfig  # noqa: E402
 from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm  # noqa: E402
 
@@ -160,14 +161,14 @@ def model_shape(model_config: dict) -> dict:
 
 def sparse_layer_bytes(batch: int, tokens: int, shape: dict, preset: SparseConfig) -> dict:
     """Bytes one sparse layer's Quest step must read at ``batch`` requests of ``tokens`` tokens: ``page_bounds``
-    (B x pages x HK x (min, max) x D elements, read by the scores) and ``selected_kv`` (B x HK x budget tokens x
-    (K, V) x D elements, read by the attention); ``total``."""
-    if preset.method != "quest" or preset.coarse or preset.reselect_every != 1 or preset.bounds_dtype != "bf16":
-        raise ValueError(f"byte accounting covers the plain Quest step (bf16 bounds, a selection every step), not "
-                         f"{preset}")
+    (B x pages x HK bounds rows, read by the scores: (min, max) x D elements, or int8 rows of 2 D + 8 bytes) and
+    ``selected_kv`` (B x HK x budget tokens x (K, V) x D elements, read by the attention); ``total``."""
+    if preset.method != "quest" or preset.coarse or preset.reselect_every != 1:
+        raise ValueError(f"byte accounting covers the plain Quest step (a selection every step), not {preset}")
     kv_heads, head_dim, elt = shape["kv_heads"], shape["head_dim"], shape["dtype_bytes"]
     pages = math.ceil(tokens / preset.page_size)
-    page_bounds = batch * pages * kv_heads * 2 * head_dim * elt
+    row = int8_bounds_row_bytes(head_dim) if preset.bounds_dtype == "int8" else 2 * head_dim * elt
+    page_bounds = batch * pages * kv_heads * row
     selected_kv = batch * kv_heads * min(preset.token_budget, tokens) * 2 * head_dim * elt
     return dict(page_bounds=page_bounds, selected_kv=selected_kv, total=page_bounds + selected_kv)
 

@@ -131,7 +131,8 @@ class SparseConfig:
             bad("bounds_dtype", f"choose one of {', '.join(BOUNDS_DTYPES)}")
         elif self.bounds_dtype == "int8" and isinstance(self.coarse_page_tokens, int) and self.coarse_page_tokens:
             bad("bounds_dtype", "int8 is not supported with coarse-to-fine scoring (coarse_page_tokens > 0): "
-                                "choose bf16 or set coarse_page_tokens to 0")
+                                "choose bf16 (e.g. quest:bounds_dtype=bf16,coarse_page_tokens=64) or set "
+                                "coarse_page_tokens to 0")
         ints = ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
                 "int4_group", "sample_capacity", "seed", "reselect_every", "coarse_page_tokens",
                 "coarse_token_budget")

@@ -136,7 +136,7 @@ def test_coarse_to_fine_matches_reference_and_plain_quest(method, page, coarse):
     context it selects exactly what plain Quest selects (every page is scored), eager and from a CUDA graph."""
     lens = [9000, 5000, 3000, 12345]
     common = dict(kind="heavy_tailed", token_budget=1024, min_context=4000, dense_layers=0, page_size=page,
-                  coarse_page_tokens=coarse)
+                  coarse_page_tokens=coarse, bounds_dtype="bf16")
     config, pool, q, meta, op = _setup(method, lens, coarse_token_budget=2048, **common)
     out = _layer_matches_reference(config, pool, q, meta, op, exact_counts=True)
     replayed = {}
@@ -570,7 +570,7 @@ def test_metadata_decode_update_keeps_the_coarse_table():
 
     gen = torch.Generator().manual_seed(9)
     HK, D, C, L = 8, 128, 64, 3
-    config = SparseConfig.load("quest").replace(coarse_page_tokens=C)
+    config = SparseConfig.load("quest").replace(coarse_page_tokens=C, bounds_dtype="bf16")
     lens = [700, 63, 4096, 1601]                      # requests 1 and 2 open a new coarse page while decoding
     pool = make_pool(lens, HK, D, C, torch.bfloat16, DEV, gen, spare_pages=8)
     k_caches = [pool.k_cache] + [torch.randn_like(pool.k_cache.float()).to(torch.bfloat16) for _ in range(L - 1)]

@@ -152,13 +152,15 @@ def _operator(commit="abc1234"):
 def test_sparse_layer_bytes_are_page_bounds_plus_selected_kv():
     shape = profile_e2e.model_shape(MODEL_CONFIG)
     assert shape == dict(layers=32, kv_heads=8, head_dim=128, dtype_bytes=2)
-    quest = profile_e2e.SparseConfig.load("quest")
+    quest = profile_e2e.SparseConfig.load("quest:bounds_dtype=bf16")
     # 8 requests x 2048 pages x 8 KV heads x (min, max) x 128 x 2 bytes; 8 x 8 x 2048 tokens x (K, V) x 128 x 2
     assert profile_e2e.sparse_layer_bytes(8, 32768, shape, quest) == dict(
         page_bounds=67108864, selected_kv=67108864, total=134217728)
     short = profile_e2e.sparse_layer_bytes(1, 1000, shape, quest)              # 63 pages, 1000 tokens < budget
     assert short == dict(page_bounds=63 * 8 * 512, selected_kv=8 * 1000 * 512, total=63 * 8 * 512 + 8 * 1000 * 512)
-    for spec in ("quest:bounds_dtype=int8", "quest-fast", "twilight"):
+    int8 = profile_e2e.SparseConfig.load("quest:bounds_dtype=int8")            # rows of 128 + 128 codes + lo, scale
+    assert profile_e2e.sparse_layer_bytes(8, 32768, shape, int8)["page_bounds"] == 8 * 2048 * 8 * 264
+    for spec in ("quest-fast", "twilight", "quest:bounds_dtype=bf16,coarse_page_tokens=64"):
         with pytest.raises(ValueError, match="plain Quest step"):
             profile_e2e.sparse_layer_bytes(8, 32768, shape, profile_e2e.SparseConfig.load(spec))
 
@@ -186,7 +188,8 @@ def test_combine_accounts_each_sparse_run_per_layer_and_step():
                                                       "page_bounds_update_layers": 0.1,
                                                       "flashinfer_attention": 20.0, "flashinfer_merge": 1.0})
     assert a8["in_server_us"] == pytest.approx(46.1)
-    assert a8["floor_us"] == pytest.approx(134217728 / profile_e2e.COPY_PEAK_GBPS / 1e3)
+    # the quest preset's int8 bounds rows (8 x 2048 pages x 8 heads x 264 B) + 2048 tokens' K/V (8 x 8 x 2048 x 512 B)
+    assert a8["floor_us"] == pytest.approx((8 * 2048 * 8 * 264 + 67108864) / profile_e2e.COPY_PEAK_GBPS / 1e3)
     assert (a8["operator_us"], a8["operator_dense_us"]) == (70.0, 250.0)       # quest at budget 2048, not quest-fast
     assert (a8["ms_per_step"], a8["dense_ms_per_step"], a8["idle_vs_dense_us"]) == (7.0, 12.0, 300.0)
     assert a16["dense_layer"]["scale"] == 2.0

@@ -78,8 +78,9 @@ def test_startup_errors_name_the_flag(tmp_path):
         "pd": ["--page-size", "16", "--disaggregation-mode", "prefill"],
         "page32": ["--page-size", "16", "--sparse-config", str(tmp_path / "p32.yaml")],
         "page8": ["--page-size", "16", "--sparse-config", "quest:page_size=8"],
-        "coarse64": ["--page-size", "16", "--sparse-config", "quest:coarse_page_tokens=64"],
-        "coarse64_ok": ["--page-size", "64", "--sparse-config", "quest:coarse_page_tokens=64"],
+        "coarse64": ["--page-size", "16", "--sparse-config", "quest:bounds_dtype=bf16,coarse_page_tokens=64"],
+        "coarse64_ok": ["--page-size", "64", "--sparse-config", "quest:bounds_dtype=bf16,coarse_page_tokens=64"],
+        "coarse_int8": ["--page-size", "64", "--sparse-config", "quest:coarse_page_tokens=64"],  # preset: int8 bounds
         "no_backend": ["--sparse-config", "quest"],
         "split_decode": ["--page-size", "16", "--decode-attention-backend", "triton"],
         "split_prefill": ["--page-size", "16", "--prefill-attention-backend", "triton"],
@@ -109,6 +110,8 @@ def test_startup_errors_name_the_flag(tmp_path):
     assert "coarse_page_tokens=64 needs a --page-size that is a multiple of it, e.g. --page-size 64" in \
         out["coarse64"][1]
     assert "Sparse" not in out["coarse64_ok"][0] and json.loads(out["coarse64_ok"][2])["coarse_page_tokens"] == 64
+    assert out["coarse_int8"][0] == "SparseConfigError" and \
+        "choose bf16 (e.g. quest:bounds_dtype=bf16,coarse_page_tokens=64)" in out["coarse_int8"][1]
     assert out["no_backend"][0] == "SparseConfigError" and "no effect" in out["no_backend"][1]
     assert "remove --decode-attention-backend triton" in out["split_decode"][1]
     assert "remove --prefill-attention-backend triton" in out["split_prefill"][1]
@@ -333,7 +336,7 @@ def test_request_budget_is_validated_on_arrival(monkeypatch):
     assert sb._checked_budget(bad, cfg) is None and sb.request_budget(bad.sampling_params.custom_params) is None
 
 
-@pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense", "quest:coarse_page_tokens=64",
+@pytest.mark.parametrize("method", ["quest", "twilight", "vattention", "dense", "quest:bounds_dtype=bf16,coarse_page_tokens=64",
                                     "twilight:page_size=8,coarse_page_tokens=16", "quest:bounds_dtype=int8",
                                     "twilight:bounds_dtype=int8"])
 def test_metadata_bytes_per_token_match_the_tables(method):

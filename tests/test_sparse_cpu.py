@@ -488,7 +488,7 @@ def _coarse_case(lens, coarse_budget, *, P=8, C=32, seed=3, kind="heavy_tailed")
     each with its tables and the batch."""
     config = SparseConfig.load("quest").replace(page_size=P, token_budget=8 * P, sink_tokens=P, local_tokens=2 * P,
                                                 min_context=0, dense_layers=0, coarse_page_tokens=C,
-                                                coarse_token_budget=coarse_budget)
+                                                coarse_token_budget=coarse_budget, bounds_dtype="bf16")
     plain = config.replace(coarse_page_tokens=0, coarse_token_budget=0)
     gen = torch.Generator().manual_seed(seed)
     HK, G, D = 2, 3, 64
@@ -553,7 +553,7 @@ def test_reference_decode_with_a_covering_coarse_budget_equals_plain_selection(m
     decode without it (the same pages, the same output); and it is sparse (the budget is far below the context)."""
     lens = [700, 333]
     config, pool, q, meta, batch = _setup(method, lens, token_budget=128, min_context=0, dense_layers=0, page_size=8,
-                                          coarse_page_tokens=16, coarse_token_budget=704)
+                                          coarse_page_tokens=16, coarse_token_budget=704, bounds_dtype="bf16")
     plain = config.replace(coarse_page_tokens=0, coarse_token_budget=0)
     plain_meta = SparseKVMetadata(plain, num_layers=1, num_slots=pool.k_cache.shape[0],
                                   num_kv_heads=pool.k_cache.shape[1], head_dim=q.shape[-1], dtype=torch.bfloat16,
@@ -575,8 +575,8 @@ def test_default_coarse_budget_keeps_more_than_the_top_k():
 
 
 def test_coarse_tables_are_counted_and_refreshed():
-    cfg = SparseConfig.load("quest").replace(coarse_page_tokens=64)
-    plain = SparseKVMetadata.bytes_per_token(SparseConfig.load("quest"), 8, 128, torch.bfloat16)
+    cfg = SparseConfig.load("quest").replace(coarse_page_tokens=64, bounds_dtype="bf16")
+    plain = SparseKVMetadata.bytes_per_token(cfg.replace(coarse_page_tokens=0), 8, 128, torch.bfloat16)
     assert SparseKVMetadata.bytes_per_token(cfg, 8, 128, torch.bfloat16) == plain + 2 * 8 * 128 * 2 // 64
     meta = SparseKVMetadata(cfg, num_layers=2, num_slots=256, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16,
                             device="cpu")
