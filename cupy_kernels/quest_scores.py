@@ -51,6 +51,10 @@ def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_to
           f"{'int8 ' if int8 else ''}page_key_bounds must be {want}, got {tuple(page_key_bounds.shape)}")
     G = check_group(HQ, HK)
     check(D in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {D}")
+    align = 8 if int8 else 16                    # the kernels' widest loads: 16-byte vectors, 8 in int8 rows
+    for t, name, need in ((q, "q", 16), (page_key_bounds, "page_key_bounds", align)):
+        check(t.data_ptr() % need == 0, f"{name} must start at a {need}-byte aligned address (the kernels load "
+                                        f"{need}-byte vectors), got {t.data_ptr():#x}: pass a .clone() of the view")
     r2t, rpi, sl = check_batch(req_to_token, req_pool_indices, seq_lens, dev)
     check(seq_lens.shape[0] == B, f"seq_lens has {seq_lens.shape[0]} entries for a batch of {B}")
     check(skip_pages_upto >= 0, f"skip_pages_upto must be >= 0, got {skip_pages_upto}")

@@ -3,7 +3,8 @@
 // The dense decode pass plans these each step before its graph replays; one launch over many blocks instead of
 // the index arithmetic of a repeat_interleave, an arange and a gather (five kernels, ~75 us at 8 x 32K).
 // Grid (B, chunks): block (b, c) copies positions [c * CHUNK, min(seq_lens[b], (c + 1) * CHUNK)) of request b,
-// after summing the lengths before b (a few hundred requests at most: cheaper than a second launch).
+// after summing the lengths before b (a few hundred requests at most: cheaper than a second launch). Nothing is
+// written at or past `capacity` (the buffer's size), whatever the device lengths say.
 
 #define THREADS 256
 #define CHUNK 4096
@@ -12,8 +13,8 @@ extern "C" __global__ void __launch_bounds__(THREADS) token_rows(
     const int* __restrict__ req_to_token,     // [max_reqs, r2t_stride]
     const int* __restrict__ req_pool_indices, // [B]
     const int* __restrict__ seq_lens,         // [B]
-    int* __restrict__ indices,                // [>= sum(seq_lens)]
-    int r2t_stride)
+    int* __restrict__ indices,                // [capacity]
+    int r2t_stride, int capacity)
 {
     __shared__ int red[THREADS / 32];
     const int b = blockIdx.x;
@@ -21,7 +22,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) token_rows(
     const int begin = blockIdx.y * CHUNK;
     if (begin >= len) return;                 // uniform over the block, before the barrier below
     const int offset = block_sum_before<THREADS / 32>(seq_lens, b, red);
-    const int end = min(len, begin + CHUNK);
+    const int end = min(min(len, begin + CHUNK), capacity - offset);
     const int* row = req_to_token + (long long)req_pool_indices[b] * r2t_stride;
     int* out = indices + offset;
     for (int i = begin + threadIdx.x; i < end; i += THREADS) out[i] = row[i];

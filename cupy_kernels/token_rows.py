@@ -21,7 +21,8 @@ def token_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_l
         max_tokens: the longest request's length (host int, ``>= max(seq_lens)``): sizes the grid, so no host
             sync reads it from the device.
         out: optional int32 buffer of ``>= sum(seq_lens)`` entries (e.g. a FlashInfer wrapper's
-            ``paged_kv_indices_buffer``); the entries past the sum keep what they held.
+            ``paged_kv_indices_buffer``); the entries past the sum keep what they held, and nothing is written
+            past its end (a shorter buffer gets the first ``out.numel()`` entries).
 
     Returns:
         ``out`` (or a new ``[sum(seq_lens)]`` tensor, which needs ``sum(seq_lens)`` from the host: pass ``out``
@@ -37,5 +38,5 @@ def token_rows(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_l
     if B == 0 or max_tokens == 0:
         return out
     fn = kernel("token_rows.cu", "token_rows", dev)
-    launch(fn, (B, -(-max_tokens // CHUNK)), (256,), (r2t, rpi, sl, out, i32(r2t.shape[1])), dev)
+    launch(fn, (B, -(-max_tokens // CHUNK)), (256,), (r2t, rpi, sl, out, i32(r2t.shape[1]), i32(out.numel())), dev)
     return out

@@ -529,6 +529,11 @@ def test_token_rows(case):
         ck.token_rows(pool.req_to_token, rpi, sl, max(lens), out=out)
         assert torch.equal(out[:total], ref.token_rows(pool.req_to_token, rpi, sl))
         assert (out[total:] == -7).all()
+    guarded = torch.full((total + 5,), -7, dtype=torch.int32, device=DEV)
+    cut = max(0, total - 3)                                  # a buffer shorter than the batch: its head only
+    ck.token_rows(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, max(lens), out=guarded[:cut])
+    assert torch.equal(guarded[:cut], ref.token_rows(pool.req_to_token, pool.req_pool_indices, pool.seq_lens)[:cut])
+    assert (guarded[cut:] == -7).all()
 
 
 # ----------------------------------------------------------------------------- 4-6. Twilight kernels
@@ -1007,6 +1012,20 @@ def test_int8_quest_scores(case, group_score, impl):
     assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
     scored = finite & (npg > skip)[:, None, None]
     assert torch.equal(got_skip[scored], got[scored]) and (got_skip[~scored] == POISON).all()
+
+
+def test_scores_refuse_misaligned_inputs():
+    """A view that starts off the kernels' vector width is refused by name, not read misaligned."""
+    import cupy_kernels as ck
+    r2t = torch.zeros((1, 128), dtype=torch.int32, device=DEV)
+    rpi, sl = torch.zeros(1, dtype=torch.int32, device=DEV), torch.full((1,), 128, dtype=torch.int32, device=DEV)
+    q = torch.zeros((1, 2, 64), dtype=torch.bfloat16, device=DEV)
+    q_off = torch.zeros(1 + 2 * 64, dtype=torch.bfloat16, device=DEV)[1:].view(1, 2, 64)
+    bounds = torch.zeros((8, 2, 2, 64), dtype=torch.bfloat16, device=DEV)
+    rows_off = torch.zeros(4 + 8 * 2 * 136, dtype=torch.uint8, device=DEV)[4:].view(8, 2, 136)
+    for args, name in (((q_off, bounds), "q"), ((q, rows_off), "page_key_bounds")):
+        with pytest.raises(ValueError, match=f"{name} must start at a"):
+            ck.quest_page_scores(*args, r2t, rpi, sl, 16, 8)
 
 
 def test_refine_scores_refuse_int8_bounds_on_gpu():
