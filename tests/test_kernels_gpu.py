@@ -1014,6 +1014,36 @@ def test_int8_quest_scores(case, group_score, impl):
     assert torch.equal(got_skip[scored], got[scored]) and (got_skip[~scored] == POISON).all()
 
 
+@pytest.mark.parametrize("impl", SCORE_IMPLS)
+@pytest.mark.parametrize("group_score", ["max", "mean"])
+@pytest.mark.parametrize("dtype,D,HK,G", [(torch.bfloat16, 128, 2, 7), (torch.float16, 64, 3, 5),
+                                          (torch.bfloat16, 256, 1, 8)])
+def test_int8_quest_scores_with_query_heads_far_apart_in_scale(dtype, D, HK, G, group_score, impl):
+    """int8 rows against query heads scaled 2^-8 .. 2^8 apart (the kernel scales each head's query by its own
+    power of two): every (request, KV head) row == the reference within float32 rounding of that row's own
+    magnitude, so a head scored with another head's scale shows; head_dim 256 and odd groups at 128 included."""
+    import cupy_kernels as ck
+    gen = _gen(29)
+    P, lens = 16, [3000, 17, 1500]
+    pool = make_pool(lens, HK, D, P, dtype, DEV, gen)
+    rows = _bounds_int8(pool)
+    ref.page_bounds_update(pool.k_cache, pool.written_slots, rows, P)
+    exps = torch.arange(HK * G) % 17 - 8                                   # query head i scaled by 2^exps[i]
+    q = (_query(len(lens), HK, G, D, torch.float32, gen) * torch.pow(2.0, exps.float()).to(DEV)[None, :, None]
+         ).to(dtype)
+    max_pages = pool.max_pages()
+    args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
+    got = torch.full((len(lens), HK, max_pages), POISON, device=DEV)
+    ck.quest_page_scores(q, rows, *args, out=got, impl=impl, group_score=group_score)
+    want = ref.quest_page_scores(q, rows, *args, group_score=group_score)
+    bounds = ref.dequantize_bounds_int8(rows).abs().amax((0, 2, 3))                         # [HK]
+    row_scale = q.float().abs().sum(-1).view(len(lens), HK, G).amax(-1) * bounds[None, :]  # [B, HK]
+    finite = torch.isfinite(want)
+    err = torch.where(finite, (got - want).abs(), torch.zeros_like(got)).amax(-1)          # [B, HK]
+    assert (err <= 1e-5 * row_scale + 1e-6).all(), (err, row_scale)
+    assert (got[~finite] == POISON).all()
+
+
 def test_scores_refuse_misaligned_inputs():
     """A view that starts off the kernels' vector width is refused by name, not read misaligned."""
     import cupy_kernels as ck
