@@ -161,9 +161,15 @@ def test_coarse_to_fine_matches_reference_and_plain_quest(method, page, coarse):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("method", METHODS)
-def test_cuda_graph_capture_and_replay(method):
-    """plan() outside the graph, every layer captured once, replayed over steps with growing contexts."""
+def test_cuda_graph_capture_and_replay(method, pdl, monkeypatch):
+    """plan() outside the graph, every layer captured once, replayed over steps with growing contexts; also with
+    every kernel launched with programmatic dependent launch (SGL_SPARSE_PDL=1: each may be scheduled while the
+    one before it drains, and waits for it on the device before touching memory)."""
+    from cupy_kernels import _cuda
+
+    monkeypatch.setattr(_cuda, "PDL", pdl)
     lens = [7000, 4100, 9001]
     B = len(lens)
     config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
@@ -781,47 +787,3 @@ def test_int8_bounds_operator_matches_reference(method, kind):
     ref.page_bounds_update_layers([pool.k_cache] * len(want_tables), slots, want_tables, config.page_size)
     assert all(torch.equal(a, b) for a, b in zip(meta.page_key_bounds, want_tables))
 
-
-# ----------------------------------------------------------------------------- programmatic dependent launch
-
-@pytest.mark.parametrize("method", METHODS + ("quest-fast",))
-def test_programmatic_dependent_launch_gives_the_same_steps(method, monkeypatch):
-    """With SGL_SPARSE_PDL=1 every kernel of the step is launched with programmatic stream serialization (it may be
-    scheduled while the kernel before it drains and waits for it on the device): the outputs and counts are those
-    of plain launches bit for bit, eager and replayed from a CUDA graph over steps that write new tokens."""
-    from cupy_kernels import _cuda
-
-    lens = [9000, 5000, 300, 12345]
-    runs = []
-    for pdl in (False, True):
-        monkeypatch.setattr(_cuda, "PDL", pdl)
-        torch.manual_seed(5)                                   # the new tokens' K/V (append_token) alike
-        config, pool, q, meta, op = _setup(method, lens, token_budget=1024, min_context=4000, dense_layers=1,
-                                           layers=3)
-        new_slots = torch.zeros(len(lens), dtype=torch.int64, device=DEV)
-        outs, got = {}, []
-
-        def step_fn():
-            for layer in range(3):
-                meta.update(layer, pool.k_cache, new_slots)
-                outs[layer] = op.run(layer, q, pool.k_cache, pool.v_cache, meta)
-
-        def advance():
-            pool.append_token(new_slots)
-            op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
-
-        def keep():
-            torch.cuda.synchronize()
-            got.extend([outs[layer].clone() for layer in range(3)] + [op.last_counts.clone()])
-
-        advance()
-        step_fn()
-        keep()
-        graph = capture_graph(step_fn)
-        for _ in range(3):
-            advance()
-            graph.replay()
-            keep()
-        runs.append(got)
-    assert len(runs[0]) == len(runs[1]) == 16
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
