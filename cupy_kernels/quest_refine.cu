@@ -5,8 +5,9 @@
 // neither, so the work is the pages present, whatever the capacity (max_pages).
 //
 // One block per (request, KV head): its kept coarse pages give it count * R pages, at most a few hundred. A "row"
-// of ROW_LANES = D/8 lanes owns one page at a time (one 16-byte vector of min and one of max per lane, as in
-// quest_page_scores), UNROLL pages in flight per row. Requests with at most skip_pages_upto pages, and rows with
+// of ROW_LANES = D/8 lanes owns one page at a time on the FMA units (one 16-byte vector of min and one of max per
+// lane: at a few hundred pages per block, latency rather than instruction issue bounds it), UNROLL pages in flight
+// per row. Requests with at most skip_pages_upto pages, and rows with
 // skip_rows[b] != 0 (a reused selection), are not scored.
 //
 // Grid: (B, HK); block: 256 threads. Defines: KV_BF16, HEAD_DIM, NUM_KV_HEADS, GROUP (G), PAGE_SIZE, RATIO (R),

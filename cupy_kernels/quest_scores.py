@@ -1,8 +1,7 @@
 """Quest page scores: the upper bound of q.k over each page, max over the GQA group, per KV head.
 
-Spec: :func:`cupy_kernels.reference.quest_page_scores`. Kernels: ``quest_scores_mma.cu`` (the scores as a matrix
-product on tensor cores, the default) and ``quest_scores.cu`` (a row of D/8 lanes per page on the FMA units,
-``impl="lanes"``, the benchmark's baseline).
+Spec: :func:`cupy_kernels.reference.quest_page_scores`. Kernel: ``quest_scores.cu`` (the scores as a matrix product
+on tensor cores).
 """
 
 from __future__ import annotations
@@ -14,17 +13,7 @@ from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i3
 from .page_bounds import bounds_shape
 
 THREADS = 256
-UNROLL = 4
-MMA_TILE_PAGES = (THREADS // 32) * 16      # quest_scores_mma.cu: 16 pages (MMA rows) per warp
-IMPLS = ("mma", "lanes")
-
-
-def tile_pages(head_dim: int, impl: str = "mma") -> int:
-    """Pages one tile covers (a block's unit of work): ``mma``: 16 per warp; ``lanes``: 256 threads in rows of
-    head_dim/8 lanes, UNROLL deep."""
-    if impl == "mma":
-        return MMA_TILE_PAGES
-    return (THREADS // (head_dim // 8)) * UNROLL
+TILE_PAGES = (THREADS // 32) * 16          # pages one tile covers (a block's unit of work): 16 (MMA rows) per warp
 
 
 def group_mean(group_score: str) -> int:
@@ -76,8 +65,7 @@ def scores_out(out: torch.Tensor | None, B: int, HK: int, max_pages: int, dev) -
 def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_token: torch.Tensor,
                       req_pool_indices: torch.Tensor, seq_lens: torch.Tensor, page_size: int, max_pages: int,
                       out: torch.Tensor | None = None, skip_pages_upto: int = 0,
-                      skip_rows: torch.Tensor | None = None, group_score: str = "max",
-                      impl: str = "mma") -> torch.Tensor:
+                      skip_rows: torch.Tensor | None = None, group_score: str = "max") -> torch.Tensor:
     """Score every page of every request per KV head.
 
     The launch shape depends on the batch size only: the blocks walk the pages present (see the kernel), so
@@ -95,7 +83,6 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
         skip_rows: optional ``[B]`` int32; requests with a nonzero entry are not scored either (a reused
             selection: ``reuse_from`` of :func:`topk_pages`).
         group_score: ``max`` or ``mean`` over the GQA group (see the reference).
-        impl: ``mma`` (tensor cores) or ``lanes`` (FMA units); the same scores up to float32 rounding.
 
     Returns:
         ``[B, HK, max_pages]`` float32 scores. Only columns below each scored request's page count are
@@ -103,18 +90,15 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     """
     B, D, HK, G, r2t, rpi, sl = check_score_inputs(q, page_key_bounds, req_to_token, req_pool_indices, seq_lens,
                                                    skip_pages_upto, skip_rows)
-    check(impl in IMPLS, f"impl must be one of {IMPLS}, got {impl!r}")
     dev = q.device
     out = scores_out(out, B, HK, max_pages, dev)
     if B == 0 or max_pages == 0:
         return out
-    source, name = ("quest_scores_mma.cu", "quest_page_scores_mma") if impl == "mma" else \
-        ("quest_scores.cu", "quest_page_scores")
-    fn = kernel(source, name, dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D, NUM_KV_HEADS=HK, GROUP=G,
-                PAGE_SIZE=page_size, GROUP_MEAN=group_mean(group_score),
+    fn = kernel("quest_scores.cu", "quest_page_scores", dev, KV_BF16=KV_DTYPES[q.dtype], HEAD_DIM=D, NUM_KV_HEADS=HK,
+                GROUP=G, PAGE_SIZE=page_size, GROUP_MEAN=group_mean(group_score),
                 BOUNDS_INT8=int(page_key_bounds.dtype == torch.uint8))
     # As many blocks per KV head as the GPU holds at once (no more tiles than the capacity can have).
-    most_tiles = B * -(-max_pages // tile_pages(D, impl))
+    most_tiles = B * -(-max_pages // TILE_PAGES)
     blocks = max(1, min(most_tiles, resident_blocks(fn, THREADS, dev) // HK))
     skip = skip_rows if skip_rows is not None else u64(0)
     launch(fn, (blocks, HK), (THREADS,), (q, page_key_bounds, r2t, rpi, sl, skip, out, i32(B), i32(r2t.shape[1]),

@@ -9,9 +9,6 @@ prefill over every slot), and then times, in pipeline order, on real data:
 
     page_bounds_update     decode (one token per request) and, once per run, a prefill of a 32K-token prompt
     quest_page_scores      every page of every request, from bf16 bounds and from int8 bounds rows
-    quest_page_scores_lanes  the same by the FMA-unit kernel (impl "lanes", benchmark baseline only), checked
-                           equal to quest_page_scores up to float32 rounding: `--kernels
-                           quest_page_scores,quest_page_scores_lanes` is the A/B
     topk_pages             top_k = 128 pages (2048 tokens) and 512 pages (8192 tokens), n_sink=1, n_local=2
     topk_pages_radix4      the same on the same scores by the previous kernel (benchmark baseline only), checked
                            equal to topk_pages: `--kernels topk_pages,topk_pages_radix4` is the A/B
@@ -91,7 +88,7 @@ VATTN = dict(base_rate=0.02, epsilon=0.05, delta=0.05)
 VATTN_CAPACITY = 8192                # sample columns per (request, KV head)
 PREFILL_TOKENS = 32768
 
-KERNELS = ("page_bounds_update", "quest_page_scores", "quest_page_scores_lanes", "topk_pages", "topk_pages_radix4",
+KERNELS = ("page_bounds_update", "quest_page_scores", "topk_pages", "topk_pages_radix4",
            "pages_to_kv_indices", "compact_kv_rows", "quantize_keys_int4", "int4_candidate_scores", "top_p_select",
            "vattention_sample")
 OPTIONAL_KERNELS = ("compact_kv_rows",)   # timed only where cupy_kernels exports them
@@ -428,9 +425,6 @@ def planned_rows(args) -> list[dict]:
                 row("page_bounds_update", f"prefill {n} tok", 1, n, bytes_page_bounds_update(n, n, ceil_div(n, P)))
             row("quest_page_scores", "all pages", b, ctx, bytes_quest_page_scores(b, npr))
             row("quest_page_scores", "int8 all pages", b, ctx, bytes_quest_page_scores_int8(b, npr))
-            if "quest_page_scores_lanes" in args.kernels:
-                row("quest_page_scores_lanes", "all pages", b, ctx, bytes_quest_page_scores(b, npr))
-                row("quest_page_scores_lanes", "int8 all pages", b, ctx, bytes_quest_page_scores_int8(b, npr))
             for k in args.topk:
                 row("topk_pages", f"top_k={k}", b, ctx, bytes_topk_pages(b, npr, k))
             if "topk_pages_radix4" in args.kernels:
@@ -817,7 +811,7 @@ class Config:
 
     def _scores_case(self, name: str, label: str, bounds: torch.Tensor, out: torch.Tensor, sanity_of, int8: bool,
                      params=None, **kw) -> Case:
-        """quest_page_scores of every page from ``bounds`` into ``out`` (``kw``: e.g. the kernel); the case's sanity
+        """quest_page_scores of every page from ``bounds`` into ``out`` (``kw``: more arguments of the wrapper); the case's sanity
         is ``sanity_of(written)``, written = the columns of the pages present; ``params`` recorded beside."""
         ck, B = self.ck, self.B
         cols = out.shape[-1]
@@ -854,22 +848,6 @@ class Config:
 
         return self._scores_case("quest_page_scores", "int8 all pages", self.bounds_int8, self.scores_int8, sanity,
                                  int8=True)
-
-    def quest_scores_lanes(self, int8: bool) -> Case:
-        """quest_page_scores by the FMA-unit kernel (impl "lanes", the benchmark baseline of the tensor-core one)
-        on the same bounds, into its own buffer; its scores must equal the default's up to float32 rounding."""
-        bounds, want = (self.bounds_int8, self.scores_int8) if int8 else (self.bounds, self.scores)
-
-        def same(written):
-            # float32 sums of 2D products in another order: the GPU tests' bound, 1e-5 x max sum|q| x max|bound|
-            # (the bf16 table's: int8 rows encode the same bounds, outward by at most one step)
-            scale = self.q.float().abs().sum(-1).amax().item() * self.bounds.abs().amax().float().item() * 1.01
-            diff = (written - want[..., :self.npr]).abs().amax().item()
-            return None if diff <= 1e-5 * scale + 1e-6 else f"scores differ from the default kernel's by {diff:.3g}"
-
-        return self._scores_case("quest_page_scores_lanes", "int8 all pages" if int8 else "all pages", bounds,
-                                 torch.empty_like(want), same, int8=int8, params={"baseline_of": "quest_page_scores"},
-                                 impl="lanes")
 
     # -- 3. top-k
 
@@ -1147,11 +1125,6 @@ def case_plan(args, batch: int, context: int, n_prefill: int, with_compact: bool
     plan.append(item("quest_page_scores", "all pages", "quest_scores"))
     plan.append(item("quest_page_scores", "int8 all pages", "quest_scores_int8",
                      needs=("quest_page_scores/all pages",)))
-    if "quest_page_scores_lanes" in args.kernels:    # the baseline runs only when timed (nothing reads its output)
-        plan += [item("quest_page_scores_lanes", "all pages", "quest_scores_lanes", False,
-                      needs=("quest_page_scores/all pages",)),
-                 item("quest_page_scores_lanes", "int8 all pages", "quest_scores_lanes", True,
-                      needs=("quest_page_scores/int8 all pages",))]
     plan += [item("topk_pages", f"top_k={k}", "topk", k, needs=("quest_page_scores/all pages",))
              for k in args.topk]
     if "topk_pages_radix4" in args.kernels:   # the baseline runs only when timed (nothing reads its output)

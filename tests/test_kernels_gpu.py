@@ -41,7 +41,6 @@ def _cases(seed: int, n: int, max_tokens: int = 1 << 20):
 
 
 CASES = _cases(1, 16)
-SCORE_IMPLS = ("mma", "lanes")      # quest_page_scores' kernels: tensor cores, and the FMA baseline
 LONG = [(torch.bfloat16, 128, 8, 4, 16, [131072, 77777]), (torch.float16, 64, 2, 3, 16, [131072 - 5])]
 
 
@@ -133,9 +132,9 @@ def _query(B, HK, G, D, dtype, gen):
 POISON = 12345.0
 
 
-def _scored_case(case, seed, table_of, impl, **kw):
+def _scored_case(case, seed, table_of, **kw):
     """A pool of ``case`` with its page-bounds table (``table_of(pool)``: bf16 or int8 rows, filled by the
-    reference) and a query; quest_page_scores (kernel ``impl``) of every page into a poisoned buffer (max_pages + 3
+    reference) and a query; quest_page_scores of every page into a poisoned buffer (max_pages + 3
     columns) and the reference's, then the kernel again with the requests of at most the median page count skipped:
     ``(pool, q, table, got, want, got_skip, skip, npg)``, npg the page count per request."""
     import cupy_kernels as ck
@@ -148,21 +147,20 @@ def _scored_case(case, seed, table_of, impl, **kw):
     max_pages = pool.max_pages() + 3
     args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
     got = torch.full((q.shape[0], bounds.shape[1], max_pages), POISON, device=DEV)
-    ck.quest_page_scores(q, bounds, *args, out=got, impl=impl, **kw)
+    ck.quest_page_scores(q, bounds, *args, out=got, **kw)
     want = ref.quest_page_scores(q, bounds, *args, **kw)
     npg = (pool.seq_lens.long() + P - 1) // P
     skip = int(npg.float().median().item())
     got_skip = torch.full_like(got, POISON)
-    ck.quest_page_scores(q, bounds, *args, out=got_skip, skip_pages_upto=skip, impl=impl, **kw)
+    ck.quest_page_scores(q, bounds, *args, out=got_skip, skip_pages_upto=skip, **kw)
     return pool, q, bounds, got, want, got_skip, skip, npg
 
 
-@pytest.mark.parametrize("impl", SCORE_IMPLS)
 @pytest.mark.parametrize("case", CASES + LONG, ids=_id)
-def test_quest_scores_and_topk(case, impl):
+def test_quest_scores_and_topk(case):
     import cupy_kernels as ck
     P = case[4]
-    pool, q, bounds, got, want, got_skip, skip, npg = _scored_case(case, 12, _bounds, impl)
+    pool, q, bounds, got, want, got_skip, skip, npg = _scored_case(case, 12, _bounds)
     max_pages = pool.max_pages() + 3
     finite = torch.isfinite(want)
     assert torch.isfinite(got[finite]).all()
@@ -911,9 +909,8 @@ def test_quest_refine_scores(case):
             assert (got[finite] - want[finite]).abs().max().item() <= 1e-5 * scale + 1e-6
 
 
-@pytest.mark.parametrize("impl", SCORE_IMPLS)
 @pytest.mark.parametrize("G", [1, 4, 7])
-def test_group_score_mean_kernels(G, impl):
+def test_group_score_mean_kernels(G):
     """group_score "mean" in both score kernels equals the reference (float32 tolerance of the max tests)."""
     import cupy_kernels as ck
     dtype, D, HK, P, R = torch.bfloat16, 128, 2, 16, 4
@@ -926,7 +923,7 @@ def test_group_score_mean_kernels(G, impl):
     max_pages = -(-max(lens) // P) + 2
     args = (q, bounds, pool.req_to_token, pool.req_pool_indices, pool.seq_lens)
     got = ck.quest_page_scores(*args, P, max_pages, out=torch.full((len(lens), HK, max_pages), float("-inf"),
-                                                                      device=DEV), group_score="mean", impl=impl)
+                                                                      device=DEV), group_score="mean")
     want = ref.quest_page_scores(*args, P, max_pages, group_score="mean")
     finite = torch.isfinite(want)
     scale = (q.float().abs().sum(-1).amax(-1).max() * bounds.float().abs().amax()).item()
@@ -998,13 +995,12 @@ def test_int8_bounds_of_every_layer_in_one_launch():
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-@pytest.mark.parametrize("impl", SCORE_IMPLS)
 @pytest.mark.parametrize("group_score", ["max", "mean"])
 @pytest.mark.parametrize("case", CASES + LONG, ids=_id)
-def test_int8_quest_scores(case, group_score, impl):
+def test_int8_quest_scores(case, group_score):
     """The BOUNDS_INT8 score kernel == the reference on the dequantized bounds, within float32 rounding; rows not
     scored (skip_pages_upto) untouched."""
-    pool, q, rows, got, want, got_skip, skip, npg = _scored_case(case, 23, _bounds_int8, impl,
+    pool, q, rows, got, want, got_skip, skip, npg = _scored_case(case, 23, _bounds_int8,
                                                                  group_score=group_score)
     finite = torch.isfinite(want)
     assert (got[~finite] == POISON).all()
@@ -1014,11 +1010,10 @@ def test_int8_quest_scores(case, group_score, impl):
     assert torch.equal(got_skip[scored], got[scored]) and (got_skip[~scored] == POISON).all()
 
 
-@pytest.mark.parametrize("impl", SCORE_IMPLS)
 @pytest.mark.parametrize("group_score", ["max", "mean"])
 @pytest.mark.parametrize("dtype,D,HK,G", [(torch.bfloat16, 128, 2, 7), (torch.float16, 64, 3, 5),
                                           (torch.bfloat16, 256, 1, 8)])
-def test_int8_quest_scores_with_query_heads_far_apart_in_scale(dtype, D, HK, G, group_score, impl):
+def test_int8_quest_scores_with_query_heads_far_apart_in_scale(dtype, D, HK, G, group_score):
     """int8 rows against query heads scaled 2^-8 .. 2^8 apart (the kernel scales each head's query by its own
     power of two): every (request, KV head) row == the reference within float32 rounding of that row's own
     magnitude, so a head scored with another head's scale shows; head_dim 256 and odd groups at 128 included."""
@@ -1034,7 +1029,7 @@ def test_int8_quest_scores_with_query_heads_far_apart_in_scale(dtype, D, HK, G, 
     max_pages = pool.max_pages()
     args = (pool.req_to_token, pool.req_pool_indices, pool.seq_lens, P, max_pages)
     got = torch.full((len(lens), HK, max_pages), POISON, device=DEV)
-    ck.quest_page_scores(q, rows, *args, out=got, impl=impl, group_score=group_score)
+    ck.quest_page_scores(q, rows, *args, out=got, group_score=group_score)
     want = ref.quest_page_scores(q, rows, *args, group_score=group_score)
     bounds = ref.dequantize_bounds_int8(rows).abs().amax((0, 2, 3))                         # [HK]
     row_scale = q.float().abs().sum(-1).view(len(lens), HK, G).amax(-1) * bounds[None, :]  # [B, HK]

@@ -54,17 +54,15 @@ def _registers(log: str) -> int:
 @pytest.mark.parametrize("head_dim", [64, 128, 256])
 @pytest.mark.parametrize("group,mean,bf16", [(1, 0, 1), (4, 0, 1), (7, 1, 0), (8, 0, 1)])
 def test_page_score_kernels_compile_without_spills(int8, head_dim, group, mean, bf16):
-    """Both score kernels (the tensor-core one and the FMA baseline) for each head dim, bounds dtype, group size,
-    group score and query dtype; the tensor-core kernel keeps two blocks of 256 threads per SM (<= 128
-    registers) up to head_dim 128."""
+    """The score kernel for each head dim, bounds dtype, group size, group score and query dtype: no spills, and two
+    blocks of 256 threads per SM (<= 128 registers) up to head_dim 128."""
     defines = {"KV_BF16": bf16, "HEAD_DIM": head_dim, "NUM_KV_HEADS": 8, "GROUP": group, "PAGE_SIZE": 16,
                "GROUP_MEAN": mean, "BOUNDS_INT8": int8}
-    for name in ("quest_scores_mma.cu", "quest_scores.cu"):
-        log = _compile(name, defines)
-        if "spill" in log:
-            assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, (name, log)
-        if name == "quest_scores_mma.cu" and head_dim <= 128 and "registers" in log:
-            assert _registers(log) <= 128, (defines, log)
+    log = _compile("quest_scores.cu", defines)
+    if "spill" in log:
+        assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, log
+    if head_dim <= 128 and "registers" in log:
+        assert _registers(log) <= 128, (defines, log)
 
 
 def test_token_rows_compiles_without_spills():
