@@ -811,8 +811,9 @@ class Config:
 
     def _scores_case(self, name: str, label: str, bounds: torch.Tensor, out: torch.Tensor, sanity_of, int8: bool,
                      params=None, **kw) -> Case:
-        """quest_page_scores of every page from ``bounds`` into ``out`` (``kw``: more arguments of the wrapper); the case's sanity
-        is ``sanity_of(written)``, written = the columns of the pages present; ``params`` recorded beside."""
+        """quest_page_scores of every page from ``bounds`` into ``out`` (``kw``: more arguments of the wrapper); the
+        case's sanity is ``sanity_of(written)``, written = the columns of the pages present; ``params`` recorded
+        beside."""
         ck, B = self.ck, self.B
         cols = out.shape[-1]
         fn = lambda: ck.quest_page_scores(self.q, bounds, self.r2t, self.rpi, self.seq_lens, P,  # noqa: E731
