@@ -351,10 +351,6 @@ def combine(paths: list[str], out: Path) -> int:
                 seen.add(key)
                 rows.append(dict(r, run=first + (r.get("run", 0) if combined else 0),
                                  commit=r.get("commit") or run.get("commit")))
-    for i, meta in enumerate(merged):              # a run listed without its commit: its rows' one commit
-        commits = {r["commit"] for r in rows if r["run"] == i}
-        if not meta.get("commit") and len(commits) == 1:
-            meta["commit"] = commits.pop()
     gpu = " / ".join(sorted({r["gpu"] for r in runs if r.get("gpu")})) or "unknown GPU"
     configs = list(dict.fromkeys(r["config"] for r in rows))
     targets = save_results(out, rows, configs, gpu=gpu, combined=names, runs=merged)

@@ -32,6 +32,7 @@ def short_commit(c: str | None) -> str:
     """A commit as its first 7 characters, "?" when unknown."""
     return c[:7] if c else "?"
 
+
 def best_us(r: dict) -> float:
     """The faster of a bench_decode row's eager and CUDA-graph times (a NaN graph time: eager)."""
     return min(t for t in (r["us_eager"], r["us_graph"]) if not math.isnan(t))

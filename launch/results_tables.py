@@ -82,8 +82,8 @@ def _accuracy_runs(data: dict) -> str:
     what = f"{runs[0]['args']['model']}, {'/'.join(map(str, sorted(inst))) or '?'} instances per task and length"
     if len(runs) == 1:
         return f"commit {_commit(runs[0].get('commit'))}, {what}"
-    served = "; ".join(f"{_commit(r.get('commit'))}: {', '.join(sorted({t['config'] for t in r.get('timings') or []}))}"
-                       for r in runs)
+    configs = [", ".join(sorted({t["config"] for t in r.get("timings") or []})) for r in runs]
+    served = "; ".join(f"{_commit(r.get('commit'))}: {c}" for r, c in zip(runs, configs))
     return (f"{what}; {len(runs)} runs merged (commit: configs) {served}; a config run more than once is scored by "
             "its answers averaged per instance")
 

@@ -57,8 +57,10 @@ def test_accuracy_and_soak_tables_show_their_figures(tmp_path, monkeypatch):
     acc = results_tables.render("accuracy_x")
     assert "| quest | 2048 | 32000 | 0.720 | [0.60, 0.80] | **0.900** | [0.85, 0.95] | 0.0638 | 90 |" in acc
     assert "| quest | 2048 | 32000 | 0.29 |" in acc and "commit abcdef0" in acc
-    run = lambda commit, *configs: dict(args=dict(model="qwen05b"), commit=commit, instances_per_task_length=10,
-                                        timings=[dict(config=c) for c in configs])
+    def run(commit, *configs):
+        return dict(args=dict(model="qwen05b"), commit=commit, instances_per_task_length=10,
+                    timings=[dict(config=c) for c in configs])
+
     combined = dict(accuracy, commit=["abcdef0123", "1234567890"], runs=[run("abcdef0123", "dense", "quest"),
                                                                        run("1234567890", "dense", "vattention")])
     del combined["args"], combined["instances_per_task_length"]                    # as eval_accuracy --combine writes
