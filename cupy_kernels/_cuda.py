@@ -8,7 +8,10 @@ Every wrapper in this package goes through three helpers:
   surrounding torch work and is recorded when a ``torch.cuda.graph`` capture is active. Tensors are passed
   zero-copy as the device pointers of validated contiguous tensors: importing each through DLPack
   (:func:`as_cupy`, kept for callers that want CuPy arrays) cost 100-770 us of host time per launch on the
-  GPU host with 6-15 tensors, which dominated eager decode steps.
+  GPU host with 6-15 tensors, which dominated eager decode steps. With ``SGL_SPARSE_PDL=1`` on sm_90 and newer
+  it launches through the driver's ``cuLaunchKernelEx`` with programmatic stream serialization (programmatic
+  dependent launch, as FlashInfer launches its own kernels there): a kernel may be scheduled while the one
+  before it drains, and waits in ``wait_for_previous_kernel()`` (``common.cuh``) before it touches memory.
 
 Nothing here synchronises the host with the device. Importing this module needs neither CuPy nor a GPU:
 CuPy is imported the first time a kernel is compiled.
@@ -16,7 +19,9 @@ CuPy is imported the first time a kernel is compiled.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
 import pathlib
 from typing import Iterable, Sequence
 
@@ -88,6 +93,10 @@ def as_cupy(t: torch.Tensor):
     return _cupy().from_dlpack(t.detach())
 
 
+# Programmatic dependent launch for every kernel of this package (see the module docstring); read at each launch.
+PDL = os.environ.get("SGL_SPARSE_PDL", "0") == "1"
+
+
 def launch(fn, grid: Sequence[int], block: Sequence[int], args: Iterable, device: torch.device,
            shared_mem: int = 0) -> None:
     """Launch ``fn`` on torch's current stream of ``device``.
@@ -99,9 +108,94 @@ def launch(fn, grid: Sequence[int], block: Sequence[int], args: Iterable, device
 
     cp = _cupy()
     stream = _cupy_stream(device)
-    cargs = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
+    grid, block = tuple(int(g) for g in grid), tuple(int(b) for b in block)
     with cp.cuda.Device(device.index or 0), stream:
-        fn(tuple(int(g) for g in grid), tuple(int(b) for b in block), cargs, shared_mem=shared_mem)
+        if PDL and _pdl_capable(device.index or 0):
+            _launch_programmatic(fn, grid, block, kernel_params(args), stream.ptr, shared_mem)
+        else:
+            cargs = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)
+            fn(grid, block, cargs, shared_mem=shared_mem)
+
+
+# ---------------------------------------------------------------- programmatic dependent launch (driver API)
+
+CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6      # cuda.h, CUlaunchAttributeID
+
+
+class LaunchAttributeValue(ctypes.Union):
+    """cuda.h ``CUlaunchAttributeValue``: a 64-byte union (8-byte aligned); the member used here."""
+    _fields_ = [("pad", ctypes.c_char * 64), ("programmatic_stream_serialization_allowed", ctypes.c_int),
+                ("align", ctypes.c_void_p)]
+
+
+class LaunchAttribute(ctypes.Structure):
+    """cuda.h ``CUlaunchAttribute``: id, padding to 8 bytes, value (72 bytes)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", LaunchAttributeValue)]
+
+
+class LaunchConfig(ctypes.Structure):
+    """cuda.h ``CUlaunchConfig`` (56 bytes: the stream at offset 32, attrs at 40, numAttrs at 48)."""
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("shared_mem", ctypes.c_uint),
+                ("stream", ctypes.c_void_p), ("attrs", ctypes.POINTER(LaunchAttribute)),
+                ("num_attrs", ctypes.c_uint)]
+
+
+_SCALARS = {"int32": ctypes.c_int32, "uint32": ctypes.c_uint32, "int64": ctypes.c_int64,
+            "uint64": ctypes.c_uint64, "float32": ctypes.c_float, "float64": ctypes.c_double, "bool": ctypes.c_bool}
+
+
+def kernel_params(args: Iterable) -> list:
+    """Each kernel argument as the ctypes value the driver copies: a tensor as its device pointer, a numpy
+    scalar as its own type, a Python bool/int/float as CuPy passes it (bool, int64, double)."""
+    import numpy as np
+
+    out = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            out.append(ctypes.c_uint64(a.data_ptr()))
+        elif isinstance(a, np.generic) and a.dtype.name in _SCALARS:
+            out.append(_SCALARS[a.dtype.name](a.item()))
+        elif isinstance(a, bool):
+            out.append(ctypes.c_bool(a))
+        elif isinstance(a, int):
+            out.append(ctypes.c_int64(a))
+        elif isinstance(a, float):
+            out.append(ctypes.c_double(a))
+        else:
+            raise TypeError(f"kernel argument of type {type(a).__name__} is not a tensor or a scalar")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+@functools.lru_cache(maxsize=None)
+def _cu_launch_kernel_ex():
+    lib = ctypes.CDLL("libcuda.so.1")
+    f = lib.cuLaunchKernelEx
+    f.argtypes = [ctypes.POINTER(LaunchConfig), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+    f.restype = ctypes.c_int
+    name = lib.cuGetErrorName
+    name.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
+    name.restype = ctypes.c_int
+    return f, name
+
+
+def _launch_programmatic(fn, grid: tuple, block: tuple, params: list, stream: int, shared_mem: int) -> None:
+    launch_ex, error_name = _cu_launch_kernel_ex()
+    attr = LaunchAttribute(id=CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value.programmatic_stream_serialization_allowed = 1
+    grid3, block3 = (tuple(grid) + (1, 1))[:3], (tuple(block) + (1, 1))[:3]
+    config = LaunchConfig((ctypes.c_uint * 3)(*grid3), (ctypes.c_uint * 3)(*block3), shared_mem, stream,
+                          ctypes.pointer(attr), 1)
+    pointers = (ctypes.c_void_p * max(1, len(params)))(*[ctypes.addressof(p) for p in params])
+    err = launch_ex(ctypes.byref(config), fn.kernel.ptr, pointers, None)
+    if err:
+        text = ctypes.c_char_p()
+        error_name(err, ctypes.byref(text))
+        raise RuntimeError(f"cuLaunchKernelEx({fn.name}): {text.value.decode() if text.value else err}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -12,6 +12,17 @@ typedef unsigned long long u64;
 #define KV_BF16 1
 #endif
 
+// Programmatic dependent launch (sm_90+; cupy_kernels._cuda.launch with SGL_SPARSE_PDL=1): a kernel may then be
+// scheduled while the previous kernel on its stream still drains, overlapping its launch with that kernel's tail.
+// Every kernel calls this first, before it reads or writes memory: it returns once the previous kernel (and, as
+// that one waited in turn, every kernel before it) has finished and its writes are visible. Launched without the
+// attribute, or before sm_90, it returns at once.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 

@@ -16,6 +16,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) compact_kv_rows(
     int* __restrict__ flat,           // [>= sum(counts)]
     int cap)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     __shared__ int red[THREADS / 32];
     const int r = blockIdx.x;
     const int j = blockIdx.y * THREADS + threadIdx.x;

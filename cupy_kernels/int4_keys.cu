@@ -17,6 +17,7 @@ extern "C" __global__ void quantize_keys_int4(
     float2* __restrict__ key_scale_zero,    // [slots, HK, D/GROUP_SIZE] of (scale, zero)
     int n)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     const int lane = threadIdx.x & 31;
     const long long slot = written_slots[blockIdx.x];
     for (int h = threadIdx.x >> 5; h < NUM_KV_HEADS; h += blockDim.x >> 5) {

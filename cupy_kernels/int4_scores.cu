@@ -44,6 +44,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_logits(
     float2* __restrict__ partials,                // [B, HK, chunks, G] of (max, sum)
     int C, int chunk_size, float sm_scale)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     __shared__ int s_qint[GROUP][HEAD_DIM];
     __shared__ float s_qscale[GROUP];
     __shared__ float s_m[WARPS][GROUP], s_s[WARPS][GROUP];
@@ -185,6 +186,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) int4_candidate_probs(
     float* __restrict__ probs,                    // [B, HK, C]
     int C, int chunk_size)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     __shared__ float s_m[GROUP], s_inv[GROUP];
     const int b = blockIdx.z, h = blockIdx.y, chunk = blockIdx.x;
     const int row_id = b * NUM_KV_HEADS + h;

@@ -139,6 +139,7 @@ extern "C" __global__ void page_bounds_update(
     bounds_t* __restrict__ page_key_bounds, // [pages, HK, 2, D] or int8 rows [pages, HK, 2D + 8]
     int n)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     update_page_of_entry(k_cache, written_slots, page_key_bounds, n, blockIdx.x);
 }
 
@@ -148,6 +149,7 @@ extern "C" __global__ void page_bounds_update_layers(
     const u64* __restrict__ bounds,        // [layers]: address of each layer's bounds table
     int n)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     update_page_of_entry(reinterpret_cast<const u16*>(k_caches[blockIdx.y]), written_slots,
                          reinterpret_cast<bounds_t*>(bounds[blockIdx.y]), n, blockIdx.x);
 }

@@ -24,6 +24,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) page_rows(
     int* __restrict__ num_tokens,             // [R]
     int num_kv_heads, int width, int r2t_stride)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     __shared__ int red[THREADS / 32];
     const int r = blockIdx.x;
     const int b = r / num_kv_heads, h = r - b * num_kv_heads;

@@ -18,6 +18,7 @@ extern "C" __global__ void pages_to_kv_indices(
     int* __restrict__ num_kv,                 // [B, HK]
     int num_kv_heads, int top_k, int r2t_stride, int capacity)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     const int b = blockIdx.y, h = blockIdx.x;
     const int row_id = b * num_kv_heads + h;
     const int* sel = selected_pages + (long long)row_id * top_k;

@@ -32,6 +32,7 @@ extern "C" __global__ void __launch_bounds__(256) quest_refine_scores(
     float* __restrict__ scores,               // [B, HK, max_pages]
     int r2t_stride, int coarse_width, int max_pages, int skip_pages_upto)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     const int b = blockIdx.x, h = blockIdx.y;
     const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
     if (n <= skip_pages_upto || (skip_rows != nullptr && skip_rows[b] != 0)) return;

@@ -22,6 +22,7 @@ extern "C" __global__ void reuse_drift(
     int* __restrict__ layer_reuse_from,            // [B] out: reuse_from, or 0 where this layer selects
     int num_kv_heads, float min_cosine)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     __shared__ float head_cosine[32];
     const int b = blockIdx.x;
     const int h = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -16,6 +16,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) token_rows(
     int* __restrict__ indices,                // [capacity]
     int r2t_stride, int capacity)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     __shared__ int red[THREADS / 32];
     const int b = blockIdx.x;
     const int len = seq_lens[b];

@@ -44,6 +44,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) top_p_select(
     int* __restrict__ num_kept,               // [R]
     int C, float top_p, int rows_per_flag)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     extern __shared__ float s_p[];            // [C]
     __shared__ float red[WARPS];
     __shared__ int warp_totals[WARPS];

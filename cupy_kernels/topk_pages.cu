@@ -178,6 +178,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_pages(
     const int* __restrict__ row_top_k,      // [B] pages each request selects, or nullptr: top_k for all
     int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local, int select_all_upto, int width)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     __shared__ __align__(16) int hist[3][BINS];                          // triple-buffered histogram
     __shared__ __align__(16) int tile_counts[KEYS_PER_THREAD * WARPS];   // packed counts per [tile][warp]
     __shared__ u32 warp_lo[WARPS], warp_hi[WARPS];

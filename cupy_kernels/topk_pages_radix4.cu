@@ -39,6 +39,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) topk_pages_radix4(
     const int* __restrict__ row_top_k,      // [B] pages each request selects, or nullptr: top_k for all
     int num_kv_heads, int max_pages, int top_k, int n_sink, int n_local, int select_all_upto, int width)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     __shared__ int hist[256];
     __shared__ int bin_warp_totals[8];
     __shared__ int warp_totals[WARPS];

@@ -18,6 +18,7 @@ extern "C" __global__ void vattention_merge(
     const float* __restrict__ weight,   // [B, HK] tokens each sampled token stands for
     u16* __restrict__ out)              // [B, HQ, D]
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     const int hq = blockIdx.x, b = blockIdx.y;
     const int HQ = NUM_KV_HEADS * GROUP;
     const int kv = b * NUM_KV_HEADS + hq / GROUP;

@@ -109,6 +109,7 @@ extern "C" __global__ void __launch_bounds__(THREADS) vattention_sample(
     int* __restrict__ required_out,            // [B, HK]
     int top_k, int r2t_stride, int capacity, float sm_scale, double base_rate, double z, double eps_part)
 {
+    wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
     extern __shared__ int s_dyn[];                          // s_sel [top_k], then s_slot [min(capacity, SLOT_CACHE)]
     int* s_sel = s_dyn;
     int* s_slot = s_dyn + top_k;

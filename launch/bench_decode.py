@@ -243,11 +243,12 @@ def plot(rows, path: str, gpu: str) -> None:
 
 def save(path, gpu, peak, rows, skipped) -> None:
     from bench_e2e import git_commit, versions
+    from cupy_kernels import _cuda as ck_cuda
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w") as f:
         json.dump(dict(gpu=gpu, peak_gbps=peak, versions=versions(), commit=git_commit(),
-                       shape=dict(HQ=HQ, HK=HK, D=D, page=P),
+                       programmatic_dependent_launch=ck_cuda.PDL, shape=dict(HQ=HQ, HK=HK, D=D, page=P),
                        l2="cold (emptied before every timed call)" if L2_FLUSH is not None else "warm (back to back)",
                        rows=rows, skipped=skipped), f, indent=1)
 

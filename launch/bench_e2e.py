@@ -477,7 +477,8 @@ def main() -> int:
         out_path.write_text(json.dumps(dict(
             gpu=gpu, versions=versions(), commit=git_commit(), model=str(args.model), wall_s=time.time() - started,
             settings=dict(steps=args.steps, repeats=args.repeats, warm_steps=args.warm_steps, seed=args.seed,
-                          mem_fraction_static=args.mem_fraction_static, page_size=PAGE_SIZE),
+                          mem_fraction_static=args.mem_fraction_static, page_size=PAGE_SIZE,
+                          programmatic_dependent_launch=os.environ.get("SGL_SPARSE_PDL", "0") == "1"),
             commands={m: shlex.join(c) for m, c in commands.items()}, rows=rows, targets=targets), indent=1))
         return targets
 

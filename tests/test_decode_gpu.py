@@ -161,9 +161,15 @@ def test_coarse_to_fine_matches_reference_and_plain_quest(method, page, coarse):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("pdl", [False, True], ids=["plain", "pdl"])
 @pytest.mark.parametrize("method", METHODS)
-def test_cuda_graph_capture_and_replay(method):
-    """plan() outside the graph, every layer captured once, replayed over steps with growing contexts."""
+def test_cuda_graph_capture_and_replay(method, pdl, monkeypatch):
+    """plan() outside the graph, every layer captured once, replayed over steps with growing contexts; also with
+    every kernel launched with programmatic dependent launch (SGL_SPARSE_PDL=1: each may be scheduled while the
+    one before it drains, and waits for it on the device before touching memory)."""
+    from cupy_kernels import _cuda
+
+    monkeypatch.setattr(_cuda, "PDL", pdl)
     lens = [7000, 4100, 9001]
     B = len(lens)
     config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
@@ -780,3 +786,4 @@ def test_int8_bounds_operator_matches_reference(method, kind):
     from cupy_kernels import reference as ref
     ref.page_bounds_update_layers([pool.k_cache] * len(want_tables), slots, want_tables, config.page_size)
     assert all(torch.equal(a, b) for a, b in zip(meta.page_key_bounds, want_tables))
+
