@@ -8,10 +8,13 @@ Every wrapper in this package goes through three helpers:
   surrounding torch work and is recorded when a ``torch.cuda.graph`` capture is active. Tensors are passed
   zero-copy as the device pointers of validated contiguous tensors: importing each through DLPack
   (:func:`as_cupy`, kept for callers that want CuPy arrays) cost 100-770 us of host time per launch on the
-  GPU host with 6-15 tensors, which dominated eager decode steps. With ``SGL_SPARSE_PDL=1`` on sm_90 and newer
-  it launches through the driver's ``cuLaunchKernelEx`` with programmatic stream serialization (programmatic
-  dependent launch, as FlashInfer launches its own kernels there): a kernel may be scheduled while the one
-  before it drains, and waits in ``wait_for_previous_kernel()`` (``common.cuh``) before it touches memory.
+  GPU host with 6-15 tensors, which dominated eager decode steps. A launch recorded into a CUDA graph on sm_90
+  and newer goes through the driver's ``cuLaunchKernelEx`` with programmatic stream serialization
+  (programmatic dependent launch, as FlashInfer launches its own kernels there): in the graph's replays a
+  kernel may be scheduled while the one before it drains, and waits in ``wait_for_previous_kernel()``
+  (``common.cuh``) before it touches memory. Eager launches stay CuPy's: there the host, not the gap between
+  two kernels, sets the pace, and building the driver call's arguments in Python costs ~15 us more per launch.
+  ``SGL_SPARSE_PDL=0`` turns programmatic launches off.
 
 Nothing here synchronises the host with the device. Importing this module needs neither CuPy nor a GPU:
 CuPy is imported the first time a kernel is compiled.
@@ -93,8 +96,9 @@ def as_cupy(t: torch.Tensor):
     return _cupy().from_dlpack(t.detach())
 
 
-# Programmatic dependent launch for every kernel of this package (see the module docstring); read at each launch.
-PDL = os.environ.get("SGL_SPARSE_PDL", "0") == "1"
+# Programmatic dependent launch for the kernels of this package that CUDA graphs record on sm_90+ (see the module
+# docstring), unless SGL_SPARSE_PDL=0. Read once, at import: a process launches one way throughout.
+PDL = os.environ.get("SGL_SPARSE_PDL", "1") != "0"
 
 
 def launch(fn, grid: Sequence[int], block: Sequence[int], args: Iterable, device: torch.device,
@@ -110,7 +114,7 @@ def launch(fn, grid: Sequence[int], block: Sequence[int], args: Iterable, device
     stream = _cupy_stream(device)
     grid, block = tuple(int(g) for g in grid), tuple(int(b) for b in block)
     with cp.cuda.Device(device.index or 0), stream:
-        if PDL and _pdl_capable(device.index or 0):
+        if PDL and _pdl_capable(device.index or 0) and torch.cuda.is_current_stream_capturing():
             _launch_programmatic(fn, grid, block, kernel_params(args), stream.ptr, shared_mem)
         else:
             cargs = tuple(np.uint64(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args)

@@ -50,6 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from cupy_kernels import _cuda as ck_cuda  # noqa: E402  (PDL: how the servers it starts launch our kernels)
 from sgl_sparse.config import METHODS, SparseConfig, SparseConfigError, presets  # noqa: E402
 from sgl_sparse.serving import (Progress, ServerError, ServerProcess, file_safe, server_command,  # noqa: E402
                                  stop_servers_on_sigterm)
@@ -478,7 +479,7 @@ def main() -> int:
             gpu=gpu, versions=versions(), commit=git_commit(), model=str(args.model), wall_s=time.time() - started,
             settings=dict(steps=args.steps, repeats=args.repeats, warm_steps=args.warm_steps, seed=args.seed,
                           mem_fraction_static=args.mem_fraction_static, page_size=PAGE_SIZE,
-                          programmatic_dependent_launch=os.environ.get("SGL_SPARSE_PDL", "0") == "1"),
+                          programmatic_dependent_launch=ck_cuda.PDL),
             commands={m: shlex.join(c) for m, c in commands.items()}, rows=rows, targets=targets), indent=1))
         return targets
 

@@ -165,8 +165,8 @@ def test_coarse_to_fine_matches_reference_and_plain_quest(method, page, coarse):
 @pytest.mark.parametrize("method", METHODS)
 def test_cuda_graph_capture_and_replay(method, pdl, monkeypatch):
     """plan() outside the graph, every layer captured once, replayed over steps with growing contexts; also with
-    every kernel launched with programmatic dependent launch (SGL_SPARSE_PDL=1: each may be scheduled while the
-    one before it drains, and waits for it on the device before touching memory)."""
+    every captured kernel launched with and without programmatic dependent launch (the default on sm_90+: each
+    may be scheduled while the one before it drains, and waits for it on the device before touching memory)."""
     from cupy_kernels import _cuda
 
     monkeypatch.setattr(_cuda, "PDL", pdl)

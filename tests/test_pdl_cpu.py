@@ -1,18 +1,32 @@
-"""Programmatic dependent launch (``SGL_SPARSE_PDL=1``) on CPU: the driver structures as cuda.h lays them out, the
-kernel arguments as the driver copies them, and every kernel waiting for the one before it before it touches
-memory (launched with PDL, a kernel without that wait would read its inputs while they are being written)."""
+"""Programmatic dependent launch (on by default on sm_90+, ``SGL_SPARSE_PDL=0`` turns it off) on CPU: which launch
+the environment asks for, the driver structures as cuda.h lays them out, the kernel arguments as the driver copies
+them, and every kernel waiting for the one before it before it touches memory (launched with PDL, a kernel without
+that wait would read its inputs while they are being written)."""
 
 from __future__ import annotations
 
 import ctypes
 import pathlib
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 from cupy_kernels import _cuda
+
+
+@pytest.mark.parametrize("value,expected", [(None, True), ("1", True), ("0", False)])
+def test_pdl_is_on_unless_the_environment_turns_it_off(value, expected):
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "SGL_SPARSE_PDL"}
+    if value is not None:
+        env["SGL_SPARSE_PDL"] = value
+    out = subprocess.run([sys.executable, "-c", "from cupy_kernels import _cuda; print(_cuda.PDL)"], env=env,
+                         cwd=pathlib.Path(_cuda.KERNEL_DIR).parent, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(expected)
 
 
 def test_driver_structures_match_cuda_h():
