@@ -173,6 +173,10 @@ def main() -> int:
     ap.add_argument("--parallel", type=int, default=1, metavar="N",
                     help="sglang path: N servers at a time side by side on the GPU (configs in groups of N; start-up "
                          "paid once per group; request latencies then include the other servers' load)")
+    ap.add_argument("--server-page-size", type=int, metavar="N",
+                    help="sglang path: SGLang's --page-size for every server, a multiple of each config's page "
+                         "(default: each config's own), e.g. 16 with quest:page_size=8: 8-token selection inside "
+                         "SGLang's 16-token pages")
     ap.add_argument("--no-dense", action="store_true",
                     help="skip the dense baseline (when another run of the same session provides it; --combine)")
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge these result files instead of running")
@@ -198,6 +202,13 @@ def main() -> int:
         raise SystemExit("nothing to run: no --methods and --no-dense")
     if args.parallel < 1:
         ap.error(f"--parallel must be >= 1, got {args.parallel}")
+    if args.server_page_size is not None:
+        if args.path != "sglang":
+            ap.error("--server-page-size applies to the sglang path only (the cpu path has no SGLang pages)")
+        for label, cfg in configs:
+            if cfg.is_sparse and (args.server_page_size < 1 or args.server_page_size % cfg.sglang_page_size):
+                ap.error(f"--server-page-size {args.server_page_size} is not a multiple of "
+                         f"{label or cfg.method}'s page ({cfg.sglang_page_size} tokens): give a multiple of it")
     specs = accuracy.instance_specs(args.tasks, args.lengths, args.depths, args.seeds, args.seed)
     per = len(args.depths) * args.seeds
     print(f"{len(configs)} configs x {len(specs)} instances ({len(args.tasks)} tasks x {len(args.lengths)} lengths "
@@ -247,7 +258,7 @@ def main() -> int:
         if args.path == "sglang":
             accuracy.evaluate_server(args.model_dir, args.model, args.tasks, args.lengths, args.depths, configs,
                                      args.seed, progress, log_dir=args.log_dir, seeds=args.seeds, timings=timings,
-                                     parallel=args.parallel)
+                                     parallel=args.parallel, page_size=args.server_page_size)
         else:
             accuracy.evaluate(args.model, args.tasks, args.lengths, args.depths, configs, args.seed, progress,
                               measure_error=args.measure_error, seeds=args.seeds)

@@ -401,18 +401,25 @@ def context_length_for(model_dir: str | os.PathLike, needed: int, page: int = 16
     return context, {}
 
 
-def server_for(model_dir, cfg: SparseConfig, *, name: str, extra_args=(), config_dir, log_dir=None, env=None):
+def server_for(model_dir, cfg: SparseConfig, *, name: str, extra_args=(), config_dir, log_dir=None, env=None,
+               page_size: int | None = None):
     """A (not yet started) ``ServerProcess`` for ``cfg``: dense = ``flashinfer --page-size P``; sparse =
-    ``sgl_sparse --sparse-config <cfg written as YAML in config_dir>`` (page size from the config)."""
+    ``sgl_sparse --sparse-config <cfg written as YAML in config_dir>``. SGLang's ``--page-size`` is ``page_size``
+    if given (for a sparse config a multiple of its page, e.g. 8-token selection inside 16-token pages), else the
+    config's (its coarse page for coarse-to-fine configs)."""
     from .serving import ServerProcess
 
     log = Path(log_dir) / f"server_{name}.log" if log_dir else None
     if not cfg.is_sparse:
         return ServerProcess(str(model_dir), backend="flashinfer", extra_args=[*extra_args, "--page-size",
-                             str(cfg.page_size)], log_path=log, env=env)
+                             str(page_size or cfg.page_size)], log_path=log, env=env)
+    if page_size is not None and page_size % cfg.sglang_page_size:
+        raise ValueError(f"server page size {page_size} is not a multiple of {name}'s page "
+                         f"({cfg.sglang_page_size} tokens): give a multiple of it")
     path = cfg.save(Path(config_dir) / f"{name}.yaml")
-    return ServerProcess(str(model_dir), backend="sgl_sparse", sparse_config=str(path), extra_args=list(extra_args),
-                         log_path=log, env=env)
+    page_args = ["--page-size", str(page_size)] if page_size is not None else []
+    return ServerProcess(str(model_dir), backend="sgl_sparse", sparse_config=str(path),
+                         extra_args=[*extra_args, *page_args], log_path=log, env=env)
 
 
 def config_name(cfg: SparseConfig, label: str | None = None) -> str:
@@ -426,8 +433,9 @@ def config_name(cfg: SparseConfig, label: str | None = None) -> str:
 def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: list[str], lengths: list[int],
                     depths: list[float], configs: list, seed: int = 0, progress=None,
                     log_dir: str | os.PathLike | None = None, concurrency: int = CONCURRENCY, seeds: int = 1,
-                    timings: list | None = None, parallel: int = 1) -> list[Result]:
-    """sglang path (GPU host). ``configs``: ``SparseConfig`` or ``(label, SparseConfig)``. The instances
+                    timings: list | None = None, parallel: int = 1, page_size: int | None = None) -> list[Result]:
+    """sglang path (GPU host). ``configs``: ``SparseConfig`` or ``(label, SparseConfig)``; ``page_size``: SGLang's
+    ``--page-size`` for every server (:func:`server_for`). The instances
     (:func:`instance_specs`) are generated once (tokenizer of ``model_dir``) and the same ones go to every config;
     per config one server is sent every instance in one frontend ``run_batch`` (``concurrency`` at a time). With
     ``parallel`` = 1 each server is started, used and stopped before the next; with ``parallel`` = N > 1, N
@@ -464,7 +472,8 @@ def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: l
         for first in range(0, len(labelled), parallel):
             group = labelled[first:first + parallel]
             servers = [server_for(model_dir, cfg, name=f"{k:02d}_{config_name(cfg, label)}", extra_args=extra,
-                                  config_dir=config_dir, log_dir=log_dir, env=env) for k, (label, cfg) in group]
+                                  config_dir=config_dir, log_dir=log_dir, env=env, page_size=page_size)
+                       for k, (label, cfg) in group]
             t_start = time.time()
             with contextlib.ExitStack() as stack:
                 for server in servers:

@@ -134,7 +134,8 @@ def test_frontend_program_plumbing():
 
 def test_server_commands(tmp_path):
     """Each config's launch_server command parses with SGLang's own parser (plugin loaded, in a subprocess): the
-    backend, the config file, page size and the shared flags; past the model's limit the override env is set."""
+    backend, the config file, page size (the config's, or the one asked for: 8-token selection inside 16-token
+    pages) and the shared flags; past the model's limit the override env is set."""
     pytest.importorskip("sglang")
     import json
     import os
@@ -154,6 +155,15 @@ def test_server_commands(tmp_path):
         cmds[name] = server.cmd[3:]
         if cfg.is_sparse:
             assert SparseConfig.load(str(tmp_path / f"{name}.yaml")) == cfg
+    page8 = accuracy.configs_for(["quest"], [256], page_size=8)
+    for cfg in page8:
+        name = "p16_" + accuracy.config_name(cfg)
+        cmds[name] = accuracy.server_for(tmp_path, cfg, name=name, config_dir=tmp_path, page_size=16,
+                                         extra_args=[*accuracy.SERVER_ARGS, "--context-length", "8208"]).cmd[3:]
+    cmds["p8_quest_256"] = accuracy.server_for(tmp_path, page8[1], name="p8_quest_256", config_dir=tmp_path,
+                                               extra_args=[*accuracy.SERVER_ARGS, "--context-length", "8208"]).cmd[3:]
+    with pytest.raises(ValueError, match="not a multiple of p12.s page"):
+        accuracy.server_for(tmp_path, page8[1], name="p12", config_dir=tmp_path, page_size=12)
     code = f"""
 import argparse, json
 from sglang.srt.plugins import load_plugins
@@ -178,6 +188,10 @@ print("RESULT" + json.dumps(out))
     assert out["dense"] == ["flashinfer", None, 16] + common
     for name in ("quest_256", "vattention_256"):
         assert out[name] == ["sgl_sparse", str(tmp_path / f"{name}.yaml"), 16] + common
+    assert out["p16_dense"] == ["flashinfer", None, 16] + common
+    assert out["p16_quest_256"] == ["sgl_sparse", str(tmp_path / "p16_quest_256.yaml"), 16] + common
+    assert out["p8_quest_256"] == ["sgl_sparse", str(tmp_path / "p8_quest_256.yaml"), 8] + common
+    assert SparseConfig.load(str(tmp_path / "p16_quest_256.yaml")).page_size == 8
 
 
 def _tokenizers():

@@ -161,3 +161,46 @@ def test_dense_only_run_and_nothing_to_run(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", argv + ["--no-dense"])
     with pytest.raises(SystemExit, match="nothing to run"):
         eval_accuracy.main()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--path", "sglang", "--methods", "quest", "--set", "page_size=8", "--server-page-size", "12"],
+     "--server-page-size 12 is not a multiple of quest[page_size=8]'s page (8 tokens): give a multiple of it"),
+    (["--methods", "quest", "--server-page-size", "16"],
+     "--server-page-size applies to the sglang path only"),
+])
+def test_server_page_size_refused_before_any_server(tmp_path, monkeypatch, capsys, argv, message):
+    """A --server-page-size that does not serve every config (or the cpu path) is one line naming the fix,
+    before anything starts."""
+    from sgl_sparse import accuracy
+
+    monkeypatch.setattr(accuracy, "evaluate_server", lambda *a, **k: pytest.fail("a server was started"))
+    monkeypatch.setattr(accuracy, "evaluate", lambda *a, **k: pytest.fail("the cpu path ran"))
+    monkeypatch.setattr(sys, "argv", ["eval_accuracy.py", "--tasks", "passkey", "--lengths", "512",
+                                      "--out", str(tmp_path / "x.json"), *argv])
+    with pytest.raises(SystemExit) as e:
+        eval_accuracy.main()
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_server_page_size_reaches_every_server(tmp_path, monkeypatch):
+    """--server-page-size 16 with quest:page_size=8 passes SGLang's page to evaluate_server (which gives it to
+    every server it starts)."""
+    from sgl_sparse import accuracy
+
+    seen = {}
+
+    def fake_evaluate_server(model_dir, model, task_names, lengths, depths, configs, seed, progress, **kw):
+        seen.update(kw, configs=configs)
+        for label, cfg in configs:
+            progress(Result("sglang", model, cfg.method, cfg.token_budget if cfg.is_sparse else 512, "passkey", 512,
+                            0.5, 1.0, 0.1 if cfg.is_sparse else 1.0, "x", 0.0, seed=0, config=label))
+
+    monkeypatch.setattr(accuracy, "evaluate_server", fake_evaluate_server)
+    monkeypatch.setattr(accuracy, "model_dir_for", lambda model, d: tmp_path)
+    monkeypatch.setattr(sys, "argv", ["eval_accuracy.py", "--path", "sglang", "--tasks", "passkey", "--lengths", "512",
+                                      "--methods", "quest", "--budgets", "640", "--set", "page_size=8",
+                                      "--server-page-size", "16", "--out", str(tmp_path / "p.json")])
+    assert eval_accuracy.main() == 0
+    assert seen["page_size"] == 16 and [c.page_size for _, c in seen["configs"][1:]] == [8]
+    assert json.loads((tmp_path / "p.json").read_text())["args"]["server_page_size"] == 16
