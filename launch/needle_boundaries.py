@@ -58,7 +58,7 @@ def main() -> int:
         if model not in tokenizers:
             tokenizers[model] = AutoTokenizer.from_pretrained(str(models.prepare_model(model)))
         tok = tokenizers[model]
-        count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+        count = tasks.token_counter(tok)
         for r in data["results"]:
             if r["task"] not in RETRIEVAL:
                 continue

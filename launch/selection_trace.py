@@ -282,7 +282,7 @@ def trace_instance(model, tok, task: str, length: int, depth: float, seed: int, 
     """Dense and traced sparse greedy runs of one instance: ``instance``, ``needles``, ``dense``, ``sparse``
     (:func:`generate`'s dicts), ``trace`` (the observer: ``trace`` or a new :class:`SelectionTrace`), ``stats``,
     ``seconds``."""
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     inst = tasks.make_task(task, length, depth, seed, count)
     n_new = max_new_tokens or accuracy.MAX_NEW_TOKENS.get(task, 24)
     t0 = time.time()

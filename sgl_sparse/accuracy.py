@@ -133,7 +133,7 @@ def evaluate(model_name: str, task_names: list[str], lengths: list[int], depths:
     :func:`instance_specs`. ``measure_error``: compare every sparse decode attention with dense on the same q/k/v
     (always on for vAttention, whose violation rate needs it)."""
     model, tok = models.load_model(model_name)
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     results = []
     for task, length, depth, inst_seed in instance_specs(task_names, lengths, depths, seeds, seed):
         inst = tasks.make_task(task, length, depth, inst_seed, count)
@@ -452,7 +452,7 @@ def evaluate_server(model_dir: str | os.PathLike, model_name: str, task_names: l
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     t_gen = time.time()
     specs = instance_specs(task_names, lengths, depths, seeds, seed)
     insts = [tasks.make_task(t, L, d, k, count) for t, L, d, k in specs]

@@ -53,7 +53,7 @@ def report(cfg: SparseConfig, inst: tasks.TaskInstance, out: str, frac: float, s
 
 
 def question(tok, args) -> tasks.TaskInstance:
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     inst = tasks.make_task("passkey", args.length, args.depth, 0, count)
     print(f"question: pass key hidden at {args.depth:.0%} of a {count(inst.prompt)}-token prompt; "
           f"expected answer {inst.answers[0]}\n", flush=True)

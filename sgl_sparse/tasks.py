@@ -11,6 +11,7 @@ values); ``niah_multiquery`` (several keys asked); ``vt`` (variable tracking); `
 
 from __future__ import annotations
 
+import functools
 import random
 import string
 import uuid
@@ -91,6 +92,17 @@ def _fill(count_tokens, pieces: list[tuple[float, str]], filler, target: int, qu
     for depth, piece in sorted(pieces, key=lambda x: -x[0]):
         sentences.insert(int(round(depth * len(sentences))), piece + " ")
     return "".join(sentences) + "\n" + question
+
+
+def token_counter(tokenizer, memo_below: int = 512):
+    """``count_tokens(text)`` for :func:`make_task`: the tokens of ``text`` by a Hugging Face ``tokenizer``, no special
+    tokens. Texts shorter than ``memo_below`` characters (the filler sentences, counted thousands of times per
+    prompt from a few hundred distinct ones) are memoized; prompt-length texts are counted every time."""
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+    short = functools.lru_cache(maxsize=1 << 16)(tokens)
+    return lambda text: short(text) if len(text) < memo_below else tokens(text)
 
 
 def make_task(task: str, length: int, depth: float, seed: int, count_tokens) -> TaskInstance:

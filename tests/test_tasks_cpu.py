@@ -50,3 +50,24 @@ def test_partial_credit_and_unknown_task():
     assert inst.score(" ".join(inst.answers[:2])) == 0.5
     with pytest.raises(ValueError, match="unknown task"):
         tasks.make_task("qa_1", 500, 0.3, 2, words)
+
+
+def test_token_counter_counts_as_the_tokenizer_and_memoizes_short_texts_only():
+    """token_counter gives the tokenizer's own count (no special tokens) for every text, and asks the tokenizer
+    once per distinct short text: instances generated with it are the ones plain counting generates."""
+    calls = []
+
+    class Tokenizer:                          # a word tokenizer that records what it was asked
+        def __call__(self, text, add_special_tokens):
+            assert add_special_tokens is False
+            calls.append(text)
+            return type("Encoding", (), {"input_ids": text.split()})()
+
+    count = tasks.token_counter(Tokenizer(), memo_below=64)
+    short, long = "a b c", " ".join(["word"] * 40)
+    assert [count(short), count(short), count(long), count(long)] == [3, 3, 40, 40]
+    assert calls == [short, long, long]
+    plain = lambda s: len(s.split())  # noqa: E731
+    for task in tasks.TASKS:
+        assert tasks.make_task(task, 600, 0.4, 1, tasks.token_counter(Tokenizer())).prompt == \
+            tasks.make_task(task, 600, 0.4, 1, plain).prompt
