@@ -42,11 +42,12 @@
 // stops at 64 with a spill; 3 (40 registers, no spill on sm_90) at 1-4. 2 blocks an SM hold 264 rows on an H200
 // (batch 32 x 8 KV heads = 256), 3 hold 396.
 //
-// FlashInfer rows (page_indices != nullptr): the row's selection is also written as FlashInfer's per-head paged
-// row (what page_rows.cu writes from selected_pages; spec: reference.page_rows of reference.topk_pages), saving
-// that launch. Its offset, the pages of the rows before it, comes from their inputs alone (every page of a request
+// FlashInfer rows (indptr != nullptr): the row's selection is also written as FlashInfer's per-head paged row
+// (what page_rows.cu writes from selected_pages; spec: reference.page_rows of reference.topk_pages), saving that
+// launch. Its offset, the pages of the rows before it, comes from their inputs alone (every page of a request
 // within its budget, k for a selecting row, k + the pages written since for a reusing row, whose kept row no block
-// writes in this launch), so no block waits for another.
+// writes in this launch: rows that select or reuse have distinct request slots; the operator's padding rows, which
+// share slot 0, are within their budget), so no block waits for another.
 //
 // Selection reuse (kept != nullptr): a row with reuse_from[b] > 0 is not selected again: it copies the k
 // pages kept for its request slot (kept[req_pool_indices[b], h]) and appends every page after both the planned

@@ -51,7 +51,8 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
             num_tokens)``: the selection is also written as FlashInfer's per-head paged rows into the last four,
             as :func:`cupy_kernels.page_rows.page_rows` writes them from the returned selection (its spec:
             ``reference.page_rows`` of ``reference.topk_pages``), without that launch. With ``reuse``, its
-            req_pool_indices must be the same tensor.
+            req_pool_indices must be the same tensor; rows that select or reuse must have distinct request slots
+            (each block reads the other rows' kept selections for its offset).
 
     Returns:
         selected_pages ``[B, HK, W]`` int32 in ascending page order (entries past the count are not

@@ -441,10 +441,10 @@ def test_topk_pages_writes_flashinfer_rows(select_all_upto):
     _fused_rows_match(scores, seq, P, top_k, 2, 3, select_all_upto, r2t, rpi, row_top_k=row_k,
                       reuse=(rpi, zero, kept, 2))
     # reusing rows: kept pages from a selection (ascending), the planned selection two pages before its end, one
-    # head of row 2 selected again since at a later page
+    # head of row 2 (900 pages then, 904 now) selected again since, its last kept page a later one (901)
     import cupy_kernels as ck
     ck.topk_pages(scores, seq, P, top_k, 2, 3, select_all_upto, row_top_k=row_k, reuse=(rpi, zero, kept, 2))
-    kept[3, 1, int(row_k[2]) - 1] = 880
+    kept[3, 1, int(row_k[2]) - 1] = 901
     reuse_from = torch.where(cnt[:, 0] == row_k, seq - 2 * P, 0).to(torch.int32)
     reuse_from[4] = 0
     _fused_rows_match(scores, seq + 3 * P + 5, P, top_k, 2, 3, select_all_upto, r2t, rpi, row_top_k=row_k,
