@@ -302,11 +302,11 @@ __device__ __forceinline__ u32 rng_uniform(u32 key, u32 i, u32 n) {
 // Sum of counts[0..r) by the whole block, in a fixed order (every thread of a block of NWARPS warps calls it and
 // gets the sum): the CSR offset of row r when each block owns one row. red: NWARPS ints of shared memory, read
 // after the call's barrier: reuse it only after another __syncthreads().
-template <int NWARPS>
-__device__ __forceinline__ int block_sum_before(const int* __restrict__ counts, int r, int* red) {
+template <int NWARPS, class CountOf>
+__device__ __forceinline__ int block_sum_before_of(CountOf&& count_of, int r, int* red) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int s = 0;
-    for (int i = threadIdx.x; i < r; i += NWARPS * 32) s += counts[i];
+    for (int i = threadIdx.x; i < r; i += NWARPS * 32) s += count_of(i);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
     if (lane == 0) red[warp] = s;
@@ -315,4 +315,29 @@ __device__ __forceinline__ int block_sum_before(const int* __restrict__ counts, 
 #pragma unroll
     for (int w = 0; w < NWARPS; ++w) sum += red[w];
     return sum;
+}
+
+template <int NWARPS>
+__device__ __forceinline__ int block_sum_before(const int* __restrict__ counts, int r, int* red) {
+    return block_sum_before_of<NWARPS>([&](int i) { return counts[i]; }, r, red);
+}
+
+// FlashInfer's per-head paged row r (= b * HK + h) of n selected logical pages sel[0..n) (ascending) of request b,
+// whose row of req_to_token is r2t, from `offset` (see page_rows.cu and reference.page_rows): page index
+// r2t[j * P] * HK + h per page j, indptr[r] (and indptr[num_rows] from the last row), the row's last page length
+// and its token count. Every thread of the block calls it; sel is read by any thread (write it before a barrier).
+template <int P>
+__device__ __forceinline__ void write_page_row(const int* sel, int n, const int* __restrict__ r2t, int seq_len,
+                                               int h, int num_kv_heads, int r, int num_rows, int offset,
+                                               int* __restrict__ indptr, int* __restrict__ page_indices,
+                                               int* __restrict__ last_page_len, int* __restrict__ num_tokens) {
+    for (int e = threadIdx.x; e < n; e += blockDim.x)
+        page_indices[offset + e] = r2t[(long long)sel[e] * P] * num_kv_heads + h;
+    if (threadIdx.x == 0) {
+        const int last = n > 0 ? min(P, seq_len - sel[n - 1] * P) : 0;
+        indptr[r] = offset;
+        if (r == num_rows - 1) indptr[r + 1] = offset + n;
+        last_page_len[r] = last;
+        num_tokens[r] = n > 0 ? (n - 1) * P + last : 0;
+    }
 }

@@ -28,18 +28,9 @@ extern "C" __global__ void __launch_bounds__(THREADS) page_rows(
     __shared__ int red[THREADS / 32];
     const int r = blockIdx.x;
     const int b = r / num_kv_heads, h = r - b * num_kv_heads;
-    const int tid = threadIdx.x;
     const int offset = block_sum_before<THREADS / 32>(num_selected, r, red);
 
-    const int n = num_selected[r];
-    const int* sel = selected_pages + (long long)r * width;
-    const int* r2t = req_to_token + (long long)req_pool_indices[b] * r2t_stride;
-    for (int e = tid; e < n; e += THREADS) page_indices[offset + e] = r2t[(long long)sel[e] * PAGE_SIZE] * num_kv_heads + h;
-    if (tid == 0) {
-        const int last = n > 0 ? min(PAGE_SIZE, seq_lens[b] - sel[n - 1] * PAGE_SIZE) : 0;
-        indptr[r] = offset;
-        if (r == gridDim.x - 1) indptr[r + 1] = offset + n;
-        last_page_len[r] = last;
-        num_tokens[r] = n > 0 ? (n - 1) * PAGE_SIZE + last : 0;
-    }
+    write_page_row<PAGE_SIZE>(selected_pages + (long long)r * width, num_selected[r],
+                              req_to_token + (long long)req_pool_indices[b] * r2t_stride, seq_lens[b], h,
+                              num_kv_heads, r, gridDim.x, offset, indptr, page_indices, last_page_len, num_tokens);
 }

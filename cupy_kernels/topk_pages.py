@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import as_int32, check, check_tensor, i32, kernel, launch, u64
+from ._cuda import as_int32, check, check_batch, check_tensor, i32, kernel, launch, u64
 
 Reuse = tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]
+# (req_to_token [max_reqs, max_ctx], req_pool_indices [B], indptr [R + 1], page_indices [>= R * W],
+#  last_page_len [R], num_tokens [B, HK]): where the selection also goes as FlashInfer rows (see page_rows)
+PageRowsOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 THREADS = 512                 # threads per (request, KV head) block, as in the kernels
 MAX_KEYS_PER_THREAD = 16      # register capacity: 16 * 512 = 8192 pages (128K tokens at page 16)
@@ -28,8 +31,8 @@ def keys_per_thread(max_pages: int) -> int:
 
 def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
                n_local: int, select_all_upto: int = 0, out: tuple[torch.Tensor, torch.Tensor] | None = None,
-               *, reuse: Reuse | None = None, row_top_k: torch.Tensor | None = None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               *, reuse: Reuse | None = None, row_top_k: torch.Tensor | None = None,
+               page_rows_out: PageRowsOut | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Select the ``top_k`` best pages of each (request, KV head), or reuse a kept selection.
 
     Args:
@@ -44,13 +47,19 @@ def topk_pages(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int
             extra_pages)``: see :func:`cupy_kernels.reference.topk_pages`.
         row_top_k: optional ``[B]`` int32, each request's own number of pages (``n_sink + n_local .. top_k``;
             not checked on the device): see the reference.
+        page_rows_out: optional ``(req_to_token, req_pool_indices, indptr, page_indices, last_page_len,
+            num_tokens)``: the selection is also written as FlashInfer's per-head paged rows into the last four,
+            as :func:`cupy_kernels.page_rows.page_rows` writes them from the returned selection (its spec:
+            ``reference.page_rows`` of ``reference.topk_pages``), without that launch. With ``reuse``, its
+            req_pool_indices must be the same tensor; rows that select or reuse must have distinct request slots
+            (each block reads the other rows' kept selections for its offset).
 
     Returns:
         selected_pages ``[B, HK, W]`` int32 in ascending page order (entries past the count are not
         written), num_selected ``[B, HK]`` int32.
     """
     return _topk_pages(page_scores, seq_lens, page_size, top_k, n_sink, n_local, select_all_upto, out, reuse,
-                       row_top_k, baseline=False)
+                       row_top_k, page_rows_out, baseline=False)
 
 
 def topk_pages_radix4(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_size: int, top_k: int, n_sink: int,
@@ -60,11 +69,11 @@ def topk_pages_radix4(page_scores: torch.Tensor, seq_lens: torch.Tensor, page_si
     """Benchmark baseline only: :func:`topk_pages` by the previous kernel (4 radix passes over global memory,
     ``topk_pages_radix4.cu``); same arguments, same results. The product calls :func:`topk_pages`."""
     return _topk_pages(page_scores, seq_lens, page_size, top_k, n_sink, n_local, select_all_upto, out, reuse,
-                       row_top_k, baseline=True)
+                       row_top_k, None, baseline=True)
 
 
 def _topk_pages(page_scores, seq_lens, page_size, top_k, n_sink, n_local, select_all_upto, out, reuse, row_top_k,
-                *, baseline: bool):
+                page_rows_out, *, baseline: bool):
     check_tensor(page_scores, "page_scores", dtypes=[torch.float32], ndim=3)
     dev = page_scores.device
     B, HK, M = page_scores.shape
@@ -95,14 +104,30 @@ def _topk_pages(page_scores, seq_lens, page_size, top_k, n_sink, n_local, select
     check_tensor(cnt, "num_selected", dtypes=[torch.int32], ndim=2, device=dev)
     check(tuple(sel.shape) == (B, HK, W) and tuple(cnt.shape) == (B, HK),
           f"out buffers must be {(B, HK, W)} and {(B, HK)}")
+    rows = (u64(0),) * 5 + (i32(0),)              # req_to_token, indptr, page_indices, last, num_tokens, stride
+    if page_rows_out is not None:
+        r2t, rows_rpi, indptr, indices, last, ntok = page_rows_out
+        check(reuse is None or rows_rpi is reuse[0], "page_rows_out and reuse must share req_pool_indices")
+        r2t, rows_rpi, _ = check_batch(r2t, rows_rpi, seq_lens, dev)
+        R = B * HK
+        for name, t in (("indptr", indptr), ("page_indices", indices), ("last_page_len", last)):
+            check_tensor(t, name, dtypes=[torch.int32], ndim=1, device=dev)
+        check_tensor(ntok, "num_tokens", dtypes=[torch.int32], device=dev)
+        check(indptr.numel() == R + 1 and indices.numel() >= R * W and last.numel() == R and ntok.numel() == R,
+              f"page_rows_out buffers must hold {R + 1}, >= {R * W}, {R} and {R} entries")
+        rpi = rows_rpi
+        rows = (r2t, indptr, indices, last, ntok, i32(r2t.shape[1]))
     if B == 0:
+        if page_rows_out is not None:
+            page_rows_out[2].zero_()
         return sel, cnt
+    per_row = row_top_k if row_top_k is not None else u64(0)
+    args = (page_scores, as_int32(seq_lens), sel, cnt, rpi, reuse_from, kept, per_row, i32(HK), i32(M), i32(top_k),
+            i32(n_sink), i32(n_local), i32(select_all_upto), i32(W))
     if baseline:
         fn = kernel("topk_pages_radix4.cu", "topk_pages_radix4", dev, PAGE_SIZE=page_size)
     else:
         fn = kernel("topk_pages.cu", "topk_pages", dev, PAGE_SIZE=page_size, KEYS_PER_THREAD=keys_per_thread(M))
-    per_row = row_top_k if row_top_k is not None else u64(0)
-    launch(fn, (HK, B), (THREADS,), (page_scores, as_int32(seq_lens), sel, cnt, rpi, reuse_from, kept, per_row,
-                                     i32(HK), i32(M), i32(top_k), i32(n_sink), i32(n_local), i32(select_all_upto),
-                                     i32(W)), dev)
+        args += rows
+    launch(fn, (HK, B), (THREADS,), args, dev)
     return sel, cnt

@@ -187,17 +187,24 @@ class _PerHeadDecode:
         ck.compact_kv_rows(rows, counts, out=(self.indptr, self.indices))
         return self._attend(q, k_cache, v_cache, return_lse)
 
+    def page_rows_out(self, batch: DecodeBatch, num_tokens_out: torch.Tensor | None = None) -> tuple:
+        """``topk_pages``' ``page_rows_out``: this wrapper's index buffers (and ``num_tokens_out``, else its own
+        token counts)."""
+        counts = self.num_tokens if num_tokens_out is None else num_tokens_out
+        return batch.req_to_token, batch.req_pool_indices, self.indptr, self.indices, self.last, counts
+
     def run_pages(self, q, k_cache, v_cache, selected_pages, num_selected, batch: DecodeBatch, return_lse,
-                  num_tokens_out: torch.Tensor | None = None):
+                  num_tokens_out: torch.Tensor | None = None, rows_written: bool = False):
         """Attend selected logical pages ``[B, HK, W]`` (ascending) with ``num_selected`` ``[B, HK]``; returns the
         attention output (and LSE) and the tokens attended per row ``[B, HK]`` int32 (written into
-        ``num_tokens_out`` when given)."""
+        ``num_tokens_out`` when given). ``rows_written``: ``topk_pages`` wrote the rows into
+        :meth:`page_rows_out` already (no ``page_rows`` launch)."""
         counts = self.num_tokens if num_tokens_out is None else num_tokens_out
-        _, _, _, num_tokens = ck.page_rows(selected_pages, num_selected, batch.req_to_token,
-                                           batch.req_pool_indices, batch.seq_lens, self.page_size,
-                                           out=(self.indptr, self.indices, self.last, counts))
+        if not rows_written:
+            ck.page_rows(selected_pages, num_selected, batch.req_to_token, batch.req_pool_indices, batch.seq_lens,
+                         self.page_size, out=(self.indptr, self.indices, self.last, counts))
         out = self._attend(q, k_cache, v_cache, return_lse)
-        return (*out, num_tokens) if return_lse else (out, num_tokens)
+        return (*out, counts) if return_lse else (out, counts)
 
 
 class _DenseDecode:
@@ -299,9 +306,12 @@ class _StepAttention:
     def tokens(self, q, rows, counts, *, which, return_lse):
         return self.wrappers[which].run_tokens(q, self.k_cache, self.v_cache, rows, counts, return_lse)
 
-    def pages(self, q, selected_pages, num_selected, *, return_lse):
+    def page_rows_out(self):
+        return self.wrappers["pages"].page_rows_out(self.batch, self.counts_out)
+
+    def pages(self, q, selected_pages, num_selected, *, return_lse, rows_written=False):
         return self.wrappers["pages"].run_pages(q, self.k_cache, self.v_cache, selected_pages, num_selected,
-                                                self.batch, return_lse, self.counts_out)
+                                                self.batch, return_lse, self.counts_out, rows_written)
 
 
 class SparseDecodeOperator:
@@ -820,7 +830,12 @@ class _ReferenceAttention:
     def tokens(self, q, rows, counts, *, which, return_lse):
         return attend_rows_reference(q, self.k_cache, self.v_cache, rows, counts, self.sm_scale, return_lse)
 
-    def pages(self, q, selected_pages, num_selected, *, return_lse):
+    def page_rows_out(self):
+        return None                          # pages() gathers the tokens itself
+
+    def pages(self, q, selected_pages, num_selected, *, return_lse, rows_written=False):
+        if rows_written:
+            raise ValueError("the reference attention has no rows for a selection to write into")
         # the tokens of the selected pages (FlashInfer reading page_rows' rows attends exactly these:
         # tests/test_reference.py proves the two equal)
         b = self.batch

@@ -56,10 +56,15 @@ class Attention(Protocol):
         """Attend token rows ``[B, HK, C]`` (kv indices) with ``counts`` ``[B, HK]``; ``which``: ``main`` or
         ``sample`` (the index buffers used)."""
 
+    def page_rows_out(self) -> tuple[torch.Tensor, ...] | None:
+        """Where the selection may write its pages as the attention's own rows (``topk_pages``'
+        ``page_rows_out``), or None: :meth:`pages` then builds them."""
+
     def pages(self, q: torch.Tensor, selected_pages: torch.Tensor, num_selected: torch.Tensor, *,
-              return_lse: bool) -> tuple[torch.Tensor, ...]:
+              return_lse: bool, rows_written: bool = False) -> tuple[torch.Tensor, ...]:
         """Attend every token of the selected logical pages ``[B, HK, W]`` (ascending) with ``num_selected``
-        ``[B, HK]``; returns ``(o, num_tokens)`` or ``(o, lse, num_tokens)``, num_tokens ``[B, HK]`` int32."""
+        ``[B, HK]``; returns ``(o, num_tokens)`` or ``(o, lse, num_tokens)``, num_tokens ``[B, HK]`` int32.
+        ``rows_written``: the selection wrote them into :meth:`page_rows_out` already."""
 
 
 @dataclass
@@ -88,11 +93,12 @@ class SelectionObserver(Protocol):
 
 
 def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, batch: DecodeBatch,
-                 observe: SelectionObserver | None = None):
+                 observe: SelectionObserver | None = None, page_rows_out: tuple | None = None):
     """Quest's selection: ``(selected_pages [B, HK, W], num_selected [B, HK])``, W = cfg.dense_pages (or
     more with reuse); a request past ``dense_pages`` selects ``batch.row_top_k`` pages (its own budget) if set.
     ``observe`` (diagnostics; the operator never passes it) is called with the page scores the selection ranked
-    and the selection: see :class:`SelectionObserver`."""
+    and the selection: see :class:`SelectionObserver`. ``page_rows_out``: :meth:`Attention.page_rows_out`, where
+    the selection is also written as the attention's rows."""
     P = cfg.page_size
     reuse = None
     if tables.kept_selection is not None:
@@ -111,8 +117,9 @@ def select_pages(ops, cfg: SparseConfig, q: torch.Tensor, tables: LayerTables, b
                                        batch.seq_lens, P, batch.max_pages, skip_pages_upto=cfg.dense_pages,
                                        skip_rows=skip_rows, group_score=cfg.group_score)
     # a request's own budget (row_top_k) applies past dense_pages: shorter requests keep every page whatever it is
+    into_rows = {} if page_rows_out is None else {"page_rows_out": page_rows_out}
     selected = ops.topk_pages(scores, batch.seq_lens, P, cfg.top_k_pages, cfg.sink_pages, cfg.local_pages,
-                              select_all_upto=cfg.dense_pages, reuse=reuse, row_top_k=batch.row_top_k)
+                              select_all_upto=cfg.dense_pages, reuse=reuse, row_top_k=batch.row_top_k, **into_rows)
     if observe is not None:
         observe(scores, *selected)
     return selected
@@ -238,7 +245,9 @@ def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
 
 
 def quest(ops, cfg, q, tables, batch, attend: Attention, observe: SelectionObserver | None = None):
-    return attend.pages(q, *select_pages(ops, cfg, q, tables, batch, observe), return_lse=False)
+    rows = attend.page_rows_out()
+    return attend.pages(q, *select_pages(ops, cfg, q, tables, batch, observe, rows), return_lse=False,
+                        rows_written=rows is not None)
 
 
 def twilight(ops, cfg, q, tables, batch, attend: Attention, sm_scale: float,
@@ -252,8 +261,9 @@ def twilight(ops, cfg, q, tables, batch, attend: Attention, sm_scale: float,
 
 def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attention, sm_scale: float,
                seeds: torch.Tensor, observe: SelectionObserver | None = None):
-    selected = select_pages(ops, cfg, q, tables, batch, observe)
-    o_det, lse_det, counts = attend.pages(q, *selected, return_lse=True)
+    rows = attend.page_rows_out()
+    selected = select_pages(ops, cfg, q, tables, batch, observe, rows)
+    o_det, lse_det, counts = attend.pages(q, *selected, return_lse=True, rows_written=rows is not None)
     B, HQ, D = q.shape
     o_det = o_det.view(B, HQ, D)
     lse_det = lse_det.reshape(B, HQ).float()

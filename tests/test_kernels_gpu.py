@@ -385,6 +385,95 @@ def test_topk_pages_per_request_budgets(select_all_upto):
     assert torch.equal(sel2[mask], rsel2[mask])
 
 
+def _page_table(seq_lens, max_reqs, P, gen):
+    """req_to_token [max_reqs, max_len] int32 whose slot rows map each request's pages to shuffled physical pages."""
+    max_len = int(seq_lens.max()) + P
+    pages = -(-max_len // P)
+    phys = torch.randperm(max_reqs * pages, generator=gen).view(max_reqs, pages)
+    t = torch.arange(max_len)
+    return (phys[:, t // P] * P + t % P).int().to(DEV)
+
+
+def _fused_rows_match(scores, seq, P, top_k, n_sink, n_local, fit, r2t, rpi, **kw):
+    """topk_pages writing FlashInfer's rows itself gives the selection and the rows that page_rows writes from the
+    unfused selection (indptr, page indices up to indptr[R], last page lengths, token counts)."""
+    import cupy_kernels as ck
+    reuse = kw.pop("reuse", None)
+    fused_reuse = unfused_reuse = None
+    if reuse is not None:                        # each call updates its own kept table
+        fused_reuse = (rpi, reuse[1], reuse[2].clone(), reuse[3])
+        unfused_reuse = (rpi, reuse[1], reuse[2].clone(), reuse[3])
+    sel, cnt = ck.topk_pages(scores, seq, P, top_k, n_sink, n_local, fit, reuse=unfused_reuse, **kw)
+    want = ck.page_rows(sel, cnt, r2t, rpi, seq, P)
+    B, HK, W = sel.shape
+    R = B * HK
+    got = (torch.full((R + 1,), -7, dtype=torch.int32, device=DEV), torch.full((R * W,), -7, dtype=torch.int32,
+                                                                              device=DEV),
+           torch.full((R,), -7, dtype=torch.int32, device=DEV), torch.full((B, HK), -7, dtype=torch.int32, device=DEV))
+    fsel, fcnt = ck.topk_pages(scores, seq, P, top_k, n_sink, n_local, fit, reuse=fused_reuse,
+                               page_rows_out=(r2t, rpi, *got), **kw)
+    assert torch.equal(fcnt, cnt)
+    mask = torch.arange(W, device=DEV)[None, None] < cnt[..., None]
+    assert torch.equal(fsel[mask], sel[mask])
+    if reuse is not None:
+        assert torch.equal(fused_reuse[2], unfused_reuse[2])
+    total = int(want[0][-1])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1][:total], want[1][:total])
+    assert torch.equal(got[2], want[2]) and torch.equal(got[3], want[3])
+    return cnt
+
+
+@pytest.mark.parametrize("select_all_upto", [0, 100])
+def test_topk_pages_writes_flashinfer_rows(select_all_upto):
+    """page_rows_out: the same rows as page_rows of the same selection, for short rows (every page), selecting
+    rows with their own budgets, reusing rows (kept pages + pages since, a drift re-selection's later last page),
+    a row longer than the registers hold (chunks) and a one-row batch."""
+    gen = _gen(41)
+    P, top_k, HK = 16, 64, 3
+    seq = torch.tensor([3000 * P, 40 * P + 3, 900 * P, 120 * P, 5 * P], device=DEV)
+    scores = (torch.randint(-4, 4, (5, HK, 3000), generator=gen).float() * 0.25).to(DEV)
+    row_k = torch.tensor([64, 48, 5, 17, 5], dtype=torch.int32, device=DEV)
+    rpi = torch.tensor([7, 0, 3, 5, 1], dtype=torch.int32, device=DEV)
+    r2t = _page_table(seq + 4 * P, 8, P, gen)
+    kept = torch.full((8, HK, top_k), -1, dtype=torch.int32, device=DEV)
+    zero = torch.zeros(5, dtype=torch.int32, device=DEV)
+    cnt = _fused_rows_match(scores, seq, P, top_k, 2, 3, select_all_upto, r2t, rpi, row_top_k=row_k)
+    _fused_rows_match(scores, seq, P, top_k, 2, 3, select_all_upto, r2t, rpi, row_top_k=row_k,
+                      reuse=(rpi, zero, kept, 2))
+    # reusing rows: kept pages from a selection (ascending), the planned selection two pages before its end, one
+    # head of row 2 (900 pages then, 904 now) selected again since, its last kept page a later one (901)
+    import cupy_kernels as ck
+    ck.topk_pages(scores, seq, P, top_k, 2, 3, select_all_upto, row_top_k=row_k, reuse=(rpi, zero, kept, 2))
+    kept[3, 1, int(row_k[2]) - 1] = 901
+    reuse_from = torch.where(cnt[:, 0] == row_k, seq - 2 * P, 0).to(torch.int32)
+    reuse_from[4] = 0
+    _fused_rows_match(scores, seq + 3 * P + 5, P, top_k, 2, 3, select_all_upto, r2t, rpi, row_top_k=row_k,
+                      reuse=(rpi, reuse_from, kept, 4))
+    # chunks: 9000 pages a row (the registers hold 8192), no per-request budgets
+    long_seq = torch.tensor([9000 * P - 5, 7000 * P], device=DEV)
+    long_scores = torch.randn((2, 2, 9000), generator=gen).to(DEV)
+    long_r2t = _page_table(long_seq, 2, P, gen)
+    _fused_rows_match(long_scores, long_seq, P, 512, 1, 4, 0, long_r2t,
+                      torch.tensor([1, 0], dtype=torch.int32, device=DEV))
+    one = torch.tensor([300 * P], device=DEV)
+    _fused_rows_match(torch.randn((1, 1, 300), generator=gen).to(DEV), one, P, 32, 1, 2, 0,
+                      _page_table(one, 1, P, gen), torch.zeros(1, dtype=torch.int32, device=DEV))
+
+
+def test_topk_pages_rows_need_the_reuse_request_slots():
+    """page_rows_out and reuse read one req_pool_indices: two different tensors are refused."""
+    import cupy_kernels as ck
+    seq = torch.tensor([64 * 16], device=DEV)
+    rpi = torch.zeros(1, dtype=torch.int32, device=DEV)
+    bufs = (torch.zeros(2, dtype=torch.int32, device=DEV), torch.zeros(64, dtype=torch.int32, device=DEV),
+            torch.zeros(1, dtype=torch.int32, device=DEV), torch.zeros((1, 1), dtype=torch.int32, device=DEV))
+    reuse = (rpi, torch.zeros(1, dtype=torch.int32, device=DEV), torch.zeros((1, 1, 8), dtype=torch.int32,
+                                                                           device=DEV), 0)
+    with pytest.raises(ValueError, match="share req_pool_indices"):
+        ck.topk_pages(torch.zeros((1, 1, 64), device=DEV), seq, 16, 8, 1, 1, reuse=reuse,
+                      page_rows_out=(_page_table(seq, 1, 16, _gen(1)), rpi.clone(), *bufs))
+
+
 @pytest.mark.parametrize("int8", [False, True], ids=["bf16_bounds", "int8_bounds"])
 def test_topk_pages_reuse_and_scores_skip_rows(int8):
     """Rows reusing a kept selection: not scored (bf16 bounds, and int8 rows as quest-fast stores them), their kept
