@@ -118,46 +118,6 @@ __device__ __forceinline__ float int8_level(float code, float lo, float scale) {
     return __fadd_rn(__fmul_rn(code, scale), lo);
 }
 
-// A lane's share of one int8 row: 8 min codes, 8 max codes, (lo, scale).
-struct Int8Bounds {
-    uint2 cmin, cmax;
-    float2 p;
-};
-
-// This lane's 8 codes (from d0) of KV head h of physical page `page` in an int8 table [pages, KvHeads, 2*Dim + 8];
-// zeros (bounds 0) for page < 0.
-template <int KvHeads, int Dim>
-__device__ __forceinline__ void load_page_bounds_int8(const unsigned char* __restrict__ bounds, int page, int h,
-                                                      int d0, Int8Bounds& out) {
-    if (page >= 0) {
-        const unsigned char* row = bounds + ((long long)page * KvHeads + h) * (2 * Dim + 8);
-        out.cmin = *reinterpret_cast<const uint2*>(row + d0);
-        out.cmax = *reinterpret_cast<const uint2*>(row + Dim + d0);
-        out.p = *reinterpret_cast<const float2*>(row + 2 * Dim);
-    } else {
-        out.cmin = make_uint2(0, 0);
-        out.cmax = make_uint2(0, 0);
-        out.p = make_float2(0.f, 0.f);
-    }
-}
-
-__device__ __forceinline__ void unpack8_int8(const uint2 c, float lo, float scale, float (&f)[8]) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        f[i] = int8_level((float)((c.x >> (8 * i)) & 0xffu), lo, scale);
-        f[4 + i] = int8_level((float)((c.y >> (8 * i)) & 0xffu), lo, scale);
-    }
-}
-
-// quest_bound from a lane's share of an int8 row.
-template <int Heads, int Lanes, bool Mean>
-__device__ __forceinline__ float quest_bound_int8(const float (&qh)[Heads][8], const Int8Bounds& b) {
-    float mn[8], mx[8];
-    unpack8_int8(b.cmin, b.p.x, b.p.y, mn);
-    unpack8_int8(b.cmax, b.p.x, b.p.y, mx);
-    return quest_bound_f<Heads, Lanes, Mean>(qh, mn, mx);
-}
-
 // This lane's 16-byte vectors of the min and max of KV head h of physical page `page` in a bounds table
 // [pages, KvHeads, 2, Dim]; zeros for page < 0 (no page: the lane still joins quest_bound's shuffles).
 template <int KvHeads, int Dim>
@@ -229,42 +189,6 @@ __device__ __forceinline__ int block_exclusive_sum(int v, int* warp_totals, int*
         if (lane >= o) x += t;
     }
     return warps_before<NWARPS>(x, lane == 31, warp_totals, total) + x - v;
-}
-
-// The score kernels' tiles: a tile is Tile consecutive pages of one request. Writes tile_begin[b], the first tile
-// of request b ([batch + 1] ints of shared memory), from a block-wide scan of ceil(pages / Tile) over the requests
-// (0 for a request with at most skip_pages_upto pages or skip_rows[b] != 0), and returns the batch's tile count.
-// Every thread of the 256-thread block calls it; it ends with a barrier.
-template <int Tile, int PageSize>
-__device__ __forceinline__ int count_tiles(const int* __restrict__ seq_lens, const int* __restrict__ skip_rows,
-                                           int batch, int skip_pages_upto, int* tile_begin, int* warp_totals) {
-    int n_tiles = 0;
-    for (int base = 0; base < batch; base += 256) {
-        const int b = base + threadIdx.x;
-        int tiles = 0;
-        if (b < batch) {
-            const int n = (seq_lens[b] + PageSize - 1) / PageSize;
-            const bool skip = n <= skip_pages_upto || (skip_rows != nullptr && skip_rows[b] != 0);
-            tiles = skip ? 0 : (n + Tile - 1) / Tile;
-        }
-        int total;
-        const int before = block_exclusive_sum<256 / 32>(tiles, warp_totals, &total);
-        if (b < batch) tile_begin[b] = n_tiles + before;
-        n_tiles += total;
-    }
-    __syncthreads();
-    return n_tiles;
-}
-
-// The request of tile t: the last b with tile_begin[b] <= t (requests without tiles share the begin of the next
-// request, so they are never the last).
-__device__ __forceinline__ int tile_request(const int* tile_begin, int batch, int t) {
-    int lo = 0, hi = batch - 1;
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) >> 1;
-        if (tile_begin[mid] <= t) lo = mid; else hi = mid - 1;
-    }
-    return lo;
 }
 
 __device__ __forceinline__ float warp_sum(float x) {

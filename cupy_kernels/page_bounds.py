@@ -17,15 +17,18 @@ def bounds_shape(num_pages: int, num_kv_heads: int, head_dim: int, int8: bool) -
             else (num_pages, num_kv_heads, 2, head_dim))
 
 
-def _check_bounds(bounds: torch.Tensor, name: str, kv_dtype: torch.dtype, shape: tuple, device) -> bool:
-    """Validate a bounds table for K pools of ``kv_dtype`` and ``shape`` ``(S, HK, D)``; True for int8 rows."""
-    S, HK, D, P = shape
-    int8 = bounds.dtype == torch.uint8
+def check_bounds(bounds: torch.Tensor, name: str, kv_dtype: torch.dtype, num_pages: int | None,
+                 num_kv_heads: int | None, head_dim: int, device) -> bool:
+    """Validate a bounds table of ``num_pages`` pages and ``num_kv_heads`` heads (None: the table's own) for keys
+    of ``kv_dtype`` and ``head_dim`` (or int8 rows); True for int8 rows."""
+    D = head_dim
+    int8 = isinstance(bounds, torch.Tensor) and bounds.dtype == torch.uint8
     check_tensor(bounds, name, dtypes=[kv_dtype, torch.uint8], ndim=3 if int8 else 4, device=device)
-    want = bounds_shape(S // P, HK, D, int8)
+    want = bounds_shape(bounds.shape[0] if num_pages is None else num_pages,
+                        bounds.shape[1] if num_kv_heads is None else num_kv_heads, D, int8)
     check(tuple(bounds.shape) == want,
-          f"{name} must be {'int8 rows [num_slots // page_size, HK, 2D + 8]' if int8 else '[num_slots // page_size, HK, 2, D]'}"
-          f" = {want}, got {tuple(bounds.shape)}")
+          f"{name} must be {'int8 rows [pages, HK, 2D + 8]' if int8 else '[pages, HK, 2, D]'} = {want}, got "
+          f"{tuple(bounds.shape)}")
     if int8:
         check(D in (8, 16, 32, 64, 128, 256), f"int8 bounds need head_dim in 8..256, a power of two; got {D}")
     return int8
@@ -57,7 +60,7 @@ def page_bounds_update(k_cache: torch.Tensor, written_slots: torch.Tensor, page_
     check_tensor(written_slots, "written_slots", dtypes=[torch.int32, torch.int64], ndim=1, device=dev)
     check(S % page_size == 0, f"num_slots ({S}) must be a multiple of page_size ({page_size})")
     check(D % 8 == 0, f"head_dim must be a multiple of 8, got {D}")
-    int8 = _check_bounds(page_key_bounds, "page_key_bounds", k_cache.dtype, (S, HK, D, page_size), dev)
+    int8 = check_bounds(page_key_bounds, "page_key_bounds", k_cache.dtype, S // page_size, HK, D, dev)
     n = written_slots.numel()
     if n == 0:
         return
@@ -90,7 +93,7 @@ class LayerTables:
         for i, (k, b) in enumerate(zip(k_caches, page_key_bounds)):
             check_tensor(k, f"k_caches[{i}]", dtypes=[k0.dtype], ndim=3, device=k0.device)
             check(tuple(k.shape) == (S, HK, D), f"k_caches[{i}] is {tuple(k.shape)}, layer 0 is {(S, HK, D)}")
-            _check_bounds(b, f"page_key_bounds[{i}]", k0.dtype, (S, HK, D, page_size), k0.device)
+            check_bounds(b, f"page_key_bounds[{i}]", k0.dtype, S // page_size, HK, D, k0.device)
             check(b.dtype == page_key_bounds[0].dtype, f"page_key_bounds[{i}] is {b.dtype}, layer 0's is "
                                                        f"{page_key_bounds[0].dtype}")
         self.k_caches, self.page_key_bounds = list(k_caches), list(page_key_bounds)

@@ -83,6 +83,42 @@ __device__ __forceinline__ u32 pack_half2(float lo, float hi) {
 }
 #endif
 
+// Tiles: a tile is Tile consecutive pages of one request. Writes tile_begin[b], the first tile
+// of request b ([batch + 1] ints of shared memory), from a block-wide scan of ceil(pages / Tile) over the requests
+// (0 for a request with at most skip_pages_upto pages or skip_rows[b] != 0), and returns the batch's tile count.
+// Every thread of the 256-thread block calls it; it ends with a barrier.
+template <int Tile, int PageSize>
+__device__ __forceinline__ int count_tiles(const int* __restrict__ seq_lens, const int* __restrict__ skip_rows,
+                                           int batch, int skip_pages_upto, int* tile_begin, int* warp_totals) {
+    int n_tiles = 0;
+    for (int base = 0; base < batch; base += 256) {
+        const int b = base + threadIdx.x;
+        int tiles = 0;
+        if (b < batch) {
+            const int n = (seq_lens[b] + PageSize - 1) / PageSize;
+            const bool skip = n <= skip_pages_upto || (skip_rows != nullptr && skip_rows[b] != 0);
+            tiles = skip ? 0 : (n + Tile - 1) / Tile;
+        }
+        int total;
+        const int before = block_exclusive_sum<256 / 32>(tiles, warp_totals, &total);
+        if (b < batch) tile_begin[b] = n_tiles + before;
+        n_tiles += total;
+    }
+    __syncthreads();
+    return n_tiles;
+}
+
+// The request of tile t: the last b with tile_begin[b] <= t (requests without tiles share the begin of the next
+// request, so they are never the last).
+__device__ __forceinline__ int tile_request(const int* tile_begin, int batch, int t) {
+    int lo = 0, hi = batch - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) >> 1;
+        if (tile_begin[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 // Two blocks per SM up to head_dim 128 (<= 128 registers); at 256 a lane holds twice the row, one block.
 #if HEAD_DIM <= 128
 #define MIN_BLOCKS 2

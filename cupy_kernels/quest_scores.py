@@ -10,7 +10,7 @@ import torch
 
 from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i32, kernel, launch,
                     resident_blocks, u64)
-from .page_bounds import bounds_shape
+from .page_bounds import check_bounds
 
 THREADS = 256
 TILE_PAGES = (THREADS // 32) * 16          # pages one tile covers (a block's unit of work): 16 (MMA rows) per warp
@@ -31,13 +31,8 @@ def check_score_inputs(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_to
     check_tensor(q, "q", dtypes=list(KV_DTYPES), ndim=3)
     dev = q.device
     B, HQ, D = q.shape
-    int8 = page_key_bounds.dtype == torch.uint8
-    check_tensor(page_key_bounds, "page_key_bounds", dtypes=[q.dtype, torch.uint8], ndim=3 if int8 else 4,
-                 device=dev)
+    int8 = check_bounds(page_key_bounds, "page_key_bounds", q.dtype, None, None, D, dev)
     HK = page_key_bounds.shape[1]
-    want = bounds_shape(page_key_bounds.shape[0], HK, D, int8)
-    check(tuple(page_key_bounds.shape) == want,
-          f"{'int8 ' if int8 else ''}page_key_bounds must be {want}, got {tuple(page_key_bounds.shape)}")
     G = check_group(HQ, HK)
     check(D in (64, 128, 256), f"head_dim must be 64, 128 or 256, got {D}")
     align = 8 if int8 else 16                    # the kernels' widest loads: 16-byte vectors, 8 in int8 rows

@@ -64,6 +64,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
+from cupy_kernels.reference import int8_bounds_row_bytes  # noqa: E402
+
 # ----------------------------------------------------------------------------- shape (Llama-3.1-8B attention)
 
 HQ = 32                      # query heads
@@ -76,6 +78,7 @@ KV_DTYPE = torch.bfloat16
 SM_SCALE = 1.0 / math.sqrt(D)
 
 BF16, I32, I64, F32 = 2, 4, 8, 4   # element sizes in bytes
+INT8_ROW_BYTES = int8_bounds_row_bytes(D)    # an int8 bounds row: 2*D codes, fp32 lo and scale
 
 DEFAULT_CONTEXTS = (32768, 131072)
 DEFAULT_BATCHES = (1, 32)
@@ -120,19 +123,13 @@ def bytes_page_bounds_update(n_slots: int, tokens_read: int, pages_written: int)
     return n_slots * I32 + tokens_read * HK * D * BF16 + pages_written * HK * 2 * D * BF16
 
 
-def bytes_quest_page_scores(batch: int, n_pages: int) -> int:
+def bytes_quest_page_scores(batch: int, n_pages: int, row_bytes: int = 2 * D * BF16) -> int:
     """quest_page_scores: reads q (B*HQ*D bf16), req_pool_indices and seq_lens (int32), one req_to_token entry
-    per (request, page) (int32, shared by the HK heads) and per (request, KV head, page) the bounds (2*D bf16);
-    writes one float32 score per (request, KV head, page)."""
+    per (request, page) (int32, shared by the HK heads) and per (request, KV head, page) the bounds row
+    (``row_bytes``: 2*D bf16, or an int8 row's 2*D codes and fp32 lo and scale); writes one float32 score per
+    (request, KV head, page)."""
     return (batch * HQ * D * BF16 + 2 * batch * I32 + batch * n_pages * I32
-            + batch * HK * n_pages * (2 * D * BF16 + F32))
-
-
-def bytes_quest_page_scores_int8(batch: int, n_pages: int) -> int:
-    """quest_page_scores on int8 bounds rows: as above with 2*D + 8 bytes of bounds per (request, KV head, page)
-    (2*D codes, fp32 lo and scale)."""
-    return (batch * HQ * D * BF16 + 2 * batch * I32 + batch * n_pages * I32
-            + batch * HK * n_pages * (2 * D + 8 + F32))
+            + batch * HK * n_pages * (row_bytes + F32))
 
 
 def bytes_topk_pages(batch: int, n_pages: int, top_k: int) -> int:
@@ -223,7 +220,7 @@ def estimate_case_memory(batch: int, context: int, topks: tuple[int, ...], candi
     S, npr = geo["slots"], geo["pages_per_req"]
     C = min(candidate_tokens, (context // P) * P)
     total = 2 * S * HK * D * BF16                                  # K and V pools
-    total += (S // P) * HK * (2 * D * BF16 + 2 * D + 8)            # page bounds, bf16 and int8
+    total += (S // P) * HK * (2 * D * BF16 + INT8_ROW_BYTES)       # page bounds, bf16 and int8
     total += S * HK * (D // 2 + (D // INT4_GROUP) * 2 * F32)       # int4 keys + (scale, zero)
     total += geo["rows"] * geo["max_ctx"] * I32                    # req_to_token
     total += batch * context * (I64 + I32)                         # slot map + every slot (prefill list)
@@ -424,7 +421,7 @@ def planned_rows(args) -> list[dict]:
                 n = min(args.prefill_tokens, ctx)
                 row("page_bounds_update", f"prefill {n} tok", 1, n, bytes_page_bounds_update(n, n, ceil_div(n, P)))
             row("quest_page_scores", "all pages", b, ctx, bytes_quest_page_scores(b, npr))
-            row("quest_page_scores", "int8 all pages", b, ctx, bytes_quest_page_scores_int8(b, npr))
+            row("quest_page_scores", "int8 all pages", b, ctx, bytes_quest_page_scores(b, npr, INT8_ROW_BYTES))
             for k in args.topk:
                 row("topk_pages", f"top_k={k}", b, ctx, bytes_topk_pages(b, npr, k))
             if "topk_pages_radix4" in args.kernels:
@@ -809,28 +806,26 @@ class Config:
 
     # -- 2. Quest scores
 
-    def _scores_case(self, name: str, label: str, bounds: torch.Tensor, out: torch.Tensor, sanity_of, int8: bool,
-                     params=None, **kw) -> Case:
-        """quest_page_scores of every page from ``bounds`` into ``out`` (``kw``: more arguments of the wrapper); the
-        case's sanity is ``sanity_of(written)``, written = the columns of the pages present; ``params`` recorded
-        beside."""
+    def _scores_case(self, label: str, bounds: torch.Tensor, out: torch.Tensor, sanity_of) -> Case:
+        """quest_page_scores of every page from ``bounds`` (bf16 rows, or int8 rows: uint8) into ``out``; the
+        case's sanity is ``sanity_of(written)``, written = the columns of the pages present."""
         ck, B = self.ck, self.B
         cols = out.shape[-1]
+        int8 = bounds.dtype == torch.uint8
         fn = lambda: ck.quest_page_scores(self.q, bounds, self.r2t, self.rpi, self.seq_lens, P,  # noqa: E731
-                                          cols, out=out, **kw)
+                                          cols, out=out)
         written = lambda: out[..., :self.npr]  # noqa: E731
-        nbytes = bytes_quest_page_scores_int8(B, self.npr) if int8 else bytes_quest_page_scores(B, self.npr)
+        nbytes = bytes_quest_page_scores(B, self.npr, INT8_ROW_BYTES if int8 else 2 * D * BF16)
         formula = f"B*HQ*D*2 + 2*B*4 + B*np*4 + B*HK*np*({'2*D + 8' if int8 else '2*D*2'} + 4)"
-        return self._case(name, label, fn, lambda: [written()], lambda: written().fill_(12345.0),
+        return self._case("quest_page_scores", label, fn, lambda: [written()], lambda: written().fill_(12345.0),
                           lambda: sanity_of(written()), lambda: (nbytes, {"pages_per_request": self.npr}), formula,
-                          params={"max_pages": cols, **kw, **(params or {})})
+                          params={"max_pages": cols})
 
     def quest_scores(self) -> Case:
         cols = max(self.npr, self.args.score_columns)   # the product's rows are max_pages (capacity) wide
         self.scores = torch.empty((self.B, HK, cols), dtype=torch.float32, device=self.dev)
-        return self._scores_case("quest_page_scores", "all pages", self.bounds, self.scores,
-                                 lambda w: None if bool(torch.isfinite(w).all()) else "non-finite page scores",
-                                 int8=False)
+        return self._scores_case("all pages", self.bounds, self.scores,
+                                 lambda w: None if bool(torch.isfinite(w).all()) else "non-finite page scores")
 
     def quest_scores_int8(self) -> Case:
         """The same scores from int8 bounds rows of the same pages (bounds_dtype int8), into their own buffer."""
@@ -847,8 +842,7 @@ class Config:
             slack = 1e-4 * ref_scores.abs().amax().item() + 1e-4
             return None if bool((written >= ref_scores - slack).all()) else "int8 scores below the bf16 scores"
 
-        return self._scores_case("quest_page_scores", "int8 all pages", self.bounds_int8, self.scores_int8, sanity,
-                                 int8=True)
+        return self._scores_case("int8 all pages", self.bounds_int8, self.scores_int8, sanity)
 
     # -- 3. top-k
 

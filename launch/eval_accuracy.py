@@ -205,10 +205,11 @@ def main() -> int:
     if args.server_page_size is not None:
         if args.path != "sglang":
             ap.error("--server-page-size applies to the sglang path only (the cpu path has no SGLang pages)")
-        for label, cfg in configs:
-            if cfg.is_sparse and (args.server_page_size < 1 or args.server_page_size % cfg.sglang_page_size):
-                ap.error(f"--server-page-size {args.server_page_size} is not a multiple of "
-                         f"{label or cfg.method}'s page ({cfg.sglang_page_size} tokens): give a multiple of it")
+        try:
+            for label, cfg in configs:
+                accuracy.check_server_page_size(args.server_page_size, cfg, label, "--server-page-size")
+        except ValueError as e:
+            ap.error(str(e))
     specs = accuracy.instance_specs(args.tasks, args.lengths, args.depths, args.seeds, args.seed)
     per = len(args.depths) * args.seeds
     print(f"{len(configs)} configs x {len(specs)} instances ({len(args.tasks)} tasks x {len(args.lengths)} lengths "

@@ -401,6 +401,14 @@ def context_length_for(model_dir: str | os.PathLike, needed: int, page: int = 16
     return context, {}
 
 
+def check_server_page_size(page_size: int, cfg: SparseConfig, name: str, what: str) -> None:
+    """``ValueError`` (saying ``what {page_size}``) unless SGLang's ``--page-size`` ``page_size`` serves sparse
+    config ``cfg`` (called ``name``): a positive multiple of its page (its coarse page, if any)."""
+    if cfg.is_sparse and (page_size < 1 or page_size % cfg.sglang_page_size):
+        raise ValueError(f"{what} {page_size} is not a multiple of {name}'s page ({cfg.sglang_page_size} tokens): "
+                         "give a multiple of it")
+
+
 def server_for(model_dir, cfg: SparseConfig, *, name: str, extra_args=(), config_dir, log_dir=None, env=None,
                page_size: int | None = None):
     """A (not yet started) ``ServerProcess`` for ``cfg``: dense = ``flashinfer --page-size P``; sparse =
@@ -413,9 +421,8 @@ def server_for(model_dir, cfg: SparseConfig, *, name: str, extra_args=(), config
     if not cfg.is_sparse:
         return ServerProcess(str(model_dir), backend="flashinfer", extra_args=[*extra_args, "--page-size",
                              str(page_size or cfg.page_size)], log_path=log, env=env)
-    if page_size is not None and page_size % cfg.sglang_page_size:
-        raise ValueError(f"server page size {page_size} is not a multiple of {name}'s page "
-                         f"({cfg.sglang_page_size} tokens): give a multiple of it")
+    if page_size is not None:
+        check_server_page_size(page_size, cfg, name, "server page size")
     path = cfg.save(Path(config_dir) / f"{name}.yaml")
     page_args = ["--page-size", str(page_size)] if page_size is not None else []
     return ServerProcess(str(model_dir), backend="sgl_sparse", sparse_config=str(path),

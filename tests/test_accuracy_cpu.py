@@ -33,7 +33,7 @@ def test_converted_model_answers_a_simple_question(smollm2):
 @pytest.mark.parametrize("depth", [0.25, 0.7])
 def test_passkey_dense_and_quest(smollm2, depth):
     model, tok = smollm2
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     inst = tasks.make_task("passkey", 800, depth, 3, count)
     dense = models.greedy(model, tok, inst.prompt, 8)
     assert inst.score(dense) == 1.0, dense
@@ -51,7 +51,7 @@ def test_selection_reuse_with_the_drift_test_keeps_the_passkey(smollm2):
     the drift test selected again where the query moved (on this instance, reuse without it answers '525' for
     52558: the selection made for the first digit lacks what the fourth one attends)."""
     model, tok = smollm2
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     inst = tasks.make_task("passkey", 6000, 0.1, 0, count)
     cfg = SparseConfig.load("quest-fast").replace(token_budget=1024, min_context=1024)
     with sparse_attention(model, cfg) as stats:
@@ -65,7 +65,7 @@ def test_vattention_error_rate_on_real_attention(smollm2):
     """vAttention's (epsilon, delta) on the model's real q/k/v: the fraction of decode attention outputs whose
     relative error vs dense exceeds epsilon stays within delta (+3 binomial standard errors)."""
     model, tok = smollm2
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     inst = tasks.make_task("passkey", 800, 0.5, 4, count)
     cfg = SparseConfig.load("vattention").replace(token_budget=128, min_context=0, epsilon=0.1, delta=0.05)
     with sparse_attention(model, cfg, measure_error=True) as stats:
@@ -213,7 +213,7 @@ def test_answers_fit_in_the_generation_budget(task):
 
     budget = accuracy.MAX_NEW_TOKENS.get(task, 24)
     for name, tok in _tokenizers():
-        count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+        count = tasks.token_counter(tok)
         for seed in range(4):
             inst = tasks.make_task(task, 1024, 0.5, seed, count)
             answer = " " + ", ".join(inst.answers) + "."

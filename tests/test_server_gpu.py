@@ -209,7 +209,7 @@ def passkey_prompts(length=6000, depths=(0.1, 0.5, 0.9)):
     from sgl_sparse import tasks
 
     tok = _tokenizer()
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     return [tasks.make_task("passkey", length, d, i, count) for i, d in enumerate(depths)]
 
 

@@ -67,7 +67,7 @@ def _passkeys(depths=(0.15, 0.5, 0.85)):
     from sgl_sparse import tasks
 
     tok = AutoTokenizer.from_pretrained(MODEL)
-    count = lambda s: len(tok(s, add_special_tokens=False).input_ids)  # noqa: E731
+    count = tasks.token_counter(tok)
     return [tasks.make_task("passkey", PROMPT_TOKENS, d, 10 + i, count) for i, d in enumerate(depths)]
 
 
