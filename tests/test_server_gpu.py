@@ -399,8 +399,15 @@ def test_cpu_path_agrees_with_the_server(servers):
     inst = passkey_prompts(length=3000, depths=(0.5,))[0]
     config = SparseConfig.load("quest").replace(token_budget=SMALL_BUDGET, min_context=1024)
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32, attn_implementation="sdpa").eval()
-    with sparse_attention(model, config) as stats:
-        cpu_answer = models.greedy(model, _tokenizer(), inst.prompt, 8)
+    # A few CPU threads: beside the session's servers, with torch's default of one thread per core, this test took
+    # 268 s on a 32-core GPU host (7 s on two idle cores).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 4))
+    try:
+        with sparse_attention(model, config) as stats:
+            cpu_answer = models.greedy(model, _tokenizer(), inst.prompt, 8)
+    finally:
+        torch.set_num_threads(threads)
     server = generate(servers["quest_small"], [inst.prompt], max_new_tokens=8)[0]
     assert inst.score(cpu_answer) == inst.score(server["text"]), (cpu_answer, server["text"])
     assert cpu_answer.split()[0] == server["text"].split()[0], (cpu_answer, server["text"])   # the same number
