@@ -13,7 +13,8 @@ typedef unsigned long long u64;
 #endif
 
 // Programmatic dependent launch (sm_90+; cupy_kernels._cuda.launch records it into CUDA graphs unless
-// SGL_SPARSE_PDL=0): a kernel may then be scheduled while the previous kernel on its stream still drains, overlapping its launch with that kernel's tail.
+// SGL_SPARSE_PDL=0): a kernel may then be scheduled while the previous kernel on its stream still drains,
+// overlapping its launch with that kernel's tail.
 // Every kernel calls this first, before it reads or writes memory: it returns once the previous kernel (and, as
 // that one waited in turn, every kernel before it) has finished and its writes are visible. Launched without the
 // attribute, or before sm_90, it returns at once.

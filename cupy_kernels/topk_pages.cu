@@ -197,8 +197,8 @@ __device__ __forceinline__ void flashinfer_row(
         const int ki = row_top_k != nullptr ? row_top_k[bi] : top_k;
         if (ni <= max(ki, select_all_upto)) return ni;
         if (kept != nullptr && reuse_from[bi] > 0)
-            return ki + ni - first_new_page(reuse_from[bi],
-                                            kept[((long long)req_pool_indices[bi] * num_kv_heads + hi) * top_k + ki - 1]);
+            return ki + ni - first_new_page(
+                reuse_from[bi], kept[((long long)req_pool_indices[bi] * num_kv_heads + hi) * top_k + ki - 1]);
         return ki;
     };
     __syncthreads();
@@ -270,9 +270,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_pages(
         if (r > 0) {
             u32 lo = MAX_KEY, hi = 0u;
             keys.for_each_chunk([&](int, int tiles) {
-    #pragma unroll
+#pragma unroll
                 for (int i = 0; i < KEYS_PER_THREAD; ++i) {
-                    if (i < tiles && ((keys.free_bits >> i) & 1u)) { lo = min(lo, keys.key[i]); hi = max(hi, keys.key[i]); }
+                    if (i < tiles && ((keys.free_bits >> i) & 1u)) {
+                        lo = min(lo, keys.key[i]);
+                        hi = max(hi, keys.key[i]);
+                    }
                 }
             });
             lo = warp_min_u32(lo);
@@ -280,7 +283,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_pages(
             if (lane == 0) { warp_lo[warp] = lo; warp_hi[warp] = hi; }
             for (int i = tid; i < BINS; i += THREADS) hist[0][i] = 0;
             __syncthreads();
-    #pragma unroll
+#pragma unroll
             for (int w = 0; w < WARPS; ++w) { lo = min(lo, warp_lo[w]); hi = max(hi, warp_hi[w]); }
             prefix = lo;
             bool all_taken = false;
@@ -296,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_pages(
                     for (int i = tid; i < BINS; i += THREADS) hist[next][i] = 0;   // read two passes ago: free
                     const u32 m = cmask, p = prefix;
                     keys.for_each_chunk([&](int, int tiles) {
-    #pragma unroll
+#pragma unroll
                         for (int i = 0; i < KEYS_PER_THREAD; ++i) {
                             if (i < tiles && ((keys.free_bits >> i) & 1u) && (keys.key[i] & m) == p)
                                 atomicAdd(&hcur[(keys.key[i] >> shift) & (BINS - 1)], 1);
@@ -321,7 +324,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_pages(
         const u32 lanes_below = (1u << lane) - 1u;
         int gt_seen = 0, eq_seen = 0;            // over the chunks before
         keys.for_each_chunk([&](int base, int tiles) {
-    #pragma unroll
+#pragma unroll
             for (int i = 0; i < KEYS_PER_THREAD; ++i) {
                 if (i < tiles) {
                     const bool page = base + i * THREADS + tid < n;
@@ -335,7 +338,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_pages(
             int row_sum = 0, before_warp = 0;
             if (lane < tiles) {
                 const int4* row = reinterpret_cast<const int4*>(tile_counts + lane * WARPS);
-    #pragma unroll
+#pragma unroll
                 for (int q = 0; q < WARPS / 4; ++q) {
                     const int4 v = row[q];
                     row_sum += v.x + v.y + v.z + v.w;
@@ -344,14 +347,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) topk_pages(
                 }
             }
             int incl = row_sum;
-    #pragma unroll
+#pragma unroll
             for (int o = 1; o < 32; o <<= 1) {
                 const int t = __shfl_up_sync(FULL_WARP, incl, o);
                 if (lane >= o) incl += t;
             }
             const int offset = incl - row_sum + before_warp;   // packed counts before (tile lane, this warp)
             const int chunk_total = __shfl_sync(FULL_WARP, incl, 31);
-    #pragma unroll
+#pragma unroll
             for (int i = 0; i < KEYS_PER_THREAD; ++i) {
                 if (i < tiles) {
                     const int j = base + i * THREADS + tid;
