@@ -6,7 +6,8 @@
 
 Runs each method's per-layer step (metadata update of the new token, selection, attention; Llama-3.1-8B attention
 shape, synthetic heavy-tailed attention) ``--steps`` times eagerly after a warm-up, so every kernel of the step
-shows up once per step in a profile. With ``--kernel-times`` it records the steps with torch.profiler (CUPTI)
+shows up once per step in a profile; a config with selection reuse (``quest-fast``) runs its selecting step,
+then its reusing one. With ``--kernel-times`` it records the steps with torch.profiler (CUPTI)
 and prints, per method and shape, each kernel's device time per step and launches per step, sorted, and their
 sum; ``--out`` writes them as JSON. Unlike Nsight Compute this neither serialises nor replays kernels, so the
 times are those of a normal run (the sum leaves out the launch gaps a CUDA-graph replay still pays).
@@ -86,21 +87,31 @@ def main() -> int:
                     meta.update(0, pool.k_cache, new_slots)
                 op.run(0, q, pool.k_cache, pool.v_cache, meta)
 
-            for _ in range(1 if not args.kernel_times else 3):       # warm-up (compiles on first use)
-                step()
-            torch.cuda.synchronize()
-            if args.kernel_times:
-                times = kernel_times(step, args.steps)
-                total = sum(us for _, us in times.values())
-                print(f"== {method} {B}x{L} budget {args.budget}: kernel sum {total:.1f} us/step")
-                for name, (n, us) in sorted(times.items(), key=lambda kv: -kv[1][1]):
-                    print(f"   {us:8.1f} us  x{n:.0f}  {name}")
-                results[f"{method} {B}x{L}"] = {"total_us": total, "kernels": {k: v[1] for k, v in times.items()}}
-            else:
-                for _ in range(args.steps):
+            # A config that reuses its selection (reselect_every > 1) runs in both of its states: the steps above
+            # select (and keep their selections); marked as made one token ago, the next plan() reuses them (as in
+            # launch/bench_decode.py).
+            for state in ("selecting", "reusing") if cfg.reselect_every > 1 else ("",):
+                if state == "reusing":
+                    assert L % P != 1, "the reusing step needs a context that does not start a page"
+                    op.reuse.selected_at[pool.req_pool_indices.long()] = pool.seq_lens.int() - 1
+                    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+                    assert bool((op.batch.reuse_from > 0).all()), "the step after a selection must reuse it"
+                label = f"{method} {B}x{L}" + (f" {state}" if state else "")
+                for _ in range(1 if not args.kernel_times else 3):   # warm-up (compiles on first use)
                     step()
                 torch.cuda.synchronize()
-                print(f"{method}: done ({B} x {L}, budget {args.budget})", file=sys.stderr)
+                if args.kernel_times:
+                    times = kernel_times(step, args.steps)
+                    total = sum(us for _, us in times.values())
+                    print(f"== {label} budget {args.budget}: kernel sum {total:.1f} us/step")
+                    for name, (n, us) in sorted(times.items(), key=lambda kv: -kv[1][1]):
+                        print(f"   {us:8.1f} us  x{n:.0f}  {name}")
+                    results[label] = {"total_us": total, "kernels": {k: v[1] for k, v in times.items()}}
+                else:
+                    for _ in range(args.steps):
+                        step()
+                    torch.cuda.synchronize()
+                    print(f"{label}: done ({B} x {L}, budget {args.budget})", file=sys.stderr)
             del op, meta
         del pool
         torch.cuda.empty_cache()
