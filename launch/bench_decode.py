@@ -42,7 +42,7 @@ from sgl_sparse.config import SparseConfig, SparseConfigError, presets  # noqa: 
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.fidelity import dense_attention, relative_l2  # noqa: E402
 from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
-from sgl_sparse.synthetic import capture_graph, make_pool, shape_attention  # noqa: E402
+from sgl_sparse.synthetic import capture_graph, make_pool, plan_reusing_step, shape_attention  # noqa: E402
 
 HQ, HK, D, P = 32, 8, 128, 16
 DTYPE = torch.bfloat16
@@ -179,13 +179,8 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
             nbytes = needed_bytes(method, B, L, budget, counts, op, cfg)
             extra = {}
             if R > 1:
-                # The steps above selected (and kept their selections). Mark those selections as made one token
-                # ago, so that the next plan() reuses them: the state of the R - 1 steps after a selection. (With
-                # L % P != 1 the token since then lies on the selection's last page: nothing is appended.)
-                assert L % P != 1, "reuse timing needs a context that does not start a page"
-                op.reuse.selected_at[pool.req_pool_indices.long()] = pool.seq_lens.int() - 1
-                op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
-                assert bool((op.batch.reuse_from > 0).all()), "the step after a selection must reuse it"
+                # The steps above selected (and kept their selections); the R - 1 steps after reuse them.
+                plan_reusing_step(op, pool)
                 r_eager = time_fn(step, reps)
                 r_graph = time_fn(graphed(step), reps) if graphs else float("nan")
                 extra = dict(reselect_every=R, us_select=faster(t_eager, t_graph), us_reuse=faster(r_eager, r_graph))

@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sgl_sparse.config import SparseConfig  # noqa: E402
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
-from sgl_sparse.synthetic import make_pool, shape_attention  # noqa: E402
+from sgl_sparse.synthetic import make_pool, plan_reusing_step, shape_attention  # noqa: E402
 
 HQ, HK, D, P = 32, 8, 128, 16
 
@@ -87,15 +87,11 @@ def main() -> int:
                     meta.update(0, pool.k_cache, new_slots)
                 op.run(0, q, pool.k_cache, pool.v_cache, meta)
 
-            # A config that reuses its selection (reselect_every > 1) runs in both of its states: the steps above
-            # select (and keep their selections); marked as made one token ago, the next plan() reuses them (as in
-            # launch/bench_decode.py).
+            # A config that reuses its selection (reselect_every > 1) runs in both of its states: the steps of the
+            # first select (and keep their selections), those of the second reuse them.
             for state in ("selecting", "reusing") if cfg.reselect_every > 1 else ("",):
                 if state == "reusing":
-                    assert L % P != 1, "the reusing step needs a context that does not start a page"
-                    op.reuse.selected_at[pool.req_pool_indices.long()] = pool.seq_lens.int() - 1
-                    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
-                    assert bool((op.batch.reuse_from > 0).all()), "the step after a selection must reuse it"
+                    plan_reusing_step(op, pool)
                 label = f"{method} {B}x{L}" + (f" {state}" if state else "")
                 for _ in range(1 if not args.kernel_times else 3):   # warm-up (compiles on first use)
                     step()

@@ -190,3 +190,15 @@ class PageAllocator:
         pages, length = self.reqs[self.owner[page]]
         n = min(self.P, length - pages.index(page) * self.P)
         return self.k[page * self.P:page * self.P + n].double()
+
+
+def plan_reusing_step(op, pool: Pool) -> None:
+    """Plan ``op``'s next step over ``pool`` as one that reuses the selections its last steps kept (a config with
+    ``reselect_every`` > 1): they are marked as made one token ago, the state of the steps after a selection. With
+    no request's context starting a page, the token since lies on the selection's last page: nothing is appended.
+    For benchmarks (it reads the lengths on the host)."""
+    lens = pool.seq_lens.cpu()
+    assert bool((lens % pool.page_size != 1).all()), "a reusing step needs contexts that do not start a page"
+    op.reuse.selected_at[pool.req_pool_indices.long()] = pool.seq_lens.int() - 1
+    op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, lens)
+    assert bool((op.batch.reuse_from > 0).all()), "the step after a selection must reuse it"

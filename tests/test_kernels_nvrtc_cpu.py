@@ -33,11 +33,14 @@ def _compile(name: str, defines: dict[str, int]) -> str:
     return nvrtc.getProgramLog(prog)
 
 
-@pytest.mark.parametrize("kpt", sorted({keys_per_thread(m) for m in range(1, 20000, 64)}))
-def test_topk_pages_compiles_without_spills(kpt):
-    log = _compile("topk_pages.cu", {"PAGE_SIZE": 16, "KEYS_PER_THREAD": kpt})
+def _assert_no_spills(log: str) -> None:
     if "spill" in log:    # ptxas -v output (absent if this NVRTC drops it)
         assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, log
+
+
+@pytest.mark.parametrize("kpt", sorted({keys_per_thread(m) for m in range(1, 20000, 64)}))
+def test_topk_pages_compiles_without_spills(kpt):
+    _assert_no_spills(_compile("topk_pages.cu", {"PAGE_SIZE": 16, "KEYS_PER_THREAD": kpt}))
 
 
 def test_topk_pages_benchmark_baseline_compiles():
@@ -59,13 +62,11 @@ def test_page_score_kernels_compile_without_spills(int8, head_dim, group, mean, 
     defines = {"KV_BF16": bf16, "HEAD_DIM": head_dim, "NUM_KV_HEADS": 8, "GROUP": group, "PAGE_SIZE": 16,
                "GROUP_MEAN": mean, "BOUNDS_INT8": int8}
     log = _compile("quest_scores.cu", defines)
-    if "spill" in log:
-        assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, log
+    _assert_no_spills(log)
     if head_dim <= 128 and "registers" in log:
         assert _registers(log) <= 128, (defines, log)
 
 
 def test_token_rows_compiles_without_spills():
     log = _compile("token_rows.cu", {})
-    if "spill" in log:
-        assert "0 bytes spill stores" in log and "0 bytes stack frame" in log, log
+    _assert_no_spills(log)
