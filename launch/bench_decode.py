@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Benchmark the sparse decode step against dense FlashInfer (one layer, Llama-3.1-8B attention shape).
 
-Times the *whole* per-layer decode step of each method — metadata update of the new token, Quest page scores,
-top-k, Twilight's int4 scores and top-p, vAttention's sampling and second attention, index compaction and
-FlashInfer's attention — eagerly and as a CUDA-graph replay, with dense FlashInfer (GQA, page size 1, as SGLang
+Times the *whole* per-layer decode step of each method as SGLang's backend runs it — the new token's side-table
+work, Quest page scores, top-k, Twilight's int4 scores and top-p, vAttention's sampling and second attention,
+index compaction and FlashInfer's attention — eagerly and as a CUDA-graph replay, with dense FlashInfer (GQA, page size 1, as SGLang
 runs it) measured in the same process. Reports speedup over dense, the bytes the step must move, the fraction
 of the measured HBM peak reached, and each method's relative L2 error vs exact attention on the same data
 (synthetic heavy-tailed attention: a Pareto logit boost along the query, values with a shared mean).
@@ -20,6 +20,12 @@ through the L2 between two calls of one layer; ``--cold-l2`` overwrites a 256 Mi
 A config with ``reselect_every`` R > 1 (e.g. ``--configs quest-fast``) is timed in both of its states, a
 selecting step and a reusing one, and reported at its steady-state mean (one selecting step in R):
 ``us_select``, ``us_reuse`` and ``us_eager``/``us_graph`` = (select + (R - 1) reuse) / R.
+
+The side-table work is split as the server splits it (``sgl_sparse.synthetic.ServerStepUpdates``): Twilight's
+int4 key of the new token inside each layer's step; every layer's page bounds in one launch per model step after
+the last layer, of which each of the model's ``LAYERS`` layers carries an equal share (``us_bounds_update``: the
+slower of that launch, timed over aliases of the benchmark's one layer, and the bytes the server's launch moves
+at the copy peak, divided by ``LAYERS``).
 
 Writes a table to stdout, JSON (``--out``) and a PNG plot (speedup vs context per config).
 """
@@ -42,9 +48,11 @@ from sgl_sparse.config import SparseConfig, SparseConfigError, presets  # noqa: 
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.fidelity import dense_attention, relative_l2  # noqa: E402
 from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
-from sgl_sparse.synthetic import capture_graph, make_pool, plan_reusing_step, shape_attention  # noqa: E402
+from sgl_sparse.synthetic import (ServerStepUpdates, capture_graph, make_pool, plan_reusing_step,  # noqa: E402
+                                  shape_attention)
 
 HQ, HK, D, P = 32, 8, 128, 16
+LAYERS = 32                      # Llama-3.1-8B: the layers whose page bounds one launch per step refreshes
 DTYPE = torch.bfloat16
 METHODS = ("quest", "twilight", "vattention")
 L2_FLUSH: torch.Tensor | None = None   # --cold-l2: overwritten before every timed call
@@ -167,13 +175,18 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
             op = SparseDecodeOperator(cfg, num_qo_heads=HQ, num_kv_heads=HK, head_dim=D, num_layers=1,
                                       max_batch=B, max_context=max(L, capacity), dtype=DTYPE)
             op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+            updates = ServerStepUpdates(meta, pool.k_cache, new_slots, LAYERS)
 
             def step():
-                meta.update(0, pool.k_cache, new_slots)
+                updates.per_layer()
                 out["o"] = op.run(0, q, pool.k_cache, pool.v_cache, meta)
 
-            t_eager = time_fn(step, reps)
-            t_graph = time_fn(graphed(step), reps) if graphs else float("nan")
+            # every layer's page bounds: one launch per model step, a layer's share of it (see ServerStepUpdates)
+            upd = faster(time_fn(updates.all_layers, reps),
+                         time_fn(graphed(updates.all_layers), reps) if graphs else float("nan"))
+            upd = max(upd, updates.floor_bytes() / peak / 1e3) / LAYERS
+            t_eager = time_fn(step, reps) + upd
+            t_graph = time_fn(graphed(step), reps) + upd if graphs else float("nan")
             counts = op.last_counts.clone()
             R = cfg.reselect_every
             nbytes = needed_bytes(method, B, L, budget, counts, op, cfg)
@@ -181,8 +194,8 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
             if R > 1:
                 # The steps above selected (and kept their selections); the R - 1 steps after reuse them.
                 plan_reusing_step(op, pool)
-                r_eager = time_fn(step, reps)
-                r_graph = time_fn(graphed(step), reps) if graphs else float("nan")
+                r_eager = time_fn(step, reps) + upd
+                r_graph = time_fn(graphed(step), reps) + upd if graphs else float("nan")
                 extra = dict(reselect_every=R, us_select=faster(t_eager, t_graph), us_reuse=faster(r_eager, r_graph))
                 t_eager, t_graph = (t_eager + (R - 1) * r_eager) / R, (t_graph + (R - 1) * r_graph) / R
             best = faster(t_eager, t_graph)
@@ -190,7 +203,8 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
                              us_graph=t_graph, speedup=dense_best / best,
                              attended_fraction=float(counts.float().sum() / (B * HK * L)),
                              rel_l2=float(relative_l2(out["o"], dense_ref).mean()),
-                             gbps=nbytes / best / 1e3, peak_fraction=nbytes / best / 1e3 / peak, **extra))
+                             gbps=nbytes / best / 1e3, peak_fraction=nbytes / best / 1e3 / peak,
+                             us_bounds_update=upd, **extra))
             progress(rows[-1])
             del op, meta
             torch.cuda.empty_cache()

@@ -4,12 +4,13 @@
     ncu --clock-control none --section SpeedOfLight python launch/profile_step.py --batch 32 --context 32768
     python launch/profile_step.py --kernel-times --shapes 1x32768 8x32768 32x32768 --steps 20
 
-Runs each method's per-layer step (metadata update of the new token, selection, attention; Llama-3.1-8B attention
-shape, synthetic heavy-tailed attention) ``--steps`` times eagerly after a warm-up, so every kernel of the step
-shows up once per step in a profile; a config with selection reuse (``quest-fast``) runs its selecting step,
+Runs each method's per-layer step (the new token's side-table work as SGLang's backend splits it, selection,
+attention; Llama-3.1-8B attention shape, synthetic heavy-tailed attention; see ``launch/bench_decode.py``)
+``--steps`` times eagerly after a warm-up, each followed by the once-per-step launch that refreshes every
+layer's page bounds, so every kernel of the step shows up once per step in a profile; a config with selection reuse (``quest-fast``) runs its selecting step,
 then its reusing one. With ``--kernel-times`` it records the steps with torch.profiler (CUPTI)
 and prints, per method and shape, each kernel's device time per step and launches per step, sorted, and their
-sum; ``--out`` writes them as JSON. Unlike Nsight Compute this neither serialises nor replays kernels, so the
+sum (the all-layer bounds launch as one layer's share: its time and launches over ``LAYERS``); ``--out`` writes them as JSON. Unlike Nsight Compute this neither serialises nor replays kernels, so the
 times are those of a normal run (the sum leaves out the launch gaps a CUDA-graph replay still pays).
 """
 
@@ -27,9 +28,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from sgl_sparse.config import SparseConfig  # noqa: E402
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
-from sgl_sparse.synthetic import make_pool, plan_reusing_step, shape_attention  # noqa: E402
+from sgl_sparse.synthetic import ServerStepUpdates, make_pool, plan_reusing_step, shape_attention  # noqa: E402
 
 HQ, HK, D, P = 32, 8, 128, 16
+LAYERS = 32                      # Llama-3.1-8B: the layers whose page bounds one launch per step refreshes
 
 
 def kernel_times(step, steps: int) -> dict[str, tuple[float, float]]:
@@ -81,10 +83,11 @@ def main() -> int:
             op = SparseDecodeOperator(cfg, num_qo_heads=HQ, num_kv_heads=HK, head_dim=D, num_layers=1,
                                       max_batch=B, max_context=max(L, args.max_context), dtype=torch.bfloat16)
             op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+            updates = ServerStepUpdates(meta, pool.k_cache, new_slots, LAYERS) if cfg.is_sparse else None
 
             def step():
-                if cfg.is_sparse:
-                    meta.update(0, pool.k_cache, new_slots)
+                if updates is not None:
+                    updates.per_layer()
                 op.run(0, q, pool.k_cache, pool.v_cache, meta)
 
             # A config that reuses its selection (reselect_every > 1) runs in both of its states: the steps of the
@@ -98,6 +101,9 @@ def main() -> int:
                 torch.cuda.synchronize()
                 if args.kernel_times:
                     times = kernel_times(step, args.steps)
+                    if updates is not None:      # every layer's bounds, one launch per model step: a layer's share
+                        for name, (n, us) in kernel_times(updates.all_layers, args.steps).items():
+                            times[name] = (n / LAYERS, us / LAYERS)
                     total = sum(us for _, us in times.values())
                     print(f"== {label} budget {args.budget}: kernel sum {total:.1f} us/step")
                     for name, (n, us) in sorted(times.items(), key=lambda kv: -kv[1][1]):
@@ -106,6 +112,8 @@ def main() -> int:
                 else:
                     for _ in range(args.steps):
                         step()
+                        if updates is not None:
+                            updates.all_layers()
                     torch.cuda.synchronize()
                     print(f"{label}: done ({B} x {L}, budget {args.budget})", file=sys.stderr)
             del op, meta

@@ -202,3 +202,48 @@ def plan_reusing_step(op, pool: Pool) -> None:
     op.reuse.selected_at[pool.req_pool_indices.long()] = pool.seq_lens.int() - 1
     op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, lens)
     assert bool((op.batch.reuse_from > 0).all()), "the step after a selection must reuse it"
+
+
+class ServerStepUpdates:
+    """The new token's side-table work of one layer's decode step, split as SGLang's backend runs it
+    (``sglang_backend.forward_decode``): Twilight's int4 copy of the new key in every layer's step
+    (:meth:`per_layer`), and every layer's page bounds in one ``page_bounds_update_layers`` launch per step after
+    the last layer (:meth:`all_layers`), whose cost a layer's step carries as ``1 / layers`` of it.
+
+    The benchmark holds one layer's K pool and tables, so :meth:`all_layers` runs ``layers`` aliases of them: the
+    same launch and the same per-layer work, but the K pages it reads come from the L2 after the first alias
+    where a model's layers read theirs from DRAM. :meth:`floor_bytes` is what the server's launch moves (each
+    layer's new-token pages read, their bounds rows written); a benchmark charges the slower of the measured
+    launch and those bytes at the copy peak.
+
+    ``meta``: a :class:`~sgl_sparse.metadata.SparseKVMetadata` of one layer; ``k_cache`` ``[slots, HK, D]``;
+    ``new_slots`` ``[B]`` int64 device: the step's out_cache_loc."""
+
+    def __init__(self, meta, k_cache: torch.Tensor, new_slots: torch.Tensor, layers: int):
+        self.meta, self.k_cache, self.new_slots, self.layers = meta, k_cache, new_slots, layers
+        self._bounds = [(meta.page_key_bounds[0], meta.page_size)]
+        if meta.coarse_key_bounds:
+            self._bounds.append((meta.coarse_key_bounds[0], meta.coarse_page_size))
+        self._tables = None
+
+    def per_layer(self) -> None:
+        """What a layer's own step adds: Twilight's int4 key of the new token (nothing for other methods)."""
+        self.meta.update_keys_int4(0, self.k_cache, self.new_slots)
+
+    def all_layers(self) -> None:
+        """The once-per-step launch: every layer's page bounds of the new tokens' pages."""
+        from cupy_kernels import page_bounds
+        if self._tables is None:
+            self._tables = [page_bounds.LayerTables([self.k_cache] * self.layers, [b] * self.layers, p)
+                            for b, p in self._bounds]
+        for tables in self._tables:
+            page_bounds.page_bounds_update_layers(tables, self.new_slots)
+
+    def floor_bytes(self) -> int:
+        """Bytes :meth:`all_layers` moves in a server, at most: per layer and new token, its page's K (the
+        tokens up to the new one, a whole page at most) read and the page's bounds rows (every KV head)
+        written."""
+        S, HK, D = self.k_cache.shape
+        per_token = sum(p * HK * D * self.k_cache.element_size() + b[0].numel() * b.element_size()
+                        for b, p in self._bounds)
+        return self.layers * self.new_slots.numel() * per_token

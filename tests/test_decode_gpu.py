@@ -568,6 +568,38 @@ def test_bounds_of_every_layer_in_one_launch():
         assert torch.equal(g[free_page, :, 0], g[free_page, :, 1])      # one token: min == max
 
 
+@pytest.mark.parametrize("spec", ["quest", "twilight", "quest:bounds_dtype=bf16,coarse_page_tokens=64"])
+def test_benchmark_step_updates_equal_the_per_layer_update(spec):
+    """ServerStepUpdates (the benchmarks' split of the new token's side-table work as the server runs it: int4
+    keys per layer, every layer's bounds in one launch, here over aliases of one layer) leaves the tables exactly
+    as the per-layer update of the new tokens does (the aliases rewrite the same rows with the same values)."""
+    from sgl_sparse.synthetic import ServerStepUpdates
+
+    gen = torch.Generator().manual_seed(11)
+    config = SparseConfig.load(spec)
+    HK, D, page = 8, 128, config.sglang_page_size
+    pool = make_pool([700, 63, 4096, 1601], HK, D, page, torch.bfloat16, DEV, gen, spare_pages=8)
+    meta = SparseKVMetadata(config, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
+                            dtype=torch.bfloat16, device=DEV)
+    meta.update(0, pool.k_cache, pool.written_slots)
+    want = SparseKVMetadata(config, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK, head_dim=D,
+                            dtype=torch.bfloat16, device=DEV)
+    want.update(0, pool.k_cache, pool.written_slots)
+    new_slots = torch.zeros(4, dtype=torch.int64, device=DEV)
+    updates = ServerStepUpdates(meta, pool.k_cache, new_slots, layers=32)
+    for _ in range(3):                                # decode steps: request 1 opens a new page
+        pool.append_token(new_slots)
+        updates.per_layer()
+        updates.all_layers()
+        want.update(0, pool.k_cache, new_slots)
+    torch.cuda.synchronize()
+    tables = [(meta.page_key_bounds, want.page_key_bounds), (meta.coarse_key_bounds, want.coarse_key_bounds),
+              (meta.key_int4, want.key_int4), (meta.key_scale_zero, want.key_scale_zero)]
+    for got, exp in tables:
+        for g, w in zip(got, exp):
+            assert torch.equal(g, w)
+
+
 def test_metadata_decode_update_keeps_the_coarse_table():
     """SparseKVMetadata with coarse-to-fine scoring: the once-per-step update of every layer refreshes the coarse
     table like the fine one (page_bounds_update_layers at the coarse page size), for decode tokens inside a coarse
