@@ -24,8 +24,8 @@ selecting step and a reusing one, and reported at its steady-state mean (one sel
 The side-table work is split as the server splits it (``sgl_sparse.synthetic.ServerStepUpdates``): Twilight's
 int4 key of the new token inside each layer's step; every layer's page bounds in one launch per model step after
 the last layer, of which each of the model's ``LAYERS`` layers carries an equal share (``us_bounds_update``: the
-slower of that launch, timed over aliases of the benchmark's one layer, and the bytes the server's launch moves
-at the copy peak, divided by ``LAYERS``).
+slower of that launch, timed over aliases of the benchmark's one layer, and the bytes it moves in a server at
+the copy peak, divided by ``LAYERS``; eager and graph each with their own launch time).
 
 Writes a table to stdout, JSON (``--out``) and a PNG plot (speedup vs context per config).
 """
@@ -181,12 +181,13 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
                 updates.per_layer()
                 out["o"] = op.run(0, q, pool.k_cache, pool.v_cache, meta)
 
-            # every layer's page bounds: one launch per model step, a layer's share of it (see ServerStepUpdates)
-            upd = faster(time_fn(updates.all_layers, reps),
-                         time_fn(graphed(updates.all_layers), reps) if graphs else float("nan"))
-            upd = max(upd, updates.floor_bytes() / peak / 1e3) / LAYERS
-            t_eager = time_fn(step, reps) + upd
-            t_graph = time_fn(graphed(step), reps) + upd if graphs else float("nan")
+            # every layer's page bounds: one launch per model step, a layer's share of it (see ServerStepUpdates),
+            # eager and graph alike, never less than the bytes the server's launch moves at the copy peak
+            floor_us = updates.floor_bytes() / peak / 1e3
+            upd_eager = max(time_fn(updates.all_layers, reps), floor_us) / LAYERS
+            upd_graph = max(time_fn(graphed(updates.all_layers), reps), floor_us) / LAYERS if graphs else 0.0
+            t_eager = time_fn(step, reps) + upd_eager
+            t_graph = time_fn(graphed(step), reps) + upd_graph if graphs else float("nan")
             counts = op.last_counts.clone()
             R = cfg.reselect_every
             nbytes = needed_bytes(method, B, L, budget, counts, op, cfg)
@@ -194,8 +195,8 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
             if R > 1:
                 # The steps above selected (and kept their selections); the R - 1 steps after reuse them.
                 plan_reusing_step(op, pool)
-                r_eager = time_fn(step, reps) + upd
-                r_graph = time_fn(graphed(step), reps) + upd if graphs else float("nan")
+                r_eager = time_fn(step, reps) + upd_eager
+                r_graph = time_fn(graphed(step), reps) + upd_graph if graphs else float("nan")
                 extra = dict(reselect_every=R, us_select=faster(t_eager, t_graph), us_reuse=faster(r_eager, r_graph))
                 t_eager, t_graph = (t_eager + (R - 1) * r_eager) / R, (t_graph + (R - 1) * r_graph) / R
             best = faster(t_eager, t_graph)
@@ -204,7 +205,7 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
                              attended_fraction=float(counts.float().sum() / (B * HK * L)),
                              rel_l2=float(relative_l2(out["o"], dense_ref).mean()),
                              gbps=nbytes / best / 1e3, peak_fraction=nbytes / best / 1e3 / peak,
-                             us_bounds_update=upd, **extra))
+                             us_bounds_update=upd_graph if graphs else upd_eager, **extra))
             progress(rows[-1])
             del op, meta
             torch.cuda.empty_cache()

@@ -98,16 +98,19 @@ def main() -> int:
                 label = f"{method} {B}x{L}" + (f" {state}" if state else "")
                 for _ in range(1 if not args.kernel_times else 3):   # warm-up (compiles on first use)
                     step()
+                    if updates is not None:
+                        updates.all_layers()
                 torch.cuda.synchronize()
                 if args.kernel_times:
                     times = kernel_times(step, args.steps)
                     if updates is not None:      # every layer's bounds, one launch per model step: a layer's share
+                        # (its K reads hit the L2 over the aliases: bench_decode charges at least its bytes)
                         for name, (n, us) in kernel_times(updates.all_layers, args.steps).items():
                             times[name] = (n / LAYERS, us / LAYERS)
                     total = sum(us for _, us in times.values())
                     print(f"== {label} budget {args.budget}: kernel sum {total:.1f} us/step")
                     for name, (n, us) in sorted(times.items(), key=lambda kv: -kv[1][1]):
-                        print(f"   {us:8.1f} us  x{n:.0f}  {name}")
+                        print(f"   {us:8.1f} us  x{n:.3g}  {name}")
                     results[label] = {"total_us": total, "kernels": {k: v[1] for k, v in times.items()}}
                 else:
                     for _ in range(args.steps):

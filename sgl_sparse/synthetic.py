@@ -212,9 +212,10 @@ class ServerStepUpdates:
 
     The benchmark holds one layer's K pool and tables, so :meth:`all_layers` runs ``layers`` aliases of them: the
     same launch and the same per-layer work, but the K pages it reads come from the L2 after the first alias
-    where a model's layers read theirs from DRAM. :meth:`floor_bytes` is what the server's launch moves (each
-    layer's new-token pages read, their bounds rows written); a benchmark charges the slower of the measured
-    launch and those bytes at the copy peak.
+    where a model's layers read theirs from DRAM. :meth:`floor_bytes` is what the server's launch moves, at most
+    (each layer's new-token pages read whole, their bounds rows written; exact for a new token at a page's last
+    offset, as in the benchmarks' contexts); a benchmark charges the slower of the measured launch and those bytes
+    at the copy peak.
 
     ``meta``: a :class:`~sgl_sparse.metadata.SparseKVMetadata` of one layer; ``k_cache`` ``[slots, HK, D]``;
     ``new_slots`` ``[B]`` int64 device: the step's out_cache_loc."""

@@ -587,7 +587,7 @@ def test_benchmark_step_updates_equal_the_per_layer_update(spec):
     want.update(0, pool.k_cache, pool.written_slots)
     new_slots = torch.zeros(4, dtype=torch.int64, device=DEV)
     updates = ServerStepUpdates(meta, pool.k_cache, new_slots, layers=32)
-    for _ in range(3):                                # decode steps: request 1 opens a new page
+    for _ in range(3):                                # decode steps: requests 1 and 2 open new pages
         pool.append_token(new_slots)
         updates.per_layer()
         updates.all_layers()
