@@ -356,9 +356,13 @@ def report(results, described: str, model: str, what: str, out: str, header: dic
                 print(f"{label[-24:]:24s} {budget:6d} {length:6d} " + " ".join(
                     format(values[t], fmt) if t in values else f"{'-':>15s}" for t in task_names))
     curve = accuracy.curve_points(rows, curve_length)
+    goals = accuracy.goal_report(rows, length=curve_length)
+    print("\nGoals at length", goals[0]["length"] if goals else None)
+    for g in goals:
+        print("  " + accuracy.describe_goal(g))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        json.dump(dict(header, resamples=resamples, rows=rows, curve=curve,
+        json.dump(dict(header, resamples=resamples, rows=rows, curve=curve, goals=goals,
                        by_task=[dict(method=m, budget=b, length=L, scores=s, mean_errors=errors_by_task.get((m, b, L)))
                                 for (m, b, L), s in by_task.items()],
                        results=[dataclasses.asdict(r) for r in results]), f, indent=1)

@@ -151,6 +151,32 @@ def _row_commit(r: dict, data: dict) -> str:
     return _commit(r.get("commit") or data.get("commit"))
 
 
+def accuracy_goals_table(data: dict) -> str:
+    """The accuracy goals (``sgl_sparse.accuracy.ACCURACY_GOALS``) against the file's all-task rows at its longest
+    length: met or not, the best row within each goal's attended limit, and where the goal is reached."""
+    sys.path.insert(0, str(ROOT))
+    from sgl_sparse.accuracy import goal_report
+
+    goals = goal_report(data["rows"])
+    length = goals[0]["length"] if goals else None
+    lines = [f"{data['gpu']}, {_accuracy_runs(data)}; length {length}, all tasks, rows of at least 90 instances.", "",
+             "| method | goal | met | best within the attended limit | reached at |", "|---|---|---|---|---|"]
+
+    def point(r):
+        return (f"{r['relative']:.3f} {_ci(r['relative_ci'])} at {100 * r['attended_fraction']:.3g} % "
+                f"({r['config']}, {r['budget']})")
+    for g in goals:
+        goal = f"≥ {g['relative']:.2f} of dense at ≤ {100 * g['max_attended']:.3g} % attended"
+        if g["met"] is None:
+            lines.append(f"| {g['method']} | {goal} | not measured | | |")
+            continue
+        best = "no row within the limit" if g["best"] is None else point(g["best"])
+        reached = (f"not reached up to {100 * g['measured_up_to']:.3g} % attended" if g["reached_at"] is None
+                   else point(g["reached_at"]))
+        lines.append(f"| {g['method']} | {goal} | {'**yes**' if g['met'] else 'no'} | {best} | {reached} |")
+    return "\n".join(lines) + "\n"
+
+
 def bench_serving_table(data: dict) -> str:
     """One row per config, workload and concurrency, with the ratios to dense of the same workload and concurrency
     (same run) and the estimated decode share of the dense run; then the targets."""
@@ -264,7 +290,8 @@ def profile_e2e_table(data: dict) -> str:
 
 RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table,
              "accuracy": accuracy_table, "soak": soak_table, "profile_e2e": profile_e2e_table}
-STYLES = {("bench_serving", "compact"): bench_serving_compact, ("bench_decode", "reuse"): reuse_table}
+STYLES = {("bench_serving", "compact"): bench_serving_compact, ("bench_decode", "reuse"): reuse_table,
+          ("accuracy", "goals"): accuracy_goals_table}
 
 
 def render(name: str, style: str | None = None) -> str:

@@ -312,6 +312,64 @@ def curve_points(rows: list[dict], length: int | None = None) -> dict:
     return dict(length=length, dense=dense, lines=lines)
 
 
+@dataclass(frozen=True)
+class AccuracyGoal:
+    """A method's accuracy goal at the longest length of a run: ``relative`` to dense or better while attending at
+    most ``max_attended`` of the context, over at least ``min_n`` instances."""
+
+    method: str
+    relative: float
+    max_attended: float
+    min_n: int = 90
+
+
+# The accuracy goals the presets are measured against (9 RULER-style tasks at 32K, >= 10 instances per task).
+ACCURACY_GOALS = (AccuracyGoal("quest", 0.99, 1 / 16), AccuracyGoal("twilight", 0.99, 0.02),
+                  AccuracyGoal("vattention", 0.97, 0.02))
+
+
+def goal_report(rows: list[dict], goals=ACCURACY_GOALS, length: int | None = None) -> list[dict]:
+    """Each goal against :func:`summarize`'s all-task rows at ``length`` (default: the longest) of its method with
+    at least ``goal.min_n`` instances: ``met`` (some row attends at most ``max_attended`` and reaches
+    ``relative``; None where the method has no such row at all), ``best`` (the row with the highest relative score
+    within the attended limit, or None), ``reached_at`` (the row that reaches ``relative`` at the smallest
+    attended fraction, whatever it attends, or None) and ``measured_up_to`` (the largest attended fraction
+    measured). Rows are given as ``config``, ``budget``, ``attended_fraction``, ``relative``, ``relative_ci``,
+    ``n``."""
+    at = [r for r in rows if r.get("scope", "length") == "length" and r.get("task") is None]
+    if length is None:
+        length = max((r["length"] for r in at), default=None)
+    keep = ("config", "budget", "attended_fraction", "relative", "relative_ci", "n")
+    report = []
+    for g in goals:
+        mine = [r for r in at if r["length"] == length and r["method"] == g.method and r.get("relative") is not None
+                and r["n"] >= g.min_n and not math.isnan(r["attended_fraction"])]
+        within = [r for r in mine if r["attended_fraction"] <= g.max_attended]
+        best = max(within, key=lambda r: (r["relative"], -r["attended_fraction"]), default=None)
+        reached = min((r for r in mine if r["relative"] >= g.relative), key=lambda r: r["attended_fraction"],
+                      default=None)
+        report.append(dict(method=g.method, length=length, relative=g.relative, max_attended=g.max_attended,
+                           min_n=g.min_n, met=None if not mine else bool(best and best["relative"] >= g.relative),
+                           best=best and {k: best[k] for k in keep}, reached_at=reached and {k: reached[k] for k in keep},
+                           measured_up_to=max((r["attended_fraction"] for r in mine), default=None)))
+    return report
+
+
+def describe_goal(g: dict) -> str:
+    """One line of :func:`goal_report`: the goal, the best row within its limit, where it is reached."""
+    head = f"{g['method']}: relative >= {g['relative']:.2f} at attended <= {100 * g['max_attended']:.3g} %"
+    if g["met"] is None:
+        return f"{head}: not measured (no row of n >= {g['min_n']} at length {g['length']})"
+    b = g["best"]
+    best = ("no row within the limit" if b is None else
+            f"best {b['relative']:.3f} [{b['relative_ci'][0]:.2f}, {b['relative_ci'][1]:.2f}] at "
+            f"{100 * b['attended_fraction']:.2g} % ({b['config']}, {b['budget']})")
+    r = g["reached_at"]
+    reached = (f"not reached up to {100 * g['measured_up_to']:.3g} % attended" if r is None else
+               f"reached at {100 * r['attended_fraction']:.3g} % ({r['config']}, {r['budget']}: {r['relative']:.3f})")
+    return f"{head}: {'met' if g['met'] else 'not met'}; {best}; {reached}"
+
+
 def summarize_by_task(results: list[Result], field: str = "score") -> dict[tuple[str, int, int], dict[str, float]]:
     """Mean ``field`` (score, or mean_error where measured) per task for each (config, budget, length): where a
     method loses against dense."""

@@ -1,7 +1,7 @@
 """Accuracy statistics and the instance set (sgl_sparse.accuracy), no model and no server needed.
 
 The bootstrap intervals (coverage, narrowing with n, seeding, the paired ratio), the rows per scope with their
-instance counts, the accuracy/attended curve data, the seeded instances, and the sglang path's loop over configs
+instance counts, the accuracy/attended curve data, the goals judged on the rows, the seeded instances, and the sglang path's loop over configs
 with a stand-in server (every instance in one run_batch per config, labels, seeds and timings in the results).
 """
 
@@ -196,6 +196,46 @@ def test_curve_points_from_rows_written_before_scopes():
                      attended_fraction=0.05, n=3)]
     curve = accuracy.curve_points(old_rows)
     assert curve["length"] == 8192 and [p["budget"] for p in curve["lines"]["quest"]] == [256, 1024]
+
+
+def _row(method, config, budget, attended, relative, n=90, length=32000):
+    return dict(method=method, config=config, budget=budget, length=length, task=None, scope="length",
+                attended_fraction=attended, relative=relative, relative_ci=[relative - 0.05, relative + 0.05], n=n)
+
+
+def test_goal_report_met_best_and_reached_at():
+    """A goal is met by a row within its attended limit that reaches its relative score; the best row within the
+    limit and the cheapest row that reaches the score anywhere are reported; rows of too few instances, of another
+    length or of another method do not count."""
+    goals = (accuracy.AccuracyGoal("quest", 0.99, 1 / 16), accuracy.AccuracyGoal("vattention", 0.97, 0.02),
+             accuracy.AccuracyGoal("twilight", 0.99, 0.02))
+    rows = [_row("quest", "quest", 1024, 0.032, 0.90), _row("quest", "quest", 2048, 0.0638, 0.995),
+            _row("quest", "quest", 16384, 0.51, 0.999), _row("quest", "quest", 512, 0.016, 1.0, n=30),
+            _row("quest", "quest", 256, 0.008, 1.0, length=8192),
+            _row("vattention", "va", 128, 0.016, 0.95), _row("vattention", "va:s=512", 128, 0.02, 0.975),
+            _row("vattention", "va", 512, 0.032, 0.99), _row("twilight", "tw", 4096, 0.03, 1.0, length=8192),
+            dict(_row("dense", "dense", 0, 1.0, 1.0), n=180)]
+    quest, va, tw = accuracy.goal_report(rows, goals)
+    assert quest["length"] == 32000 and quest["met"] is False           # 2048 attends 6.38 % > 1/16
+    assert quest["best"]["budget"] == 1024 and quest["best"]["relative"] == 0.90
+    assert quest["reached_at"]["budget"] == 2048 and quest["measured_up_to"] == 0.51
+    assert va["met"] is True and va["best"]["config"] == "va:s=512"     # 2.0 % is within "<= 2 %"
+    assert va["reached_at"]["config"] == "va:s=512"
+    assert tw["met"] is None and tw["best"] is None and tw["reached_at"] is None   # only an 8K row
+    lines = [accuracy.describe_goal(g) for g in (quest, va, tw)]
+    assert "not met" in lines[0] and "reached at 6.38 %" in lines[0]
+    assert ": met;" in lines[1] and "not measured" in lines[2]
+    short = accuracy.goal_report(rows, goals, length=8192)
+    assert short[0]["met"] is True and short[2]["met"] is False and short[2]["reached_at"]["budget"] == 4096
+
+
+def test_goal_report_not_reached_within_what_was_measured():
+    (g,) = accuracy.goal_report([_row("twilight", "tw", 4096, 0.0101, 0.931),
+                                 _row("twilight", "tw", 2048, 0.0048, 0.886)],
+                                (accuracy.AccuracyGoal("twilight", 0.99, 0.02),))
+    assert g["met"] is False and g["best"]["budget"] == 4096 and g["reached_at"] is None
+    assert g["measured_up_to"] == 0.0101
+    assert "not reached up to 1.01 % attended" in accuracy.describe_goal(g)
 
 
 # ----------------------------------------------------------------------------- instances and configs
