@@ -1,8 +1,9 @@
 """Accuracy statistics and the instance set (sgl_sparse.accuracy), no model and no server needed.
 
 The bootstrap intervals (coverage, narrowing with n, seeding, the paired ratio), the rows per scope with their
-instance counts, the accuracy/attended curve data, the goals judged on the rows, the seeded instances, and the sglang path's loop over configs
-with a stand-in server (every instance in one run_batch per config, labels, seeds and timings in the results).
+instance counts, the accuracy/attended curve data, the goals judged on the rows, the seeded instances, and the
+sglang path's loop over configs with a stand-in server (every instance in one run_batch per config, labels, seeds
+and timings in the results).
 """
 
 from __future__ import annotations
