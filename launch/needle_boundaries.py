@@ -7,7 +7,7 @@ config, how often a value is missing from the answer when its tokens cross a ``-
 they lie inside one page. If page-level selection lost values by keeping only one of their two pages, the first
 rate would be the higher.
 
-    python launch/needle_boundaries.py launch/results/accuracy_h200.json \
+    python launch/needle_boundaries.py launch/results/accuracy_at_size_h200.json \
         launch/results/accuracy_quest_variants_h200.json
 """
 
