@@ -3,10 +3,11 @@
 
 Times the *whole* per-layer decode step of each method as SGLang's backend runs it — the new token's side-table
 work, Quest page scores, top-k, Twilight's int4 scores and top-p, vAttention's sampling and second attention,
-index compaction and FlashInfer's attention — eagerly and as a CUDA-graph replay, with dense FlashInfer (GQA, page size 1, as SGLang
-runs it) measured in the same process. Reports speedup over dense, the bytes the step must move, the fraction
-of the measured HBM peak reached, and each method's relative L2 error vs exact attention on the same data
-(synthetic heavy-tailed attention: a Pareto logit boost along the query, values with a shared mean).
+index compaction and FlashInfer's attention — eagerly and as a CUDA-graph replay, with dense FlashInfer (GQA,
+page size 1, as SGLang runs it) measured in the same process. Reports speedup over dense, the bytes the step
+must move, the fraction of the measured HBM peak reached, and each method's relative L2 error vs exact attention
+on the same data (synthetic heavy-tailed attention: a Pareto logit boost along the query, values with a shared
+mean).
 
     python launch/bench_decode.py                      # 8K/32K/128K x batch 1/8/32 (+16 at 128K) x budget 1024/2048/4096
     python launch/bench_decode.py --quick              # a small smoke run

@@ -6,12 +6,14 @@
 
 Runs each method's per-layer step (the new token's side-table work as SGLang's backend splits it, selection,
 attention; Llama-3.1-8B attention shape, synthetic heavy-tailed attention; see ``launch/bench_decode.py``)
-``--steps`` times eagerly after a warm-up, each followed by the once-per-step launch that refreshes every
-layer's page bounds, so every kernel of the step shows up once per step in a profile; a config with selection reuse (``quest-fast``) runs its selecting step,
-then its reusing one. With ``--kernel-times`` it records the steps with torch.profiler (CUPTI)
-and prints, per method and shape, each kernel's device time per step and launches per step, sorted, and their
-sum (the all-layer bounds launch as one layer's share: its time and launches over ``LAYERS``); ``--out`` writes them as JSON. Unlike Nsight Compute this neither serialises nor replays kernels, so the
-times are those of a normal run (the sum leaves out the launch gaps a CUDA-graph replay still pays).
+``--steps`` times eagerly after a warm-up, each followed by the once-per-step launch that refreshes every layer's
+page bounds, so every kernel of the step shows up once per step in a profile; a config with selection reuse
+(``quest-fast``) runs its selecting step, then its reusing one. With ``--kernel-times`` it records the steps with
+torch.profiler (CUPTI) and prints, per method and shape, each kernel's device time per step and launches per step,
+sorted, and their sum, the all-layer bounds launch recorded on its own and counted as one layer's share (its time
+and launches over ``LAYERS``); ``--out`` writes them as JSON. Unlike Nsight Compute this neither serialises nor
+replays kernels, so the times are those of a normal run (the sum leaves out the launch gaps a CUDA-graph replay
+still pays).
 """
 
 from __future__ import annotations

@@ -154,8 +154,7 @@ def _row_commit(r: dict, data: dict) -> str:
 def accuracy_goals_table(data: dict) -> str:
     """The accuracy goals (``sgl_sparse.accuracy.ACCURACY_GOALS``) against the file's all-task rows at its longest
     length: met or not, the best row within each goal's attended limit, and where the goal is reached."""
-    sys.path.insert(0, str(ROOT))
-    from sgl_sparse.accuracy import goal_report
+    from sgl_sparse.accuracy import goal_report      # (the repository root is on sys.path through bench_e2e)
 
     goals = goal_report(data["rows"])
     length = goals[0]["length"] if goals else None

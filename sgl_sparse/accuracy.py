@@ -350,7 +350,8 @@ def goal_report(rows: list[dict], goals=ACCURACY_GOALS, length: int | None = Non
                       default=None)
         report.append(dict(method=g.method, length=length, relative=g.relative, max_attended=g.max_attended,
                            min_n=g.min_n, met=None if not mine else bool(best and best["relative"] >= g.relative),
-                           best=best and {k: best[k] for k in keep}, reached_at=reached and {k: reached[k] for k in keep},
+                           best=best and {k: best[k] for k in keep},
+                           reached_at=reached and {k: reached[k] for k in keep},
                            measured_up_to=max((r["attended_fraction"] for r in mine), default=None)))
     return report
 
