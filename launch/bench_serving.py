@@ -178,9 +178,11 @@ def add_decode_shares(rows: list[dict]) -> None:
 
 
 def evaluate_targets(rows: list[dict], configs) -> list[dict]:
-    """Each sparse config against the dense rows: TPOT, throughput and TTFT at 32k x 16, throughput on every mixed
-    concurrency. ``met`` None: not measured; ``binding``: the issue's target (quest)."""
+    """Each sparse config against the dense server of its own run: TPOT, throughput and TTFT at 32k x 16, throughput
+    on every mixed concurrency. ``met`` None: not measured (no row, or no dense row in its run); ``binding``: the
+    issue's target (quest)."""
     by_key = {(r["config"], r["workload"], r["concurrency"]): r for r in rows if measured(r)}
+    dense_rows = dense_by_point(rows)
     mixed_cs = sorted({r["concurrency"] for r in rows if r.get("workload") == "mixed"})
     checks = [("32k", 16, "median_tpot_speedup", ">=", TPOT_SPEEDUP),
               ("32k", 16, "output_throughput_ratio", ">=", THROUGHPUT_RATIO),
@@ -189,8 +191,9 @@ def evaluate_targets(rows: list[dict], configs) -> list[dict]:
     targets = []
     for config in [c for c in configs if c != "dense"]:
         for workload, c, metric, op, required in checks:
-            dense, r = by_key.get(("dense", workload, c)), by_key.get((config, workload, c))
-            value = None if dense is None or r is None else ratios(dense, r)[metric]
+            r = by_key.get((config, workload, c))
+            dense = None if r is None else dense_of(dense_rows, r)
+            value = None if dense is None else ratios(dense, r)[metric]
             met = None if value is None else (value >= required if op == ">=" else value <= required)
             targets.append(dict(config=config, workload=workload, concurrency=c, metric=metric, op=op,
                                 required=required, value=value, met=met, binding=config == TARGET_CONFIG))
@@ -198,8 +201,16 @@ def evaluate_targets(rows: list[dict], configs) -> list[dict]:
 
 
 def dense_by_point(rows: list[dict]) -> dict:
-    """The measured dense rows by (workload, concurrency)."""
-    return {(r["workload"], r["concurrency"]): r for r in rows if r["config"] == "dense" and measured(r)}
+    """The measured dense rows by (run, workload, concurrency); ``run`` is the index of the run in a combined file
+    (0 in a single run's file)."""
+    return {(r.get("run", 0), r["workload"], r["concurrency"]): r for r in rows
+            if r["config"] == "dense" and measured(r)}
+
+
+def dense_of(dense: dict, r: dict) -> dict | None:
+    """The dense row of ``r``'s own run, workload and concurrency, or None: a config is compared only with the dense
+    server measured beside it (same run, same GPU), never with another run's."""
+    return dense.get((r.get("run", 0), r["workload"], r["concurrency"]))
 
 
 def ratios(dense: dict, r: dict) -> dict:
@@ -208,24 +219,30 @@ def ratios(dense: dict, r: dict) -> dict:
                 median_ttft_ratio=r["median_ttft_ms"] / dense["median_ttft_ms"])
 
 
+def table_order(r: dict) -> tuple:
+    """Rows by workload and concurrency, each run's dense row first with its run's configs below it."""
+    return r["workload"], r["concurrency"], r.get("run", 0), r["config"] != "dense", r["config"]
+
+
 def print_table(rows: list[dict], targets: list[dict], gpu: str) -> None:
     print(f"\nsglang.bench_serving, Llama-3.1-8B shape (dummy weights), page {PAGE_SIZE} - {gpu}")
     print(f"{'config':11s} {'workload':8s} {'conc':>4s} {'in':>6s} {'out':>5s} {'tok/s':>8s} {'TPOT p50':>8s} "
           f"{'p99':>7s} {'TTFT p50':>9s} {'decode':>6s} {'xTPOT':>6s} {'xtok/s':>6s}")
     dense = dense_by_point(rows)
-    for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], r["config"] != "dense", r["config"])):
+    for r in sorted(rows, key=table_order):
         head = f"{r['config']:11s} {r['workload']:8s} {r['concurrency']:4d}"
         if not measured(r):
             print(f"{head}  {r.get('error', 'not measured')}")
             continue
         share = f"{r['decode_share']:6.0%}" if r.get("decode_share") is not None else f"{'-':>6s}"
-        base = dense.get((r["workload"], r["concurrency"]))
+        base = dense_of(dense, r)
         x = ratios(base, r) if base is not None and r["config"] != "dense" else None
         rel = f"{x['median_tpot_speedup']:6.2f} {x['output_throughput_ratio']:6.2f}" if x else f"{'':13s}"
         print(f"{head} {r['mean_input_len']:6.0f} {r['mean_output_len']:5.0f} {r['output_throughput']:8.1f} "
               f"{r['median_tpot_ms']:8.2f} {r['p99_tpot_ms']:7.2f} {r['median_ttft_ms']:9.0f} {share} {rel}")
     print("in/out: mean tokens per request; decode: estimated share of the run spent in decode (prefill is dense); "
-          "xTPOT, xtok/s: dense median TPOT / config's, config's output throughput / dense")
+          "xTPOT, xtok/s: dense median TPOT / config's, config's output throughput / dense (the dense row above it: "
+          "same run, same GPU)")
     for r in [r for r in rows if r["config"] == "dense" and r.get("decode_share") is not None]:
         s = r["decode_share"]
         bound = "unbounded" if s >= 1 else f"{1 / (1 - s):.2f}x"
@@ -249,8 +266,11 @@ def plot(rows: list[dict], path: str, gpu: str) -> None:
         for i, (metric, label) in enumerate(metrics):
             ax = axes[i][j]
             for k, config in enumerate(dict.fromkeys(r["config"] for r in rows if measured(r))):
-                pts = sorted((r["concurrency"], r[metric]) for r in rows
-                             if measured(r) and r["config"] == config and r["workload"] == workload)
+                by_c = {}                        # dense: one point per concurrency (the first run's)
+                for r in rows:
+                    if measured(r) and r["config"] == config and r["workload"] == workload:
+                        by_c.setdefault(r["concurrency"], r[metric])
+                pts = sorted(by_c.items())
                 if pts:
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{k}", label=config)
             ax.set_xscale("log", base=2)
@@ -335,22 +355,39 @@ def save_results(path: Path, rows: list[dict], configs, **meta) -> list[dict]:
 
 
 def combine(paths: list[str], out: Path) -> int:
-    """Rows of several runs -> one JSON, table and PNG; the first run's row of a (config, workload, concurrency)
-    wins, with its commit (a combined file can be combined again). Ratios across runs compare different servers:
-    prefer dense and the config in one run."""
+    """Rows of several runs -> one JSON, table and PNG. The first run's row of a sparse (config, workload,
+    concurrency) wins, with its commit and ``run`` (a combined file can be combined again); every run keeps the
+    dense rows its kept configs are compared with, so each ratio stays within one run on one GPU. A point measured
+    for dense alone keeps its first dense row."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
-    rows, seen, names, merged = [], set(), [], []
+    candidates, names, merged = [], [], []
     for path, run in zip(paths, runs):
         combined = bool(run.get("combined"))       # a combined input: its files and runs go in its place
         first = len(merged)
         names += run["combined"] if combined else [Path(path).name]
         merged += run["runs"] if combined else [{k: run.get(k) for k in ("gpu", "commit", "versions", "settings")}]
-        for r in run["rows"]:
-            key = (r["config"], r["workload"], r["concurrency"])
-            if measured(r) and key not in seen:
-                seen.add(key)
-                rows.append(dict(r, run=first + (r.get("run", 0) if combined else 0),
-                                 commit=r.get("commit") or run.get("commit")))
+        candidates += [dict(r, run=first + (r.get("run", 0) if combined else 0),
+                            commit=r.get("commit") or run.get("commit")) for r in run["rows"] if measured(r)]
+    rows, seen = [], set()
+    for r in candidates:
+        key = (r["config"], r["workload"], r["concurrency"])
+        if r["config"] != "dense" and key not in seen:
+            seen.add(key)
+            rows.append(r)
+    needed = {(r["run"], r["workload"], r["concurrency"]) for r in rows}
+    dense = [r for r in candidates if r["config"] == "dense"]
+    kept = {}
+    for r in dense:                                 # the dense rows the kept configs are compared with
+        key = (r["run"], r["workload"], r["concurrency"])
+        if key in needed:
+            kept.setdefault(key, r)
+    points = {(workload, c) for _, workload, c in kept}
+    for r in dense:                                 # points measured for dense alone: the first run's row
+        if (r["workload"], r["concurrency"]) not in points:
+            points.add((r["workload"], r["concurrency"]))
+            kept[(r["run"], r["workload"], r["concurrency"])] = r
+    rows += kept.values()
+    rows.sort(key=table_order)
     gpu = " / ".join(sorted({r["gpu"] for r in runs if r.get("gpu")})) or "unknown GPU"
     configs = list(dict.fromkeys(r["config"] for r in rows))
     targets = save_results(out, rows, configs, gpu=gpu, combined=names, runs=merged)

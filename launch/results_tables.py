@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
 
 from bench_e2e import label  # noqa: E402
-from bench_serving import dense_by_point, measured, ratios  # noqa: E402
+from bench_serving import dense_by_point, dense_of, measured, ratios, table_order  # noqa: E402
 from plot_reuse import best_us, reuse_table, short_commit as _commit  # noqa: E402
 RESULTS = ROOT / "launch" / "results"
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -143,7 +143,7 @@ def soak_table(data: dict) -> str:
 
 
 def _serving_rows(data: dict) -> tuple[list[dict], dict]:
-    """The measured rows of a bench_serving file and its dense rows by (workload, concurrency)."""
+    """The measured rows of a bench_serving file and its dense rows by (run, workload, concurrency)."""
     return [r for r in data["rows"] if measured(r)], dense_by_point(data["rows"])
 
 
@@ -177,17 +177,17 @@ def accuracy_goals_table(data: dict) -> str:
 
 
 def bench_serving_table(data: dict) -> str:
-    """One row per config, workload and concurrency, with the ratios to dense of the same workload and concurrency
-    (same run) and the estimated decode share of the dense run; then the targets."""
+    """One row per config, workload and concurrency, each run's dense row above its configs, with the ratios to
+    that dense row (same run, same GPU) and the estimated decode share of the dense run; then the targets."""
     rows, dense = _serving_rows(data)
     commits = sorted({_row_commit(r, data) for r in rows})
-    lines = [f"{data['gpu']}, commit {', '.join(commits)}; ratios against the dense server of the same workload and "
-             "concurrency; decode: estimated share of the dense run spent in decode.", "",
-             "| config | workload | concurrency | output tok/s | median TPOT (ms) | p99 TPOT (ms) | median TTFT (ms) | "
-             "TPOT speedup | throughput ratio | decode |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["workload"], r["concurrency"], r["config"] != "dense", r["config"])):
-        base = dense.get((r["workload"], r["concurrency"]))
+    lines = [f"{data['gpu']}, commit {', '.join(commits)}; ratios against the dense server of the same run, workload "
+             "and concurrency (the dense row above them); decode: estimated share of the dense run spent in decode.",
+             "", "| config | workload | concurrency | output tok/s | median TPOT (ms) | p99 TPOT (ms) | median TTFT (ms) | "
+             "TPOT speedup | throughput ratio | decode | commit |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=table_order):
+        base = dense_of(dense, r)
         if r["config"] == "dense" or base is None:
             rel = "| | |"
         else:
@@ -195,7 +195,8 @@ def bench_serving_table(data: dict) -> str:
             rel = f"| **{x['median_tpot_speedup']:.2f}** | **{x['output_throughput_ratio']:.2f}** |"
         share = f"{100 * r['decode_share']:.0f} %" if r["config"] == "dense" and r.get("decode_share") else ""
         lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | {r['output_throughput']:.1f} | "
-                     f"{r['median_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['median_ttft_ms']:.0f} {rel} {share} |")
+                     f"{r['median_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['median_ttft_ms']:.0f} {rel} {share} | "
+                     f"{_row_commit(r, data)} |")
     targets = [t for t in data.get("targets", []) if t.get("binding")]
     if targets:
         lines += ["", "| target (`quest`) | required | measured |", "|---|---|---|"]
@@ -215,7 +216,7 @@ def bench_serving_compact(data: dict) -> str:
              "| TTFT | decode share of the dense run | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["config"], r["workload"], r["concurrency"])):
-        base = dense.get((r["workload"], r["concurrency"]))
+        base = dense_of(dense, r)
         if r["config"] == "dense" or base is None:
             continue
         x = ratios(base, r)

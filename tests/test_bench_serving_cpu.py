@@ -169,7 +169,8 @@ def test_combine_merges_runs_with_table_and_plot(tmp_path, capsys):
         dict(config="quest", workload="-", concurrency=0, failed_at="start-up", error="boom")])
     second = dict(gpu="NVIDIA H200", commit="b", rows=[
         row("quest", "32k", 16, 15.0, 450.0, 21000.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=20.0),
-        row("dense", "32k", 16, 99.0, 1.0, 1.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=1.0)])
+        row("dense", "32k", 16, 31.5, 300.0, 20000.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=40.0),
+        row("twilight", "32k", 4, 5.0, 100.0, 2000.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=6.0)])
     paths = []
     for i, run in enumerate((first, second)):
         paths.append(str(tmp_path / f"run{i}.json"))
@@ -177,12 +178,17 @@ def test_combine_merges_runs_with_table_and_plot(tmp_path, capsys):
     out = tmp_path / "all.json"
     assert bs.combine(paths, out) == 0
     merged = json.loads(out.read_text())
-    assert [(r["config"], r["run"], r["commit"]) for r in merged["rows"]] == [("dense", 0, "a"), ("quest", 1, "b")]
+    # quest keeps the dense row of its own run (the first run's dense row at that point goes); twilight's run had
+    # no dense row at its point
+    assert [(r["config"], r["run"], r["commit"]) for r in merged["rows"]] == [
+        ("twilight", 1, "b"), ("dense", 1, "b"), ("quest", 1, "b")]
     t = {(x["config"], x["metric"]): x for x in merged["targets"] if x["workload"] == "32k"}
-    assert t[("quest", "median_tpot_speedup")]["value"] == 2.0 and t[("quest", "median_tpot_speedup")]["met"]
+    assert t[("quest", "median_tpot_speedup")]["value"] == 2.1 and t[("quest", "median_tpot_speedup")]["met"]
+    assert t[("twilight", "median_tpot_speedup")]["met"] is None           # never against another run's dense
     assert merged["gpu"] == "NVIDIA H200"
     printed = capsys.readouterr().out
-    assert "target quest      32k   c=16  median_tpot_speedup >= 1.9: 2.00 met" in printed
+    assert "target quest      32k   c=16  median_tpot_speedup >= 1.9: 2.10 met" in printed
+    assert "twilight    32k         4  32768  2048    100.0     5.00    6.00      2000      -       " in printed
     pytest.importorskip("matplotlib")
     assert out.with_suffix(".png").stat().st_size > 10_000
 

@@ -81,7 +81,8 @@ def test_bench_serving_table_gives_ratios_to_dense_and_the_targets(tmp_path, mon
 
     data = dict(gpu="NVIDIA H200", rows=[
         row("dense", 4, 342.7, 9.92, 3573, decode_share=0.76), row("quest", 4, 423.1, 7.70, 3591),
-        row("quest", 16, 1.0, 1.0, 1.0, error="3 of 16 requests completed")],
+        row("quest", 16, 1.0, 1.0, 1.0, error="3 of 16 requests completed"),
+        row("dense", 4, 300.0, 12.0, 3600, run=1), row("twilight", 4, 400.0, 8.0, 3600, run=1)],
         targets=[dict(config="quest", workload="32k", concurrency=16, metric="median_tpot_speedup", op=">=",
                       required=1.9, value=None, met=None, binding=True),
                  dict(config="quest", workload="32k", concurrency=16, metric="output_throughput_ratio", op=">=",
@@ -91,14 +92,18 @@ def test_bench_serving_table_gives_ratios_to_dense_and_the_targets(tmp_path, mon
     (tmp_path / "bench_serving_x.json").write_text(json.dumps(data))
     monkeypatch.setattr(results_tables, "RESULTS", tmp_path)
     table = results_tables.render("bench_serving_x")
-    assert "| dense | 32k | 4 | 342.7 | 9.92 | 11.90 | 3573 | | | 76 % |" in table
-    assert "| quest | 32k | 4 | 423.1 | 7.70 | 9.24 | 3591 | **1.29** | **1.23** |  |" in table
+    assert "| dense | 32k | 4 | 342.7 | 9.92 | 11.90 | 3573 | | | 76 % | abcdef0 |" in table
+    assert "| quest | 32k | 4 | 423.1 | 7.70 | 9.24 | 3591 | **1.29** | **1.23** |  | abcdef0 |" in table
+    # a second run's config is compared with its own run's dense row, which sits right above it
+    assert ("| dense | 32k | 4 | 300.0 | 12.00 | 14.40 | 3600 | | |  | abcdef0 |\n"
+            "| twilight | 32k | 4 | 400.0 | 8.00 | 9.60 | 3600 | **1.50** | **1.33** |  | abcdef0 |") in table
     assert "| quest | 32k | 16 |" not in table                         # a failed point is not a measurement
     assert "| 32k, concurrency 16: median_tpot_speedup | >= 1.9 | not measured |" in table
     assert "| 32k, concurrency 16: output_throughput_ratio | >= 1.4 | 1.52 (met) |" in table
-    assert "twilight" not in table and "commit abcdef0" in table
+    assert "| 32k, concurrency 16: output_throughput_ratio | >= 1.4 | 1.1" not in table and "commit abcdef0" in table
     compact = results_tables.render("bench_serving_x", "compact")
     assert "| quest | 32k | 4 | 9.92 → 7.70 ms | **1.29×** | 1.23× | 1.01× | 76 % | abcdef0 |" in compact
+    assert "| twilight | 32k | 4 | 12.00 → 8.00 ms | **1.50×** | 1.33× | 1.00× | — | abcdef0 |" in compact
     assert "| dense |" not in compact and "target" not in compact
     text = "<!-- table: bench_serving_x compact -->\n<!-- /table -->\n"
     assert results_tables.update(text) == f"<!-- table: bench_serving_x compact -->\n{compact}<!-- /table -->\n"
