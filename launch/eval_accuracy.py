@@ -160,8 +160,9 @@ def main() -> int:
                     help="instances per (task, length, depth), seeds --seed .. --seed + N - 1: depths x seeds "
                          "instances per (task, length)")
     ap.add_argument("--methods", nargs="*", default=["quest", "twilight", "vattention"],
-                    help="presets (configs/*.yaml) or YAML files, each run at every --budgets (none given: dense "
-                         "only)")
+                    help="presets (configs/*.yaml) or YAML files, with inline overrides (quest:page_size=8), each run "
+                         "at every --budgets; one that sets token_budget inline runs at that budget alone (none "
+                         "given: dense only)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[128, 256])
     ap.add_argument("--seed", type=int, default=0, help="the first instance seed")
     ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import models, tasks
-from .config import SparseConfig
+from .config import SparseConfig, parse_overrides
 from .hf_sparse import sparse_attention
 from .serving import file_safe
 
@@ -92,12 +92,23 @@ def config_label(spec: str, overrides: dict | None = None) -> str:
     return spec + "[" + ",".join(f"{k}={v}" for k, v in sorted(overrides.items())) + "]"
 
 
+def spec_budget(spec: str) -> int | None:
+    """The token budget a method spec sets itself inline (``vattention:page_size=8,token_budget=320``), or None."""
+    if ":" not in spec or Path(spec).exists():
+        return None
+    budget = parse_overrides(spec.partition(":")[2].split(","), f"sparse config {spec!r}").get("token_budget")
+    return None if budget is None else int(budget)
+
+
 def named_configs(methods: list[str], budgets: list[int], **overrides) -> list[tuple[str, SparseConfig]]:
     """(label, config): dense plus every (preset, budget); sparse from the first token of decode (no
-    min_context). An override whose value is ``"budget"`` takes each config's token budget."""
+    min_context). A method that sets its own ``token_budget`` inline runs at that budget alone, so one run can
+    hold configs of different budgets beside one dense server. An override whose value is ``"budget"`` takes
+    each config's token budget."""
     out = [("dense", SparseConfig(method="dense"))]
     for m in methods:
-        for b in budgets:
+        own = spec_budget(m)
+        for b in budgets if own is None else [own]:
             fields = {k: (b if v == BUDGET else v) for k, v in overrides.items()}
             out.append((config_label(m, overrides), SparseConfig.load(m).replace(token_budget=b, min_context=0,
                                                                                 **fields)))

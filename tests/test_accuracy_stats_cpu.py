@@ -279,6 +279,17 @@ def test_named_configs_labels_and_budget_valued_overrides():
     assert accuracy.configs_for(["quest"], [512]) == [c for _, c in accuracy.named_configs(["quest"], [512])]
 
 
+def test_a_method_with_its_own_budget_runs_at_that_budget_alone():
+    """Configs of different budgets beside one dense server: an inline token_budget wins over --budgets."""
+    named = accuracy.named_configs(["vattention:page_size=8,token_budget=320", "quest"], [1024, 2048],
+                                   sample_capacity="budget")
+    got = [(label, cfg.token_budget, cfg.sample_capacity, cfg.page_size) for label, cfg in named[1:]]
+    assert got == [("vattention:page_size=8,token_budget=320[sample_capacity=budget]", 320, 320, 8),
+                   ("quest[sample_capacity=budget]", 1024, 1024, 16), ("quest[sample_capacity=budget]", 2048, 2048, 16)]
+    assert accuracy.spec_budget("twilight:top_p=0.99") is None and accuracy.spec_budget("quest") is None
+    assert accuracy.spec_budget("quest:token_budget=24576,reselect_every=4") == 24576
+
+
 # ----------------------------------------------------------------------------- sglang path with a stand-in server
 
 @pytest.fixture
