@@ -168,13 +168,23 @@ def measured(r: dict) -> bool:
 
 def add_decode_shares(rows: list[dict]) -> None:
     """Each measured row's ``decode_share``: 1 - prompt tokens x (prefill seconds per token at concurrency 1 of the
-    same config and workload) / duration; None without such a run."""
-    per_token = {(r["config"], r["workload"]): r["mean_ttft_ms"] / 1e3 * r["completed"] / r["total_input_tokens"]
-                 for r in rows if measured(r) and r["concurrency"] == 1 and r.get("total_input_tokens")}
+    same config and workload) / duration; None without such a row. The prefill rate is a property of the server,
+    not a comparison, so a combined file takes it from the row's own run where that run measured concurrency 1,
+    else from the first run that did (``decode_share_from_run`` names which)."""
+    per_token: dict[tuple, tuple[int, float]] = {}
     for r in rows:
-        rate = per_token.get((r.get("config"), r.get("workload")))
-        if measured(r) and rate is not None and r.get("duration_s"):
+        if measured(r) and r["concurrency"] == 1 and r.get("total_input_tokens"):
+            rate = r["mean_ttft_ms"] / 1e3 * r["completed"] / r["total_input_tokens"]
+            per_token.setdefault((r.get("run", 0), r["config"], r["workload"]), (r.get("run", 0), rate))
+            per_token.setdefault((None, r["config"], r["workload"]), (r.get("run", 0), rate))
+    for r in rows:
+        key = (r.get("config"), r.get("workload"))
+        found = per_token.get((r.get("run", 0), *key)) or per_token.get((None, *key))
+        if measured(r) and found is not None and r.get("duration_s"):
+            run, rate = found
             r["decode_share"] = min(1.0, max(0.0, 1 - r["total_input_tokens"] * rate / r["duration_s"]))
+            if run != r.get("run", 0):
+                r["decode_share_from_run"] = run
 
 
 def evaluate_targets(rows: list[dict], configs) -> list[dict]:
@@ -356,9 +366,10 @@ def save_results(path: Path, rows: list[dict], configs, **meta) -> list[dict]:
 
 def combine(paths: list[str], out: Path) -> int:
     """Rows of several runs -> one JSON, table and PNG. The first run's row of a sparse (config, workload,
-    concurrency) wins, with its commit and ``run`` (a combined file can be combined again); every run keeps the
-    dense rows its kept configs are compared with, so each ratio stays within one run on one GPU. A point measured
-    for dense alone keeps its first dense row."""
+    concurrency) that has a dense row beside it in its run wins (else the first run's row, without ratios), with
+    its commit and ``run`` (a combined file can be combined again); every run keeps the dense rows its kept configs
+    are compared with, so each ratio stays within one run on one GPU. A point measured for dense alone keeps its
+    first dense row."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     candidates, names, merged = [], [], []
     for path, run in zip(paths, runs):
@@ -368,12 +379,14 @@ def combine(paths: list[str], out: Path) -> int:
         merged += run["runs"] if combined else [{k: run.get(k) for k in ("gpu", "commit", "versions", "settings")}]
         candidates += [dict(r, run=first + (r.get("run", 0) if combined else 0),
                             commit=r.get("commit") or run.get("commit")) for r in run["rows"] if measured(r)]
-    rows, seen = [], set()
-    for r in candidates:
-        key = (r["config"], r["workload"], r["concurrency"])
-        if r["config"] != "dense" and key not in seen:
-            seen.add(key)
-            rows.append(r)
+    dense_points = {(r["run"], r["workload"], r["concurrency"]) for r in candidates if r["config"] == "dense"}
+    chosen: dict[tuple, dict] = {}
+    for r in candidates:                            # first wins, but a row whose run has a dense row beats one
+        key = (r["config"], r["workload"], r["concurrency"])       # whose run has none
+        paired = (r["run"], r["workload"], r["concurrency"]) in dense_points
+        if r["config"] != "dense" and (key not in chosen or (paired and not chosen[key][1])):
+            chosen[key] = (r, paired)
+    rows = [r for r, _ in chosen.values()]
     needed = {(r["run"], r["workload"], r["concurrency"]) for r in rows}
     dense = [r for r in candidates if r["config"] == "dense"]
     kept = {}

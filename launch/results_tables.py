@@ -182,14 +182,17 @@ def bench_serving_table(data: dict) -> str:
     rows, dense = _serving_rows(data)
     commits = sorted({_row_commit(r, data) for r in rows})
     lines = [f"{data['gpu']}, commit {', '.join(commits)}; ratios against the dense server of the same run, workload "
-             "and concurrency (the dense row above them); decode: estimated share of the dense run spent in decode.",
+             "and concurrency (the dense row above them; — where the config's run had none); decode: estimated "
+             "share of the dense run spent in decode.",
              "", "| config | workload | concurrency | output tok/s | median TPOT (ms) | p99 TPOT (ms) | median TTFT (ms) | "
              "TPOT speedup | throughput ratio | decode | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=table_order):
         base = dense_of(dense, r)
-        if r["config"] == "dense" or base is None:
+        if r["config"] == "dense":
             rel = "| | |"
+        elif base is None:
+            rel = "| — | — |"
         else:
             x = ratios(base, r)
             rel = f"| **{x['median_tpot_speedup']:.2f}** | **{x['output_throughput_ratio']:.2f}** |"
@@ -208,8 +211,8 @@ def bench_serving_table(data: dict) -> str:
 
 
 def bench_serving_compact(data: dict) -> str:
-    """Each sparse config against the dense server of the same workload and concurrency, one line each (the
-    README's view: no project targets)."""
+    """Each sparse config against the dense server of its own run at the same workload and concurrency, one line
+    each (the README's view: no project targets)."""
     rows, dense = _serving_rows(data)
     lines = [f"{data['gpu']}; each config against the dense server of the same run, workload and concurrency.", "",
              "| config | workload | concurrent requests | median TPOT, dense → config | TPOT speedup | output throughput "
@@ -217,7 +220,11 @@ def bench_serving_compact(data: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["config"], r["workload"], r["concurrency"])):
         base = dense_of(dense, r)
-        if r["config"] == "dense" or base is None:
+        if r["config"] == "dense":
+            continue
+        if base is None:
+            lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | — → {r['median_tpot_ms']:.2f} ms "
+                         f"| — (no dense server in its run) | — | — | — | {_row_commit(r, data)} |")
             continue
         x = ratios(base, r)
         share = f"{100 * base['decode_share']:.0f} %" if base.get("decode_share") else "—"

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import models, tasks
-from .config import SparseConfig, parse_overrides
+from .config import SparseConfig, SparseConfigError, parse_overrides
 from .hf_sparse import sparse_attention
 from .serving import file_safe
 
@@ -97,7 +97,10 @@ def spec_budget(spec: str) -> int | None:
     if ":" not in spec or Path(spec).exists():
         return None
     budget = parse_overrides(spec.partition(":")[2].split(","), f"sparse config {spec!r}").get("token_budget")
-    return None if budget is None else int(budget)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+        raise SparseConfigError(f"sparse config {spec!r}: token_budget={budget!r} is not a whole number of tokens "
+                                "(write e.g. token_budget=1024)")
+    return budget
 
 
 def named_configs(methods: list[str], budgets: list[int], **overrides) -> list[tuple[str, SparseConfig]]:

@@ -16,6 +16,7 @@ import pytest
 
 from sgl_sparse import accuracy, tasks
 from sgl_sparse.accuracy import Result, bootstrap_mean_ci, paired_relative_ci
+from sgl_sparse.config import SparseConfigError
 
 
 def words(s: str) -> int:
@@ -288,6 +289,8 @@ def test_a_method_with_its_own_budget_runs_at_that_budget_alone():
                    ("quest[sample_capacity=budget]", 1024, 1024, 16), ("quest[sample_capacity=budget]", 2048, 2048, 16)]
     assert accuracy.spec_budget("twilight:top_p=0.99") is None and accuracy.spec_budget("quest") is None
     assert accuracy.spec_budget("quest:token_budget=24576,reselect_every=4") == 24576
+    with pytest.raises(SparseConfigError, match="token_budget='budget' is not a whole number"):
+        accuracy.spec_budget("quest:token_budget=budget")
 
 
 # ----------------------------------------------------------------------------- sglang path with a stand-in server

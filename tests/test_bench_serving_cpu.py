@@ -140,6 +140,39 @@ def test_decode_share_from_the_concurrency_1_prefill_cost(capsys):
            "with decode 2x faster at most 1.52x" in capsys.readouterr().out
 
 
+def test_decode_share_prefers_the_rows_own_run():
+    """In a combined file the prefill rate comes from the row's own run where it measured concurrency 1, else from
+    the first run that did (and the row says which)."""
+    def c1(run, ttft_ms):
+        return row("dense", "32k", 1, 8.0, 100, ttft_ms, mean_ttft_ms=ttft_ms, completed=2,
+                   total_input_tokens=65536, duration_s=40.0, run=run)
+    c16 = [row("dense", "32k", 16, 30.0, 300, 20000.0, completed=16, total_input_tokens=16 * 32768,
+               duration_s=100.0, run=run) for run in (0, 1, 2)]
+    rows = [c1(1, 2000.0), c1(2, 1000.0), *c16]
+    bs.add_decode_shares(rows)
+    assert c16[1]["decode_share"] == pytest.approx(0.68) and "decode_share_from_run" not in c16[1]   # own run
+    assert c16[2]["decode_share"] == pytest.approx(0.84) and "decode_share_from_run" not in c16[2]   # own run
+    assert c16[0]["decode_share"] == pytest.approx(0.68) and c16[0]["decode_share_from_run"] == 1    # first run's
+
+
+def test_combine_prefers_a_row_whose_run_has_dense_beside_it(tmp_path, capsys):
+    """A config measured in two runs, the first without a dense row at that point: the second run's pair wins."""
+    orphan = dict(gpu="NVIDIA H200", commit="a", rows=[
+        row("quest", "32k", 16, 14.0, 450.0, 21000.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=20.0),
+        dict(row("dense", "32k", 16, 1.0, 1.0, 1.0), error="server died")])
+    paired = dict(gpu="NVIDIA H200", commit="b", rows=[
+        row("dense", "32k", 16, 30.0, 300.0, 20000.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=40.0),
+        row("quest", "32k", 16, 15.0, 450.0, 21000.0, mean_input_len=32768, mean_output_len=2048, p99_tpot_ms=20.0)])
+    paths = [tmp_path / "orphan.json", tmp_path / "paired.json"]
+    for path, run in zip(paths, (orphan, paired)):
+        path.write_text(json.dumps(run))
+    assert bs.combine([str(p) for p in paths], tmp_path / "all.json") == 0
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert [(r["config"], r["commit"]) for r in merged["rows"]] == [("dense", "b"), ("quest", "b")]
+    t = {x["metric"]: x for x in merged["targets"] if x["config"] == "quest" and x["workload"] == "32k"}
+    assert t["median_tpot_speedup"]["value"] == 2.0
+
+
 def test_targets_against_dense():
     rows = [row("dense", "32k", 16, 30.0, 300.0, 20000.0), row("quest", "32k", 16, 15.5, 450.0, 21500.0),
             row("twilight", "32k", 16, 14.0, 400.0, 23000.0)]

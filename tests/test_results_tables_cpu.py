@@ -82,7 +82,8 @@ def test_bench_serving_table_gives_ratios_to_dense_and_the_targets(tmp_path, mon
     data = dict(gpu="NVIDIA H200", rows=[
         row("dense", 4, 342.7, 9.92, 3573, decode_share=0.76), row("quest", 4, 423.1, 7.70, 3591),
         row("quest", 16, 1.0, 1.0, 1.0, error="3 of 16 requests completed"),
-        row("dense", 4, 300.0, 12.0, 3600, run=1), row("twilight", 4, 400.0, 8.0, 3600, run=1)],
+        row("dense", 4, 300.0, 12.0, 3600, run=1), row("twilight", 4, 400.0, 8.0, 3600, run=1),
+        row("vattention", 4, 380.0, 9.0, 3600, run=2)],                 # its run had no dense row
         targets=[dict(config="quest", workload="32k", concurrency=16, metric="median_tpot_speedup", op=">=",
                       required=1.9, value=None, met=None, binding=True),
                  dict(config="quest", workload="32k", concurrency=16, metric="output_throughput_ratio", op=">=",
@@ -101,9 +102,11 @@ def test_bench_serving_table_gives_ratios_to_dense_and_the_targets(tmp_path, mon
     assert "| 32k, concurrency 16: median_tpot_speedup | >= 1.9 | not measured |" in table
     assert "| 32k, concurrency 16: output_throughput_ratio | >= 1.4 | 1.52 (met) |" in table
     assert "| 32k, concurrency 16: output_throughput_ratio | >= 1.4 | 1.1" not in table and "commit abcdef0" in table
+    assert "| vattention | 32k | 4 | 380.0 | 9.00 | 10.80 | 3600 | — | — |  | abcdef0 |" in table   # never run 0's
     compact = results_tables.render("bench_serving_x", "compact")
     assert "| quest | 32k | 4 | 9.92 → 7.70 ms | **1.29×** | 1.23× | 1.01× | 76 % | abcdef0 |" in compact
     assert "| twilight | 32k | 4 | 12.00 → 8.00 ms | **1.50×** | 1.33× | 1.00× | — | abcdef0 |" in compact
+    assert "| vattention | 32k | 4 | — → 9.00 ms | — (no dense server in its run) | — | — | — | abcdef0 |" in compact
     assert "| dense |" not in compact and "target" not in compact
     text = "<!-- table: bench_serving_x compact -->\n<!-- /table -->\n"
     assert results_tables.update(text) == f"<!-- table: bench_serving_x compact -->\n{compact}<!-- /table -->\n"
