@@ -171,15 +171,17 @@ def add_decode_shares(rows: list[dict]) -> None:
     same config and workload) / duration; None without such a row. The prefill rate is a property of the server,
     not a comparison, so a combined file takes it from the row's own run where that run measured concurrency 1,
     else from the first run that did (``decode_share_from_run`` names which)."""
-    per_token: dict[tuple, tuple[int, float]] = {}
+    by_run: dict[tuple, tuple[int, float]] = {}     # (run, config, workload) -> (run, prefill s per token)
+    first: dict[tuple, tuple[int, float]] = {}      # (config, workload) -> the first run's
     for r in rows:
         if measured(r) and r["concurrency"] == 1 and r.get("total_input_tokens"):
+            run, key = r.get("run", 0), (r["config"], r["workload"])
             rate = r["mean_ttft_ms"] / 1e3 * r["completed"] / r["total_input_tokens"]
-            per_token.setdefault((r.get("run", 0), r["config"], r["workload"]), (r.get("run", 0), rate))
-            per_token.setdefault((None, r["config"], r["workload"]), (r.get("run", 0), rate))
+            by_run.setdefault((run, *key), (run, rate))
+            first.setdefault(key, (run, rate))
     for r in rows:
         key = (r.get("config"), r.get("workload"))
-        found = per_token.get((r.get("run", 0), *key)) or per_token.get((None, *key))
+        found = by_run.get((r.get("run", 0), *key)) or first.get(key)
         if measured(r) and found is not None and r.get("duration_s"):
             run, rate = found
             r["decode_share"] = min(1.0, max(0.0, 1 - r["total_input_tokens"] * rate / r["duration_s"]))

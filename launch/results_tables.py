@@ -158,7 +158,9 @@ def accuracy_goals_table(data: dict) -> str:
 
     goals = goal_report(data["rows"])
     length = goals[0]["length"] if goals else None
-    lines = [f"{data['gpu']}, {_accuracy_runs(data)}; length {length}, all tasks, rows of at least 90 instances.", "",
+    min_n = goals[0]["min_n"] if goals else None
+    lines = [f"{data['gpu']}, {_accuracy_runs(data)}; length {length}, all tasks, rows of at least {min_n} instances.",
+             "",
              "| method | goal | met | best within the attended limit | reached at |", "|---|---|---|---|---|"]
 
     def point(r):

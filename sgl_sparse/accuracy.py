@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import models, tasks
-from .config import SparseConfig, SparseConfigError, parse_overrides
+from .config import SparseConfig, SparseConfigError, split_spec
 from .hf_sparse import sparse_attention
 from .serving import file_safe
 
@@ -94,9 +94,7 @@ def config_label(spec: str, overrides: dict | None = None) -> str:
 
 def spec_budget(spec: str) -> int | None:
     """The token budget a method spec sets itself inline (``vattention:page_size=8,token_budget=320``), or None."""
-    if ":" not in spec or Path(spec).exists():
-        return None
-    budget = parse_overrides(spec.partition(":")[2].split(","), f"sparse config {spec!r}").get("token_budget")
+    budget = split_spec(spec)[1].get("token_budget")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
         raise SparseConfigError(f"sparse config {spec!r}: token_budget={budget!r} is not a whole number of tokens "
                                 "(write e.g. token_budget=1024)")

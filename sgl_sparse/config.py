@@ -315,13 +315,7 @@ class SparseConfig:
         YAML path, optionally followed by inline overrides: ``quest:token_budget=1024,reselect_every=4``."""
         import yaml
 
-        base, overrides = spec, {}
-        if ":" in spec and not pathlib.Path(spec).exists():
-            base, _, inline = spec.partition(":")
-            overrides = parse_overrides(inline.split(","), f"sparse config {spec!r}")
-            if not overrides:
-                raise SparseConfigError(f"sparse config {spec!r}: no overrides after ':' (write e.g. "
-                                        "quest:token_budget=1024)")
+        base, overrides = split_spec(spec)
         path = pathlib.Path(base)
         if not path.suffix and (CONFIG_DIR / f"{base}.yaml").exists():
             path = CONFIG_DIR / f"{base}.yaml"
@@ -355,6 +349,18 @@ class SparseConfig:
 
     def replace(self, **changes: Any) -> "SparseConfig":
         return dataclasses.replace(self, **changes)
+
+
+def split_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """A config spec -> (preset name or YAML path, its inline overrides): ``quest:token_budget=1024`` ->
+    (``quest``, ``{"token_budget": 1024}``); a spec without ``:`` (or an existing path) has none."""
+    if ":" not in spec or pathlib.Path(spec).exists():
+        return spec, {}
+    base, _, inline = spec.partition(":")
+    overrides = parse_overrides(inline.split(","), f"sparse config {spec!r}")
+    if not overrides:
+        raise SparseConfigError(f"sparse config {spec!r}: no overrides after ':' (write e.g. quest:token_budget=1024)")
+    return base, overrides
 
 
 def parse_overrides(items, source: str) -> dict[str, Any]:
