@@ -112,7 +112,7 @@ def needed_bytes(method: str, B: int, L: int, budget: int, counts: torch.Tensor,
     total = meta + attended * kv_tok
     if method == "twilight":
         total += B * HK * budget * (D // 2 + 8)           # int4 codes + (scale, zero) of the candidates
-    if method == "vattention":
+    if cfg.samples_residual:
         base = cfg.base_rate if cfg.base_rate >= 1 else math.ceil(cfg.base_rate * L)
         total += B * HK * 2 * min(base, L) * kv_tok       # base sample, read twice (two-pass variance)
     return total

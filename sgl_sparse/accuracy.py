@@ -154,11 +154,11 @@ def evaluate(model_name: str, task_names: list[str], lengths: list[int], depths:
             n_new = MAX_NEW_TOKENS.get(task, 24)
             violation = error = None
             if cfg.is_sparse:
-                measure = measure_error or cfg.method == "vattention"
+                measure = measure_error or cfg.samples_residual
                 with sparse_attention(model, cfg, measure_error=measure) as stats:
                     out = models.greedy(model, tok, inst.prompt, n_new)
                 frac = stats.attended_fraction
-                violation = stats.violation_rate if cfg.method == "vattention" else None
+                violation = stats.violation_rate if cfg.samples_residual else None
                 error = stats.mean_error if measure else None
             else:
                 out, frac = models.greedy(model, tok, inst.prompt, n_new), 1.0

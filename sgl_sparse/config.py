@@ -58,6 +58,12 @@ class SparseConfig:
             delta) target asks for more, the sample is capped and the bound does not hold; the context length
             keeps it at every length (a larger index buffer and, where the target asks, a larger sample).
         seed: vAttention's RNG seed (samples differ per step, layer and request, reproducibly).
+        residual_sample: Twilight only: besides its top-p survivors, attend vAttention's sample of the tokens
+            outside the candidate pages, importance-weighted and merged as vAttention merges it (sized by
+            ``epsilon``, ``delta`` and ``base_rate``, at most ``sample_capacity`` tokens, drawn with ``seed``).
+            Selection alone drops the attention mass of the unselected tokens, which aggregation tasks (counting
+            the most frequent words of a long list) need; the sample estimates it. The candidate tokens that
+            top-p prunes are in neither part. (Quest with a residual sample is the ``vattention`` method.)
         reselect_every: decode steps a request's page selection serves (1 = select every step). In between,
             the pages scored last time are reused and every page written since is attended too, so the
             newest tokens are never missed; a request selects again once it has grown by this many tokens, and
@@ -104,6 +110,7 @@ class SparseConfig:
     base_rate: float = 0.02
     sample_capacity: int = 4096
     seed: int = 0
+    residual_sample: bool = False
     reselect_every: int = 1
     reselect_min_cosine: float = -1.0
     coarse_page_tokens: int = 0
@@ -178,6 +185,11 @@ class SparseConfig:
             bad("base_rate", "must be a fraction in (0, 1) or a whole number of draws >= 1")
         if "sample_capacity" not in not_int and self.sample_capacity < 2:
             bad("sample_capacity", "must be >= 2")
+        if not isinstance(self.residual_sample, bool):
+            bad("residual_sample", "must be true or false")
+        elif self.residual_sample and self.method != "twilight":
+            bad("residual_sample", "only Twilight takes it (Quest's selection with a residual sample is the "
+                                   "vattention method): set method: twilight, or use method: vattention")
         if "reselect_every" not in not_int and not 1 <= self.reselect_every <= 64:
             bad("reselect_every", "must be in 1..64 (1 = select every decode step)")
         if "reselect_min_cosine" not in not_number and not -1 <= self.reselect_min_cosine <= 1:
@@ -285,6 +297,12 @@ class SparseConfig:
     @property
     def is_sparse(self) -> bool:
         return self.method != "dense"
+
+    @property
+    def samples_residual(self) -> bool:
+        """The step also attends a sample of the tokens outside the selection (vAttention's, or Twilight's with
+        ``residual_sample``)."""
+        return self.method == "vattention" or self.residual_sample is True
 
     # ------------------------------------------------------------------ loading
 

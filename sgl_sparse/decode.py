@@ -532,7 +532,7 @@ class SparseDecodeOperator:
                 layout["main"] = _Wrapper(1, W * P, buffers("main", W * P), self._int_workspace("main"))
             else:                            # Quest's selection (vAttention's deterministic part): page rows
                 layout["pages"] = _Wrapper(P, W * P, buffers("pages", W), self._int_workspace("pages"))
-            if cfg.method == "vattention":
+            if cfg.samples_residual:         # vAttention's sample (Twilight's too, with residual_sample)
                 layout["sample"] = _Wrapper(1, cfg.sample_capacity, buffers("sample", cfg.sample_capacity),
                                             self._int_workspace("sample"))
         return layout
@@ -629,7 +629,7 @@ class SparseDecodeOperator:
             for name in ("pages", "main"):
                 if name in bufs:
                     bufs[name].plan(row_tokens)
-            if cfg.method == "vattention":
+            if cfg.samples_residual:
                 bufs["sample"].plan_at_capacity()
                 policies.vattention_seed_base(cfg.seed, self.step, B, out=self.seed_base[:B])
             if self.collect_stats:
@@ -726,12 +726,14 @@ class SparseDecodeOperator:
         counts_out = self.layer_counts[layer, :B] if self.collect_stats else None
         attend = _StepAttention(bufs, k_cache, v_cache, batch, counts_out)
         tables = layer_tables(metadata, layer, *self._kept(layer))
+        seeds = (self.seed_base[: batch.batch_size] + layer * policies.SEED_LAYER_STRIDE   # = vattention_seeds()
+                 if cfg.samples_residual else None)
         if cfg.method == "quest":
             out, counts = policies.quest(ck, cfg, q, tables, batch, attend)
         elif cfg.method == "twilight":
-            out, counts = policies.twilight(ck, cfg, q, tables, batch, attend, self.sm_scale)
+            residual = policies.Residual(k_cache, v_cache, seeds) if cfg.residual_sample else None
+            out, counts = policies.twilight(ck, cfg, q, tables, batch, attend, self.sm_scale, residual=residual)
         else:
-            seeds = self.seed_base[: batch.batch_size] + layer * policies.SEED_LAYER_STRIDE   # = vattention_seeds()
             out, counts = policies.vattention(ck, cfg, q, k_cache, v_cache, tables, batch, attend, self.sm_scale,
                                               seeds)
         out = out.view(q.shape)
@@ -853,7 +855,8 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
                      observe: policies.SelectionObserver | None = None):
     """The torch reference of :meth:`SparseDecodeOperator.run`: same policies, reference kernels, dense math.
 
-    Runs on CPU or GPU tensors. ``seeds`` (vAttention) defaults to the operator's derivation for step 1.
+    Runs on CPU or GPU tensors. ``seeds`` (vAttention's, or Twilight's with ``residual_sample``) defaults to the
+    operator's derivation for step 1.
     ``kept_selection`` (``[max_reqs, HK, top_k]``, with ``batch.reuse_from`` set: selection reuse) is read for
     the rows that reuse and written for the rows that select, as the operator does with its own; so is
     ``kept_query`` (``[max_reqs, HK, D]``, the drift test's stored queries, with ``config.drift_test``).
@@ -873,9 +876,10 @@ def reference_decode(config: SparseConfig, layer: int, q: torch.Tensor, k_cache:
     tables = layer_tables(metadata, layer, kept_selection, kept_query)
     if config.method == "quest":
         return policies.quest(ref, config, q, tables, batch, attend, observe)
-    if config.method == "twilight":
-        return policies.twilight(ref, config, q, tables, batch, attend, sm_scale, observe)
-    if seeds is None:
+    if seeds is None and config.samples_residual:
         seeds = policies.vattention_seeds(config.seed, torch.ones(1, dtype=torch.int64, device=q.device), layer, B)
+    if config.method == "twilight":
+        residual = policies.Residual(k_cache, v_cache, seeds) if config.residual_sample else None
+        return policies.twilight(ref, config, q, tables, batch, attend, sm_scale, observe, residual=residual)
     return policies.vattention(ref, config, q, k_cache, v_cache, tables, batch, attend, sm_scale, seeds,
                               observe)

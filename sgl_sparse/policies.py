@@ -251,12 +251,45 @@ def quest(ops, cfg, q, tables, batch, attend: Attention, observe: SelectionObser
 
 
 def twilight(ops, cfg, q, tables, batch, attend: Attention, sm_scale: float,
-             observe: SelectionObserver | None = None):
-    cand, ncand = pages_to_tokens(ops, cfg, select_pages(ops, cfg, q, tables, batch, observe), batch)
+             observe: SelectionObserver | None = None, residual: "Residual | None" = None):
+    """Quest's candidates -> int4 scores -> top-p. ``residual`` (with ``cfg.residual_sample``): the tokens outside
+    the candidate pages are estimated by vAttention's sample and merged in."""
+    selected = select_pages(ops, cfg, q, tables, batch, observe)
+    cand, ncand = pages_to_tokens(ops, cfg, selected, batch)
     _, probs = ops.int4_candidate_scores(q, tables.key_int4, tables.key_scale_zero, cand, ncand, sm_scale)
     # requests that fit in the budget keep every candidate (all their tokens): the dense fallback
     rows, counts = ops.top_p_select(probs, ncand, cfg.top_p, candidate_ids=cand, keep_all=fits_in_budget(cfg, batch))
-    return attend.tokens(q, rows, counts, which="main", return_lse=False), counts
+    if residual is None:
+        return attend.tokens(q, rows, counts, which="main", return_lse=False), counts
+    o_det, lse_det = attend.tokens(q, rows, counts, which="main", return_lse=True)
+    return sample_residual(ops, cfg, q, residual, selected, batch, attend, sm_scale, o_det, lse_det, counts)
+
+
+@dataclass
+class Residual:
+    """What a residual sample reads besides the selection: the KV cache ``[num_slots, HK, D]`` and the step's
+    per-request RNG seeds ``[B]`` int64 (:func:`vattention_seeds`)."""
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    seeds: torch.Tensor
+
+
+def sample_residual(ops, cfg, q, residual: Residual, selected, batch: DecodeBatch, attend: Attention,
+                    sm_scale: float, o_det: torch.Tensor, lse_det: torch.Tensor, counts: torch.Tensor):
+    """vAttention's estimate of the tokens outside ``selected``'s pages, merged with the exact part
+    (``o_det`` ``[B * HQ, D]`` or ``[B, HQ, D]``, ``lse_det`` base 2, ``counts`` ``[B, HK]``): the merged output and
+    the attended counts (exact + sampled)."""
+    B, HQ, D = q.shape
+    o_det = o_det.view(B, HQ, D)
+    lse_det = lse_det.reshape(B, HQ).float()
+    s_rows, s_counts, weight, _required = ops.vattention_sample(
+        q, residual.k_cache, residual.v_cache, *selected, batch.req_to_token, batch.req_pool_indices,
+        batch.seq_lens, residual.seeds, lse_det, o_det, cfg.page_size, sm_scale, cfg.epsilon, cfg.delta,
+        cfg.base_rate, cfg.sample_capacity)
+    o_s, lse_s = attend.tokens(q, s_rows, s_counts, which="sample", return_lse=True)
+    # Importance weight: each sampled token stands for N_s / n residual tokens (log2 of it joins the sample's LSE).
+    out = ops.vattention_merge(o_det, lse_det, o_s.view(B, HQ, D), lse_s.reshape(B, HQ), s_counts, weight)
+    return out, counts + s_counts
 
 
 def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attention, sm_scale: float,
@@ -264,16 +297,8 @@ def vattention(ops, cfg, q, k_cache, v_cache, tables, batch, attend: Attention, 
     rows = attend.page_rows_out()
     selected = select_pages(ops, cfg, q, tables, batch, observe, rows)
     o_det, lse_det, counts = attend.pages(q, *selected, return_lse=True, rows_written=rows is not None)
-    B, HQ, D = q.shape
-    o_det = o_det.view(B, HQ, D)
-    lse_det = lse_det.reshape(B, HQ).float()
-    s_rows, s_counts, weight, _required = ops.vattention_sample(
-        q, k_cache, v_cache, *selected, batch.req_to_token, batch.req_pool_indices, batch.seq_lens, seeds,
-        lse_det, o_det, cfg.page_size, sm_scale, cfg.epsilon, cfg.delta, cfg.base_rate, cfg.sample_capacity)
-    o_s, lse_s = attend.tokens(q, s_rows, s_counts, which="sample", return_lse=True)
-    # Importance weight: each sampled token stands for N_s / n residual tokens (log2 of it joins the sample's LSE).
-    out = ops.vattention_merge(o_det, lse_det, o_s.view(B, HQ, D), lse_s.reshape(B, HQ), s_counts, weight)
-    return out, counts + s_counts
+    return sample_residual(ops, cfg, q, Residual(k_cache, v_cache, seeds), selected, batch, attend, sm_scale,
+                           o_det, lse_det, counts)
 
 
 def vattention_seeds(base_seed: int, step: torch.Tensor, layer: int, batch_size: int) -> torch.Tensor:

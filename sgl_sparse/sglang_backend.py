@@ -121,9 +121,10 @@ def check_server_args(server_args, config: SparseConfig) -> None:
 
 
 def vattention_cap_warning(config: SparseConfig, context_len: int) -> str | None:
-    """The start-up warning for a vAttention config whose sample cap can bind below the served context length
+    """The start-up warning for a config with a residual sample (vAttention, Twilight with ``residual_sample``)
+    whose sample cap can bind below the served context length
     (then the sample is capped and the (epsilon, delta) bound does not hold for that head and step)."""
-    if config.method != "vattention" or config.token_budget + config.sample_capacity >= context_len:
+    if not config.samples_residual or config.token_budget + config.sample_capacity >= context_len:
         return None
     return (f"sgl-sparse: vAttention's (epsilon={config.epsilon}, delta={config.delta}) bound holds only while the "
             f"required sample fits sample_capacity={config.sample_capacity}; requests longer than "
