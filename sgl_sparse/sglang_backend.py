@@ -126,11 +126,14 @@ def vattention_cap_warning(config: SparseConfig, context_len: int) -> str | None
     (then the sample is capped and the (epsilon, delta) bound does not hold for that head and step)."""
     if not config.samples_residual or config.token_budget + config.sample_capacity >= context_len:
         return None
-    return (f"sgl-sparse: vAttention's (epsilon={config.epsilon}, delta={config.delta}) bound holds only while the "
+    vattention = config.method == "vattention"
+    target = (f"vAttention's (epsilon={config.epsilon}, delta={config.delta}) bound holds" if vattention else
+              f"Twilight's residual sample meets its (epsilon={config.epsilon}, delta={config.delta}) size")
+    return (f"sgl-sparse: {target} only while the "
             f"required sample fits sample_capacity={config.sample_capacity}; requests longer than "
             f"{config.token_budget + config.sample_capacity} tokens (context length {context_len}; fewer for a "
             f"request that asks for a smaller budget) can need more, and their sample is then capped. Set sample_capacity: {context_len} in the sparse config to keep the "
-            f"bound at every length (a larger sample, slower).")
+            f"{'bound' if vattention else 'sample size'} at every length (a larger sample, slower).")
 
 
 # ----------------------------------------------------------------------------- CLI hooks

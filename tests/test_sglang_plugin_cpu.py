@@ -444,6 +444,9 @@ def test_vattention_cap_warning_names_the_fix():
     assert vattention_cap_warning(preset, 6144) is None               # the cap cannot bind
     assert vattention_cap_warning(preset.replace(sample_capacity=32768), 32768) is None
     assert vattention_cap_warning(SparseConfig.load("quest"), 131072) is None
+    assert vattention_cap_warning(SparseConfig.load("twilight"), 131072) is None
+    sampled = vattention_cap_warning(SparseConfig.load("twilight:residual_sample=true"), 32768)   # 4096 + 4096
+    assert sampled and "Twilight's residual sample" in sampled and "8192" in sampled and "sample size" in sampled
 
 
 def test_captured_decode_batch_reads_sglangs_graph_config():
