@@ -276,8 +276,8 @@ class Residual:
 
 def sample_residual(ops, cfg, q, residual: Residual, selected, batch: DecodeBatch, attend: Attention,
                     sm_scale: float, o_det: torch.Tensor, lse_det: torch.Tensor, counts: torch.Tensor):
-    """vAttention's estimate of the tokens outside ``selected``'s pages, merged with the exact part
-    (``o_det`` ``[B * HQ, D]`` or ``[B, HQ, D]``, ``lse_det`` base 2, ``counts`` ``[B, HK]``): the merged output and
+    """vAttention's estimate of the tokens outside ``selected``'s pages, merged with the exact part (``o_det``
+    viewable as ``[B, HQ, D]``, ``lse_det`` base 2 as ``[B, HQ]``, ``counts`` ``[B, HK]``): the merged output and
     the attended counts (exact + sampled)."""
     B, HQ, D = q.shape
     o_det = o_det.view(B, HQ, D)
