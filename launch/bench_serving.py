@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Serving throughput the way operators measure it: SGLang's own ``python -m sglang.bench_serving``.
 
-One server per config (``dense``: ``--attention-backend flashinfer --page-size 16``; a preset: ``--attention-backend
-sgl_sparse --sparse-config <preset> --page-size 16``) serves Llama-3.1-8B-shaped random weights (``--load-format
+One server per config (``dense``: ``--attention-backend flashinfer --page-size 16``; a preset, optionally with inline
+overrides such as ``twilight:residual_sample=true,token_budget=2048``: ``--attention-backend sgl_sparse
+--sparse-config <config> --page-size 16``) serves Llama-3.1-8B-shaped random weights (``--load-format
 dummy`` on ``launch/models/llama-3.1-8b/config.json``, CUDA graphs for decode, prefill graphs off, the KV pool capped
 at what the largest concurrency needs so that every config gets the same pool). Against it, bench_serving runs each
 workload at each concurrency (``--max-concurrency C --request-rate inf``):
@@ -53,10 +54,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "launch"))
 
-from bench_e2e import (MODEL_DIR, PAGE_SIZE, check_flags, git_commit, gpu_name, method_of,  # noqa: E402
-                       server_commands, versions)
-from sgl_sparse.config import presets  # noqa: E402
-from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm  # noqa: E402
+from bench_e2e import (MODEL_DIR, PAGE_SIZE, check_flags, config_spec, git_commit, gpu_name,  # noqa: E402
+                       method_of, server_commands, versions)
+from sgl_sparse.serving import ServerError, ServerProcess, file_safe, stop_servers_on_sigterm  # noqa: E402
 
 WORKLOADS = {"32k": dict(input_len=32768, output_len=2048, range_ratio=1.0),
              "mixed": dict(input_len=32768, output_len=2048, range_ratio=1 / 32)}
@@ -301,7 +301,7 @@ def run_config(config: str, args, tokenizer: Path, log_dir: Path, rows: list[dic
     after each."""
     backend, sparse_config, extra = server_spec(config, args, tokenizer)
     server = ServerProcess(str(args.model), backend=backend, sparse_config=sparse_config, extra_args=extra,
-                           log_path=log_dir / f"server_{config}.log", env={"HF_HUB_OFFLINE": "1"})
+                           log_path=log_dir / f"server_{file_safe(config)}.log", env={"HF_HUB_OFFLINE": "1"})
     started = time.time()
     print(f"[{config}] starting server (log {server.log_path})", flush=True)
     try:
@@ -339,7 +339,7 @@ def run_config(config: str, args, tokenizer: Path, log_dir: Path, rows: list[dic
 
 def run_point(port: int, config: str, workload: str, concurrency: int, prompts: int, args, tokenizer: Path,
               log_dir: Path) -> dict:
-    name = f"{config}_{workload}_c{concurrency}"
+    name = f"{file_safe(config)}_{workload}_c{concurrency}"
     output_file, log = log_dir / f"bench_{name}.jsonl", log_dir / f"bench_{name}.log"
     output_file.unlink(missing_ok=True)
     cmd = bench_command(port, args.model, tokenizer, workload, concurrency, prompts, args.seed + concurrency,
@@ -417,9 +417,10 @@ def combine(paths: list[str], out: Path) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=sorted({"dense"} | set(presets())),
-                    metavar="CONFIG", help=f"dense and sparse presets, each its own server (default: "
-                                           f"{' '.join(DEFAULT_CONFIGS)})")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, type=config_spec, metavar="CONFIG",
+                    help=f"dense and presets, optionally with inline overrides "
+                         f"(twilight:residual_sample=true,token_budget=2048), each its own server (default: "
+                         f"{' '.join(DEFAULT_CONFIGS)})")
     ap.add_argument("--workloads", nargs="+", default=list(WORKLOADS), choices=list(WORKLOADS))
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--rounds", type=int, default=1, help="32k: prompts = rounds x concurrency (at least 2)")

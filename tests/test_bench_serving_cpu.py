@@ -375,3 +375,24 @@ def test_failed_points_become_error_rows_and_the_run_goes_on(tmp_path, monkeypat
     rows = []
     bs.run_config("quest", args_for(), tmp_path / "tok", tmp_path, rows, lambda: None)
     assert len(rows) == 1 and rows[0]["failed_at"] == "server" and "code 1" in rows[0]["error"]
+
+
+def test_an_inline_config_serves_under_its_own_name(tmp_path, monkeypatch, capsys):
+    """A preset with inline overrides reaches the server as its --sparse-config, keeps its spec as the row's config
+    (with the method it runs) and names its log files safely; an invalid spec is an argparse error naming it."""
+    pytest.importorskip("sglang")
+    spec = "twilight:residual_sample=true,token_budget=2048,sample_capacity=320"
+    monkeypatch.setitem(bs.WORKLOADS, "32k", dict(input_len=64, output_len=8, range_ratio=1.0))
+    monkeypatch.setattr(bs, "ServerProcess", FakeServerProcess)
+    tokenizer = bs.write_tokenizer(tmp_path / "tok", LLAMA_VOCAB)
+    rows = []
+    bs.run_config(spec, args_for(configs=[spec], workloads=["32k"], concurrency=[1]), tokenizer, tmp_path, rows,
+                  lambda: None)
+    assert FakeServerProcess.last.sparse_config == spec and FakeServerProcess.last.backend == "sgl_sparse"
+    assert len(rows) == 1 and "error" not in rows[0], rows
+    assert (rows[0]["config"], rows[0]["method"]) == (spec, "twilight")
+    assert (tmp_path / "bench_twilight_residual_sample_true_token_budget_2048_sample_capacity_320_32k_c1.log").exists()
+    monkeypatch.setattr(sys, "argv", ["bench_serving.py", "--configs", "dense", "twilight:top_p=2"])
+    with pytest.raises(SystemExit) as e:
+        bs.main()
+    assert e.value.code == 2 and "top_p" in capsys.readouterr().err
