@@ -183,6 +183,9 @@ def main() -> int:
     ap.add_argument("--combine", nargs="+", metavar="JSON", help="merge these result files instead of running")
     ap.add_argument("--only-tasks", nargs="+", choices=tasks.TASKS,
                     help="--combine: keep these tasks' results only (e.g. to leave out a task a run scored wrongly)")
+    ap.add_argument("--only-seeds", nargs="+", type=int, metavar="SEED",
+                    help="--combine: keep these instance seeds only (e.g. to score the instances one run added "
+                         "apart from the ones another run had)")
     ap.add_argument("--curve-length", type=int,
                     help="length of the accuracy/attended curve (<out>_curve.png; default: the longest)")
     ap.add_argument("--resamples", type=int, default=accuracy.RESAMPLES,
@@ -191,7 +194,7 @@ def main() -> int:
     args = ap.parse_args()
 
     if args.combine:
-        return combine(args.combine, args.out, args.only_tasks, args.curve_length, args.resamples)
+        return combine(args.combine, args.out, args.only_tasks, args.curve_length, args.resamples, args.only_seeds)
     try:
         overrides = parse_overrides(args.set, "--set")
     except SparseConfigError as e:
@@ -290,8 +293,9 @@ RUN_META = ("gpu", "versions", "commit", "elapsed_s", "timings", "instances_per_
 
 
 def combine(paths: list[str], out: str, only_tasks: list[str] | None = None, curve_length: int | None = None,
-            resamples: int = accuracy.RESAMPLES) -> int:
-    """Merge the results of several runs (same model and path) into one report (``only_tasks``: keep those)."""
+            resamples: int = accuracy.RESAMPLES, only_seeds: list[int] | None = None) -> int:
+    """Merge the results of several runs (same model and path) into one report (``only_tasks``, ``only_seeds``:
+    keep those tasks' and instance seeds' results)."""
     runs = [json.load(open(p)) for p in paths]
     for r in runs:                    # the first files had neither (written once, at the end, by the cpu path)
         r.setdefault("path", CPU_PATH if {x["path"] for x in r["results"]} == {"cpu"} else "unknown")
@@ -306,13 +310,14 @@ def combine(paths: list[str], out: str, only_tasks: list[str] | None = None, cur
         raise SystemExit(f"--combine needs runs of one model on one path, got models {sorted(models)}, "
                          f"paths {sorted(described)}")
     results = [accuracy.Result(**r) for run in runs for r in run["results"]
-               if only_tasks is None or r["task"] in only_tasks]
+               if (only_tasks is None or r["task"] in only_tasks)
+               and (only_seeds is None or r.get("seed", 0) in only_seeds)]
     tasks_ = sorted({r.task for r in results})
     meta = dict(gpu=_merged(r.get("gpu") for r in plain), versions=_merged(r.get("versions") for r in plain),
                 commit=_merged(r.get("commit") for r in plain), combined_at_commit=git_commit(),
                 timings=[t for r in plain for t in r.get("timings") or []])
     report(results, described.pop(), models.pop(), f"tasks {', '.join(tasks_)}; runs {', '.join(paths)}", out,
-           dict(combined=paths, only_tasks=only_tasks, runs=plain, path=runs[0]["path"],
+           dict(combined=paths, only_tasks=only_tasks, only_seeds=only_seeds, runs=plain, path=runs[0]["path"],
                 complete=all(r["complete"] for r in runs), **meta),
            curve_length=curve_length, resamples=resamples)
     return 0

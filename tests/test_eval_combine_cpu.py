@@ -204,3 +204,17 @@ def test_server_page_size_reaches_every_server(tmp_path, monkeypatch):
     assert eval_accuracy.main() == 0
     assert seen["page_size"] == 16 and [c.page_size for _, c in seen["configs"][1:]] == [8]
     assert json.loads((tmp_path / "p.json").read_text())["args"]["server_page_size"] == 16
+
+
+def test_combine_keeps_only_the_seeds_asked_for(tmp_path):
+    """--only-seeds scores a subset of the instances: a config that loses only on seeds 0-1 is at dense on seeds 2-4
+    and below it on 0-1; the report names the seeds it kept."""
+    score = lambda m, b, t, seed: 0.0 if (m != "dense" and seed < 2) else 1.0  # noqa: E731
+    a = _meta_run(tmp_path / "a.json", "c1", "quest", [1024], score)
+    assert eval_accuracy.combine([str(a)], str(tmp_path / "late.json"), only_seeds=[2, 3, 4]) == 0
+    assert eval_accuracy.combine([str(a)], str(tmp_path / "early.json"), only_seeds=[0, 1]) == 0
+    late, early = (json.loads((tmp_path / f).read_text()) for f in ("late.json", "early.json"))
+    row = lambda rep: next(r for r in rep["rows"] if r["method"] == "quest" and r.get("scope") == "overall")  # noqa
+    assert row(late)["relative"] == 1.0 and row(late)["n"] == 12 and late["only_seeds"] == [2, 3, 4]
+    assert row(early)["relative"] == 0.0 and row(early)["n"] == 8
+    assert {r["seed"] for r in early["results"]} == {0, 1}
