@@ -112,20 +112,27 @@ def plot_curve(curve: dict, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (rel_ax, abs_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines = sorted(curve["lines"].items())
+    longest = max((len(label) for label, _ in lines), default=0)      # one legend below both panels
+    ncol = 1 if len(lines) <= 4 else 2 if len(lines) <= 10 or longest > 40 else 3
+    legend_rows = -(-(len(lines) + 1) // ncol)
+    legend_in = 0.17 * legend_rows
+    fig, (rel_ax, abs_ax) = plt.subplots(1, 2, figsize=(11, 4.2 + legend_in))
+    colors = plt.get_cmap("tab20" if len(lines) > 10 else "tab10").colors
     dense = curve["dense"]
     rel_ax.axhline(1.0, color="black", lw=1, label="dense")
     if dense:
         abs_ax.axhline(dense["score"], color="black", lw=1, label=f"dense {dense['score']:.3f}")
         if dense.get("score_ci"):
             abs_ax.axhspan(*dense["score_ci"], color="black", alpha=0.08, lw=0)
-    for (label, pts), marker in zip(sorted(curve["lines"].items()), MARKERS * 4):
+    for i, (label, pts) in enumerate(lines):
+        style = dict(marker=MARKERS[i % len(MARKERS)], color=colors[i % len(colors)], capsize=3, label=label)
         rel = [p for p in pts if p.get("relative") is not None]
         if rel:
             rel_ax.errorbar([p["attended_fraction"] for p in rel], [p["relative"] for p in rel],
-                            yerr=_errorbars(rel, "relative", "relative_ci"), marker=marker, capsize=3, label=label)
+                            yerr=_errorbars(rel, "relative", "relative_ci"), **style)
         abs_ax.errorbar([p["attended_fraction"] for p in pts], [p["score"] for p in pts],
-                        yerr=_errorbars(pts, "score", "score_ci"), marker=marker, capsize=3, label=label)
+                        yerr=_errorbars(pts, "score", "score_ci"), **style)
         for p in pts:
             abs_ax.annotate(str(p["budget"]), (p["attended_fraction"], p["score"]), fontsize=6,
                             xytext=(3, -9), textcoords="offset points")
@@ -137,12 +144,13 @@ def plot_curve(curve: dict, path, title):
         ax.set_xlabel("mean attended fraction")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
     rel_ax.set_title(f"{curve['length']} tokens: relative to dense (95 % paired bootstrap){n}", fontsize=9)
     abs_ax.set_title(f"{curve['length']} tokens: score (95 % bootstrap; labels = token budget)", fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    handles, labels = abs_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, legend_in / (4.2 + legend_in), 1, 1))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
