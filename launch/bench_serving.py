@@ -381,7 +381,7 @@ def combine(paths: list[str], out: Path) -> int:
         merged += run["runs"] if combined else [{k: run.get(k) for k in ("gpu", "commit", "versions", "settings")}]
         candidates += [dict(r, run=first + (r.get("run", 0) if combined else 0),
                             commit=r.get("commit") or run.get("commit")) for r in run["rows"] if measured(r)]
-    dense_points = {(r["run"], r["workload"], r["concurrency"]) for r in candidates if r["config"] == "dense"}
+    dense_points = dense_by_point(candidates)
     chosen: dict[tuple, dict] = {}
     for r in candidates:                            # first wins, but a row whose run has a dense row beats one
         key = (r["config"], r["workload"], r["concurrency"])       # whose run has none

@@ -31,9 +31,7 @@ from sgl_sparse.config import SparseConfig  # noqa: E402
 from sgl_sparse.decode import SparseDecodeOperator  # noqa: E402
 from sgl_sparse.metadata import SparseKVMetadata  # noqa: E402
 from sgl_sparse.synthetic import ServerStepUpdates, make_pool, plan_reusing_step, shape_attention  # noqa: E402
-
-HQ, HK, D, P = 32, 8, 128, 16
-LAYERS = 32                      # Llama-3.1-8B: the layers whose page bounds one launch per step refreshes
+from bench_decode import HQ, HK, D, P, LAYERS  # noqa: E402  (the benchmark's Llama-3.1-8B shape)
 
 
 def kernel_times(step, steps: int) -> dict[str, tuple[float, float]]:
