@@ -165,7 +165,8 @@ def bench_case(B: int, L: int, budgets, reps: int, peak: float, graphs: bool, ro
             continue
         for name in configs:
             try:
-                cfg = SparseConfig.load(name).replace(token_budget=budget, dense_layers=0, min_context=0)
+                cfg = SparseConfig.load(name).replace(token_budget=budget, dense_layers=0, min_context=0,
+                                                       min_batch_tokens=0)
             except SparseConfigError as e:         # e.g. a coarse_token_budget below this budget
                 print(f"skip {name} at budget {budget}: {e}", file=sys.stderr)
                 continue

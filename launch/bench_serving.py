@@ -56,6 +56,7 @@ sys.path.insert(0, str(ROOT / "launch"))
 
 from bench_e2e import (MODEL_DIR, PAGE_SIZE, check_flags, config_spec, git_commit, gpu_name,  # noqa: E402
                        method_of, server_commands, versions)
+from sgl_sparse.config import SparseConfig  # noqa: E402
 from sgl_sparse.serving import ServerError, ServerProcess, file_safe, stop_servers_on_sigterm  # noqa: E402
 
 WORKLOADS = {"32k": dict(input_len=32768, output_len=2048, range_ratio=1.0),
@@ -147,11 +148,25 @@ def parse_result(path: Path) -> dict:
     return json.loads(lines[-1])
 
 
+def decode_path(config: str, workload: str, concurrency: int) -> str:
+    """The path a config's decode steps take at this point, from its batch floor (``min_batch_tokens``): ``dense``
+    where the running requests can never hold that many tokens (every step runs the dense path: the row measures
+    the floor, not the method), ``sparse`` where they always do (or there is no floor), ``both`` otherwise."""
+    if config == "dense":
+        return "dense"
+    floor = SparseConfig.load(config).min_batch_tokens
+    w = WORKLOADS[workload]
+    if floor == 0 or concurrency * w["input_len"] * w["range_ratio"] >= floor:
+        return "sparse"
+    return "dense" if concurrency * (w["input_len"] + w["output_len"]) < floor else "both"
+
+
 def result_row(config: str, workload: str, concurrency: int, prompts: int, result: dict) -> dict:
     """A row from bench_serving's result; ``error`` where requests failed."""
     w = WORKLOADS[workload]
     row = dict(config=config, method=method_of(config), workload=workload, concurrency=concurrency,
-               input_len=w["input_len"], output_len=w["output_len"], range_ratio=w["range_ratio"], num_prompts=prompts)
+               input_len=w["input_len"], output_len=w["output_len"], range_ratio=w["range_ratio"], num_prompts=prompts,
+               decode_path=decode_path(config, workload, concurrency))
     row.update({k: result[k] for k in RESULT_FIELDS if k in result})
     row["duration_s"] = row.pop("duration", None)
     if row.get("completed"):
@@ -242,7 +257,8 @@ def print_table(rows: list[dict], targets: list[dict], gpu: str) -> None:
           f"{'p99':>7s} {'TTFT p50':>9s} {'decode':>6s} {'xTPOT':>6s} {'xtok/s':>6s}")
     dense = dense_by_point(rows)
     for r in sorted(rows, key=table_order):
-        head = f"{r['config']:11s} {r['workload']:8s} {r['concurrency']:4d}"
+        head = f"{r['config'] + (' *' if r.get('decode_path') == 'dense' and r['config'] != 'dense' else ''):11s} "\
+               f"{r['workload']:8s} {r['concurrency']:4d}"
         if not measured(r):
             print(f"{head}  {r.get('error', 'not measured')}")
             continue
@@ -254,7 +270,7 @@ def print_table(rows: list[dict], targets: list[dict], gpu: str) -> None:
               f"{r['median_tpot_ms']:8.2f} {r['p99_tpot_ms']:7.2f} {r['median_ttft_ms']:9.0f} {share} {rel}")
     print("in/out: mean tokens per request; decode: estimated share of the run spent in decode (prefill is dense); "
           "xTPOT, xtok/s: dense median TPOT / config's, config's output throughput / dense (the dense row above it: "
-          "same run, same GPU)")
+          "same run, same GPU); *: every decode step ran the dense path (below the config's min_batch_tokens)")
     for r in [r for r in rows if r["config"] == "dense" and r.get("decode_share") is not None]:
         s = r["decode_share"]
         bound = "unbounded" if s >= 1 else f"{1 / (1 - s):.2f}x"

@@ -74,7 +74,8 @@ def main() -> int:
                             gen)
         new_slots = pool.last_slots
         for method in methods:
-            cfg = SparseConfig.load(method).replace(token_budget=args.budget, dense_layers=0, min_context=0) \
+            cfg = SparseConfig.load(method).replace(token_budget=args.budget, dense_layers=0, min_context=0,
+                                                    min_batch_tokens=0) \
                 if method != "dense" else SparseConfig(method="dense")
             meta = SparseKVMetadata(cfg, num_layers=1, num_slots=pool.k_cache.shape[0], num_kv_heads=HK,
                                     head_dim=D, dtype=torch.bfloat16, device="cuda")

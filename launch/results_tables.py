@@ -147,6 +147,11 @@ def _serving_rows(data: dict) -> tuple[list[dict], dict]:
     return [r for r in data["rows"] if measured(r)], dense_by_point(data["rows"])
 
 
+def _serving_config(r: dict) -> str:
+    """A serving row's config, marked where every decode step ran the dense path (below its batch floor)."""
+    return r["config"] + (" (dense path)" if r.get("decode_path") == "dense" and r["config"] != "dense" else "")
+
+
 def _row_commit(r: dict, data: dict) -> str:
     return _commit(r.get("commit") or data.get("commit"))
 
@@ -199,7 +204,7 @@ def bench_serving_table(data: dict) -> str:
             x = ratios(base, r)
             rel = f"| **{x['median_tpot_speedup']:.2f}** | **{x['output_throughput_ratio']:.2f}** |"
         share = f"{100 * r['decode_share']:.0f} %" if r["config"] == "dense" and r.get("decode_share") else ""
-        lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | {r['output_throughput']:.1f} | "
+        lines.append(f"| {_serving_config(r)} | {r['workload']} | {r['concurrency']} | {r['output_throughput']:.1f} | "
                      f"{r['median_tpot_ms']:.2f} | {r['p99_tpot_ms']:.2f} | {r['median_ttft_ms']:.0f} {rel} {share} | "
                      f"{_row_commit(r, data)} |")
     targets = [t for t in data.get("targets", []) if t.get("binding")]
@@ -230,7 +235,7 @@ def bench_serving_compact(data: dict) -> str:
             continue
         x = ratios(base, r)
         share = f"{100 * base['decode_share']:.0f} %" if base.get("decode_share") else "—"
-        lines.append(f"| {r['config']} | {r['workload']} | {r['concurrency']} | {base['median_tpot_ms']:.2f} → "
+        lines.append(f"| {_serving_config(r)} | {r['workload']} | {r['concurrency']} | {base['median_tpot_ms']:.2f} → "
                      f"{r['median_tpot_ms']:.2f} ms | **{x['median_tpot_speedup']:.2f}×** | "
                      f"{x['output_throughput_ratio']:.2f}× | {x['median_ttft_ratio']:.2f}× | {share} | "
                      f"{_row_commit(r, data)} |")

@@ -428,10 +428,11 @@ def process_group_pids(pgid: int, proc: Path = Path("/proc")) -> set[int]:
 
 
 def soak_config(preset: str, min_budget: int, path: Path) -> Path:
-    """The preset with ``min_context: 0`` and a budget of at least ``min_budget`` (whole pages), as YAML."""
+    """The preset with ``min_context: 0``, ``min_batch_tokens: 0`` (every step with a long request selects) and a
+    budget of at least ``min_budget`` (whole pages), as YAML."""
     config = SparseConfig.load(preset)
     budget = max(config.token_budget, -(-min_budget // config.page_size) * config.page_size)
-    return config.replace(min_context=0, token_budget=budget).save(path)
+    return config.replace(min_context=0, min_batch_tokens=0, token_budget=budget).save(path)
 
 
 def server_spec(config: str, args, log_dir: Path) -> tuple[str, str | None, list[str]]:

@@ -103,7 +103,7 @@ def spec_budget(spec: str) -> int | None:
 
 def named_configs(methods: list[str], budgets: list[int], **overrides) -> list[tuple[str, SparseConfig]]:
     """(label, config): dense plus every (preset, budget); sparse from the first token of decode (no
-    min_context). A method that sets its own ``token_budget`` inline runs at that budget alone, so one run can
+    min_context, no min_batch_tokens). A method that sets its own ``token_budget`` inline runs at that budget alone, so one run can
     hold configs of different budgets beside one dense server. An override whose value is ``"budget"`` takes
     each config's token budget."""
     out = [("dense", SparseConfig(method="dense"))]
@@ -111,8 +111,9 @@ def named_configs(methods: list[str], budgets: list[int], **overrides) -> list[t
         own = spec_budget(m)
         for b in budgets if own is None else [own]:
             fields = {k: (b if v == BUDGET else v) for k, v in overrides.items()}
-            out.append((config_label(m, overrides), SparseConfig.load(m).replace(token_budget=b, min_context=0,
-                                                                                **fields)))
+            # min_batch_tokens=0: a batch of a few requests selects (the method is what is measured)
+            out.append((config_label(m, overrides), SparseConfig.load(m).replace(
+                **{"token_budget": b, "min_context": 0, "min_batch_tokens": 0, **fields})))
     return out
 
 

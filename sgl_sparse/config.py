@@ -82,6 +82,12 @@ class SparseConfig:
             the pages inside those; the top-k is then taken as without it. A coarse bound bounds every page inside
             it, so a page outside the kept coarse pages can only be one whose bound is below the kept ones'.
             Costs a second bounds table: 2/coarse_page_tokens of the K cache's bytes per layer.
+        min_batch_tokens: a decode step whose requests needing a selection hold fewer tokens than this in all
+            (over the batch, each request's whole context) runs the dense path, exactly what
+            ``--attention-backend flashinfer`` runs (0 = off). For methods whose selection has a fixed cost per
+            layer (vAttention's sample and merge) that one long request's dense step does not cover, so that a
+            quiet server is never slower than dense; the busy server, where sparse pays, selects as before. Per
+            server, not per request; rows count as ``dense`` in the metrics and their attended fraction is 1.
         group_score: how the query heads of a KV head (a GQA group) combine into its page score: ``max`` (Quest's:
             an upper bound of every head's logits, so a page that any head needs ranks as that head ranks it) or
             ``mean`` (the pages the group needs most on average; no per-head guarantee).
@@ -117,6 +123,7 @@ class SparseConfig:
     coarse_token_budget: int = 0
     group_score: str = "max"
     bounds_dtype: str = "bf16"
+    min_batch_tokens: int = 0
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -142,7 +149,7 @@ class SparseConfig:
                                 "coarse_page_tokens to 0")
         ints = ("page_size", "token_budget", "sink_tokens", "local_tokens", "dense_layers", "min_context",
                 "int4_group", "sample_capacity", "seed", "reselect_every", "coarse_page_tokens",
-                "coarse_token_budget")
+                "coarse_token_budget", "min_batch_tokens")
         not_int = {f for f in ints if not isinstance(getattr(self, f), int) or isinstance(getattr(self, f), bool)}
         for f in sorted(not_int, key=ints.index):
             bad(f, "must be an integer")
@@ -164,7 +171,7 @@ class SparseConfig:
             self.token_budget % self.page_size == 0
         if page_ok and "token_budget" not in not_int and not budget_ok:
             bad("token_budget", f"must be a positive multiple of page_size ({self.page_size})")
-        for f in ("sink_tokens", "local_tokens", "dense_layers", "min_context"):
+        for f in ("sink_tokens", "local_tokens", "dense_layers", "min_context", "min_batch_tokens"):
             if f not in not_int and getattr(self, f) < 0:
                 bad(f, "must be >= 0")
         if budget_ok and not {"sink_tokens", "local_tokens"} & not_int and self.sink_tokens >= 0 and \

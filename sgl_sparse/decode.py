@@ -554,9 +554,9 @@ class SparseDecodeOperator:
         or ``min_context``); shorter requests are attended densely whatever budget they ask for.
 
         The path: a step in which no request needs a selection (every one within its budget, below
-        ``min_context`` or opted out; decided here from ``seq_lens_cpu``) is ``"dense"``: every layer runs the
-        dense FlashInfer decode, exactly what ``--attention-backend flashinfer`` runs, so short traffic pays
-        nothing for the sparse chain. Otherwise ``"sparse"``, or ``"mixed"`` when a request that opted out is
+        ``min_context`` or opted out; decided here from ``seq_lens_cpu``), or in which those that do hold fewer
+        than ``min_batch_tokens`` tokens in all, is ``"dense"``: every layer runs the dense FlashInfer decode
+        (its tensor-core kernel), so short traffic pays nothing for the sparse chain. Otherwise ``"sparse"``, or ``"mixed"`` when a request that opted out is
         longer than what the config attends in full: the sparse step plus a dense pass over the opted-out rows
         only (one token for every other row), merged per row. Past :meth:`mixed_fits` (the opted-out rows' tokens
         overflow the mixed pass's index buffer) such a step is ``"sparse"`` with a dense pass over every row, which
@@ -656,13 +656,9 @@ class SparseDecodeOperator:
 
     def needs_selection(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor | None = None) -> bool:
         """Some request of the step (host ``[B]`` lengths; ``opted``: host ``[B]`` bool of opted-out rows, which
-        never select) is longer than what the config attends in full: the step is not the dense path's."""
-        if not self.config.is_sparse:
-            return False
-        selects = ~policies.within_budget(self.config, seq_lens_cpu.to(torch.int64))
-        if opted is not None:
-            selects &= ~opted
-        return bool(selects.any())
+        never select) is longer than what the config attends in full, and those requests hold at least
+        ``min_batch_tokens`` tokens in all (:func:`policies.needs_selection`): the step is not the dense path's."""
+        return policies.needs_selection(self.config, seq_lens_cpu, opted)
 
     def mixed_fits(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor) -> bool:
         """The opted-out rows (host ``[B]`` bool) of a step fit the mixed path's dense pass: their tokens, with one

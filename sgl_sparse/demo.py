@@ -95,8 +95,9 @@ def run_sglang(args) -> int:
         for name in ["dense", *args.methods]:
             cfg = SparseConfig.load(name)
             log = os.path.join(args.log_dir or tmp, f"demo_{name}.log")
-            if cfg.is_sparse:       # the preset by name, exactly as shipped in configs/
-                server = ServerProcess(model_dir, backend="sgl_sparse", sparse_config=name,
+            if cfg.is_sparse:       # the preset by name as shipped in configs/; one request selects even where
+                spec = f"{name}:min_batch_tokens=0" if cfg.min_batch_tokens else name   # the preset's floor
+                server = ServerProcess(model_dir, backend="sgl_sparse", sparse_config=spec,   # would run it dense
                                        extra_args=accuracy.SERVER_ARGS, log_path=log)
             else:
                 server = ServerProcess(model_dir, backend="flashinfer", log_path=log,

@@ -239,6 +239,20 @@ def within_budget(cfg: SparseConfig, seq_lens: torch.Tensor, out: torch.Tensor |
     return torch.le((seq_lens + (cfg.page_size - 1)) // cfg.page_size, cfg.dense_pages, out=out)
 
 
+def needs_selection(cfg: SparseConfig, seq_lens_cpu: torch.Tensor, opted: torch.Tensor | None = None) -> bool:
+    """Whether a decode step runs a selection at all (host only): some request (host ``[B]`` lengths; ``opted``:
+    host ``[B]`` bool of opted-out rows, which never select) is past :func:`within_budget`, and those requests hold
+    at least ``cfg.min_batch_tokens`` tokens in all (the batch floor: below it the selection's fixed cost per layer
+    is more than the dense step it saves). Otherwise every row of the step is attended densely."""
+    if not cfg.is_sparse:
+        return False
+    lens = seq_lens_cpu.to(torch.int64)
+    selects = ~within_budget(cfg, lens)
+    if opted is not None:
+        selects &= ~opted
+    return bool(selects.any()) and int(lens[selects].sum()) >= cfg.min_batch_tokens
+
+
 def fits_in_budget(cfg: SparseConfig, batch: DecodeBatch) -> torch.Tensor:
     """:func:`within_budget` of the batch (the operator computes it once per step, in ``plan()``)."""
     return batch.fits_budget if batch.fits_budget is not None else within_budget(cfg, batch.seq_lens)

@@ -352,6 +352,14 @@ def fixed_memory(server_args, model_config, config: SparseConfig, max_reqs: int,
 
 # ----------------------------------------------------------------------------- per-request opt-out and statistics
 
+def decode_rows_by_attention(config: SparseConfig, seq_lens_cpu: torch.Tensor, path: str) -> tuple[int, int]:
+    """(sparse, dense) rows of a planned decode step for the metrics: CUDA-graph padding rows (seq_len 1) left
+    out; on the dense path (nothing to select, or below ``min_batch_tokens``) every row is dense."""
+    real = seq_lens_cpu[seq_lens_cpu > 1]
+    dense = len(real) if path == "dense" else int(within_budget(config, real).sum())
+    return len(real) - dense, dense
+
+
 # A request opts out of sparsity with ``sampling_params={"custom_params": {"sparse": False}}``: it is attended
 # densely in every layer: a step holding a long one replays the mixed path's graph (the sparse step plus a dense
 # pass over those rows only; SparseDecodeOperator.plan), eagerly only past that pass's index buffer.
@@ -692,10 +700,6 @@ def _backend_class():
                 dense_rows = dense_rows + [False] * (bs - len(dense_rows))
             seq_cpu = forward_batch.seq_lens_cpu
             seq_cpu = seq_cpu[:bs] if seq_cpu is not None else forward_batch.seq_lens[:bs].cpu()
-            if self.metrics is not None and not in_capture and self.config.is_sparse:
-                real = seq_cpu[seq_cpu > 1]                     # CUDA-graph padding rows have seq_len 1
-                dense = int(within_budget(self.config, real).sum())
-                self.metrics.count_rows(len(real) - dense, dense)
             budgets = None if in_capture else _ACTIVE.get("row_budgets")
             if budgets is not None:                            # CUDA-graph padding rows: the config's budget
                 if len(budgets) > bs or (self._eager and len(budgets) != bs):
@@ -707,6 +711,8 @@ def _backend_class():
             if dense_rows and not self._eager and path == "sparse":    # never a replay without the dense pass
                 raise RuntimeError("sgl-sparse: opted-out requests planned without the mixed path's dense pass in a "
                                    "CUDA-graph replay")
+            if self.metrics is not None and not in_capture and self.config.is_sparse:
+                self.metrics.count_rows(*decode_rows_by_attention(self.config, seq_cpu, path))
 
         def init_forward_metadata(self, forward_batch):
             if forward_batch.forward_mode.is_decode_or_idle():

@@ -51,7 +51,7 @@ def warm(config: SparseConfig, *, num_qo_heads: int, num_kv_heads: int, head_dim
     from .metadata import SparseKVMetadata
     from .synthetic import make_pool
 
-    cfg = config.replace(dense_layers=1 if config.is_sparse else 0, min_context=0)
+    cfg = config.replace(dense_layers=1 if config.is_sparse else 0, min_context=0, min_batch_tokens=0)
     P = cfg.sglang_page_size                                      # SGLang's page: coarse pages are whole pages
     lens = [max(4 * cfg.token_budget, 64 * P) + 3, P + 1]          # one sparse request, one dense fallback
     gen = torch.Generator().manual_seed(0)

@@ -30,7 +30,8 @@ def _need_flashinfer():
 
 
 def _setup(method, lens, *, HK=8, G=4, D=128, dtype=torch.bfloat16, seed=0, kind="peaked", layers=3, **cfg):
-    config = SparseConfig.load(method).replace(**cfg)
+    # no batch floor unless a test sets one: these batches of a few requests are to select
+    config = SparseConfig.load(method).replace(**{"min_batch_tokens": 0, **cfg})
     gen = torch.Generator().manual_seed(seed)
     page = config.sglang_page_size                              # SGLang's page: coarse pages are whole pages
     pool = make_pool(lens, HK, D, page, dtype, DEV, gen, spare_pages=64, max_ctx=max(lens) + 2 * page)
@@ -224,7 +225,8 @@ def test_fidelity_budgets_and_vattention_guarantee(kind):
     errs = {}
     for budget in (256, 1024):
         for method in METHODS:
-            cfg = SparseConfig.load(method).replace(token_budget=budget, min_context=0, dense_layers=0)
+            cfg = SparseConfig.load(method).replace(token_budget=budget, min_context=0, dense_layers=0,
+                                                      min_batch_tokens=0)
             r = attention_fidelity(cfg, kind=kind, context=16384, batch_size=2, num_kv_heads=8, group=4,
                                    head_dim=128, steps=4 if method != "vattention" else 24, device=DEV,
                                    backend="gpu")
@@ -499,6 +501,61 @@ def test_selection_reuse_eager_equals_graph_and_reference(method, min_cosine, bu
     assert reused_steps == 4
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_selection_reuse_through_steps_on_the_dense_path(method):
+    """min_batch_tokens 20000: the whole batch (20101 tokens) selects, two of its requests alone (11100) run the
+    dense path, exact; back to the whole batch, rows whose kept selection is younger than reselect_every (3) tokens
+    reuse it (as the reference does with those kept pages), and the step after selects again."""
+    lens = [7000, 4100, 9001]
+    B = len(lens)
+    config, pool, q, meta, op = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
+                                       dense_layers=1, layers=3, reselect_every=3, min_batch_tokens=20000)
+    D = pool.k_cache.shape[2]
+    sm = 1 / math.sqrt(D)
+    new_slots = torch.zeros(B, dtype=torch.int64, device=DEV)
+    op.forget(pool.req_pool_indices)                              # _setup planned a step
+
+    def advance():
+        pool.append_token(new_slots)
+        for layer in range(3):
+            meta.update(layer, pool.k_cache, new_slots)
+
+    def step(rows):
+        path = op.plan(pool.req_to_token, pool.req_pool_indices[:rows], pool.seq_lens[:rows],
+                       pool.seq_lens[:rows].cpu())
+        kept = op.reuse.kept.clone()
+        out = [op.run(layer, q[:rows], pool.k_cache, pool.v_cache, meta) for layer in range(3)]
+        torch.cuda.synchronize()
+        return path, kept, out
+
+    def matches_reference(kept, out):
+        for layer in (1, 2):
+            seeds = policies.vattention_seeds(config.seed, op.step.clone(), layer, B)
+            want, _ = reference_decode(config, layer, q, pool.k_cache, pool.v_cache, op.batch, meta, sm, seeds,
+                                       kept_selection=kept[layer - 1].clone())
+            err = relative_l2(out[layer], want)
+            assert err.median().item() < 1e-2 and err.max().item() < 0.1, (layer, err.max().item())
+
+    advance()
+    path, kept, out = step(B)
+    assert path == "sparse" and op.batch.reuse_from.tolist() == [0] * B
+    matches_reference(kept, out)
+    advance()
+    path, _, out = step(2)
+    assert path == "dense"
+    dense = dense_attention(q[:2], pool.k_cache, pool.v_cache, op.batch, sm)
+    for layer in range(3):
+        assert relative_l2(out[layer], dense).max().item() < 1e-2, layer
+    advance()
+    path, kept, out = step(B)                                     # 2 tokens since the selection: reused
+    assert path == "sparse" and all(r > 0 for r in op.batch.reuse_from.tolist()), op.batch.reuse_from
+    matches_reference(kept, out)
+    advance()
+    path, kept, out = step(B)                                     # 3 tokens since: selects again
+    assert path == "sparse" and op.batch.reuse_from.tolist() == [0] * B
+    matches_reference(kept, out)
+
+
 def test_eager_batch_sizes_keep_memory_bounded():
     """Eager steps over many batch sizes keep the wrappers of a captured size plus at most EAGER_BATCH_SIZES
     others (each set holds FlashInfer workspaces), so device memory stops growing; results stay right."""
@@ -709,7 +766,8 @@ def test_batches_beyond_the_captured_size_get_their_own_buffers(method):
     buffer set and a dense pass whose token indices are allocated per step, and matches the reference and dense
     like any batch; the graph buffers stay sized for 2; capturing the batch of 4 is refused."""
     lens = [9000, 5000, 3000, 12345]
-    config = SparseConfig.load(method).replace(token_budget=1024, min_context=4000, dense_layers=1)
+    config = SparseConfig.load(method).replace(token_budget=1024, min_context=4000, dense_layers=1,
+                                               min_batch_tokens=0)
     gen = torch.Generator().manual_seed(3)
     HK, G, D = 8, 4, 128
     pool = make_pool(lens, HK, D, config.page_size, torch.bfloat16, DEV, gen, spare_pages=64, max_ctx=12400)

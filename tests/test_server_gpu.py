@@ -53,7 +53,8 @@ def _requirements_met() -> str | None:
 # ----------------------------------------------------------------------------- configs and servers
 
 def _config(tmp: Path, name: str, preset: str, **overrides) -> str:
-    return str(SparseConfig.load(preset).replace(**overrides).save(tmp / f"{name}.yaml"))
+    """The preset with ``overrides`` as a YAML file; no batch floor unless given (a test's few requests select)."""
+    return str(SparseConfig.load(preset).replace(**{"min_batch_tokens": 0, **overrides}).save(tmp / f"{name}.yaml"))
 
 
 def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
@@ -66,6 +67,10 @@ def _server_specs(tmp: Path) -> dict[str, tuple[str, str | None, list[str]]]:
         small = dict(token_budget=SMALL_BUDGET, min_context=1024)
         specs[f"{m}_small"] = ("sgl_sparse", _config(tmp, f"{m}_small", m, **small), [])
     specs["quest_eager"] = ("sgl_sparse", specs["quest_small"][1], ["--disable-cuda-graph"])
+    # the vattention preset's batch floor, far above these requests: every decode step on the dense path
+    floor = SparseConfig.load("vattention").min_batch_tokens
+    specs["vattention_floor"] = ("sgl_sparse", _config(tmp, "vattention_floor", "vattention", **small,
+                                                       min_batch_tokens=floor), ["--enable-metrics"])
     specs["quest_reuse"] = ("sgl_sparse", _config(tmp, "quest_reuse", "quest-fast", **small), ["--enable-metrics"])
     # selection per 8 tokens inside SGLang's 16-token pages
     specs["quest_p8"] = ("sgl_sparse", _config(tmp, "quest_p8", "quest", page_size=8, **small), ["--page-size", "16"])
@@ -349,6 +354,26 @@ def test_metrics_on_the_prometheus_endpoint(servers):
     assert 0 < total("sglang:sparse_attended_fraction_sum") < total("sglang:sparse_attended_fraction_count")
     assert total('sglang:sparse_decode_rows_total{attention="sparse"') >= 7     # 8 tokens: 7 decode steps
     assert total("sglang:sparse_side_table_bytes") > 0
+
+
+def test_batch_floor_serves_on_the_dense_path(servers):
+    """A server whose min_batch_tokens is above what its requests hold: every decode step runs the dense path, so
+    the passkeys are found, each response reports an attended fraction of exactly 1, and the metrics count every
+    decode row as dense (the same config without the floor attends < 0.95: test_small_budget_retrieves_passkey)."""
+    import requests
+
+    server = servers["vattention_floor"]
+    sparse = assert_passkeys_retrieved(servers["dense"], server, passkey_prompts(), "vattention floor")
+    for out in sparse:
+        assert out["meta_info"]["sparse_attended_fraction"][-1] == 1.0, out["meta_info"]
+    text = requests.get(server.url + "/metrics", timeout=60).text
+
+    def total(prefix):
+        return sum(float(line.rsplit(" ", 1)[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+    decode_rows = sum(out["meta_info"]["completion_tokens"] - 1 for out in sparse)     # the first from prefill
+    assert total('sglang:sparse_decode_rows_total{attention="dense"') >= decode_rows > 0, text[-3000:]
+    assert total('sglang:sparse_decode_rows_total{attention="sparse"') == 0, text[-3000:]
 
 
 def test_selection_finer_than_sglang_pages(servers):

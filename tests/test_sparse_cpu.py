@@ -659,3 +659,28 @@ def test_group_score_reaches_the_selection(coarse):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     by_max = policies.select_pages(ref, config, q, tables[bool(coarse)], batch)
     assert not torch.equal(got[0], by_max[0])
+
+
+def test_batch_floor_decides_the_dense_path():
+    """min_batch_tokens: a step selects only when its requests past the budget hold at least that many tokens in
+    all; shorter requests and opted-out rows do not count toward it, and 0 keeps the old rule (any long request)."""
+    config = SparseConfig.load("quest").replace(token_budget=1024, min_context=4096, min_batch_tokens=20000)
+    lens = torch.tensor([9000, 8000, 3000, 1])                  # 17000 tokens past the budget, 3001 within it
+    assert not policies.needs_selection(config, lens)
+    assert not policies.needs_selection(config, torch.tensor([9000, 8000, 3000, 3000]))  # short ones do not count
+    assert policies.needs_selection(config, torch.tensor([12000, 8000, 3000]))             # 20000: at the floor
+    assert not policies.needs_selection(config, torch.tensor([12000, 8000]), torch.tensor([False, True]))
+    off = config.replace(min_batch_tokens=0)
+    assert policies.needs_selection(off, lens)
+    assert not policies.needs_selection(off, torch.tensor([3000, 4096, 1]))         # every one within its budget
+    assert not policies.needs_selection(SparseConfig(method="dense"), torch.tensor([10**6]))
+
+
+def test_batch_floor_is_validated_and_the_vattention_preset_sets_it():
+    with pytest.raises(SparseConfigError, match="min_batch_tokens=-1 is invalid"):
+        SparseConfig(min_batch_tokens=-1)
+    with pytest.raises(SparseConfigError, match="min_batch_tokens=.*must be an integer"):
+        SparseConfig.load("quest:min_batch_tokens=0.5")
+    assert SparseConfig.load("vattention").min_batch_tokens > 4 * 32768        # a quiet server's 32K requests
+    assert {p: SparseConfig.load(p).min_batch_tokens for p in ("quest", "quest-fast", "twilight")} == \
+        dict.fromkeys(("quest", "quest-fast", "twilight"), 0)
