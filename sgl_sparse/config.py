@@ -82,12 +82,13 @@ class SparseConfig:
             the pages inside those; the top-k is then taken as without it. A coarse bound bounds every page inside
             it, so a page outside the kept coarse pages can only be one whose bound is below the kept ones'.
             Costs a second bounds table: 2/coarse_page_tokens of the K cache's bytes per layer.
-        min_batch_tokens: a decode step whose requests needing a selection hold fewer tokens than this in all
-            (over the batch, each request's whole context) runs the dense path, exactly what
-            ``--attention-backend flashinfer`` runs (0 = off). For methods whose selection has a fixed cost per
-            layer (vAttention's sample and merge) that one long request's dense step does not cover, so that a
-            quiet server is never slower than dense; the busy server, where sparse pays, selects as before. Per
-            server, not per request; rows count as ``dense`` in the metrics and their attended fraction is 1.
+        min_batch_tokens: the batch floor (0 = off): a decode step whose requests needing a selection hold fewer
+            tokens than this in all (each request's whole context) runs the dense path, FlashInfer's dense decode
+            in every layer. For methods whose selection has a fixed cost per layer that one or a few requests'
+            dense attention does not cover (Twilight's int4 scores and top-p, vAttention's sample and merge; both
+            presets set 262144), so that a quiet server is never slower than dense while a busy one, where sparse
+            pays, selects as before. Per server, not per request; such rows count as ``dense`` in the metrics and
+            report an attended fraction of 1.
         group_score: how the query heads of a KV head (a GQA group) combine into its page score: ``max`` (Quest's:
             an upper bound of every head's logits, so a page that any head needs ranks as that head ranks it) or
             ``mean`` (the pages the group needs most on average; no per-head guarantee).

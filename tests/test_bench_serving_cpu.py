@@ -124,6 +124,7 @@ def test_rows_say_where_the_batch_floor_kept_decode_dense():
     assert 4 * (32768 + 2048) < floor <= 8 * 32768
     assert [bs.decode_path("vattention", "32k", c) for c in (1, 4, 8, 16)] == ["dense", "dense", "sparse", "sparse"]
     assert bs.decode_path("vattention:min_batch_tokens=0", "32k", 1) == "sparse"
+    assert bs.decode_path("twilight", "32k", 4) == "dense"
     assert [bs.decode_path("quest", w, 1) for w in ("32k", "mixed")] == ["sparse", "sparse"]
     assert bs.decode_path("vattention", "mixed", 16) == "both"
     assert bs.decode_path("dense", "32k", 16) == "dense"
