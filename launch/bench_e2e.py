@@ -203,6 +203,26 @@ def step_ms(short_s: list[float], long_s: list[float], steps: int) -> float:
     return (min(long_s) - min(short_s)) / steps * 1e3
 
 
+def decode_path(config: str, batch: int, prompt: int, new_tokens: int) -> str:
+    """The path the decode steps of ``batch`` requests of ``prompt`` tokens take while each generates
+    ``new_tokens``: ``sparse``, ``dense`` (nothing to select: within the budget, below ``min_context`` or below
+    the batch floor ``min_batch_tokens``; the point then measures the dense path) or ``both`` (it changes on the
+    way)."""
+    if method_of(config) == "dense":
+        return "dense"
+    from sgl_sparse.policies import needs_selection
+
+    cfg = SparseConfig.load(config)
+    first, last = (needs_selection(cfg, torch_lens([prompt + n] * batch)) for n in (1, new_tokens))
+    return "sparse" if first and last else "dense" if not (first or last) else "both"
+
+
+def torch_lens(lens: list[int]):
+    import torch
+
+    return torch.tensor(lens, dtype=torch.int64)
+
+
 def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequences, log_dir: Path,
                rows: list[dict], save=lambda: None, progress: Progress | None = None) -> None:
     """Start ``method``'s server, time every point that fits its KV pool, stop it. Appends a row per point to
@@ -219,7 +239,8 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
         for batch, context in points:
             stage = f"{batch}x{label(context)}"
             row = dict(method=method_of(method), config=method, batch=batch, context=context,
-                       prompt=prompt_lens[context])
+                       prompt=prompt_lens[context],
+                       decode_path=decode_path(method, batch, prompt_lens[context], new_tokens))
             if batch * (prompt_lens[context] + new_tokens + PAGE_SIZE) > pool_tokens:
                 rows.append(dict(row, error=f"does not fit the KV pool ({pool_tokens} tokens)"))
                 print(f"[{method}] {stage}: skipped, {rows[-1]['error']}"
@@ -229,7 +250,8 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
             row.update(measure_point(server.url, prompts, args))
             rows.append(row)
             save()
-            print(f"[{method}] {stage}: {row['ms_per_step']:.2f} ms/step, "
+            print(f"[{method}] {stage}{' (dense path)' if row['decode_path'] == 'dense' and row['method'] != 'dense' else ''}: "
+                  f"{row['ms_per_step']:.2f} ms/step, "
                   f"{row['tokens_per_s']:.0f} tok/s (warm-up/prefill {row['warm_s']:.1f} s)"
                   f"{f'; {progress.step()}' if progress else ''}", flush=True)
     except (ServerError, BenchError, OSError, KeyError, ValueError) as e:

@@ -151,12 +151,13 @@ def parse_result(path: Path) -> dict:
 def decode_path(config: str, workload: str, concurrency: int) -> str:
     """The path a config's decode steps take at this point, from its batch floor (``min_batch_tokens``): ``dense``
     where the running requests can never hold that many tokens (every step runs the dense path: the row measures
-    the floor, not the method), ``sparse`` where they always do (or there is no floor), ``both`` otherwise."""
+    the floor, not the method); ``sparse`` without a floor; ``both`` otherwise (the steps while fewer requests
+    run, as the wave ramps up and down, are dense)."""
     if config == "dense":
         return "dense"
     floor = SparseConfig.load(config).min_batch_tokens
     w = WORKLOADS[workload]
-    if floor == 0 or concurrency * w["input_len"] * w["range_ratio"] >= floor:
+    if floor == 0:
         return "sparse"
     return "dense" if concurrency * (w["input_len"] + w["output_len"]) < floor else "both"
 

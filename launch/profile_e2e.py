@@ -300,6 +300,10 @@ def profile_server(args) -> dict:
     prompt = e2e.prompt_length(context, config["max_position_embeddings"], new_tokens)
     backend, sparse_config, extra = e2e.server_spec(args.method, bench_args, [(batch, context)], {context: prompt},
                                                     new_tokens)
+    path = e2e.decode_path(args.method, batch, prompt, new_tokens)
+    if path != "sparse" and e2e.method_of(args.method) != "dense":
+        print(f"note: {args.method} at {args.point} decodes on the {path} path (within the budget, below "
+              "min_context or below the batch floor min_batch_tokens): the trace shows dense attention", flush=True)
     out = Path(args.out)
     trace_dir = (out.parent / (out.stem + "_trace")).resolve()
     trace_dir.mkdir(parents=True, exist_ok=True)

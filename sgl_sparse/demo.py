@@ -7,7 +7,8 @@ Prints each answer, whether it is right, the mean attended fraction and the time
 ``auto``: ``sglang`` when a CUDA GPU and SGLang's GPU runtime (``sgl_kernel``) are present, else ``cpu``):
 
 - ``sglang``: one real SGLang server at a time — dense ``--attention-backend flashinfer``, then
-  ``--attention-backend sgl_sparse --sparse-config <preset>`` per preset as shipped in configs/ — asked through
+  ``--attention-backend sgl_sparse --sparse-config <preset>`` per preset as shipped in configs/ (without its batch
+  floor, which would run a single request densely) — asked through
   SGLang's frontend language; the attended fraction is what the server reports in the response's meta info;
   the time is the request's (server start not included). Model: ``--model-dir``, else ``$GPU_HOST_MODELS/smollm2``,
   else the converted download.

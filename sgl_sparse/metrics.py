@@ -8,7 +8,8 @@ prometheus_client), so metrics created in the scheduler process appear there. On
 - ``sglang:sparse_attended_fraction`` (histogram): per finished request, the mean fraction of its context attended
   per KV head over the sparse layers and its decode steps.
 - ``sglang:sparse_decode_rows_total`` (counter, label ``attention``): decode rows that ran a selection
-  (``sparse``) or attended every token because they fit their budget or are below ``min_context`` (``dense``).
+  (``sparse``) or attended every token (``dense``): they fit their budget, are below ``min_context``, opted out,
+  or their step ran the dense path (its long requests held fewer than ``min_batch_tokens`` tokens).
 - ``sglang:sparse_side_table_bytes`` (gauge): GPU memory of the backend's own tables on this rank (page bounds,
   int4 keys, kept selections).
 """
@@ -30,7 +31,7 @@ class SparseMetrics:
             "sglang:sparse_attended_fraction", "Per finished request: mean fraction of the context attended per KV "
             "head over the sparse layers", buckets=FRACTION_BUCKETS)
         self.decode_rows = Counter("sglang:sparse_decode_rows", "Decode rows by attention: sparse (a selection) or "
-                                   "dense (within the budget or below min_context)", labelnames=["attention"])
+                                   "dense (within the budget, below min_context, opted out or below min_batch_tokens)", labelnames=["attention"])
         self.side_table_bytes = Gauge("sglang:sparse_side_table_bytes", "GPU bytes of the sparse backend's tables "
                                       "on this rank", multiprocess_mode="mostrecent")
 

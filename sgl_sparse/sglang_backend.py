@@ -136,6 +136,17 @@ def vattention_cap_warning(config: SparseConfig, context_len: int) -> str | None
             f"{'bound' if vattention else 'sample size'} at every length (a larger sample, slower).")
 
 
+def batch_floor_warning(config: SparseConfig, pool_tokens: int) -> str | None:
+    """The start-up warning for a batch floor (``min_batch_tokens``) above what the KV pool can hold: no decode
+    step can reach it, so the server would run every step on the dense path."""
+    if not config.is_sparse or config.min_batch_tokens <= pool_tokens:
+        return None
+    return (f"sgl-sparse: min_batch_tokens={config.min_batch_tokens} is more than this server's KV pool holds "
+            f"({pool_tokens} tokens): every decode step will run the dense path and nothing is sparse. Lower it "
+            f"(e.g. --sparse-config {config.method}:min_batch_tokens=0 to select from the first long request) or "
+            "give the pool more memory.")
+
+
 # ----------------------------------------------------------------------------- CLI hooks
 
 def _add_cli_args(result, parser):
@@ -352,12 +363,20 @@ def fixed_memory(server_args, model_config, config: SparseConfig, max_reqs: int,
 
 # ----------------------------------------------------------------------------- per-request opt-out and statistics
 
-def decode_rows_by_attention(config: SparseConfig, seq_lens_cpu: torch.Tensor, path: str) -> tuple[int, int]:
-    """(sparse, dense) rows of a planned decode step for the metrics: CUDA-graph padding rows (seq_len 1) left
-    out; on the dense path (nothing to select, or below ``min_batch_tokens``) every row is dense."""
-    real = seq_lens_cpu[seq_lens_cpu > 1]
-    dense = len(real) if path == "dense" else int(within_budget(config, real).sum())
-    return len(real) - dense, dense
+def decode_rows_by_attention(config: SparseConfig, seq_lens_cpu: torch.Tensor, path: str,
+                             dense_rows: list[bool] | None = None) -> tuple[int, int]:
+    """(sparse, dense) rows of a planned decode step for the metrics (host ``[B]`` lengths; ``dense_rows``: the
+    opt-out flags, one per row): CUDA-graph padding rows (seq_len 1) left out; a row is dense when it fits its
+    budget or is below ``min_context``, opted out, or the whole step ran the dense path (nothing to select, or
+    below ``min_batch_tokens``)."""
+    import torch
+
+    real = seq_lens_cpu > 1
+    dense = within_budget(config, seq_lens_cpu) if path != "dense" else torch.ones_like(real)
+    if dense_rows is not None:
+        dense |= torch.tensor(dense_rows, dtype=torch.bool)
+    n_dense = int((dense & real).sum())
+    return int(real.sum()) - n_dense, n_dense
 
 
 # A request opts out of sparsity with ``sampling_params={"custom_params": {"sparse": False}}``: it is attended
@@ -675,9 +694,9 @@ def _backend_class():
                 self.metrics = SparseMetrics.get()
                 self.metrics.side_table_bytes.set(self.side_table_bytes())
             _ACTIVE["backend"] = self
-            cap_warning = vattention_cap_warning(config, mc.context_len)
-            if cap_warning:
-                logger.warning(cap_warning)
+            for warning in (vattention_cap_warning(config, mc.context_len), batch_floor_warning(config, k0.shape[0])):
+                if warning:
+                    logger.warning(warning)
             logger.info("sgl-sparse backend: %s; %d layers, %d/%d query/KV heads per rank, head_dim %d, "
                         "KV pool %d slots, up to %d requests; side tables and kept selections %.1f MiB",
                         config.to_dict(), layers, self.num_qo_heads, self.num_kv_heads, self.head_dim, k0.shape[0],
@@ -712,7 +731,7 @@ def _backend_class():
                 raise RuntimeError("sgl-sparse: opted-out requests planned without the mixed path's dense pass in a "
                                    "CUDA-graph replay")
             if self.metrics is not None and not in_capture and self.config.is_sparse:
-                self.metrics.count_rows(*decode_rows_by_attention(self.config, seq_cpu, path))
+                self.metrics.count_rows(*decode_rows_by_attention(self.config, seq_cpu, path, dense_rows))
 
         def init_forward_metadata(self, forward_batch):
             if forward_batch.forward_mode.is_decode_or_idle():

@@ -85,3 +85,16 @@ def test_methods_take_presets_with_inline_overrides():
         bench_e2e.config_spec("nosuch")
     with pytest.raises(argparse.ArgumentTypeError, match="reselect_min_cosine"):
         bench_e2e.config_spec("quest-fast:reselect_min_cosine=2")
+
+
+def test_rows_say_which_path_a_point_decodes_on():
+    """8 x 1K is within every preset's min_context (the dense path); 8 x 32K selects; 4 x 32K is below the
+    vattention preset's batch floor (262144 tokens), 2 x 128K too, 4 x 128K above it; a point that crosses the
+    floor while it generates takes both paths."""
+    assert bench_e2e.decode_path("quest", 8, 1024, 128) == "dense"
+    assert bench_e2e.decode_path("quest", 8, 32768, 128) == "sparse"
+    assert bench_e2e.decode_path("vattention", 4, 32768, 128) == "dense"
+    assert bench_e2e.decode_path("vattention", 2, 131072 - 512, 128) == "dense"
+    assert bench_e2e.decode_path("vattention", 4, 131072 - 512, 128) == "sparse"
+    assert bench_e2e.decode_path("vattention", 8, 32768 - 64, 128) == "both"
+    assert bench_e2e.decode_path("dense", 8, 32768, 128) == "dense"

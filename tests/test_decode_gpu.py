@@ -537,6 +537,7 @@ def test_selection_reuse_through_steps_on_the_dense_path(method):
             assert err.median().item() < 1e-2 and err.max().item() < 0.1, (layer, err.max().item())
 
     advance()
+    selected_at = pool.seq_lens.tolist()
     path, kept, out = step(B)
     assert path == "sparse" and op.batch.reuse_from.tolist() == [0] * B
     matches_reference(kept, out)
@@ -548,7 +549,7 @@ def test_selection_reuse_through_steps_on_the_dense_path(method):
         assert relative_l2(out[layer], dense).max().item() < 1e-2, layer
     advance()
     path, kept, out = step(B)                                     # 2 tokens since the selection: reused
-    assert path == "sparse" and all(r > 0 for r in op.batch.reuse_from.tolist()), op.batch.reuse_from
+    assert path == "sparse" and op.batch.reuse_from.tolist() == selected_at, (op.batch.reuse_from, selected_at)
     matches_reference(kept, out)
     advance()
     path, kept, out = step(B)                                     # 3 tokens since: selects again

@@ -48,12 +48,12 @@ def test_finished_requests_feed_the_histogram_and_rows_the_counter(monkeypatch):
 
 
 def test_decode_rows_by_attention_counts_the_dense_path_as_dense():
-    """The rows counter: padding rows (seq_len 1) left out; rows within the budget dense; on the dense path (the
-    batch floor) every row dense."""
+    """The rows counter: padding rows (seq_len 1) left out; rows within the budget or opted out dense; on the dense
+    path (the batch floor) every row dense."""
     from sgl_sparse.config import SparseConfig
 
     config = SparseConfig.load("vattention").replace(token_budget=1024, min_context=4096)
     lens = torch.tensor([40000, 30000, 2000, 1, 1])
     assert sglang_backend.decode_rows_by_attention(config, lens, "sparse") == (2, 1)
-    assert sglang_backend.decode_rows_by_attention(config, lens, "mixed") == (2, 1)
+    assert sglang_backend.decode_rows_by_attention(config, lens, "mixed", [True, False, False, False, False]) == (1, 2)
     assert sglang_backend.decode_rows_by_attention(config, lens, "dense") == (0, 3)

@@ -449,6 +449,18 @@ def test_vattention_cap_warning_names_the_fix():
     assert sampled and "Twilight's residual sample" in sampled and "8192" in sampled and "sample size" in sampled
 
 
+def test_batch_floor_warning_when_the_pool_cannot_reach_it():
+    from sgl_sparse.config import SparseConfig
+    from sgl_sparse.sglang_backend import batch_floor_warning
+
+    preset = SparseConfig.load("vattention")                       # floor 262144
+    msg = batch_floor_warning(preset, 200000)
+    assert msg and "min_batch_tokens=262144" in msg and "200000" in msg and "vattention:min_batch_tokens=0" in msg
+    assert batch_floor_warning(preset, 262144) is None
+    assert batch_floor_warning(SparseConfig.load("quest"), 1000) is None
+    assert batch_floor_warning(SparseConfig(method="dense", min_batch_tokens=10**6), 1000) is None
+
+
 def test_captured_decode_batch_reads_sglangs_graph_config():
     """The operator's graph buffers are sized for the largest decode batch SGLang's CUDA-graph config captures (0
     with graphs off; the fallback where the config is missing)."""
