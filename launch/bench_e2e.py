@@ -250,8 +250,8 @@ def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequenc
             row.update(measure_point(server.url, prompts, args))
             rows.append(row)
             save()
-            print(f"[{method}] {stage}{' (dense path)' if row['decode_path'] == 'dense' and row['method'] != 'dense' else ''}: "
-                  f"{row['ms_per_step']:.2f} ms/step, "
+            dense_path = row["decode_path"] == "dense" and row["method"] != "dense"
+            print(f"[{method}] {stage}{' (dense path)' if dense_path else ''}: {row['ms_per_step']:.2f} ms/step, "
                   f"{row['tokens_per_s']:.0f} tok/s (warm-up/prefill {row['warm_s']:.1f} s)"
                   f"{f'; {progress.step()}' if progress else ''}", flush=True)
     except (ServerError, BenchError, OSError, KeyError, ValueError) as e:

@@ -235,7 +235,8 @@ def bench_serving_compact(data: dict) -> str:
             continue
         x = ratios(base, r)
         share = f"{100 * base['decode_share']:.0f} %" if base.get("decode_share") else "—"
-        lines.append(f"| {_serving_config(r)} | {r['workload']} | {r['concurrency']} | {base['median_tpot_ms']:.2f} → "
+        lines.append(f"| {_serving_config(r)} | {r['workload']} | {r['concurrency']} | "
+                     f"{base['median_tpot_ms']:.2f} → "
                      f"{r['median_tpot_ms']:.2f} ms | **{x['median_tpot_speedup']:.2f}×** | "
                      f"{x['output_throughput_ratio']:.2f}× | {x['median_ttft_ratio']:.2f}× | {share} | "
                      f"{_row_commit(r, data)} |")

@@ -103,9 +103,9 @@ def spec_budget(spec: str) -> int | None:
 
 def named_configs(methods: list[str], budgets: list[int], **overrides) -> list[tuple[str, SparseConfig]]:
     """(label, config): dense plus every (preset, budget); sparse from the first token of decode (no
-    min_context, no min_batch_tokens). A method that sets its own ``token_budget`` inline runs at that budget alone, so one run can
-    hold configs of different budgets beside one dense server. An override whose value is ``"budget"`` takes
-    each config's token budget."""
+    min_context, no min_batch_tokens). A method that sets its own ``token_budget`` inline runs at that budget
+    alone, so one run can hold configs of different budgets beside one dense server. An override whose value is
+    ``"budget"`` takes each config's token budget."""
     out = [("dense", SparseConfig(method="dense"))]
     for m in methods:
         own = spec_budget(m)

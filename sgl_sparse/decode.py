@@ -556,8 +556,8 @@ class SparseDecodeOperator:
         The path: a step in which no request needs a selection (every one within its budget, below
         ``min_context`` or opted out; decided here from ``seq_lens_cpu``), or in which those that do hold fewer
         than ``min_batch_tokens`` tokens in all, is ``"dense"``: every layer runs the dense FlashInfer decode
-        (its tensor-core kernel), so short traffic pays nothing for the sparse chain. Otherwise ``"sparse"``, or ``"mixed"`` when a request that opted out is
-        longer than what the config attends in full: the sparse step plus a dense pass over the opted-out rows
+        (its tensor-core kernel), so short traffic pays nothing for the sparse chain. Otherwise ``"sparse"``, or
+        ``"mixed"`` when a request that opted out is longer than what the config attends in full: the sparse step plus a dense pass over the opted-out rows
         only (one token for every other row), merged per row. Past :meth:`mixed_fits` (the opted-out rows' tokens
         overflow the mixed pass's index buffer) such a step is ``"sparse"`` with a dense pass over every row, which
         must run eagerly. The paths launch different kernels, so a CUDA graph is captured per path (``path``

@@ -31,7 +31,8 @@ class SparseMetrics:
             "sglang:sparse_attended_fraction", "Per finished request: mean fraction of the context attended per KV "
             "head over the sparse layers", buckets=FRACTION_BUCKETS)
         self.decode_rows = Counter("sglang:sparse_decode_rows", "Decode rows by attention: sparse (a selection) or "
-                                   "dense (within the budget, below min_context, opted out or below min_batch_tokens)", labelnames=["attention"])
+                                   "dense (within the budget, below min_context, opted out or below "
+                                   "min_batch_tokens)", labelnames=["attention"])
         self.side_table_bytes = Gauge("sglang:sparse_side_table_bytes", "GPU bytes of the sparse backend's tables "
                                       "on this rank", multiprocess_mode="mostrecent")
 
