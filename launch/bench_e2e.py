@@ -210,17 +210,13 @@ def decode_path(config: str, batch: int, prompt: int, new_tokens: int) -> str:
     way)."""
     if method_of(config) == "dense":
         return "dense"
+    import torch
+
     from sgl_sparse.policies import needs_selection
 
     cfg = SparseConfig.load(config)
-    first, last = (needs_selection(cfg, torch_lens([prompt + n] * batch)) for n in (1, new_tokens))
+    first, last = (needs_selection(cfg, torch.full((batch,), prompt + n)) for n in (1, new_tokens))
     return "sparse" if first and last else "dense" if not (first or last) else "both"
-
-
-def torch_lens(lens: list[int]):
-    import torch
-
-    return torch.tensor(lens, dtype=torch.int64)
 
 
 def run_method(method: str, spec, args, points, prompt_lens, new_tokens, sequences, log_dir: Path,
