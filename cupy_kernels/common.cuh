@@ -24,6 +24,16 @@ __device__ __forceinline__ void wait_for_previous_kernel() {
 #endif
 }
 
+// Lets the next kernel on the stream launch now (its blocks are scheduled and wait in wait_for_previous_kernel()
+// until this kernel has finished), instead of at this kernel's end. Only where the next kernel is one of ours: a
+// kernel that touches memory before its wait (FlashInfer's prefill reads the row lengths first) must not follow.
+// A no-op without the launch attribute, or before sm_90.
+__device__ __forceinline__ void allow_next_kernel_to_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 #define NEG_INF __int_as_float(0xff800000)
 #define POS_INF __int_as_float(0x7f800000)
 

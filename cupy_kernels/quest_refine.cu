@@ -33,6 +33,7 @@ extern "C" __global__ void __launch_bounds__(256) quest_refine_scores(
     int r2t_stride, int coarse_width, int max_pages, int skip_pages_upto)
 {
     wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
+    allow_next_kernel_to_launch();       // PDL: always followed by topk_pages (ours; it waits first)
     const int b = blockIdx.x, h = blockIdx.y;
     const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
     if (n <= skip_pages_upto || (skip_rows != nullptr && skip_rows[b] != 0)) return;

@@ -137,6 +137,7 @@ extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) quest_page_scores(
     int batch, int r2t_stride, int max_pages, int skip_pages_upto)
 {
     wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
+    allow_next_kernel_to_launch();       // PDL: always followed by topk_pages (ours; it waits first)
     extern __shared__ int tile_begin[];       // [batch + 1]: first tile of each request
     __shared__ int warp_totals[WARPS];
     const int h = blockIdx.y;

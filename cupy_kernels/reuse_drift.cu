@@ -23,6 +23,7 @@ extern "C" __global__ void reuse_drift(
     int num_kv_heads, float min_cosine)
 {
     wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
+    allow_next_kernel_to_launch();       // PDL: always followed by the page scores (ours; it waits first)
     __shared__ float head_cosine[32];
     const int b = blockIdx.x;
     const int h = threadIdx.x >> 5, lane = threadIdx.x & 31;

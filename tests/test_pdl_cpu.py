@@ -61,3 +61,22 @@ def test_every_kernel_waits_for_the_previous_one_first():
             assert body.startswith("wait_for_previous_kernel();"), f"{path.name}: kernel {m.group(1)}"
             files.add(path.name)
     assert files == {p.name for p in sources}          # every file's kernels found (a trailing comment included)
+
+
+def test_early_launch_only_where_our_own_kernel_follows():
+    """``allow_next_kernel_to_launch()`` (griddepcontrol.launch_dependents) only in the kernels that the policies
+    always follow with another of ours (the page scores and their refinement -> topk_pages; the drift test -> the
+    page scores), each right after its wait: FlashInfer's prefill reads the row lengths before its own wait, so no
+    kernel that writes them (topk_pages, the token-row kernels) may let it launch early."""
+    triggers = set()
+    for path in sorted(pathlib.Path(_cuda.KERNEL_DIR).glob("*.cu")):
+        text = path.read_text()
+        for m in re.finditer(r'extern "C" __global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\([^{]*\)\s*'
+                             r'(?://[^\n]*\n\s*)?\{', text, re.S):
+            end = text.find('\nextern "C"', m.end())
+            body = text[m.end():end if end >= 0 else len(text)]
+            if "allow_next_kernel_to_launch();" in body:
+                lines = [line.strip() for line in body.strip().splitlines()]
+                assert lines[1].startswith("allow_next_kernel_to_launch();"), f"{path.name}: {m.group(1)}"
+                triggers.add(m.group(1))
+    assert triggers == {"quest_page_scores", "quest_refine_scores", "reuse_drift"}
