@@ -30,10 +30,11 @@ extern "C" __global__ void __launch_bounds__(256) quest_refine_scores(
     const int* __restrict__ coarse_count,     // [B, HK]
     const int* __restrict__ skip_rows,        // [B] or nullptr: rows not to score where nonzero
     float* __restrict__ scores,               // [B, HK, max_pages]
-    int r2t_stride, int coarse_width, int max_pages, int skip_pages_upto)
+    int r2t_stride, int coarse_width, int max_pages, int skip_pages_upto,
+    int early_launch)                         // nonzero: let topk_pages launch now (see early_launch_pays)
 {
     wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
-    allow_next_kernel_to_launch();       // PDL: always followed by topk_pages (ours; it waits first)
+    if (early_launch) allow_next_kernel_to_launch();  // PDL: always followed by topk_pages (ours; it waits first)
     const int b = blockIdx.x, h = blockIdx.y;
     const int n = (seq_lens[b] + PAGE_SIZE - 1) / PAGE_SIZE;
     if (n <= skip_pages_upto || (skip_rows != nullptr && skip_rows[b] != 0)) return;

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import KV_DTYPES, check, check_tensor, i32, kernel, launch, u64
+from ._cuda import KV_DTYPES, check, check_tensor, early_launch_pays, i32, kernel, launch, u64
 from .quest_scores import THREADS, check_score_inputs, group_mean, scores_out
 
 
@@ -50,5 +50,5 @@ def quest_refine_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_t
     skip = skip_rows if skip_rows is not None else u64(0)
     launch(fn, (B, HK), (THREADS,), (q, page_key_bounds, r2t, rpi, sl, coarse_pages, coarse_count, skip, out,
                                       i32(r2t.shape[1]), i32(coarse_pages.shape[2]), i32(max_pages),
-                                      i32(skip_pages_upto)), dev)
+                                      i32(skip_pages_upto), i32(early_launch_pays(B, HK, dev))), dev)
     return out

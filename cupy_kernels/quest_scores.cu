@@ -134,10 +134,11 @@ extern "C" __global__ void __launch_bounds__(256, MIN_BLOCKS) quest_page_scores(
     const int* __restrict__ seq_lens,         // [B]
     const int* __restrict__ skip_rows,        // [B] or nullptr: rows not to score where nonzero
     float* __restrict__ scores,               // [B, HK, max_pages]
-    int batch, int r2t_stride, int max_pages, int skip_pages_upto)
+    int batch, int r2t_stride, int max_pages, int skip_pages_upto,
+    int early_launch)                         // nonzero: let topk_pages launch now (see early_launch_pays)
 {
     wait_for_previous_kernel();          // PDL: before any memory access (common.cuh)
-    allow_next_kernel_to_launch();       // PDL: always followed by topk_pages (ours; it waits first)
+    if (early_launch) allow_next_kernel_to_launch();  // PDL: always followed by topk_pages (ours; it waits first)
     extern __shared__ int tile_begin[];       // [batch + 1]: first tile of each request
     __shared__ int warp_totals[WARPS];
     const int h = blockIdx.y;

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, i32, kernel, launch,
+from ._cuda import (KV_DTYPES, check, check_batch, check_group, check_tensor, early_launch_pays, i32, kernel, launch,
                     resident_blocks, u64)
 from .page_bounds import check_bounds
 
@@ -96,6 +96,7 @@ def quest_page_scores(q: torch.Tensor, page_key_bounds: torch.Tensor, req_to_tok
     most_tiles = B * -(-max_pages // TILE_PAGES)
     blocks = max(1, min(most_tiles, resident_blocks(fn, THREADS, dev) // HK))
     skip = skip_rows if skip_rows is not None else u64(0)
+    early = i32(early_launch_pays(B, HK, dev))
     launch(fn, (blocks, HK), (THREADS,), (q, page_key_bounds, r2t, rpi, sl, skip, out, i32(B), i32(r2t.shape[1]),
-                                          i32(max_pages), i32(skip_pages_upto)), dev, shared_mem=4 * (B + 1))
+                                          i32(max_pages), i32(skip_pages_upto), early), dev, shared_mem=4 * (B + 1))
     return out

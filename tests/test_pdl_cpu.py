@@ -68,7 +68,7 @@ def test_early_launch_only_where_our_own_kernel_follows():
     always follow with another of ours (the page scores and their refinement -> topk_pages; the drift test -> the
     page scores), each right after its wait: FlashInfer's prefill reads the row lengths before its own wait, so no
     kernel that writes them (topk_pages, the token-row kernels) may let it launch early."""
-    triggers = set()
+    triggers = {}
     for path in sorted(pathlib.Path(_cuda.KERNEL_DIR).glob("*.cu")):
         text = path.read_text()
         for m in re.finditer(r'extern "C" __global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)\s*\([^{]*\)\s*'
@@ -77,6 +77,20 @@ def test_early_launch_only_where_our_own_kernel_follows():
             body = text[m.end():end if end >= 0 else len(text)]
             if "allow_next_kernel_to_launch();" in body:
                 lines = [line.strip() for line in body.strip().splitlines()]
-                assert lines[1].startswith("allow_next_kernel_to_launch();"), f"{path.name}: {m.group(1)}"
-                triggers.add(m.group(1))
-    assert triggers == {"quest_page_scores", "quest_refine_scores", "reuse_drift"}
+                trigger = lines[1].split("//")[0].strip()
+                allowed = ("allow_next_kernel_to_launch();", "if (early_launch) allow_next_kernel_to_launch();")
+                assert trigger in allowed, f"{path.name}: {m.group(1)}"
+                triggers[m.group(1)] = trigger.startswith("if")
+    # the scans trigger only where the wrapper says it pays (early_launch_pays); the drift test always
+    assert triggers == {"quest_page_scores": True, "quest_refine_scores": True, "reuse_drift": False}
+
+
+def test_early_launch_pays_with_a_topk_block_for_every_sm(monkeypatch):
+    """The scans' early launch is on where the top-k that follows has a block (request x KV head) per SM: off at 8
+    or 16 requests x 8 KV heads on a 132-SM H200, on at 17 and 32; a GPU with fewer SMs turns it on sooner."""
+    monkeypatch.setattr(_cuda, "num_sms", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    assert [_cuda.early_launch_pays(b, 8, dev) for b in (1, 8, 16, 17, 32)] == [0, 0, 0, 1, 1]
+    assert _cuda.early_launch_pays(4, 32, dev) == 0 and _cuda.early_launch_pays(5, 32, dev) == 1
+    monkeypatch.setattr(_cuda, "num_sms", lambda index: 66)
+    assert [_cuda.early_launch_pays(b, 8, dev) for b in (8, 9, 16)] == [0, 1, 1]
