@@ -210,8 +210,8 @@ def num_sms(device_index: int) -> int:
 def early_launch_pays(batch: int, kv_heads: int, device: torch.device) -> int:
     """1 where a page scan should let the ``topk_pages`` that follows launch early (PDL's
     ``griddepcontrol.launch_dependents``), else 0. Measured on an H200: with a top-k block for every SM (B * HK >=
-    SMs) the early launch saves 3-4 % of a Quest step at 32 x 32K; with fewer (8 requests x 8 KV heads) it costs
-    3-5 %. A launch-time constant of the batch size, so a captured graph keeps it."""
+    SMs) the early launch saves 2-3 % of a Quest step at 32 x 32K; with fewer (8 requests x 8 KV heads) it cost
+    2-5 %. A launch-time constant of the batch size, so a captured graph keeps it."""
     return int(batch * kv_heads >= num_sms(device.index or 0))
 
 

@@ -219,6 +219,62 @@ def test_cuda_graph_capture_and_replay(method, pdl, monkeypatch):
             assert err.median().item() < 1e-2 and err.max().item() < 0.1, (layer, err.max().item())
 
 
+@pytest.mark.parametrize("spec", ["quest", "quest-fast", "quest:bounds_dtype=bf16,coarse_page_tokens=64"])
+def test_early_launch_after_the_scans_replays_as_eager(spec, monkeypatch):
+    """The page scans' early launch of the top-k that follows (``griddepcontrol.launch_dependents``; on from
+    B x HK >= SMs, forced on here for a batch of 3) and the drift test's (``quest-fast``): a graph captured with
+    programmatic dependent launch gives the eager operator's outputs (plain launches) bit for bit, step after step,
+    with plain and coarse-to-fine scans and with selection reuse."""
+    import importlib
+
+    from cupy_kernels import _cuda
+
+    monkeypatch.setattr(_cuda, "PDL", True)
+    for name in ("cupy_kernels.quest_scores", "cupy_kernels.quest_refine"):
+        monkeypatch.setattr(importlib.import_module(name), "early_launch_pays", lambda *args: 1)
+    lens = [7000, 4100, 9001]
+    B = len(lens)
+    coarse = "coarse_page_tokens" in spec
+    config, pool, q, meta, eager = _setup(spec, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
+                                          dense_layers=1, layers=3,
+                                          **({"coarse_token_budget": 2048, "page_size": 16} if coarse else {}))
+    HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
+    graphed = SparseDecodeOperator(config, num_qo_heads=q.shape[1], num_kv_heads=HK, head_dim=D, num_layers=3,
+                                   max_batch=B, max_context=max(lens) + 64, dtype=q.dtype, device=DEV)
+    new_slots = torch.zeros(B, dtype=torch.int64, device=DEV)
+    q_static = q.clone()
+    outs = {}
+
+    def plan(op):
+        return op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
+
+    def run(op):
+        return [op.run(layer, q_static, pool.k_cache, pool.v_cache, meta) for layer in range(3)]
+
+    def advance():
+        pool.append_token(new_slots)
+        for layer in range(3):
+            meta.update(layer, pool.k_cache, new_slots)
+        q_static.copy_((q.float() + 0.3 * torch.randn_like(q.float())).to(q.dtype))
+
+    advance()
+    plan(graphed)
+    graph = capture_graph(lambda: outs.__setitem__("graph", run(graphed)))
+    if config.reselect_every > 1:    # the warm-up and capture runs kept selections; _setup planned eager's step
+        for op in (graphed, eager):
+            op.forget(pool.req_pool_indices)
+    for step in range(5):
+        advance()
+        plan(graphed)
+        graph.replay()
+        plan(eager)
+        got = run(eager)
+        torch.cuda.synchronize()
+        for layer in range(3):
+            assert torch.equal(got[layer], outs["graph"][layer]), (step, layer)
+        assert torch.equal(eager.last_counts, graphed.last_counts), step
+
+
 @pytest.mark.parametrize("kind", ["peaked", "flat", "heavy_tailed"])
 def test_fidelity_budgets_and_vattention_guarantee(kind):
     """Synthetic fidelity on the GPU: more budget, less error; vAttention's violation rate stays <= delta."""
