@@ -58,6 +58,35 @@ def _batch(op, pool):
                                 reuse_from=planned.reuse_from, row_top_k=planned.row_top_k)
 
 
+class _Lockstep:
+    """Decode steps over one pool for two operators of one config (one eager, one replayed from a CUDA graph):
+    ``advance()`` appends a token to every request and gives each a new query (the first one plus noise);
+    ``plan(op)`` and ``run(op)`` plan and run every layer of an operator on it."""
+
+    def __init__(self, config, pool, q, meta, layers=3, budgets=None):
+        self.pool, self.q, self.meta, self.layers, self.budgets = pool, q, meta, layers, budgets
+        self.q_static = q.clone()
+        self.new_slots = torch.zeros(q.shape[0], dtype=torch.int64, device=DEV)
+        HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
+        self.graphed = SparseDecodeOperator(config, num_qo_heads=q.shape[1], num_kv_heads=HK, head_dim=D,
+                                            num_layers=layers, max_batch=q.shape[0],
+                                            max_context=int(pool.seq_lens.max()) + 64, dtype=q.dtype, device=DEV)
+
+    def plan(self, op):
+        p = self.pool
+        return op.plan(p.req_to_token, p.req_pool_indices, p.seq_lens, p.seq_lens.cpu(), row_budgets=self.budgets)
+
+    def run(self, op):
+        return [op.run(layer, self.q_static, self.pool.k_cache, self.pool.v_cache, self.meta)
+                for layer in range(self.layers)]
+
+    def advance(self):
+        self.pool.append_token(self.new_slots)
+        for layer in range(self.layers):
+            self.meta.update(layer, self.pool.k_cache, self.new_slots)
+        self.q_static.copy_((self.q.float() + 0.3 * torch.randn_like(self.q.float())).to(self.q.dtype))
+
+
 @pytest.mark.parametrize("method", METHODS + ("dense", TWILIGHT_SAMPLED))
 @pytest.mark.parametrize("D,G,dtype", [(128, 4, torch.bfloat16), (64, 3, torch.float16)])
 def test_exact_when_budget_covers_context(method, D, G, dtype):
@@ -232,43 +261,23 @@ def test_early_launch_after_the_scans_replays_as_eager(spec, monkeypatch):
     monkeypatch.setattr(_cuda, "PDL", True)
     for name in ("cupy_kernels.quest_scores", "cupy_kernels.quest_refine"):
         monkeypatch.setattr(importlib.import_module(name), "early_launch_pays", lambda *args: 1)
-    lens = [7000, 4100, 9001]
-    B = len(lens)
     coarse = "coarse_page_tokens" in spec
-    config, pool, q, meta, eager = _setup(spec, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
-                                          dense_layers=1, layers=3,
+    config, pool, q, meta, eager = _setup(spec, [7000, 4100, 9001], kind="heavy_tailed", token_budget=1024,
+                                          min_context=0, dense_layers=1, layers=3,
                                           **({"coarse_token_budget": 2048, "page_size": 16} if coarse else {}))
-    HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
-    graphed = SparseDecodeOperator(config, num_qo_heads=q.shape[1], num_kv_heads=HK, head_dim=D, num_layers=3,
-                                   max_batch=B, max_context=max(lens) + 64, dtype=q.dtype, device=DEV)
-    new_slots = torch.zeros(B, dtype=torch.int64, device=DEV)
-    q_static = q.clone()
-    outs = {}
-
-    def plan(op):
-        return op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu())
-
-    def run(op):
-        return [op.run(layer, q_static, pool.k_cache, pool.v_cache, meta) for layer in range(3)]
-
-    def advance():
-        pool.append_token(new_slots)
-        for layer in range(3):
-            meta.update(layer, pool.k_cache, new_slots)
-        q_static.copy_((q.float() + 0.3 * torch.randn_like(q.float())).to(q.dtype))
-
-    advance()
-    plan(graphed)
-    graph = capture_graph(lambda: outs.__setitem__("graph", run(graphed)))
-    if config.reselect_every > 1:    # the warm-up and capture runs kept selections; _setup planned eager's step
-        for op in (graphed, eager):
-            op.forget(pool.req_pool_indices)
+    steps = _Lockstep(config, pool, q, meta)
+    graphed, outs = steps.graphed, {}
+    steps.advance()
+    steps.plan(graphed)
+    graph = capture_graph(lambda: outs.__setitem__("graph", steps.run(graphed)))
+    for op in (graphed, eager):      # the warm-up and capture runs kept selections; _setup planned eager's step
+        op.forget(pool.req_pool_indices)
     for step in range(5):
-        advance()
-        plan(graphed)
+        steps.advance()
+        steps.plan(graphed)
         graph.replay()
-        plan(eager)
-        got = run(eager)
+        steps.plan(eager)
+        got = steps.run(eager)
         torch.cuda.synchronize()
         for layer in range(3):
             assert torch.equal(got[layer], outs["graph"][layer]), (step, layer)
@@ -490,42 +499,25 @@ def test_selection_reuse_eager_equals_graph_and_reference(method, min_cosine, bu
     config, pool, q, meta, eager = _setup(method, lens, kind="heavy_tailed", token_budget=1024, min_context=0,
                                           dense_layers=1, layers=3, reselect_every=3, reselect_min_cosine=min_cosine)
     HK, D = pool.k_cache.shape[1], pool.k_cache.shape[2]
-    graphed = SparseDecodeOperator(config, num_qo_heads=q.shape[1], num_kv_heads=HK, head_dim=D, num_layers=3,
-                                   max_batch=B, max_context=max(lens) + 64, dtype=q.dtype, device=DEV)
-    new_slots = torch.zeros(B, dtype=torch.int64, device=DEV)
-    q_static = q.clone()
-    outs = {}
+    steps = _Lockstep(config, pool, q, meta, budgets=budgets)
+    graphed, q_static, outs = steps.graphed, steps.q_static, {}
     sm = 1 / math.sqrt(D)
-
-    def plan(op):
-        return op.plan(pool.req_to_token, pool.req_pool_indices, pool.seq_lens, pool.seq_lens.cpu(),
-                       row_budgets=budgets)
-
-    def run(op):
-        return [op.run(layer, q_static, pool.k_cache, pool.v_cache, meta) for layer in range(3)]
-
-    def advance(turn=False):
-        pool.append_token(new_slots)
-        for layer in range(3):
-            meta.update(layer, pool.k_cache, new_slots)
-        q_static.copy_((q.float() + 0.3 * torch.randn_like(q.float())).to(q.dtype))
-        if turn:
-            q_static[1] = -q_static[1]
-
-    advance()
-    plan(graphed)
-    graph = capture_graph(lambda: outs.__setitem__("graph", run(graphed)))
+    steps.advance()
+    steps.plan(graphed)
+    graph = capture_graph(lambda: outs.__setitem__("graph", steps.run(graphed)))
     for op in (graphed, eager):      # the warm-up and capture runs kept selections; _setup planned eager's step
         op.forget(pool.req_pool_indices)
     reused_steps = 0
     for step in range(7):
-        advance(turn=step == 4)
-        plan(graphed)
+        steps.advance()
+        if step == 4:                # request 1's query turns around
+            q_static[1] = -q_static[1]
+        steps.plan(graphed)
         graph.replay()
-        plan(eager)
+        steps.plan(eager)
         kept_before = eager.reuse.kept.clone()
         queries_before = eager.reuse.queries.clone() if eager.reuse.queries is not None else None
-        got = run(eager)
+        got = steps.run(eager)
         torch.cuda.synchronize()
         reusing = eager.batch.reuse_from.tolist()
         assert reusing == graphed.batch.reuse_from.tolist()
