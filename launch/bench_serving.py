@@ -150,16 +150,21 @@ def parse_result(path: Path) -> dict:
 
 def decode_path(config: str, workload: str, concurrency: int) -> str:
     """The path a config's decode steps take at this point, from its batch floor (``min_batch_tokens``): ``dense``
-    where the running requests can never hold that many tokens (every step runs the dense path: the row measures
-    the floor, not the method); ``sparse`` without a floor; ``both`` otherwise (the steps while fewer requests
-    run, as the wave ramps up and down, are dense)."""
+    where even the fullest step (every running request at its longest) does not select
+    (:func:`sgl_sparse.policies.needs_selection`: every step runs the dense path, the row measures the floor, not
+    the method); ``sparse`` without a floor; ``both`` otherwise (the steps while fewer requests run, as the wave
+    ramps up and down, are dense)."""
     if config == "dense":
         return "dense"
-    floor = SparseConfig.load(config).min_batch_tokens
-    w = WORKLOADS[workload]
-    if floor == 0:
+    cfg = SparseConfig.load(config)
+    if cfg.min_batch_tokens == 0:
         return "sparse"
-    return "dense" if concurrency * (w["input_len"] + w["output_len"]) < floor else "both"
+    import torch
+
+    from sgl_sparse.policies import needs_selection
+
+    w = WORKLOADS[workload]
+    return "both" if needs_selection(cfg, torch.full((concurrency,), w["input_len"] + w["output_len"])) else "dense"
 
 
 def result_row(config: str, workload: str, concurrency: int, prompts: int, result: dict) -> dict:

@@ -557,8 +557,8 @@ class SparseDecodeOperator:
         ``min_context`` or opted out; decided here from ``seq_lens_cpu``), or in which those that do hold fewer
         than ``min_batch_tokens`` tokens in all, is ``"dense"``: every layer runs the dense FlashInfer decode
         (its tensor-core kernel), so short traffic pays nothing for the sparse chain. Otherwise ``"sparse"``, or
-        ``"mixed"`` when a request that opted out is longer than what the config attends in full: the sparse step plus a dense pass over the opted-out rows
-        only (one token for every other row), merged per row. Past :meth:`mixed_fits` (the opted-out rows' tokens
+        ``"mixed"`` when a request that opted out is longer than what the config attends in full: the sparse step
+        plus a dense pass over the opted-out rows only (one token for every other row), merged per row. Past :meth:`mixed_fits` (the opted-out rows' tokens
         overflow the mixed pass's index buffer) such a step is ``"sparse"`` with a dense pass over every row, which
         must run eagerly. The paths launch different kernels, so a CUDA graph is captured per path (``path``
         forces one for the capture, ``"mixed"`` with no row opted out; the SGLang backend keeps one graph of each
@@ -596,7 +596,7 @@ class SparseDecodeOperator:
             raise ValueError(f"dense_rows has {len(dense_rows)} entries for a batch of {B}")
         opted = self.dense_pass_rows(seq_lens_cpu, dense_rows)
         if path is None:
-            path = "sparse" if self.needs_selection(seq_lens_cpu, opted) else "dense"
+            path = "sparse" if policies.needs_selection(cfg, seq_lens_cpu, opted) else "dense"
         elif path not in ("sparse", "mixed", "dense") or (path != "dense" and not cfg.is_sparse):
             raise ValueError(f"path must be 'dense' or (for a sparse config) 'sparse' or 'mixed', got {path!r}")
         elif path == "mixed" and opted is not None:
@@ -651,14 +651,8 @@ class SparseDecodeOperator:
         """A step whose rows needing a dense pass are ``opted`` (:meth:`dense_pass_rows`) can replay a CUDA graph:
         none opted, the dense path's (no other row needs a selection) or the mixed path's (its dense pass holds
         them). Host only."""
-        return (opted is None or not self.needs_selection(seq_lens_cpu, opted)
+        return (opted is None or not policies.needs_selection(self.config, seq_lens_cpu, opted)
                 or self.mixed_fits(seq_lens_cpu, opted))
-
-    def needs_selection(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor | None = None) -> bool:
-        """Some request of the step (host ``[B]`` lengths; ``opted``: host ``[B]`` bool of opted-out rows, which
-        never select) is longer than what the config attends in full, and those requests hold at least
-        ``min_batch_tokens`` tokens in all (:func:`policies.needs_selection`): the step is not the dense path's."""
-        return policies.needs_selection(self.config, seq_lens_cpu, opted)
 
     def mixed_fits(self, seq_lens_cpu: torch.Tensor, opted: torch.Tensor) -> bool:
         """The opted-out rows (host ``[B]`` bool) of a step fit the mixed path's dense pass: their tokens, with one
