@@ -2,12 +2,13 @@
 """Where a server's decode step goes: SGLang's own profiler (torch.profiler / CUPTI) on a real server, per kernel.
 
     python launch/profile_e2e.py --method quest --point 8x32K --steps 16 --out out/profile_e2e_quest.json
+    python launch/profile_e2e.py --method quest-fast:reselect_min_cosine=-1 --point 4x128K   # any server config
     python launch/profile_e2e.py --summarize TRACE.trace.json.gz --steps 16     # an existing trace, no server
     python launch/profile_e2e.py --combine quest_8x32K.json dense_8x32K.json --operator bench_decode.json \
         --out launch/results/profile_e2e_h200.json                               # runs -> one file, no server
 
-Starts the same server as ``launch/bench_e2e.py`` (Llama-3.1-8B shape, dummy weights, decode CUDA graphs on, the
-preset as shipped), prefills the point's B prompts, times a step as bench_e2e does (three pairs of requests), then
+Starts the same server as ``launch/bench_e2e.py`` (Llama-3.1-8B shape, dummy weights, decode CUDA graphs on;
+``--method`` takes what bench_e2e's ``--methods`` takes: ``dense``, a preset, or a preset with overrides), prefills the point's B prompts, times a step as bench_e2e does (three pairs of requests), then
 asks SGLang to trace ``--steps`` decode steps (``POST /start_profile`` with ``profile_by_stage``, GPU activity
 only) while a request of ``steps + 4`` new tokens runs. SGLang writes ``<id>-TP-0-DECODE.trace.json.gz``; this
 script reads its GPU events and prints, per decode step:
@@ -51,8 +52,8 @@ sys.path.insert(0, str(ROOT / "launch"))
 import bench_e2e as e2e  # noqa: E402
 from plot_reuse import best_us  # noqa: E402
 from cupy_kernels.reference import int8_bounds_row_bytes  # noqa: E402
-from sgl_sparse.config import METHODS, SparseConfig  # noqa: E402
-from sgl_sparse.serving import ServerError, ServerProcess, stop_servers_on_sigterm  # noqa: E402
+from sgl_sparse.config import SparseConfig  # noqa: E402
+from sgl_sparse.serving import ServerError, ServerProcess, file_safe, stop_servers_on_sigterm  # noqa: E402
 
 # the kernels of cupy_kernels/*.cu (their __global__ names)
 SPARSE_KERNELS = ("page_bounds_update", "quantize_keys_int4", "quest_page_scores", "quest_refine_scores",
@@ -162,13 +163,15 @@ def model_shape(model_config: dict) -> dict:
 def sparse_layer_bytes(batch: int, tokens: int, shape: dict, preset: SparseConfig) -> dict:
     """Bytes one sparse layer's Quest step must read at ``batch`` requests of ``tokens`` tokens: ``page_bounds``
     (B x pages x HK bounds rows, read by the scores: (min, max) x D elements, or int8 rows of 2 D + 8 bytes) and
-    ``selected_kv`` (B x HK x budget tokens x (K, V) x D elements, read by the attention); ``total``."""
-    if preset.method != "quest" or preset.coarse or preset.reselect_every != 1:
-        raise ValueError(f"byte accounting covers the plain Quest step (a selection every step), not {preset}")
+    ``selected_kv`` (B x HK x budget tokens x (K, V) x D elements, read by the attention); ``total``. With
+    selection reuse (``reselect_every`` R > 1) the scan runs on one step in R at its steady state, so
+    ``page_bounds`` is a step's mean, 1/R of a scan (re-selections by the drift test not counted)."""
+    if preset.method != "quest" or preset.coarse:
+        raise ValueError(f"byte accounting covers Quest's page scan over every page, not {preset}")
     kv_heads, head_dim, elt = shape["kv_heads"], shape["head_dim"], shape["dtype_bytes"]
     pages = math.ceil(tokens / preset.page_size)
     row = int8_bounds_row_bytes(head_dim) if preset.bounds_dtype == "int8" else 2 * head_dim * elt
-    page_bounds = batch * pages * kv_heads * row
+    page_bounds = batch * pages * kv_heads * row // preset.reselect_every
     selected_kv = batch * kv_heads * min(preset.token_budget, tokens) * 2 * head_dim * elt
     return dict(page_bounds=page_bounds, selected_kv=selected_kv, total=page_bounds + selected_kv)
 
@@ -310,7 +313,7 @@ def profile_server(args) -> dict:
     rng = random.Random(args.seed)
     prompts = [rng.choices(range(config["vocab_size"]), k=prompt) for _ in range(batch)]
     server = ServerProcess(str(args.model), backend=backend, sparse_config=sparse_config, extra_args=extra,
-                           log_path=trace_dir / f"server_{args.method}.log", env={"HF_HUB_OFFLINE": "1"})
+                           log_path=trace_dir / f"server_{file_safe(args.method)}.log", env={"HF_HUB_OFFLINE": "1"})
     started = time.time()
     try:
         server.start().wait_ready(timeout=args.start_timeout)
@@ -318,7 +321,7 @@ def profile_server(args) -> dict:
         timing = e2e.measure_point(server.url, prompts, bench_args)        # prefill + warm-up, then 3 pairs
         print(f"[{args.method}] {args.point}: {timing['ms_per_step']:.2f} ms/step (bench_e2e's timing; the trace's "
               "per-step window below is the direct figure)", flush=True)
-        profile_id = f"{args.method}-{args.point}-{int(time.time())}"
+        profile_id = f"{file_safe(args.method)}-{args.point}-{int(time.time())}"
         e2e.post_json(server.url + "/start_profile", dict(
             output_dir=str(trace_dir), num_steps=args.steps, activities=["GPU"], profile_by_stage=True,
             with_stack=False, record_shapes=False, profile_id=profile_id), expect_json=False)   # answers in text
@@ -333,7 +336,9 @@ def profile_server(args) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--method", default="quest", choices=METHODS)
+    ap.add_argument("--method", default="quest", type=e2e.config_spec, metavar="CONFIG",
+                    help="dense, a preset, or a preset with overrides as --sparse-config takes them "
+                         "(quest-fast:reselect_min_cosine=-1)")
     ap.add_argument("--point", default="8x32K", help="BATCHxCONTEXT")
     ap.add_argument("--steps", type=int, default=16, help="decode steps to trace")
     ap.add_argument("--mem-fraction-static", type=float, default=0.8)

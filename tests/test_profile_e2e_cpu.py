@@ -160,9 +160,36 @@ def test_sparse_layer_bytes_are_page_bounds_plus_selected_kv():
     assert short == dict(page_bounds=63 * 8 * 512, selected_kv=8 * 1000 * 512, total=63 * 8 * 512 + 8 * 1000 * 512)
     int8 = profile_e2e.SparseConfig.load("quest:bounds_dtype=int8")            # rows of 128 + 128 codes + lo, scale
     assert profile_e2e.sparse_layer_bytes(8, 32768, shape, int8)["page_bounds"] == 8 * 2048 * 8 * 264
-    for spec in ("quest-fast", "twilight", "quest:bounds_dtype=bf16,coarse_page_tokens=64"):
-        with pytest.raises(ValueError, match="plain Quest step"):
+    # selection reuse: one scan in reselect_every steps at the steady state, the selected K/V every step
+    fast = profile_e2e.SparseConfig.load("quest-fast:reselect_min_cosine=-1")
+    assert fast.reselect_every == 4
+    assert profile_e2e.sparse_layer_bytes(8, 32768, shape, fast) == dict(
+        page_bounds=8 * 2048 * 8 * 264 // 4, selected_kv=67108864, total=8 * 2048 * 8 * 264 // 4 + 67108864)
+    for spec in ("twilight", "quest:bounds_dtype=bf16,coarse_page_tokens=64"):
+        with pytest.raises(ValueError, match="page scan over every page"):
             profile_e2e.sparse_layer_bytes(8, 32768, shape, profile_e2e.SparseConfig.load(spec))
+
+
+def test_method_takes_any_server_config(monkeypatch, tmp_path, capsys):
+    seen = []
+    summary = profile_e2e.summarize(profile_e2e.load_gpu_events(_trace(tmp_path)), steps=2)
+
+    def profile_server(args):                       # the server part: what main() passes it, a summary back
+        seen.append(args.method)
+        return dict(method=args.method, point=args.point, ms_per_step=1.0, gpu="NVIDIA H200", **summary)
+
+    monkeypatch.setattr(profile_e2e, "stop_servers_on_sigterm", lambda: None)
+    monkeypatch.setattr(profile_e2e, "profile_server", profile_server)
+    out = tmp_path / "p.json"
+    for method in ("dense", "quest-fast", "quest-fast:reselect_min_cosine=-1"):
+        monkeypatch.setattr(sys, "argv", ["profile_e2e.py", "--method", method, "--out", str(out)])
+        assert profile_e2e.main() == 0
+    assert seen == ["dense", "quest-fast", "quest-fast:reselect_min_cosine=-1"]
+    for bad, message in (("quest-slow", "is not a preset"), ("quest:token_budget=7", "token_budget")):
+        monkeypatch.setattr(sys, "argv", ["profile_e2e.py", "--method", bad, "--out", str(out)])
+        with pytest.raises(SystemExit):
+            profile_e2e.main()
+        assert message in capsys.readouterr().err
 
 
 def test_dense_layer_from_the_same_point_or_scaled_by_kv_bytes():
