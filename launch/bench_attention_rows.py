@@ -14,10 +14,15 @@ variant's whole rows (largest difference over the largest output element, under 
     python launch/bench_attention_rows.py                                    # 8 and 32 x 32K, 16 x 128K; S = 1, 2, 4
     python launch/bench_attention_rows.py --points 32x32K --splits 1 2 --variants auto no-split fa3
 
-Variants: ``auto`` (the operator's: FlashInfer's ``fa2`` tensor-core decode, split-kv as its planner decides),
-``no-split`` (``disable_split_kv=True``: no partial outputs and no merge of FlashInfer's own), ``fa3`` (the wrapper
-built with ``backend="fa3"``; its JIT build happens before the timed replays). A variant FlashInfer refuses is
-reported with its error instead of a time.
+Variants: ``auto`` (the operator's: FlashInfer's ``fa2`` tensor-core decode, whose planner always splits the KV
+under CUDA graphs, so partial outputs and FlashInfer's own merge are paid even where a row is one chunk),
+``no-split`` (``disable_split_kv=True``: neither), ``fa3`` (the wrapper built with ``backend="fa3"``; its JIT build
+happens in ``plan()``, before the timed replays; it does not fuse a group's query heads, so each row's K/V is read
+once per query head and its GB/s is bytes needed over time, not DRAM traffic). A variant FlashInfer refuses is
+reported with its error instead of a time; a CUDA error (sticky for the process) ends the run.
+
+Replays run back to back (warm L2, as ``bench_decode.py``'s default); ``--cold-l2`` empties the L2 before each
+(the selected K/V of 8 × 32K, 64 MiB, is near the H200's 50 MB L2).
 
 Writes a table to stdout and JSON (``--out``) naming the GPU, versions and commit.
 """
@@ -40,6 +45,7 @@ G = HQ // HK
 DTYPE = torch.bfloat16
 VARIANTS = {"auto": ("auto", {}), "no-split": ("auto", {"disable_split_kv": True}), "fa3": ("fa3", {})}
 DEFAULT_POINTS = ("8x32K", "32x32K", "16x128K")
+CUDA_ERRORS = tuple(c for c in (getattr(torch, "AcceleratorError", None),) if c is not None)
 
 
 def split_rows(indptr: torch.Tensor, last_page_len: torch.Tensor, splits: int, page_size: int
@@ -133,12 +139,15 @@ def run_point(batch: int, context: int, budget: int, splits: list[int], variants
                 out = outputs["o"].float()
                 us = time_fn(graph.replay, reps)
                 if reference is None:
-                    reference = out.clone()
+                    reference, reference_of = out.clone(), f"{variant}, S = {S}"
                 err = float((out - reference).abs().max() / reference.abs().max())
-                row.update(us=us, gbps=nbytes / us / 1e3, rel_max_diff=err, ok=err < 1e-2)
+                row.update(us=us, gbps=nbytes / us / 1e3, rel_max_diff=err, ok=err < 1e-2,
+                           checked_against=reference_of)
                 del graph, wrapper, outputs
             except Exception as e:                                            # FlashInfer refused the variant
-                row.update(us=None, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                if isinstance(e, CUDA_ERRORS) or "CUDA error" in str(e):
+                    raise                                                     # sticky: every later variant would fail
+                row.update(us=None, error=f"{type(e).__name__}: {(str(e).splitlines() or [repr(e)])[0][:200]}")
             rows.append(row)
             print(f"{batch}x{context // 1024}K S={S} {variant}: " + (f"{row['us']:.1f} us, {row['gbps']:.0f} GB/s, "
                   f"max |diff| / max |out| {row['rel_max_diff']:.3g}" if row["us"] is not None else row["error"]),
@@ -155,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4], help="rows per (request, KV head)")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument("--cold-l2", action="store_true", help="empty the L2 before every timed replay")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="out/bench_attention_rows.json")
     args = ap.parse_args(argv)
@@ -174,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("bench_attention_rows needs a CUDA GPU and flashinfer; none found", file=sys.stderr)
         return 2
+    import bench_decode
     from bench_e2e import git_commit, versions
+    if args.cold_l2:
+        bench_decode.L2_FLUSH = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    l2 = "cold (emptied before every timed replay)" if args.cold_l2 else "warm (back to back)"
     gen = torch.Generator().manual_seed(args.seed)
     rows, t0 = [], time.time()
     gpu = torch.cuda.get_device_name(0)
@@ -183,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(dict(gpu=gpu, versions=versions(), commit=git_commit(), shape=dict(HQ=HQ, HK=HK, D=D, page=P),
-                           l2="warm (back to back)", rows=rows), f, indent=1)
-    print(f"\nFlashInfer over Quest's page rows, budget {args.budget}, CUDA-graph replays - {gpu} "
+                           l2=l2, rows=rows), f, indent=1)
+    print(f"\nFlashInfer over Quest's page rows, budget {args.budget}, CUDA-graph replays, {l2} L2 - {gpu} "
           f"({time.time() - t0:.0f} s)")
     print(f"{'batch x context':>15s} {'variant':>9s} {'S':>2s} {'rows':>5s} {'us':>8s} {'GB/s':>6s} {'rel diff':>9s}")
     for r in rows:

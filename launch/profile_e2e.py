@@ -8,9 +8,10 @@
         --out launch/results/profile_e2e_h200.json                               # runs -> one file, no server
 
 Starts the same server as ``launch/bench_e2e.py`` (Llama-3.1-8B shape, dummy weights, decode CUDA graphs on;
-``--method`` takes what bench_e2e's ``--methods`` takes: ``dense``, a preset, or a preset with overrides), prefills the point's B prompts, times a step as bench_e2e does (three pairs of requests), then
-asks SGLang to trace ``--steps`` decode steps (``POST /start_profile`` with ``profile_by_stage``, GPU activity
-only) while a request of ``steps + 4`` new tokens runs. SGLang writes ``<id>-TP-0-DECODE.trace.json.gz``; this
+``--method`` takes what bench_e2e's ``--methods`` takes: ``dense``, a preset, or a preset with overrides),
+prefills the point's B prompts, times a step as bench_e2e does (three pairs of requests), then asks SGLang to
+trace ``--steps`` decode steps (``POST /start_profile`` with ``profile_by_stage``, GPU activity only) while a
+request of ``steps + 4`` new tokens runs. SGLang writes ``<id>-TP-0-DECODE.trace.json.gz``; this
 script reads its GPU events and prints, per decode step:
 
 - the traced window (first kernel start to last kernel end), the time at least one kernel ran (``busy``) and the
