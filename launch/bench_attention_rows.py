@@ -40,6 +40,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from sgl_sparse.decode import _row_plan  # noqa: E402  (host indptr and last_page_len of rows of N tokens)
+
 HQ, HK, D, P = 32, 8, 128, 16           # Llama-3.1-8B attention, SGLang page 16
 G = HQ // HK
 DTYPE = torch.bfloat16
@@ -50,36 +52,20 @@ CUDA_ERRORS = tuple(c for c in (getattr(torch, "AcceleratorError", None),) if c 
 
 def split_rows(indptr: torch.Tensor, last_page_len: torch.Tensor, splits: int, page_size: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``[R]`` of a page list (host ``indptr`` ``[R + 1]``, ``last_page_len`` ``[R]``, int32) as ``R * splits``
-    rows over the same page list: row ``r``'s pages cut into ``splits`` consecutive runs, as equal as whole pages
-    allow (the first ones one page longer), in the order ``r * splits + j``. Only a row's last run ends on its
-    partial page; the others end on full pages. Returns (indptr ``[R * splits + 1]``, last_page_len
-    ``[R * splits]``) int32; a run of no pages (a row shorter than ``splits`` pages) has last_page_len 0."""
+    """Rows ``[R]`` of a page list (host ``indptr`` ``[R + 1]`` from 0, ``last_page_len`` ``[R]``, int32) as
+    ``R * splits`` rows over the same page list: row ``r``'s pages cut into ``splits`` consecutive runs, as equal as
+    whole pages allow (the first ones one page longer), in the order ``r * splits + j``. Only a row's last run with
+    pages ends on its partial page; the others end on full pages. Returns (indptr ``[R * splits + 1]``,
+    last_page_len ``[R * splits]``) int32 (``sgl_sparse.decode._row_plan`` of the runs' tokens, the operator's own
+    row plan); a run of no pages (a row shorter than ``splits`` pages) has last_page_len 0."""
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
-    start = indptr[:-1].long()
-    pages = indptr[1:].long() - start
+    pages = (indptr[1:] - indptr[:-1]).long()
     j = torch.arange(splits)
-    base, extra = pages[:, None] // splits, pages[:, None] % splits
-    run = base + (j[None, :] < extra).long()                                  # [R, splits] pages per run
-    ends = start[:, None] + torch.cumsum(run, 1)
-    out_indptr = torch.cat([indptr[:1].long(), ends.reshape(-1)]).to(torch.int32)
-    last = torch.where(run > 0, page_size, 0)
+    run = pages[:, None] // splits + (j[None, :] < pages[:, None] % splits).long()   # [R, splits] pages per run
     is_last = j[None, :] == (pages.clamp(max=splits) - 1)[:, None]              # the row's last run with pages
-    last = torch.where(is_last, last_page_len.long()[:, None], last)
-    return out_indptr, last.reshape(-1).to(torch.int32)
-
-
-def merge_by_lse(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of ``flashinfer.merge_states``: attention outputs ``out`` ``[N, S, H, D]`` over S disjoint parts of
-    a row's tokens, with their base-2 log-sum-exps ``lse`` ``[N, S, H]`` (FlashInfer's), merged into the output over
-    all the parts ``[N, H, D]`` and its LSE ``[N, H]`` (float32). A part with no tokens has LSE ``-inf``."""
-    lse = lse.float()
-    total = torch.logaddexp2(lse[:, 0], lse[:, 1]) if lse.shape[1] > 1 else lse[:, 0]
-    for s in range(2, lse.shape[1]):
-        total = torch.logaddexp2(total, lse[:, s])
-    weight = torch.exp2(lse - total[:, None]).nan_to_num(0.0)                 # [N, S, H]
-    return (weight[..., None] * out.float()).sum(1), total
+    tokens = torch.where(is_last, (run - 1) * page_size + last_page_len.long()[:, None], run * page_size)
+    return _row_plan(tokens.reshape(-1), page_size)
 
 
 def row_pages(pool, batch: int, budget_pages: int, gen: torch.Generator) -> torch.Tensor:
@@ -102,8 +88,7 @@ def run_point(batch: int, context: int, budget: int, splits: list[int], variants
     pool = make_pool([context] * batch, HK, D, P, DTYPE, "cuda", gen)
     R, k = batch * HK, budget // P
     indices = row_pages(pool, batch, k, gen).reshape(-1).cuda()
-    indptr = torch.arange(0, R * k + 1, k, dtype=torch.int32)
-    last = torch.full((R,), P, dtype=torch.int32)
+    indptr, last = _row_plan(torch.full((R,), budget), P)
     slots = pool.k_cache.shape[0]          # the page view of _PerHeadDecode: page index first_slot * HK + h
     kv = tuple(c.as_strided(((slots - P + 1) * HK, P, 1, D), (D, HK * D, D, 1)) for c in (pool.k_cache, pool.v_cache))
     q = torch.randn((R, G, D), generator=torch.Generator("cuda").manual_seed(1), device="cuda").to(DTYPE)

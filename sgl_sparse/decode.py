@@ -558,11 +558,12 @@ class SparseDecodeOperator:
         than ``min_batch_tokens`` tokens in all, is ``"dense"``: every layer runs the dense FlashInfer decode
         (its tensor-core kernel), so short traffic pays nothing for the sparse chain. Otherwise ``"sparse"``, or
         ``"mixed"`` when a request that opted out is longer than what the config attends in full: the sparse step
-        plus a dense pass over the opted-out rows only (one token for every other row), merged per row. Past :meth:`mixed_fits` (the opted-out rows' tokens
-        overflow the mixed pass's index buffer) such a step is ``"sparse"`` with a dense pass over every row, which
-        must run eagerly. The paths launch different kernels, so a CUDA graph is captured per path (``path``
-        forces one for the capture, ``"mixed"`` with no row opted out; the SGLang backend keeps one graph of each
-        per batch size) and the replay picks the graph of the path plan() returned. Rows that fit their budget
+        plus a dense pass over the opted-out rows only (one token for every other row), merged per row. Past
+        :meth:`mixed_fits` (the opted-out rows' tokens overflow the mixed pass's index buffer) such a step is
+        ``"sparse"`` with a dense pass over every row, which must run eagerly. The paths launch different kernels,
+        so a CUDA graph is captured per path (``path`` forces one for the capture, ``"mixed"`` with no row opted
+        out; the SGLang backend keeps one graph of each per batch size) and the replay picks the graph of the path
+        plan() returned. Rows that fit their budget
         inside a sparse step are not scored and attend all their tokens.
         """
         B = seq_lens.shape[0]

@@ -1,5 +1,6 @@
 """launch/bench_attention_rows.py on CPU: rows split into runs cover the same tokens, and the LSE merge of the
-runs' attention equals attention over the whole row (the GPU part, FlashInfer's replays, runs on the GPU host)."""
+runs' attention (the project's reference merge and attention) equals attention over the whole row (the GPU part,
+FlashInfer's replays, runs on the GPU host)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "launch"))
 
 import bench_attention_rows as bar  # noqa: E402
+from cupy_kernels.reference import merge_states  # noqa: E402
+from sgl_sparse.decode import attend_rows_reference  # noqa: E402
 
 P = 16
 
@@ -29,11 +32,12 @@ def _row_tokens(indptr, last, pages, r):
 
 
 def _attend(q, k, v, tokens):
-    """Per head: (output [H, D], base-2 LSE [H]) of q [H, D] over the given token ids (-inf LSE for none)."""
-    if not tokens:
-        return torch.zeros_like(q), torch.full(q.shape[:1], -math.inf)
-    logits = q @ k[tokens].T / math.sqrt(q.shape[-1])                        # [H, n]
-    return torch.softmax(logits, -1) @ v[tokens], torch.logsumexp(logits, -1) / math.log(2)
+    """Per head: (output [H, D], base-2 LSE [H]) of q [H, D] over the given token ids (-inf LSE for none): the
+    operator's reference attention over one row of one KV head."""
+    rows = torch.tensor(tokens or [0], dtype=torch.int32).view(1, 1, -1)
+    counts = torch.tensor([[len(tokens)]], dtype=torch.int32)
+    o, lse = attend_rows_reference(q[None], k[:, None], v[:, None], rows, counts, 1 / math.sqrt(q.shape[-1]), True)
+    return o[0], lse[0]
 
 
 def test_split_rows_cut_each_row_into_consecutive_runs():
@@ -65,17 +69,11 @@ def test_split_rows_and_the_lse_merge_give_attention_over_the_whole_row(splits):
         whole = _row_tokens(indptr, last, pages, r)
         runs = [_row_tokens(s_indptr, s_last, pages, r * splits + j) for j in range(splits)]
         assert sum(runs, []) == whole                                         # the same tokens, in order
-        parts = [_attend(q[r], k, v, t) for t in runs]
-        out, lse = bar.merge_by_lse(torch.stack([o for o, _ in parts])[None], torch.stack([s for _, s in parts])[None])
+        (out, lse), *rest = [_attend(q[r], k, v, t) for t in runs]            # merged part by part, as FlashInfer
+        for o, s in rest:
+            out, lse = merge_states(out, lse, o, s), torch.logaddexp2(lse, s)
         ref_out, ref_lse = _attend(q[r], k, v, whole)
-        assert torch.allclose(out[0], ref_out, atol=1e-5) and torch.allclose(lse[0], ref_lse, atol=1e-5)
-
-
-def test_merge_of_a_single_part_is_that_part():
-    gen = torch.Generator().manual_seed(0)
-    out, lse = torch.randn((3, 1, 2, 8), generator=gen), torch.randn((3, 1, 2), generator=gen)
-    merged, total = bar.merge_by_lse(out, lse)
-    assert torch.equal(merged, out[:, 0]) and torch.equal(total, lse[:, 0])
+        assert torch.allclose(out, ref_out, atol=1e-5) and torch.allclose(lse, ref_lse, atol=1e-5)
 
 
 def test_command_line_refuses_bad_splits_budgets_and_points(capsys):
