@@ -15,7 +15,8 @@ request of ``steps + 4`` new tokens runs. SGLang writes ``<id>-TP-0-DECODE.trace
 script reads its GPU events and prints, per decode step:
 
 - the traced window (first kernel start to last kernel end), the time at least one kernel ran (``busy``) and the
-  rest (``idle``: launch gaps inside CUDA graphs, host work between steps);
+  rest (``idle``: launch gaps inside CUDA graphs, host work between steps), with the largest idle stretches by
+  the kernels around them;
 - the device time per category: ``sparse`` (sgl-sparse's CuPy kernels), ``flashinfer`` (FlashInfer's attention
   and merge kernels, dense layers included), ``gemm`` (cuBLAS/CUTLASS/nvJet matmuls), ``memcpy/memset`` and
   ``other`` (torch elementwise, norms, RoPE, sampling, ...);
@@ -115,6 +116,32 @@ def busy_time(events: list[dict]) -> float:
     return total
 
 
+def idle_gaps(events: list[dict], steps: int, top: int = 12) -> dict:
+    """Where the idle time of ``events`` (sorted by start) lies: every stretch with no kernel running, named by the
+    kernel that ended last before it and the one that starts it, grouped by that pair (µs and count per step,
+    largest total first, ``top`` of them), and the idle split into short gaps (< 5 µs: launch gaps, inside CUDA
+    graphs too) and long ones (host work between launches)."""
+    pairs: dict[tuple[str, str], list[float]] = {}
+    short = long = 0.0
+    end, last = float("-inf"), None
+    for ev in events:
+        start, stop = ev["ts"], ev["ts"] + ev["dur"]
+        if last is not None and start > end:
+            gap = start - end
+            if gap < 5.0:
+                short += gap
+            else:
+                long += gap
+            g = pairs.setdefault((last, ev["name"]), [0, 0.0])
+            g[0] += 1
+            g[1] += gap
+        if stop > end:
+            end, last = stop, ev["name"]
+    largest = sorted(pairs.items(), key=lambda kv: -kv[1][1])[:top]
+    return dict(short_gaps_us=short / steps, long_gaps_us=long / steps,
+                gaps=[dict(after=a, before=b, count=n / steps, us=us / steps) for (a, b), (n, us) in largest])
+
+
 def summarize(events: list[dict], steps: int) -> dict:
     """Per-step figures of ``events`` (``load_gpu_events``) that cover ``steps`` decode steps; times in µs."""
     if steps < 1:
@@ -130,7 +157,7 @@ def summarize(events: list[dict], steps: int) -> dict:
         k[1] += e["dur"]
     return dict(
         steps=steps, window_us=window / steps, busy_us=busy / steps, idle_us=(window - busy) / steps,
-        device_us=sum(categories.values()) / steps,
+        device_us=sum(categories.values()) / steps, **idle_gaps(events, steps),
         categories={c: us / steps for c, us in sorted(categories.items(), key=lambda kv: -kv[1])},
         kernels=[dict(name=n, category=c, launches=cnt / steps, us=us / steps)
                  for n, (cnt, us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][1])])
@@ -142,6 +169,10 @@ def print_summary(s: dict, title: str, top: int = 30) -> None:
           f"device time {s['device_us']:.1f} us (> busy where kernels overlap)")
     for c, us in s["categories"].items():
         print(f"   {c:14s} {us:9.1f} us/step")
+    print(f"idle: {s['short_gaps_us']:.1f} us/step in gaps < 5 us, {s['long_gaps_us']:.1f} us/step in longer ones; "
+          "largest (us/step, gaps/step, after -> before):")
+    for g in s["gaps"]:
+        print(f"{g['us']:9.1f} {g['count']:8.1f}  {g['after'][:50]} -> {g['before'][:50]}")
     print(f"{'us/step':>9s} {'launches':>8s}  kernel (top {top})")
     for k in s["kernels"][:top]:
         print(f"{k['us']:9.1f} {k['launches']:8.1f}  [{k['category']}] {k['name'][:90]}")

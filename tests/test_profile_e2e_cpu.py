@@ -57,6 +57,21 @@ def test_summary_per_step(tmp_path):
     assert by_name["topk_pages"]["category"] == "sparse" and by_name["topk_pages"]["us"] == pytest.approx(6)
 
 
+def test_idle_gaps_by_the_kernels_around_them(tmp_path):
+    s = profile_e2e.summarize(profile_e2e.load_gpu_events(_trace(tmp_path)), steps=2)
+    # per step: 5 us after the GEMM (long: >= 5 us), 1 after topk (not after the scores, which ended first), 1
+    # after FlashInfer, 3 after the memset (short); 10 us between the steps (long), once in the two
+    assert s["short_gaps_us"] == pytest.approx((1 + 1 + 3) * 2 / 2)
+    assert s["long_gaps_us"] == pytest.approx((5 * 2 + 10) / 2)
+    assert s["short_gaps_us"] + s["long_gaps_us"] == pytest.approx(s["idle_us"])
+    gaps = {(g["after"][:6], g["before"][:6]): (g["count"], g["us"]) for g in s["gaps"]}
+    assert gaps[("nvjet_", "quest_")] == (1, pytest.approx(5))
+    assert gaps[("void a", "nvjet_")] == (0.5, pytest.approx(5))
+    assert gaps[("topk_p", "void f")] == (1, pytest.approx(1))
+    assert ("quest_", "void f") not in gaps
+    assert [round(g["us"], 6) for g in s["gaps"]] == sorted((round(g["us"], 6) for g in s["gaps"]), reverse=True)
+
+
 def test_no_gpu_events_is_an_error(tmp_path):
     path = tmp_path / "cpu_only.json"
     path.write_text(json.dumps({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0,
