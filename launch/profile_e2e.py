@@ -4,15 +4,16 @@
     python launch/profile_e2e.py --method quest --point 8x32K --steps 16 --out out/profile_e2e_quest.json
     python launch/profile_e2e.py --method quest-fast:reselect_min_cosine=-1 --point 4x128K   # any server config
     python launch/profile_e2e.py --summarize TRACE.trace.json.gz --steps 16     # an existing trace, no server
+    python launch/profile_e2e.py --method quest-fast --point 4x128K --host       # the host's side of the step too
     python launch/profile_e2e.py --combine quest_8x32K.json dense_8x32K.json --operator bench_decode.json \
         --out launch/results/profile_e2e_h200.json                               # runs -> one file, no server
 
 Starts the same server as ``launch/bench_e2e.py`` (Llama-3.1-8B shape, dummy weights, decode CUDA graphs on;
 ``--method`` takes what bench_e2e's ``--methods`` takes: ``dense``, a preset, or a preset with overrides),
 prefills the point's B prompts, times a step as bench_e2e does (three pairs of requests), then asks SGLang to
-trace ``--steps`` decode steps (``POST /start_profile`` with ``profile_by_stage``, GPU activity only) while a
-request of ``steps + 4`` new tokens runs. SGLang writes ``<id>-TP-0-DECODE.trace.json.gz``; this
-script reads its GPU events and prints, per decode step:
+trace ``--steps`` decode steps (``POST /start_profile`` with ``profile_by_stage``, GPU activity only unless
+``--host``) while a request of ``steps + 4`` new tokens runs. SGLang writes ``<id>-TP-0-DECODE.trace.json.gz``;
+this script reads its GPU events and prints, per decode step:
 
 - the traced window (first kernel start to last kernel end), the time at least one kernel ran (``busy``) and the
   rest (``idle``: launch gaps inside CUDA graphs, host work between steps), with the largest idle stretches by
@@ -20,7 +21,9 @@ script reads its GPU events and prints, per decode step:
 - the device time per category: ``sparse`` (sgl-sparse's CuPy kernels), ``flashinfer`` (FlashInfer's attention
   and merge kernels, dense layers included), ``gemm`` (cuBLAS/CUTLASS/nvJet matmuls), ``memcpy/memset`` and
   ``other`` (torch elementwise, norms, RoPE, sampling, ...);
-- every kernel's launches and device time per step, largest first.
+- every kernel's launches and device time per step, largest first;
+- with ``--host`` (the trace then holds the host's events too): the host's period between CUDA-graph launches,
+  the CUDA calls that waited for the device (by the torch op around them), and the host's top-level ops.
 
 The operator benchmark (``launch/bench_decode.py``, ``launch/profile_step.py --kernel-times``) times one layer's
 step back to back; this shows the same kernels between the model's other layers, and what the step costs
@@ -102,6 +105,77 @@ def load_gpu_events(path: Path) -> list[dict]:
     if not out:
         raise ValueError(f"{path}: no GPU kernel events (was the profile taken with activities ['GPU']?)")
     return sorted(out, key=lambda e: e["ts"])
+
+
+HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")
+# host calls that can wait for the device: synchronizations and copies (a copy to pageable host memory returns once
+# it ran, after the work queued before it; one from pageable memory may wait too)
+BLOCKING_CALL = re.compile(r"Synchronize|Memcpy")
+
+
+def load_host_events(path: Path) -> list[dict]:
+    """The host events of a chrome trace taken with CPU activities: torch ops (``cpu_op``), CUDA runtime/driver
+    calls and ``record_function`` ranges, by start time. Each: ``name``, ``cat``, ``tid``, ``ts``, ``dur`` (µs)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    out = [dict(name=ev.get("name", "?"), cat=ev["cat"], tid=ev.get("tid"), ts=float(ev["ts"]),
+                dur=float(ev.get("dur", 0.0)))
+           for ev in events if ev.get("ph") == "X" and ev.get("cat") in HOST_CATEGORIES]
+    return sorted(out, key=lambda e: (e["ts"], -e["dur"]))
+
+
+def host_summary(events: list[dict], steps: int, top: int = 15, blocking_us: float = 20.0) -> dict:
+    """What the host does per decode step (``load_host_events``; µs per step):
+
+    - ``graph_launch_period_us``: the median time between consecutive ``cudaGraphLaunch`` calls, the host's loop
+      per step (when it exceeds the device's busy time per step, the device waits for the host);
+    - ``top_ops``: the torch ops and ``record_function`` ranges not inside another op of their thread, by total
+      time (count and µs per step);
+    - ``blocking``: CUDA calls that wait for the device (synchronizations, copies to the host) lasting
+      ``blocking_us`` or more, by call and the innermost torch op around it (count, µs per step, longest)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    launches = [e["ts"] for e in events if e["name"] == "cudaGraphLaunch"]
+    periods = sorted(b - a for a, b in zip(launches, launches[1:]))
+    tops: dict[str, list[float]] = {}
+    blocking: dict[tuple[str, str], list[float]] = {}
+    open_ops: dict[object, list[dict]] = {}          # per thread: the ops enclosing the current time
+    for e in events:
+        stack = open_ops.setdefault(e["tid"], [])
+        while stack and stack[-1]["ts"] + stack[-1]["dur"] < e["ts"] + e["dur"]:
+            stack.pop()
+        if e["cat"] in ("cpu_op", "user_annotation"):
+            if not stack:
+                t = tops.setdefault(e["name"], [0, 0.0])
+                t[0] += 1
+                t[1] += e["dur"]
+            stack.append(e)
+        elif BLOCKING_CALL.search(e["name"]) and e["dur"] >= blocking_us:
+            b = blocking.setdefault((e["name"], stack[-1]["name"] if stack else "-"), [0, 0.0, 0.0])
+            b[0] += 1
+            b[1] += e["dur"]
+            b[2] = max(b[2], e["dur"])
+    return dict(
+        graph_launches=len(launches),
+        graph_launch_period_us=periods[len(periods) // 2] if periods else None,
+        top_ops=[dict(name=n, count=c / steps, us=us / steps)
+                 for n, (c, us) in sorted(tops.items(), key=lambda kv: -kv[1][1])[:top]],
+        blocking=[dict(call=call, inside=op, count=c / steps, us=us / steps, longest_us=longest)
+                  for (call, op), (c, us, longest) in sorted(blocking.items(), key=lambda kv: -kv[1][1])])
+
+
+def print_host_summary(h: dict) -> None:
+    period = h["graph_launch_period_us"]
+    print(f"host: {h['graph_launches']} graph launches, median period "
+          f"{'n/a' if period is None else f'{period:.1f} us'}")
+    print("host calls that waited for the device (us/step, calls/step, longest us, call <- inside op):")
+    for b in h["blocking"]:
+        print(f"{b['us']:9.1f} {b['count']:8.2f} {b['longest_us']:9.1f}  {b['call']} <- {b['inside'][:60]}")
+    print("host top-level ops (us/step, count/step):")
+    for t in h["top_ops"]:
+        print(f"{t['us']:9.1f} {t['count']:8.2f}  {t['name'][:90]}")
 
 
 def busy_time(events: list[dict]) -> float:
@@ -355,13 +429,16 @@ def profile_server(args) -> dict:
               "per-step window below is the direct figure)", flush=True)
         profile_id = f"{file_safe(args.method)}-{args.point}-{int(time.time())}"
         e2e.post_json(server.url + "/start_profile", dict(
-            output_dir=str(trace_dir), num_steps=args.steps, activities=["GPU"], profile_by_stage=True,
+            output_dir=str(trace_dir), num_steps=args.steps, activities=["CPU", "GPU"] if args.host else ["GPU"],
+            profile_by_stage=True,
             with_stack=False, record_shapes=False, profile_id=profile_id), expect_json=False)   # answers in text
         e2e.timed_generate(server.url, prompts, args.steps + 4)
         trace = wait_for_trace(trace_dir, profile_id, args.trace_timeout)
     finally:
         server.stop()
     summary = summarize(load_gpu_events(trace), args.steps)
+    if args.host:
+        summary["host"] = host_summary(load_host_events(trace), args.steps)
     return dict(method=args.method, point=args.point, prompt=prompt, ms_per_step=timing["ms_per_step"],
                 trace=str(trace), gpu=e2e.gpu_name(), versions=e2e.versions(), commit=e2e.git_commit(), **summary)
 
@@ -379,6 +456,9 @@ def main() -> int:
     ap.add_argument("--start-timeout", type=float, default=900.0)
     ap.add_argument("--trace-timeout", type=float, default=120.0, help="seconds to wait for SGLang's trace file")
     ap.add_argument("--top", type=int, default=30, help="kernels to print")
+    ap.add_argument("--host", action="store_true",
+                    help="trace the host too (CPU activities: more overhead per launch, so the step's idle time "
+                         "grows): the graph-launch period, the calls that waited for the device, the top ops")
     ap.add_argument("--out", default="out/profile_e2e.json")
     ap.add_argument("--summarize", type=Path, metavar="TRACE", help="summarize this trace file; start nothing")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",
@@ -403,6 +483,9 @@ def main() -> int:
     elif args.summarize:
         s = summarize(load_gpu_events(args.summarize), args.steps)
         print_summary(s, str(args.summarize), args.top)
+        if args.host:
+            s["host"] = host_summary(load_host_events(args.summarize), args.steps)
+            print_host_summary(s["host"])
         result = dict(trace=str(args.summarize), **s)
     else:
         stop_servers_on_sigterm()
@@ -413,6 +496,8 @@ def main() -> int:
             return 1
         print_summary(result, f"{args.method} {args.point} ({result['gpu']}), {result['ms_per_step']:.2f} ms/step",
                       args.top)
+        if "host" in result:
+            print_host_summary(result["host"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

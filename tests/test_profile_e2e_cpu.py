@@ -270,3 +270,43 @@ def test_combine_command_writes_one_file(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["profile_e2e.py", "--combine", *map(str, paths), "--out", str(out)])
     with pytest.raises(SystemExit):                                           # no commit recorded or given
         profile_e2e.main()
+
+
+def _host_trace(tmp_path: Path) -> Path:
+    """Three steps on the scheduler thread (tid 1), 1000 us apart: a top-level aten::copy_ (40 us) whose
+    cudaMemcpyAsync waited 30 us, a plan range (100 us) holding an aten::fill_ and a short cudaStreamSynchronize
+    (5 us, not a wait worth listing), then cudaGraphLaunch; a GPU kernel and another thread's op (tid 2)."""
+    events = []
+    for step in range(3):
+        t = 1000.0 * step
+        events += [{"ph": "X", "cat": "cpu_op", "name": "aten::copy_", "tid": 1, "ts": t, "dur": 40},
+                   {"ph": "X", "cat": "cuda_runtime", "name": "cudaMemcpyAsync", "tid": 1, "ts": t + 5, "dur": 30},
+                   {"ph": "X", "cat": "user_annotation", "name": "sgl_sparse.plan", "tid": 1, "ts": t + 50,
+                    "dur": 100},
+                   {"ph": "X", "cat": "cpu_op", "name": "aten::fill_", "tid": 1, "ts": t + 60, "dur": 10},
+                   {"ph": "X", "cat": "cuda_runtime", "name": "cudaStreamSynchronize", "tid": 1, "ts": t + 80,
+                    "dur": 5},
+                   {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "tid": 1, "ts": t + 200 + step,
+                    "dur": 8},
+                   _kernel("nvjet_x", t + 210, 500)]
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "tid": 2, "ts": 55, "dur": 2000})
+    path = tmp_path / "h-TP-0-DECODE.trace.json.gz"
+    with gzip.open(path, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    return path
+
+
+def test_host_summary_finds_the_waits_and_the_loop_period(tmp_path):
+    h = profile_e2e.host_summary(profile_e2e.load_host_events(_host_trace(tmp_path)), steps=3)
+    assert h["graph_launches"] == 3
+    assert h["graph_launch_period_us"] == pytest.approx(1001)
+    assert h["blocking"] == [dict(call="cudaMemcpyAsync", inside="aten::copy_", count=1, us=pytest.approx(30),
+                                  longest_us=30)]
+    tops = {t["name"]: (t["count"], t["us"]) for t in h["top_ops"]}
+    # aten::fill_ is inside the plan range, not top-level; the other thread's op counts once in three steps
+    assert tops == {"aten::copy_": (1, pytest.approx(40)), "sgl_sparse.plan": (1, pytest.approx(100)),
+                    "aten::mm": (pytest.approx(1 / 3), pytest.approx(2000 / 3))}
+    assert [t["name"] for t in h["top_ops"]][0] == "aten::mm"
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        profile_e2e.host_summary([], steps=0)
+
