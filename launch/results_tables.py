@@ -14,7 +14,7 @@ A table is marked in a Markdown file as::
 ``bench_serving``, ``reuse`` for ``bench_decode``: speedup against the reuse interval, ``launch/plot_reuse.py``.)
 
 and made from ``launch/results/<name>.json`` (its kind by the name's start: ``bench_decode``, ``bench_e2e``,
-``bench_serving``, ``accuracy``, ``soak``, ``profile_e2e``), so the numbers the docs show are the numbers of the
+``bench_serving``, ``bench_attention_rows``, ``accuracy``, ``soak``, ``profile_e2e``), so the numbers the docs show are the numbers of the
 result files, with the GPU and the commit each was measured at.
 """
 
@@ -303,7 +303,23 @@ def profile_e2e_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"bench_decode": bench_decode_table, "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table,
+def attention_rows_table(data: dict) -> str:
+    """``launch/bench_attention_rows.py``: FlashInfer over the same selected pages per variant and split."""
+    lines = [f"{data['gpu']}, commit {_commit(data.get('commit'))}, {data.get('l2', '')} L2, CUDA-graph replays; "
+             "rel diff: largest difference from the first variant's whole rows over its largest output element.", "",
+             "| batch × context | variant | rows per (request, KV head) | rows | µs | GB/s | rel diff |",
+             "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        if r.get("us") is None:                                        # a variant FlashInfer refused
+            lines.append(f"| {r['batch']} × {label(r['context'])} | {r['variant']} | {r['splits']} | {r['rows']} | "
+                         f"{r['error']} | | |")
+            continue
+        lines.append(f"| {r['batch']} × {label(r['context'])} | {r['variant']} | {r['splits']} | {r['rows']} | "
+                     f"{r['us']:.1f} | {r['gbps']:.0f} | {r['rel_max_diff']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS = {"bench_decode": bench_decode_table, "bench_attention_rows": attention_rows_table, "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table,
              "accuracy": accuracy_table, "soak": soak_table, "profile_e2e": profile_e2e_table}
 STYLES = {("bench_serving", "compact"): bench_serving_compact, ("bench_decode", "reuse"): reuse_table,
           ("accuracy", "goals"): accuracy_goals_table}

@@ -149,3 +149,20 @@ def test_profile_e2e_table_gives_each_sparse_layer_and_step(tmp_path, monkeypatc
     assert "| server ms per step: sparse / dense | 6.83 / 12.08 | 6.83 / not measured |" in table
     assert "| idle µs per step (no kernel running): sparse / dense | 789.6 / 399.9 (+389.7) | 789.6 / not measured |" \
         in table
+
+
+def test_attention_rows_table_lists_each_variant_and_a_refused_one(tmp_path, monkeypatch):
+    def row(variant, splits, us, diff=0.0):
+        r = dict(batch=32, context=32768, budget=2048, variant=variant, splits=splits, rows=256 * splits,
+                 bytes=268435456, us=us, gbps=None if us is None else 268435456 / us / 1e3, rel_max_diff=diff)
+        return r if us is not None else dict(r, error="RuntimeError: not supported")
+
+    data = dict(gpu="NVIDIA H200", commit="794aa9a336", l2="warm (back to back)",
+                rows=[row("auto", 1, 76.1), row("auto", 2, 89.0, 0.00483), row("fa3", 4, None)])
+    (tmp_path / "bench_attention_rows_x.json").write_text(json.dumps(data))
+    monkeypatch.setattr(results_tables, "RESULTS", tmp_path)
+    table = results_tables.render("bench_attention_rows_x")
+    assert table.startswith("NVIDIA H200, commit 794aa9a, warm (back to back) L2, CUDA-graph replays")
+    assert "| 32 × 32K | auto | 1 | 256 | 76.1 | 3527 | 0.0000 |" in table
+    assert "| 32 × 32K | auto | 2 | 512 | 89.0 | 3016 | 0.0048 |" in table
+    assert "| 32 × 32K | fa3 | 4 | 1024 | RuntimeError: not supported | | |" in table
