@@ -22,8 +22,9 @@ this script reads its GPU events and prints, per decode step:
   and merge kernels, dense layers included), ``gemm`` (cuBLAS/CUTLASS/nvJet matmuls), ``memcpy/memset`` and
   ``other`` (torch elementwise, norms, RoPE, sampling, ...);
 - every kernel's launches and device time per step, largest first;
-- with ``--host`` (the trace then holds the host's events too): the host's period between CUDA-graph launches,
-  the CUDA calls that waited for the device (by the torch op around them), and the host's top-level ops.
+- with ``--host`` (the trace then holds the host's events and Python calls too): the host's period between
+  CUDA-graph launches, the CUDA calls that waited for the device (by the torch op around them), the host's
+  top-level ops, and the time in this package's functions and the scheduler's steps around them.
 
 The operator benchmark (``launch/bench_decode.py``, ``launch/profile_step.py --kernel-times``) times one layer's
 step back to back; this shows the same kernels between the model's other layers, and what the step costs
@@ -107,7 +108,10 @@ def load_gpu_events(path: Path) -> list[dict]:
     return sorted(out, key=lambda e: e["ts"])
 
 
-HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation")
+HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation", "python_function")
+# Python functions whose inclusive host time --host lists: this package's, and the scheduler's steps around them
+HOST_FUNCTIONS = re.compile(r"sgl_sparse/|scheduler\.py\(\d+\): (run_batch|process_batch_result|get_next_batch_to_run)\b"
+                            r"|cuda_graph_runner\.py\(\d+\): (replay|replay_prepare|execute)\b")
 # host calls that can wait for the device: synchronizations and copies (a copy to pageable host memory returns once
 # it ran, after the work queued before it; one from pageable memory may wait too)
 BLOCKING_CALL = re.compile(r"Synchronize|Memcpy")
@@ -115,7 +119,7 @@ BLOCKING_CALL = re.compile(r"Synchronize|Memcpy")
 
 def load_host_events(path: Path) -> list[dict]:
     """The host events of a chrome trace taken with CPU activities: torch ops (``cpu_op``), CUDA runtime/driver
-    calls and ``record_function`` ranges, by start time. Each: ``name``, ``cat``, ``tid``, ``ts``, ``dur`` (µs)."""
+    calls, ``record_function`` ranges and Python calls (``with_stack``), by start time. Each: ``name``, ``cat``, ``tid``, ``ts``, ``dur`` (µs)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         trace = json.load(f)
@@ -134,7 +138,9 @@ def host_summary(events: list[dict], steps: int, top: int = 15, blocking_us: flo
     - ``top_ops``: the torch ops and ``record_function`` ranges not inside another op of their thread, by total
       time (count and µs per step);
     - ``blocking``: CUDA calls that wait for the device (synchronizations, copies to the host) lasting
-      ``blocking_us`` or more, by call and the innermost torch op around it (count, µs per step, longest)."""
+      ``blocking_us`` or more, by call and the innermost torch op around it (count, µs per step, longest);
+    - ``functions``: the inclusive host time of the Python functions ``HOST_FUNCTIONS`` names (this package's,
+      and the scheduler's steps around them), by total (count and µs per step)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     launches = [e["ts"] for e in events if e["name"] == "cudaGraphLaunch"]
@@ -142,7 +148,14 @@ def host_summary(events: list[dict], steps: int, top: int = 15, blocking_us: flo
     tops: dict[str, list[float]] = {}
     blocking: dict[tuple[str, str], list[float]] = {}
     open_ops: dict[object, list[dict]] = {}          # per thread: the ops enclosing the current time
+    functions: dict[str, list[float]] = {}
     for e in events:
+        if e["cat"] == "python_function":
+            if HOST_FUNCTIONS.search(e["name"]):
+                f = functions.setdefault(e["name"], [0, 0.0])
+                f[0] += 1
+                f[1] += e["dur"]
+            continue
         stack = open_ops.setdefault(e["tid"], [])
         while stack and stack[-1]["ts"] + stack[-1]["dur"] < e["ts"] + e["dur"]:
             stack.pop()
@@ -163,7 +176,9 @@ def host_summary(events: list[dict], steps: int, top: int = 15, blocking_us: flo
         top_ops=[dict(name=n, count=c / steps, us=us / steps)
                  for n, (c, us) in sorted(tops.items(), key=lambda kv: -kv[1][1])[:top]],
         blocking=[dict(call=call, inside=op, count=c / steps, us=us / steps, longest_us=longest)
-                  for (call, op), (c, us, longest) in sorted(blocking.items(), key=lambda kv: -kv[1][1])])
+                  for (call, op), (c, us, longest) in sorted(blocking.items(), key=lambda kv: -kv[1][1])],
+        functions=[dict(name=n, count=c / steps, us=us / steps)
+                   for n, (c, us) in sorted(functions.items(), key=lambda kv: -kv[1][1])[:2 * top]])
 
 
 def print_host_summary(h: dict) -> None:
@@ -176,6 +191,9 @@ def print_host_summary(h: dict) -> None:
     print("host top-level ops (us/step, count/step):")
     for t in h["top_ops"]:
         print(f"{t['us']:9.1f} {t['count']:8.2f}  {t['name'][:90]}")
+    print("host Python functions, inclusive (us/step, calls/step):")
+    for f in h["functions"]:
+        print(f"{f['us']:9.1f} {f['count']:8.2f}  {f['name'][-100:]}")
 
 
 def busy_time(events: list[dict]) -> float:
@@ -431,7 +449,7 @@ def profile_server(args) -> dict:
         e2e.post_json(server.url + "/start_profile", dict(
             output_dir=str(trace_dir), num_steps=args.steps, activities=["CPU", "GPU"] if args.host else ["GPU"],
             profile_by_stage=True,
-            with_stack=False, record_shapes=False, profile_id=profile_id), expect_json=False)   # answers in text
+            with_stack=args.host, record_shapes=False, profile_id=profile_id), expect_json=False)   # answers in text
         e2e.timed_generate(server.url, prompts, args.steps + 4)
         trace = wait_for_trace(trace_dir, profile_id, args.trace_timeout)
     finally:
@@ -457,8 +475,9 @@ def main() -> int:
     ap.add_argument("--trace-timeout", type=float, default=120.0, help="seconds to wait for SGLang's trace file")
     ap.add_argument("--top", type=int, default=30, help="kernels to print")
     ap.add_argument("--host", action="store_true",
-                    help="trace the host too (CPU activities: more overhead per launch, so the step's idle time "
-                         "grows): the graph-launch period, the calls that waited for the device, the top ops")
+                    help="trace the host too (CPU activities and Python calls: much more host overhead, so the "
+                         "step's idle time grows): the graph-launch period, the calls that waited for the device, "
+                         "the top ops, this package's and the scheduler's functions")
     ap.add_argument("--out", default="out/profile_e2e.json")
     ap.add_argument("--summarize", type=Path, metavar="TRACE", help="summarize this trace file; start nothing")
     ap.add_argument("--combine", nargs="+", type=Path, metavar="JSON",

@@ -275,7 +275,8 @@ def test_combine_command_writes_one_file(tmp_path, monkeypatch):
 def _host_trace(tmp_path: Path) -> Path:
     """Three steps on the scheduler thread (tid 1), 1000 us apart: a top-level aten::copy_ (40 us) whose
     cudaMemcpyAsync waited 30 us, a plan range (100 us) holding an aten::fill_ and a short cudaStreamSynchronize
-    (5 us, not a wait worth listing), then cudaGraphLaunch; a GPU kernel and another thread's op (tid 2)."""
+    (5 us, not a wait worth listing), then cudaGraphLaunch; a GPU kernel, Python calls (with_stack) and another
+    thread's op (tid 2)."""
     events = []
     for step in range(3):
         t = 1000.0 * step
@@ -288,7 +289,13 @@ def _host_trace(tmp_path: Path) -> Path:
                     "dur": 5},
                    {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "tid": 1, "ts": t + 200 + step,
                     "dur": 8},
-                   _kernel("nvjet_x", t + 210, 500)]
+                   _kernel("nvjet_x", t + 210, 500),
+                   {"ph": "X", "cat": "python_function", "name": "/w/sgl_sparse/decode.py(540): plan", "tid": 1,
+                    "ts": t + 50, "dur": 120},
+                   {"ph": "X", "cat": "python_function", "name": "sglang/srt/managers/scheduler.py(9): run_batch",
+                    "tid": 1, "ts": t, "dur": 300},
+                   {"ph": "X", "cat": "python_function", "name": "torch/nn/modules/module.py(1): _call_impl",
+                    "tid": 1, "ts": t + 210, "dur": 50}]
     events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "tid": 2, "ts": 55, "dur": 2000})
     path = tmp_path / "h-TP-0-DECODE.trace.json.gz"
     with gzip.open(path, "wt") as f:
@@ -307,6 +314,9 @@ def test_host_summary_finds_the_waits_and_the_loop_period(tmp_path):
     assert tops == {"aten::copy_": (1, pytest.approx(40)), "sgl_sparse.plan": (1, pytest.approx(100)),
                     "aten::mm": (pytest.approx(1 / 3), pytest.approx(2000 / 3))}
     assert [t["name"] for t in h["top_ops"]][0] == "aten::mm"
+    # this package's functions and the scheduler's steps, inclusive; not torch's own
+    assert h["functions"] == [dict(name="sglang/srt/managers/scheduler.py(9): run_batch", count=1, us=300),
+                              dict(name="/w/sgl_sparse/decode.py(540): plan", count=1, us=120)]
     with pytest.raises(ValueError, match="steps must be >= 1"):
         profile_e2e.host_summary([], steps=0)
 
