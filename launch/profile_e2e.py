@@ -110,7 +110,7 @@ def load_gpu_events(path: Path) -> list[dict]:
 
 HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation", "python_function")
 # Python functions whose inclusive host time --host lists: this package's, and the scheduler's steps around them
-HOST_FUNCTIONS = re.compile(r"sgl_sparse/|scheduler\.py\(\d+\): (run_batch|process_batch_result|get_next_batch_to_run)\b"
+HOST_FUNCTIONS = re.compile(r"(?:^|/)sgl_sparse/[\w/]+\.py\(|scheduler\.py\(\d+\): (run_batch|process_batch_result|get_next_batch_to_run)\b"
                             r"|cuda_graph_runner\.py\(\d+\): (replay|replay_prepare|execute)\b")
 # host calls that can wait for the device: synchronizations and copies (a copy to pageable host memory returns once
 # it ran, after the work queued before it; one from pageable memory may wait too)
@@ -119,12 +119,13 @@ BLOCKING_CALL = re.compile(r"Synchronize|Memcpy")
 
 def load_host_events(path: Path) -> list[dict]:
     """The host events of a chrome trace taken with CPU activities: torch ops (``cpu_op``), CUDA runtime/driver
-    calls, ``record_function`` ranges and Python calls (``with_stack``), by start time. Each: ``name``, ``cat``, ``tid``, ``ts``, ``dur`` (µs)."""
+    calls, ``record_function`` ranges and Python calls (``with_stack``), by start time. Each: ``name``, ``cat``,
+    ``tid`` (the (process, thread) pair), ``ts``, ``dur`` (µs)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         trace = json.load(f)
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    out = [dict(name=ev.get("name", "?"), cat=ev["cat"], tid=ev.get("tid"), ts=float(ev["ts"]),
+    out = [dict(name=ev.get("name", "?"), cat=ev["cat"], tid=(ev.get("pid"), ev.get("tid")), ts=float(ev["ts"]),
                 dur=float(ev.get("dur", 0.0)))
            for ev in events if ev.get("ph") == "X" and ev.get("cat") in HOST_CATEGORIES]
     return sorted(out, key=lambda e: (e["ts"], -e["dur"]))
@@ -133,17 +134,19 @@ def load_host_events(path: Path) -> list[dict]:
 def host_summary(events: list[dict], steps: int, top: int = 15, blocking_us: float = 20.0) -> dict:
     """What the host does per decode step (``load_host_events``; µs per step):
 
-    - ``graph_launch_period_us``: the median time between consecutive ``cudaGraphLaunch`` calls, the host's loop
-      per step (when it exceeds the device's busy time per step, the device waits for the host);
+    - ``graph_launch_period_us``: the median time between consecutive CUDA-graph launches (runtime or driver
+      call), the host's loop per step where each step replays one graph (when it exceeds the device's busy time
+      per step, the device waits for the host);
     - ``top_ops``: the torch ops and ``record_function`` ranges not inside another op of their thread, by total
-      time (count and µs per step);
+      time (count and µs per step); the profiler's own ``ProfilerStep#`` ranges, which hold everything, are left
+      out;
     - ``blocking``: CUDA calls that wait for the device (synchronizations, copies to the host) lasting
       ``blocking_us`` or more, by call and the innermost torch op around it (count, µs per step, longest);
     - ``functions``: the inclusive host time of the Python functions ``HOST_FUNCTIONS`` names (this package's,
       and the scheduler's steps around them), by total (count and µs per step)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    launches = [e["ts"] for e in events if e["name"] == "cudaGraphLaunch"]
+    launches = [e["ts"] for e in events if e["name"] in ("cudaGraphLaunch", "cuGraphLaunch")]
     periods = sorted(b - a for a, b in zip(launches, launches[1:]))
     tops: dict[str, list[float]] = {}
     blocking: dict[tuple[str, str], list[float]] = {}
@@ -159,6 +162,8 @@ def host_summary(events: list[dict], steps: int, top: int = 15, blocking_us: flo
         stack = open_ops.setdefault(e["tid"], [])
         while stack and stack[-1]["ts"] + stack[-1]["dur"] < e["ts"] + e["dur"]:
             stack.pop()
+        if e["cat"] == "user_annotation" and e["name"].startswith("ProfilerStep#"):
+            continue
         if e["cat"] in ("cpu_op", "user_annotation"):
             if not stack:
                 t = tops.setdefault(e["name"], [0, 0.0])

@@ -312,10 +312,11 @@ def attention_rows_table(data: dict) -> str:
     for r in data["rows"]:
         if r.get("us") is None:                                        # a variant FlashInfer refused
             lines.append(f"| {r['batch']} × {label(r['context'])} | {r['variant']} | {r['splits']} | {r['rows']} | "
-                         f"{r['error']} | | |")
+                         f"{r.get('error', 'failed')} | | |")
             continue
         lines.append(f"| {r['batch']} × {label(r['context'])} | {r['variant']} | {r['splits']} | {r['rows']} | "
-                     f"{r['us']:.1f} | {r['gbps']:.0f} | {r['rel_max_diff']:.4f} |")
+                     f"{r['us']:.1f} | {r['gbps']:.0f} | {r['rel_max_diff']:.4f}"
+                     f"{'' if r.get('ok', True) else ' (differs)'} |")
     return "\n".join(lines) + "\n"
 
 

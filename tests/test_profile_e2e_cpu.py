@@ -297,6 +297,11 @@ def _host_trace(tmp_path: Path) -> Path:
                    {"ph": "X", "cat": "python_function", "name": "torch/nn/modules/module.py(1): _call_impl",
                     "tid": 1, "ts": t + 210, "dur": 50}]
     events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "tid": 2, "ts": 55, "dur": 2000})
+    # the profiler's step range holds everything; another process's thread 1 holds an op spanning a copy_
+    events.append({"ph": "X", "cat": "user_annotation", "name": "ProfilerStep#7", "tid": 1, "ts": 0, "dur": 3000})
+    events.append({"ph": "X", "cat": "cpu_op", "name": "aten::bmm", "pid": 9, "tid": 1, "ts": 0, "dur": 45})
+    events.append({"ph": "X", "cat": "python_function", "name": "/w/not_sgl_sparse/x.py(1): f", "tid": 1,
+                   "ts": 0, "dur": 10})
     path = tmp_path / "h-TP-0-DECODE.trace.json.gz"
     with gzip.open(path, "wt") as f:
         json.dump({"traceEvents": events}, f)
@@ -311,8 +316,10 @@ def test_host_summary_finds_the_waits_and_the_loop_period(tmp_path):
                                   longest_us=30)]
     tops = {t["name"]: (t["count"], t["us"]) for t in h["top_ops"]}
     # aten::fill_ is inside the plan range, not top-level; the other thread's op counts once in three steps
+    # the other process's aten::bmm does not swallow this thread's first aten::copy_; ProfilerStep# is left out
     assert tops == {"aten::copy_": (1, pytest.approx(40)), "sgl_sparse.plan": (1, pytest.approx(100)),
-                    "aten::mm": (pytest.approx(1 / 3), pytest.approx(2000 / 3))}
+                    "aten::mm": (pytest.approx(1 / 3), pytest.approx(2000 / 3)),
+                    "aten::bmm": (pytest.approx(1 / 3), pytest.approx(15))}
     assert [t["name"] for t in h["top_ops"]][0] == "aten::mm"
     # this package's functions and the scheduler's steps, inclusive; not torch's own
     assert h["functions"] == [dict(name="sglang/srt/managers/scheduler.py(9): run_batch", count=1, us=300),

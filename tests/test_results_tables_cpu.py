@@ -158,7 +158,8 @@ def test_attention_rows_table_lists_each_variant_and_a_refused_one(tmp_path, mon
         return r if us is not None else dict(r, error="RuntimeError: not supported")
 
     data = dict(gpu="NVIDIA H200", commit="794aa9a336", l2="warm (back to back)",
-                rows=[row("auto", 1, 76.1), row("auto", 2, 89.0, 0.00483), row("fa3", 4, None)])
+                rows=[row("auto", 1, 76.1), row("auto", 2, 89.0, 0.00483), row("fa3", 4, None),
+                      dict(row("no-split", 1, 98.4, 0.02), ok=False)])
     (tmp_path / "bench_attention_rows_x.json").write_text(json.dumps(data))
     monkeypatch.setattr(results_tables, "RESULTS", tmp_path)
     table = results_tables.render("bench_attention_rows_x")
@@ -166,3 +167,4 @@ def test_attention_rows_table_lists_each_variant_and_a_refused_one(tmp_path, mon
     assert "| 32 × 32K | auto | 1 | 256 | 76.1 | 3527 | 0.0000 |" in table
     assert "| 32 × 32K | auto | 2 | 512 | 89.0 | 3016 | 0.0048 |" in table
     assert "| 32 × 32K | fa3 | 4 | 1024 | RuntimeError: not supported | | |" in table
+    assert "| 32 × 32K | no-split | 1 | 256 | 98.4 | 2728 | 0.0200 (differs) |" in table
