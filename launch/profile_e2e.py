@@ -88,15 +88,20 @@ def category(name: str) -> str:
     return "other"
 
 
-def load_gpu_events(path: Path) -> list[dict]:
-    """The GPU events (kernels, memcpys, memsets) of a chrome trace (``.json`` or ``.json.gz``), by start time.
-    Each: ``name``, ``cat`` (category above), ``ts`` and ``dur`` in microseconds."""
+def trace_events(path: Path) -> list[dict]:
+    """The raw events of a chrome trace (``.json`` or ``.json.gz``)."""
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt") as f:
         trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    return trace["traceEvents"] if isinstance(trace, dict) else trace
+
+
+def load_gpu_events(path: Path, events: list[dict] | None = None) -> list[dict]:
+    """The GPU events (kernels, memcpys, memsets) of a chrome trace (``events``: its :func:`trace_events`, read
+    from ``path`` when not given), by start time. Each: ``name``, ``cat`` (category above), ``ts`` and ``dur`` in
+    microseconds."""
     out = []
-    for ev in events:
+    for ev in trace_events(path) if events is None else events:
         kind = ev.get("cat")
         if ev.get("ph") != "X" or kind not in GPU_EVENT_CATEGORIES:
             continue
@@ -110,24 +115,23 @@ def load_gpu_events(path: Path) -> list[dict]:
 
 HOST_CATEGORIES = ("cpu_op", "cuda_runtime", "cuda_driver", "user_annotation", "python_function")
 # Python functions whose inclusive host time --host lists: this package's, and the scheduler's steps around them
-HOST_FUNCTIONS = re.compile(r"(?:^|/)sgl_sparse/[\w/]+\.py\(|scheduler\.py\(\d+\): (run_batch|process_batch_result|get_next_batch_to_run)\b"
+HOST_FUNCTIONS = re.compile(r"(?:^|/)sgl_sparse/[\w/]+\.py\("
+                            r"|scheduler\.py\(\d+\): (run_batch|process_batch_result|get_next_batch_to_run)\b"
                             r"|cuda_graph_runner\.py\(\d+\): (replay|replay_prepare|execute)\b")
 # host calls that can wait for the device: synchronizations and copies (a copy to pageable host memory returns once
 # it ran, after the work queued before it; one from pageable memory may wait too)
 BLOCKING_CALL = re.compile(r"Synchronize|Memcpy")
 
 
-def load_host_events(path: Path) -> list[dict]:
-    """The host events of a chrome trace taken with CPU activities: torch ops (``cpu_op``), CUDA runtime/driver
-    calls, ``record_function`` ranges and Python calls (``with_stack``), by start time. Each: ``name``, ``cat``,
-    ``tid`` (the (process, thread) pair), ``ts``, ``dur`` (µs)."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        trace = json.load(f)
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+def load_host_events(path: Path, events: list[dict] | None = None) -> list[dict]:
+    """The host events of a chrome trace taken with CPU activities (``events`` as in :func:`load_gpu_events`):
+    torch ops (``cpu_op``), CUDA runtime/driver calls, ``record_function`` ranges and Python calls
+    (``with_stack``), by start time. Each: ``name``, ``cat``, ``tid`` (the (process, thread) pair), ``ts``,
+    ``dur`` (µs)."""
     out = [dict(name=ev.get("name", "?"), cat=ev["cat"], tid=(ev.get("pid"), ev.get("tid")), ts=float(ev["ts"]),
                 dur=float(ev.get("dur", 0.0)))
-           for ev in events if ev.get("ph") == "X" and ev.get("cat") in HOST_CATEGORIES]
+           for ev in (trace_events(path) if events is None else events)
+           if ev.get("ph") == "X" and ev.get("cat") in HOST_CATEGORIES]
     return sorted(out, key=lambda e: (e["ts"], -e["dur"]))
 
 
@@ -260,6 +264,16 @@ def summarize(events: list[dict], steps: int) -> dict:
                  for n, (cnt, us, c) in sorted(kernels.items(), key=lambda kv: -kv[1][1])])
 
 
+def summarize_trace(path: Path, steps: int, host: bool = False) -> dict:
+    """:func:`summarize` of a trace file's GPU events, with ``host`` (:func:`host_summary`) when asked; the file is
+    read once."""
+    events = trace_events(path)
+    summary = summarize(load_gpu_events(path, events), steps)
+    if host:
+        summary["host"] = host_summary(load_host_events(path, events), steps)
+    return summary
+
+
 def print_summary(s: dict, title: str, top: int = 30) -> None:
     print(f"\n{title}: {s['steps']} decode steps traced")
     print(f"per step: window {s['window_us']:.1f} us, busy {s['busy_us']:.1f} us, idle {s['idle_us']:.1f} us, "
@@ -273,6 +287,8 @@ def print_summary(s: dict, title: str, top: int = 30) -> None:
     print(f"{'us/step':>9s} {'launches':>8s}  kernel (top {top})")
     for k in s["kernels"][:top]:
         print(f"{k['us']:9.1f} {k['launches']:8.1f}  [{k['category']}] {k['name'][:90]}")
+    if "host" in s:
+        print_host_summary(s["host"])
 
 
 def kernel_time(summary: dict, name_part: str) -> tuple[float, float]:
@@ -453,15 +469,13 @@ def profile_server(args) -> dict:
         profile_id = f"{file_safe(args.method)}-{args.point}-{int(time.time())}"
         e2e.post_json(server.url + "/start_profile", dict(
             output_dir=str(trace_dir), num_steps=args.steps, activities=["CPU", "GPU"] if args.host else ["GPU"],
-            profile_by_stage=True,
-            with_stack=args.host, record_shapes=False, profile_id=profile_id), expect_json=False)   # answers in text
+            profile_by_stage=True, with_stack=args.host, record_shapes=False, profile_id=profile_id),
+            expect_json=False)                                              # answers in text
         e2e.timed_generate(server.url, prompts, args.steps + 4)
         trace = wait_for_trace(trace_dir, profile_id, args.trace_timeout)
     finally:
         server.stop()
-    summary = summarize(load_gpu_events(trace), args.steps)
-    if args.host:
-        summary["host"] = host_summary(load_host_events(trace), args.steps)
+    summary = summarize_trace(trace, args.steps, args.host)
     return dict(method=args.method, point=args.point, prompt=prompt, ms_per_step=timing["ms_per_step"],
                 trace=str(trace), gpu=e2e.gpu_name(), versions=e2e.versions(), commit=e2e.git_commit(), **summary)
 
@@ -505,11 +519,8 @@ def main() -> int:
             print(f"{a['method']} {a['point']}: {a['in_server_us']:.1f} us per sparse layer in the server, floor "
                   f"{a['floor_us']:.1f} us, operator benchmark {op}")
     elif args.summarize:
-        s = summarize(load_gpu_events(args.summarize), args.steps)
+        s = summarize_trace(args.summarize, args.steps, args.host)
         print_summary(s, str(args.summarize), args.top)
-        if args.host:
-            s["host"] = host_summary(load_host_events(args.summarize), args.steps)
-            print_host_summary(s["host"])
         result = dict(trace=str(args.summarize), **s)
     else:
         stop_servers_on_sigterm()
@@ -520,8 +531,6 @@ def main() -> int:
             return 1
         print_summary(result, f"{args.method} {args.point} ({result['gpu']}), {result['ms_per_step']:.2f} ms/step",
                       args.top)
-        if "host" in result:
-            print_host_summary(result["host"])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))

@@ -14,8 +14,8 @@ A table is marked in a Markdown file as::
 ``bench_serving``, ``reuse`` for ``bench_decode``: speedup against the reuse interval, ``launch/plot_reuse.py``.)
 
 and made from ``launch/results/<name>.json`` (its kind by the name's start: ``bench_decode``, ``bench_e2e``,
-``bench_serving``, ``bench_attention_rows``, ``accuracy``, ``soak``, ``profile_e2e``), so the numbers the docs show are the numbers of the
-result files, with the GPU and the commit each was measured at.
+``bench_serving``, ``bench_attention_rows``, ``accuracy``, ``soak``, ``profile_e2e``), so the numbers the docs
+show are the numbers of the result files, with the GPU and the commit each was measured at.
 """
 
 from __future__ import annotations
@@ -320,8 +320,9 @@ def attention_rows_table(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-RENDERERS = {"bench_decode": bench_decode_table, "bench_attention_rows": attention_rows_table, "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table,
-             "accuracy": accuracy_table, "soak": soak_table, "profile_e2e": profile_e2e_table}
+RENDERERS = {"bench_decode": bench_decode_table, "bench_attention_rows": attention_rows_table,
+             "bench_e2e": bench_e2e_table, "bench_serving": bench_serving_table, "accuracy": accuracy_table,
+             "soak": soak_table, "profile_e2e": profile_e2e_table}
 STYLES = {("bench_serving", "compact"): bench_serving_compact, ("bench_decode", "reuse"): reuse_table,
           ("accuracy", "goals"): accuracy_goals_table}
 

@@ -563,8 +563,8 @@ class SparseDecodeOperator:
         ``"sparse"`` with a dense pass over every row, which must run eagerly. The paths launch different kernels,
         so a CUDA graph is captured per path (``path`` forces one for the capture, ``"mixed"`` with no row opted
         out; the SGLang backend keeps one graph of each per batch size) and the replay picks the graph of the path
-        plan() returned. Rows that fit their budget
-        inside a sparse step are not scored and attend all their tokens.
+        plan() returned. Rows that fit their budget inside a sparse step are not scored and attend all their
+        tokens.
         """
         B = seq_lens.shape[0]
         if B > self.max_batch:
